@@ -1,0 +1,48 @@
+"""deferrun: a runtime for deferrable operators.
+
+Workers run operators; an operator that must wait raises a defer signal, its trigger is
+stored, and one asyncio triggerer process waits on thousands of triggers at once, resuming
+each task through the queue when its event fires.
+"""
+
+from deferrun.client import AsyncClient, Client
+from deferrun.exceptions import (
+    ConfigError,
+    DeferrunError,
+    FailTask,
+    SerializationError,
+    SkipTask,
+    TaskDeferred,
+    TaskNotFound,
+    TaskTimeout,
+    TriggerFailed,
+)
+from deferrun.models import TaskInfo, TaskState, TriggerInfo
+from deferrun.operator import BaseOperator, Context
+from deferrun.sensors import BaseSensor
+from deferrun.trigger import BaseTrigger, TriggerEvent
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncClient",
+    "BaseOperator",
+    "BaseSensor",
+    "BaseTrigger",
+    "Client",
+    "ConfigError",
+    "Context",
+    "DeferrunError",
+    "FailTask",
+    "SerializationError",
+    "SkipTask",
+    "TaskDeferred",
+    "TaskInfo",
+    "TaskNotFound",
+    "TaskState",
+    "TaskTimeout",
+    "TriggerEvent",
+    "TriggerFailed",
+    "TriggerInfo",
+    "__version__",
+]

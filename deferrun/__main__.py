@@ -1,0 +1,3 @@
+from deferrun.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,431 @@
+"""The ``deferrun`` command: run processes (standalone, triggerer, worker) and inspect tasks."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import anyio
+import msgspec
+import structlog
+
+from deferrun import config, serialization
+from deferrun.client import AsyncClient
+from deferrun.exceptions import DeferrunError
+from deferrun.log import configure_logging
+from deferrun.models import FINISHED_STATES, TaskInfo, TaskState
+from deferrun.store import Store, make_store
+from deferrun.triggerer import Triggerer
+from deferrun.worker import Worker
+
+log = structlog.get_logger("deferrun.cli")
+
+
+class UsageError(DeferrunError):
+    pass
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def _age(moment: datetime | None) -> str:
+    if moment is None:
+        return "-"
+    seconds = (datetime.now(UTC) - moment).total_seconds()
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    if seconds < 172800:
+        return f"{seconds / 3600:.0f}h"
+    return f"{seconds / 86400:.0f}d"
+
+
+def _until(moment: datetime | None) -> str:
+    if moment is None:
+        return "-"
+    seconds = (moment - datetime.now(UTC)).total_seconds()
+    return f"in {seconds:.0f}s" if seconds >= 0 else f"{-seconds:.0f}s ago"
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[str(c) for c in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _to_json(value: Any) -> str:
+    return msgspec.json.encode(value, enc_hook=repr).decode()
+
+
+def _task_line(info: TaskInfo) -> list[Any]:
+    if info.state is TaskState.DEFERRED:
+        detail = f"trigger {info.trigger_id} {info.trigger_classpath or ''}".strip()
+        if info.defer_deadline:
+            detail += f", timeout {_until(info.defer_deadline)}"
+    elif info.not_before is not None:
+        detail = f"not before {_until(info.not_before)}"
+    elif info.state is TaskState.RUNNING:
+        detail = f"on {info.worker_id}"
+    elif info.error:
+        detail = info.error.strip().splitlines()[-1][:80]
+    else:
+        detail = ""
+    return [
+        info.id,
+        info.name,
+        info.state,
+        f"{info.try_number}/{info.max_tries}",
+        _age(info.created_at),
+        detail,
+    ]
+
+
+# --------------------------------------------------------------------------- process commands
+
+
+async def _serve(
+    store: Store, components: list[Worker | Triggerer], after_start: Any = None
+) -> None:
+    async with anyio.create_task_group() as tg:
+
+        async def on_signals() -> None:
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                count = 0
+                async for signum in signals:
+                    count += 1
+                    if count == 1:
+                        log.info(
+                            "stopping gracefully; send the signal again to exit at once",
+                            signal=signal.Signals(signum).name,
+                        )
+                        for c in components:
+                            c.stop()
+                    else:
+                        log.warning("second signal: exiting now")
+                        os._exit(130)
+
+        tg.start_soon(on_signals)
+        async with anyio.create_task_group() as inner:
+            for component in components:
+                inner.start_soon(component.run)
+            if after_start is not None:
+                for component in components:
+                    await component.started.wait()
+                await after_start()
+                for component in components:
+                    component.stop()
+        tg.cancel_scope.cancel()
+
+
+async def _run_processes(args: argparse.Namespace, roles: Sequence[str]) -> int:
+    store = make_store(args.db)
+    await store.open()
+    try:
+        components: list[Worker | Triggerer] = []
+        if "triggerer" in roles:
+            components.append(
+                Triggerer(
+                    store,
+                    capacity=args.capacity,
+                    queues=args.queue if roles == ["triggerer"] else [],
+                )
+            )
+        if "worker" in roles:
+            components.append(Worker(store, slots=args.slots, queues=args.queue or ["default"]))
+        after = None
+        if getattr(args, "demo", False):
+
+            async def after() -> None:
+                await _demo(store)
+
+        await _serve(store, components, after)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await store.close()
+    return 0
+
+
+async def _demo(store: Store) -> None:
+    from deferrun.demo import AsyncHello, Countdown, WriteFileLater
+    from deferrun.sensors import DateTimeSensor, FileSensor, TimeDeltaSensor
+
+    workdir = tempfile.mkdtemp(prefix="deferrun-demo-")
+    path = os.path.join(workdir, "landing", "data.csv")
+    client = AsyncClient(store=store)
+    now = datetime.now(UTC)
+    ops = [
+        Countdown(task_id="countdown", rounds=3, seconds=1.0),
+        TimeDeltaSensor(task_id="wait-3s", delta=3, mode="deferrable", poke_interval=1),
+        WriteFileLater(task_id="land-file", path=path, delay=2.0),
+        FileSensor(
+            task_id="wait-for-file",
+            filepath=os.path.join(workdir, "landing", "*.csv"),
+            mode="deferrable",
+            poke_interval=0.5,
+        ),
+        DateTimeSensor(
+            task_id="until-t+4s",
+            target_time=now + timedelta(seconds=4),
+            mode="reschedule",
+            poke_interval=1,
+        ),
+        AsyncHello(task_id="async-hello", name="deferrun"),
+    ]
+    ids = {await client.submit(op): op.task_id for op in ops}
+    print(
+        f"demo: submitted {len(ids)} tasks to {config.redact_url(store.url)}; the worker "
+        "has 2 slots, yet all of them wait at once\n",
+        flush=True,
+    )
+    start = time.monotonic()
+    last: dict[str, str] = {}
+    with anyio.fail_after(60):
+        while True:
+            infos = {tid: await client.get(tid) for tid in ids}
+            for tid, info in infos.items():
+                if last.get(tid) != info.state:
+                    last[tid] = info.state
+                    extra = f"  ({info.trigger_classpath})" if info.state == "deferred" else ""
+                    print(
+                        f"  t+{time.monotonic() - start:4.1f}s  {ids[tid]:<14} {info.state}{extra}",
+                        flush=True,
+                    )
+            if all(i.state in FINISHED_STATES for i in infos.values()):
+                break
+            await anyio.sleep(0.1)
+    print()
+    rows = []
+    for tid, info in infos.items():
+        outcome = info.result if info.state == TaskState.SUCCESS else info.error
+        rows.append([ids[tid], info.state, str(outcome)[:70]])
+    print(_table(["task", "state", "result"], rows))
+    print(f"\ndemo finished in {time.monotonic() - start:.1f}s", flush=True)
+
+
+# --------------------------------------------------------------------------- client commands
+
+
+async def _submit(args: argparse.Namespace) -> int:
+    try:
+        kwargs = serialization.loads(args.kwargs) if args.kwargs else {}
+    except DeferrunError as exc:
+        raise UsageError(f"--kwargs is not valid JSON: {exc}") from None
+    if not isinstance(kwargs, dict):
+        raise UsageError(f"--kwargs must be a JSON object, got {args.kwargs}")
+    if args.queue:
+        kwargs["queue"] = args.queue
+    async with AsyncClient(args.db) as client:
+        task_id = await client.submit_classpath(args.classpath, kwargs)
+        print(task_id, flush=True)
+        if args.wait is None:
+            return 0
+        timeout = None if args.wait == 0 else args.wait
+        try:
+            info = await client.wait(task_id, timeout=timeout)
+        except TimeoutError:
+            print(f"task {task_id} did not finish within {args.wait:g}s", file=sys.stderr)
+            return 3
+        _print_task(info, args)
+        return 0 if info.state in (TaskState.SUCCESS, TaskState.SKIPPED) else 1
+
+
+def _print_task(info: TaskInfo, args: argparse.Namespace) -> None:
+    if getattr(args, "json", False):
+        print(_to_json(info))
+        return
+    fields = [
+        ("id", info.id),
+        ("name", info.name),
+        ("operator", info.classpath),
+        ("queue", info.queue),
+        ("state", info.state),
+        ("try", f"{info.try_number} of {info.max_tries}"),
+        ("created", info.created_at),
+        ("started", info.started_at),
+        ("updated", info.updated_at),
+        ("finished", info.finished_at),
+    ]
+    if info.state is TaskState.DEFERRED:
+        fields += [
+            ("trigger", f"{info.trigger_id} {info.trigger_classpath}"),
+            ("triggerer", info.triggerer_id or "(unclaimed)"),
+            ("resumes with", info.next_method),
+            ("timeout", _until(info.defer_deadline)),
+        ]
+    if info.not_before:
+        fields.append(("not before", info.not_before))
+    if info.worker_id:
+        fields.append(("worker", info.worker_id))
+    if info.state is TaskState.SUCCESS:
+        fields.append(("result", _to_json(info.result)))
+    width = max(len(k) for k, _ in fields)
+    for key, value in fields:
+        if value is not None:
+            print(f"{key.ljust(width)}  {value}")
+    if info.error:
+        print(f"{'error'.ljust(width)}  " + info.error.replace("\n", "\n" + " " * (width + 2)))
+
+
+async def _tasks(args: argparse.Namespace) -> int:
+    async with AsyncClient(args.db) as client:
+        infos = await client.list(args.state, limit=args.limit)
+        counts = await client.counts()
+    if args.json:
+        print(_to_json({"counts": counts, "tasks": infos}))
+        return 0
+    summary = ", ".join(f"{state}={counts[state]}" for state in TaskState if state in counts)
+    print(f"tasks: {summary or 'none'}")
+    if infos:
+        print(
+            _table(["id", "name", "state", "try", "age", "detail"], [_task_line(i) for i in infos])
+        )
+    return 0
+
+
+async def _task(args: argparse.Namespace) -> int:
+    async with AsyncClient(args.db) as client:
+        _print_task(await client.get(args.task_id), args)
+    return 0
+
+
+async def _triggers(args: argparse.Namespace) -> int:
+    store = make_store(args.db)
+    await store.open()
+    try:
+        triggers = await store.list_triggers()
+        processes = await store.list_processes()
+    finally:
+        await store.close()
+    if args.json:
+        print(_to_json({"triggers": triggers, "processes": processes}))
+        return 0
+    live = [p for p in processes if p.role == "triggerer"]
+    print(
+        f"triggerers: {len([p for p in live if p.alive])} alive"
+        + "".join(
+            f"\n  {p.id}  capacity {p.capacity}  heartbeat {_age(p.heartbeat_at)} ago"
+            f"{'' if p.alive else '  (DEAD)'}"
+            for p in live
+        )
+    )
+    print(f"triggers: {len(triggers)}")
+    if triggers:
+        print(
+            _table(
+                ["id", "task", "trigger", "owner", "age", "timeout"],
+                [
+                    [
+                        t.id,
+                        t.task_id,
+                        t.classpath,
+                        t.triggerer_id or "(unclaimed)",
+                        _age(t.created_at),
+                        _until(t.deadline),
+                    ]
+                    for t in triggers
+                ],
+            )
+        )
+    return 0
+
+
+# --------------------------------------------------------------------------- argument parsing
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--db", help=f"database URL (default: $DEFERRUN_DB, else {config.DEFAULT_DB})"
+    )
+    common.add_argument(
+        "--log-format",
+        choices=["console", "json"],
+        help="default: console on a terminal, json otherwise",
+    )
+    common.add_argument("--log-level", default="info")
+
+    parser = argparse.ArgumentParser(prog="deferrun", description="deferrable-operator runtime")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "standalone", parents=[common], help="triggerer and worker in one process (development)"
+    )
+    p.add_argument("--slots", type=int, default=2)
+    p.add_argument("--capacity", type=int, default=1000)
+    p.add_argument("--queue", action="append", help="queue(s) to serve (default: default)")
+    p.add_argument(
+        "--demo",
+        action="store_true",
+        help="submit a few deferrable tasks, show their progress, and exit when they are done",
+    )
+
+    p = sub.add_parser("triggerer", parents=[common], help="run triggers for deferred tasks")
+    p.add_argument("--capacity", type=int, default=1000, help="most triggers run at once")
+    p.add_argument("--queue", action="append", help="queue(s) to serve (default: all)")
+
+    p = sub.add_parser("worker", parents=[common], help="run tasks")
+    p.add_argument("--slots", type=int, default=8, help="tasks run at once")
+    p.add_argument("--queue", action="append", help="queue(s) to serve (default: default)")
+
+    p = sub.add_parser("submit", parents=[common], help="submit an operator by classpath")
+    p.add_argument("classpath", help="e.g. deferrun.sensors.TimeDeltaSensor")
+    p.add_argument("--kwargs", help="constructor keyword arguments as a JSON object")
+    p.add_argument("--queue")
+    p.add_argument(
+        "--wait",
+        nargs="?",
+        type=float,
+        const=0.0,
+        default=None,
+        metavar="SECONDS",
+        help="wait for the task to finish (optionally at most SECONDS)",
+    )
+
+    p = sub.add_parser("tasks", parents=[common], help="list tasks")
+    p.add_argument("--state", choices=[s.value for s in TaskState])
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("task", parents=[common], help="show one task")
+    p.add_argument("task_id")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("triggers", parents=[common], help="list live triggers and triggerers")
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = args.log_level
+    if getattr(args, "demo", False) and level == "info":
+        level = "warning"  # the demo prints its own progress
+    configure_logging(args.log_format, level)
+    commands = {
+        "standalone": lambda: _run_processes(args, ["triggerer", "worker"]),
+        "triggerer": lambda: _run_processes(args, ["triggerer"]),
+        "worker": lambda: _run_processes(args, ["worker"]),
+        "submit": lambda: _submit(args),
+        "tasks": lambda: _tasks(args),
+        "task": lambda: _task(args),
+        "triggers": lambda: _triggers(args),
+    }
+    try:
+        return anyio.run(commands[args.command])
+    except (DeferrunError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,187 @@
+"""Client and AsyncClient: submit operators, read and wait for tasks, cancel them."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Coroutine
+from types import TracebackType
+from typing import Any, TypeVar
+
+import anyio
+from anyio.from_thread import BlockingPortal, start_blocking_portal
+
+from deferrun import serialization
+from deferrun.exceptions import SerializationError, TaskNotFound
+from deferrun.models import NewTask, TaskInfo, TaskState, TriggerInfo
+from deferrun.operator import BaseOperator
+from deferrun.store import Store, make_store
+
+T = TypeVar("T")
+
+
+def new_task_id() -> str:
+    """Time-ordered and unique: sorts by submission, never collides across hosts."""
+    return f"{int(time.time() * 1000):011x}{uuid.uuid4().hex[:13]}"
+
+
+def build_task(operator: BaseOperator) -> NewTask:
+    """Serialize an operator for submission; refuses what workers could not rebuild."""
+    if not isinstance(operator, BaseOperator):
+        raise TypeError(f"submit() takes a BaseOperator instance, got {operator!r}")
+    classpath, kwargs = operator.serialize()
+    cls = serialization.load_class(classpath, BaseOperator)
+    serialization.check_kwargs_fit(cls, kwargs, "operator")
+    kwargs_json = serialization.dumps(kwargs, f"{cls.__qualname__} kwargs")
+    return NewTask(
+        id=new_task_id(),
+        name=operator.task_id,
+        classpath=classpath,
+        kwargs=kwargs_json,
+        queue=operator.queue,
+        max_tries=operator.retries + 1,
+        retry_delay=operator.retry_delay,
+        execution_timeout=operator.execution_timeout,
+    )
+
+
+class AsyncClient:
+    """``async with AsyncClient(db) as client: task_id = await client.submit(op)``."""
+
+    def __init__(self, db: str | None = None, *, store: Store | None = None) -> None:
+        self._store = store
+        self._db = db
+        self._owns_store = store is None
+        self._opened = store is not None
+
+    async def _get_store(self) -> Store:
+        if self._store is None:
+            self._store = make_store(self._db)
+        if not self._opened:
+            await self._store.open()
+            self._opened = True
+        return self._store
+
+    async def __aenter__(self) -> AsyncClient:
+        await self._get_store()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._store is not None and self._owns_store and self._opened:
+            await self._store.close()
+            self._opened = False
+
+    async def submit(self, operator: BaseOperator) -> str:
+        task = build_task(operator)
+        await (await self._get_store()).submit(task)
+        return task.id
+
+    async def submit_classpath(self, classpath: str, kwargs: dict[str, Any] | None = None) -> str:
+        """Submit by name (the CLI's path): the class is loaded and checked here first."""
+        cls = serialization.load_class(classpath, BaseOperator)
+        kwargs = kwargs or {}
+        serialization.check_kwargs_fit(cls, kwargs, "operator")
+        return await self.submit(cls(**kwargs))
+
+    async def get(self, task_id: str) -> TaskInfo:
+        info = await (await self._get_store()).get_task(task_id)
+        if info is None:
+            raise TaskNotFound(
+                f"no task {task_id!r} in this database; list them with `deferrun tasks`"
+            )
+        return info
+
+    async def wait(self, task_id: str, timeout: float | None = None) -> TaskInfo:
+        """Poll until the task finishes; ``TimeoutError`` after ``timeout`` seconds."""
+        delay = 0.02
+        with anyio.fail_after(timeout):
+            while True:
+                info = await self.get(task_id)
+                if info.finished:
+                    return info
+                await anyio.sleep(delay)
+                delay = min(delay * 1.5, 0.5)
+
+    async def list(self, state: TaskState | str | None = None, limit: int = 1000) -> list[TaskInfo]:
+        parsed = TaskState(state) if state is not None else None
+        return await (await self._get_store()).list_tasks(parsed, limit)
+
+    async def cancel(self, task_id: str) -> TaskInfo:
+        info = await (await self._get_store()).cancel_task(task_id)
+        if info is None:
+            raise TaskNotFound(f"no task {task_id!r} in this database")
+        return info
+
+    async def triggers(self) -> list[TriggerInfo]:
+        return await (await self._get_store()).list_triggers()
+
+    async def counts(self) -> dict[str, int]:
+        return await (await self._get_store()).count_tasks()
+
+
+class Client:
+    """The synchronous twin of :class:`AsyncClient`, for scripts and notebooks.
+
+    Runs an event loop in a background thread; close it (or use ``with``) when done.
+    """
+
+    def __init__(self, db: str | None = None) -> None:
+        self._portal_cm = start_blocking_portal()
+        self._portal: BlockingPortal = self._portal_cm.__enter__()
+        self._async = AsyncClient(db)
+        try:
+            self._call(self._async._get_store)
+        except BaseException:
+            self.close()
+            raise
+
+    def _call(self, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
+        return self._portal.call(fn, *args)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._portal_cm is not None:
+            try:
+                self._portal.call(self._async.aclose)
+            finally:
+                self._portal_cm.__exit__(None, None, None)
+                self._portal_cm = None  # type: ignore[assignment]
+
+    def submit(self, operator: BaseOperator) -> str:
+        try:
+            task = build_task(operator)  # raise serialization errors in the caller's thread
+        except SerializationError:
+            raise
+        return self._call(self._store_submit, task)
+
+    async def _store_submit(self, task: NewTask) -> str:
+        await (await self._async._get_store()).submit(task)
+        return task.id
+
+    def get(self, task_id: str) -> TaskInfo:
+        return self._call(self._async.get, task_id)
+
+    def wait(self, task_id: str, timeout: float | None = None) -> TaskInfo:
+        return self._call(self._async.wait, task_id, timeout)
+
+    def list(self, state: TaskState | str | None = None, limit: int = 1000) -> list[TaskInfo]:
+        return self._call(self._async.list, state, limit)
+
+    def cancel(self, task_id: str) -> TaskInfo:
+        return self._call(self._async.cancel, task_id)
+
+    def triggers(self) -> list[TriggerInfo]:
+        return self._call(self._async.triggers)

@@ -1,0 +1,80 @@
+"""Signals an operator raises to steer its task, and errors users can hit.
+
+The signals (TaskDeferred, SkipTask, FailTask, TaskTimeout) are part of the authoring API;
+the errors name what went wrong and what to do about it.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from deferrun.trigger import BaseTrigger
+
+
+class DeferrunError(Exception):
+    """Base of every error deferrun raises on its own account."""
+
+
+class ConfigError(DeferrunError):
+    """A setting (database URL, connection, CLI option) is unusable."""
+
+
+class SerializationError(DeferrunError):
+    """A value cannot be stored as JSON, or a stored row cannot be loaded."""
+
+
+class ClassLoadError(SerializationError):
+    """A stored classpath does not name a class deferrun is allowed to build."""
+
+
+class TaskNotFound(DeferrunError):
+    """No task has this id in the database."""
+
+
+class TaskDeferred(BaseException):
+    """Raised by an operator to hand its wait to the triggerer and free its worker slot.
+
+    A BaseException so that a broad ``except Exception`` in user code does not swallow it.
+    """
+
+    def __init__(
+        self,
+        trigger: BaseTrigger,
+        method_name: str = "execute_complete",
+        kwargs: dict[str, Any] | None = None,
+        timeout: timedelta | float | None = None,
+    ) -> None:
+        super().__init__(trigger, method_name, kwargs, timeout)
+        self.trigger = trigger
+        self.method_name = method_name
+        self.kwargs = kwargs or {}
+        self.timeout = timeout
+
+    def __repr__(self) -> str:
+        return f"TaskDeferred(trigger={self.trigger!r}, method_name={self.method_name!r})"
+
+
+class TaskReschedule(BaseException):
+    """Raised by a reschedule-mode sensor: put the task back, runnable again at ``not_before``."""
+
+    def __init__(self, not_before: float) -> None:
+        super().__init__(not_before)
+        self.not_before = not_before
+
+
+class SkipTask(Exception):
+    """Ends the task in state ``skipped``."""
+
+
+class FailTask(Exception):
+    """Ends the task in state ``failed`` without using its remaining retries."""
+
+
+class TaskTimeout(Exception):
+    """The task ran past its execution_timeout, or its deferral past the defer timeout."""
+
+
+class TriggerFailed(Exception):
+    """The task's trigger raised, ended without an event, or could not be loaded."""

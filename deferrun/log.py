@@ -1,0 +1,49 @@
+"""structlog set-up shared by every deferrun process.
+
+Console rendering on a TTY, JSON lines otherwise. Task and trigger ids are bound through
+contextvars by the worker and triggerer, so every line a task or trigger emits, including
+operator code calling ``self.log``, carries them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any, Literal
+
+import structlog
+
+LogFormat = Literal["console", "json"]
+
+
+def _add_pid(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    event_dict.setdefault("pid", os.getpid())
+    return event_dict
+
+
+def configure_logging(fmt: LogFormat | None = None, level: str = "info") -> None:
+    if fmt is None:
+        fmt = "console" if sys.stderr.isatty() else "json"
+    level_no = logging.getLevelName(level.upper())
+    if not isinstance(level_no, int):
+        raise ValueError(f"unknown log level {level!r}; use debug, info, warning or error")
+    processors: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _add_pid,
+    ]
+    if fmt == "json":
+        processors += [
+            structlog.processors.dict_tracebacks,
+            structlog.processors.JSONRenderer(),
+        ]
+    else:
+        processors.append(structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()))
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(level_no),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=False,
+    )

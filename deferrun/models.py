@@ -1,0 +1,140 @@
+"""Records that cross the store boundary: task states, task info, claimed rows.
+
+Timestamps travel as float epoch seconds inside the runtime (cheap to compare, identical on
+every backend) and become tz-aware datetimes only in what users see (TaskInfo).
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+
+
+class TaskState(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DEFERRED = "deferred"
+    UP_FOR_RESCHEDULE = "up_for_reschedule"
+    UP_FOR_RETRY = "up_for_retry"
+    SUCCESS = "success"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in FINISHED_STATES
+
+
+FINISHED_STATES = frozenset(
+    {TaskState.SUCCESS, TaskState.FAILED, TaskState.SKIPPED, TaskState.CANCELLED}
+)
+
+
+def ts(value: float | None) -> datetime | None:
+    return None if value is None else datetime.fromtimestamp(value, UTC)
+
+
+class NewTask(msgspec.Struct, frozen=True):
+    """A task as submitted: the serialized operator and its scheduling options."""
+
+    id: str
+    name: str
+    classpath: str
+    kwargs: str  # JSON
+    queue: str
+    max_tries: int
+    retry_delay: float
+    execution_timeout: float | None
+
+
+class ClaimedTask(msgspec.Struct, frozen=True):
+    """What a worker needs to run one try (or one resume) of a task."""
+
+    id: str
+    name: str
+    classpath: str
+    kwargs: str
+    queue: str
+    try_number: int
+    max_tries: int
+    retry_delay: float
+    execution_timeout: float | None
+    next_method: str | None
+    next_kwargs: str | None
+    event: str | None
+    try_started_at: float
+    created_at: float
+
+
+class ClaimedTrigger(msgspec.Struct, frozen=True):
+    id: int
+    task_id: str
+    classpath: str
+    kwargs: str
+    deadline: float | None
+
+
+class Deferral(msgspec.Struct, frozen=True):
+    """Everything persisted, in one transaction, when a running task defers."""
+
+    classpath: str
+    kwargs: str
+    method_name: str
+    method_kwargs: str
+    deadline: float | None
+
+
+class TaskInfo(msgspec.Struct, frozen=True):
+    """A task as users see it (``Client.get``, ``deferrun task``)."""
+
+    id: str
+    name: str
+    classpath: str
+    queue: str
+    state: TaskState
+    try_number: int
+    max_tries: int
+    result: Any = None
+    error: str | None = None
+    next_method: str | None = None
+    trigger_id: int | None = None
+    trigger_classpath: str | None = None
+    triggerer_id: str | None = None
+    worker_id: str | None = None
+    defer_deadline: datetime | None = None
+    not_before: datetime | None = None
+    created_at: datetime | None = None
+    started_at: datetime | None = None
+    updated_at: datetime | None = None
+    finished_at: datetime | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINISHED_STATES
+
+
+class TriggerInfo(msgspec.Struct, frozen=True):
+    id: int
+    task_id: str
+    classpath: str
+    kwargs: Any
+    queue: str
+    triggerer_id: str | None
+    created_at: datetime | None
+    deadline: datetime | None
+
+
+class ProcessInfo(msgspec.Struct, frozen=True):
+    id: str
+    role: str
+    host: str
+    pid: int
+    queues: list[str]
+    capacity: int
+    started_at: datetime | None
+    heartbeat_at: datetime | None
+    alive: bool

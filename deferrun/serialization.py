@@ -1,0 +1,285 @@
+"""JSON (de)serialization of kwargs, events and results, and safe loading of classpaths.
+
+Rows stay readable JSON: plain values are stored as themselves, and the few types JSON lacks
+(datetime, timedelta, UUID, bytes, ...) as ``{"__deferrun__": TAG, "v": ...}`` so they come back
+exactly. Loading never unpickles, and only ever instantiates BaseTrigger / BaseOperator
+subclasses, after checking that the stored kwargs fit the constructor.
+"""
+
+from __future__ import annotations
+
+import base64
+import decimal
+import importlib
+import inspect
+import re
+import uuid
+from collections.abc import Callable
+from datetime import UTC, date, datetime, time, timedelta, timezone, tzinfo
+from pathlib import Path, PurePath, PureWindowsPath
+from typing import Any, TypeVar
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import msgspec
+
+from deferrun.exceptions import ClassLoadError, SerializationError
+
+TAG = "__deferrun__"
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder()
+
+_PLAIN = (str, int, float, bool, type(None))
+
+ALLOWED_TYPES_HINT = (
+    "str, int, float, bool, None, list, tuple, set, dict with str keys, datetime, date, time, "
+    "timedelta, UUID, bytes, Decimal, pathlib paths"
+)
+
+
+def _tz_to_json(tz: tzinfo | None, dt: datetime | time) -> Any:
+    if tz is None:
+        return None
+    if isinstance(tz, ZoneInfo):
+        return tz.key
+    offset = tz.utcoffset(dt if isinstance(dt, datetime) else None)
+    if offset is None:
+        raise SerializationError(f"cannot serialize time zone {tz!r}: it has no fixed UTC offset")
+    return offset.total_seconds()
+
+
+def _tz_from_json(value: Any) -> tzinfo | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            return ZoneInfo(value)
+        except ZoneInfoNotFoundError as exc:
+            raise SerializationError(f"unknown time zone {value!r} in stored value") from exc
+    if value == 0:
+        return UTC
+    return timezone(timedelta(seconds=value))
+
+
+def to_jsonable(value: Any, path: str = "value") -> Any:
+    """Turn ``value`` into plain JSON data, tagging the types JSON lacks.
+
+    ``path`` names the value in errors (``kwargs['client']``), so a user sees which argument
+    cannot be stored.
+    """
+    if isinstance(value, bool | int | str) or value is None:
+        return value
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            return {TAG: "float", "v": repr(value)}
+        return value
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise SerializationError(
+                    f"{path} has a key of type {type(key).__name__} ({key!r}); only str keys "
+                    "can be stored"
+                )
+            out[key] = to_jsonable(item, f"{path}[{key!r}]")
+        if TAG in out:
+            return {TAG: "dict", "v": out}
+        return out
+    if isinstance(value, list):
+        return [to_jsonable(item, f"{path}[{i}]") for i, item in enumerate(value)]
+    if isinstance(value, tuple):
+        return {TAG: "tuple", "v": [to_jsonable(x, f"{path}[{i}]") for i, x in enumerate(value)]}
+    if isinstance(value, set | frozenset):
+        items = [to_jsonable(x, f"{path}{{...}}") for x in value]
+        try:
+            items.sort(key=_encoder.encode)
+        except TypeError:
+            pass
+        return {TAG: "frozenset" if isinstance(value, frozenset) else "set", "v": items}
+    if isinstance(value, datetime):
+        naive = value.replace(tzinfo=None)
+        return {TAG: "datetime", "v": naive.isoformat(), "tz": _tz_to_json(value.tzinfo, value)}
+    if isinstance(value, date):
+        return {TAG: "date", "v": value.isoformat()}
+    if isinstance(value, time):
+        naive_t = value.replace(tzinfo=None)
+        return {TAG: "time", "v": naive_t.isoformat(), "tz": _tz_to_json(value.tzinfo, value)}
+    if isinstance(value, timedelta):
+        return {TAG: "timedelta", "v": [value.days, value.seconds, value.microseconds]}
+    if isinstance(value, uuid.UUID):
+        return {TAG: "uuid", "v": str(value)}
+    if isinstance(value, bytes | bytearray | memoryview):
+        return {TAG: "bytes", "v": base64.b64encode(bytes(value)).decode("ascii")}
+    if isinstance(value, decimal.Decimal):
+        return {TAG: "decimal", "v": str(value)}
+    if isinstance(value, PurePath):
+        kind = "winpath" if isinstance(value, PureWindowsPath) else "path"
+        return {TAG: kind, "v": str(value)}
+    raise SerializationError(
+        f"{path} is a {type(value).__module__}.{type(value).__qualname__}, which cannot be "
+        f"stored; pass plain data ({ALLOWED_TYPES_HINT}) - for clients and credentials, pass a "
+        "conn_id and create the client inside the trigger or operator"
+    )
+
+
+def _from_tagged(obj: dict[str, Any]) -> Any:
+    tag = obj[TAG]
+    v = obj.get("v")
+    match tag:
+        case "datetime":
+            return datetime.fromisoformat(v).replace(tzinfo=_tz_from_json(obj.get("tz")))
+        case "date":
+            return date.fromisoformat(v)
+        case "time":
+            return time.fromisoformat(v).replace(tzinfo=_tz_from_json(obj.get("tz")))
+        case "timedelta":
+            return timedelta(days=v[0], seconds=v[1], microseconds=v[2])
+        case "uuid":
+            return uuid.UUID(v)
+        case "bytes":
+            return base64.b64decode(v)
+        case "decimal":
+            return decimal.Decimal(v)
+        case "path":
+            return Path(v)
+        case "winpath":
+            return PureWindowsPath(v)
+        case "float":
+            return float(v)
+        case "tuple":
+            return tuple(from_jsonable(x) for x in v)
+        case "set":
+            return {from_jsonable(x) for x in v}
+        case "frozenset":
+            return frozenset(from_jsonable(x) for x in v)
+        case "dict":
+            return {k: from_jsonable(x) for k, x in v.items()}
+    raise SerializationError(
+        f"unknown stored type tag {tag!r}; was the row written by a newer deferrun?"
+    )
+
+
+def from_jsonable(value: Any) -> Any:
+    """Inverse of :func:`to_jsonable`."""
+    if isinstance(value, list):
+        return [from_jsonable(x) for x in value]
+    if isinstance(value, dict):
+        if TAG in value:
+            return _from_tagged(value)
+        return {k: from_jsonable(x) for k, x in value.items()}
+    return value
+
+
+def dumps(value: Any, path: str = "value") -> str:
+    """Serialize ``value`` to a JSON string; SerializationError names ``path`` on failure."""
+    return _encoder.encode(to_jsonable(value, path)).decode("utf-8")
+
+
+def loads(text: str | bytes | None) -> Any:
+    if text is None:
+        return None
+    try:
+        raw = _decoder.decode(text)
+    except msgspec.DecodeError as exc:
+        raise SerializationError(f"stored value is not valid JSON: {exc}") from exc
+    return from_jsonable(raw)
+
+
+# --------------------------------------------------------------------------- classpaths
+
+_CLASSPATH_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")
+
+T = TypeVar("T")
+
+
+def classpath_of(cls: type) -> str:
+    """The importable dotted path of ``cls``, refusing classes no other process could import."""
+    module = cls.__module__
+    qualname = cls.__qualname__
+    if "<locals>" in qualname:
+        raise SerializationError(
+            f"{qualname} is defined inside a function; define it at module level so that "
+            "workers and the triggerer can import it"
+        )
+    if module == "__main__":
+        raise SerializationError(
+            f"{qualname} is defined in __main__; move it into an importable module (on "
+            "PYTHONPATH of the workers and the triggerer) so other processes can load it"
+        )
+    return f"{module}.{qualname}"
+
+
+def load_class(classpath: str, base: type[T]) -> type[T]:
+    """Import the class named by ``classpath`` and check it is a subclass of ``base``.
+
+    Only the module part is imported; the attribute is looked up, never called, and anything
+    that is not a ``base`` subclass is refused before it can run.
+    """
+    if not isinstance(classpath, str) or not _CLASSPATH_RE.match(classpath):
+        raise ClassLoadError(f"{classpath!r} is not a dotted classpath like 'package.module.Class'")
+    parts = classpath.split(".")
+    module = None
+    error: Exception | None = None
+    # Longest importable module prefix wins, so nested classes (module.Outer.Inner) work.
+    for cut in range(len(parts) - 1, 0, -1):
+        module_name = ".".join(parts[:cut])
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
+                error = exc
+                continue
+            raise ClassLoadError(
+                f"importing {module_name!r} for {classpath!r} failed: {exc}"
+            ) from exc
+        except Exception as exc:
+            raise ClassLoadError(
+                f"importing {module_name!r} for {classpath!r} failed: {exc!r}"
+            ) from exc
+        attrs = parts[cut:]
+        break
+    if module is None:
+        raise ClassLoadError(
+            f"cannot import {classpath!r}: {error}. Is the module installed, or on PYTHONPATH of "
+            "this process?"
+        )
+    obj: Any = module
+    for attr in attrs:
+        obj = inspect.getattr_static(obj, attr, None)
+        if obj is None:
+            raise ClassLoadError(f"{classpath!r}: module {module.__name__!r} has no {attr!r}")
+    if not (isinstance(obj, type) and issubclass(obj, base)):
+        raise ClassLoadError(
+            f"{classpath!r} is not a {base.__name__} subclass; refusing to load it"
+        )
+    return obj
+
+
+def check_kwargs_fit(cls: type, kwargs: dict[str, Any], what: str) -> None:
+    """Fail with a readable message when ``kwargs`` cannot be passed to ``cls(...)``."""
+    try:
+        sig = inspect.signature(cls)
+    except (TypeError, ValueError):
+        return
+    try:
+        sig.bind(**kwargs)
+    except TypeError as exc:
+        raise SerializationError(
+            f"stored kwargs do not fit {what} {classpath_or_name(cls)}{sig}: {exc}"
+        ) from exc
+
+
+def classpath_or_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def instantiate(classpath: str, kwargs: Any, base: type[T], what: str) -> T:
+    """Load ``classpath`` (a ``base`` subclass) and build it from stored ``kwargs``."""
+    cls = load_class(classpath, base)
+    if not isinstance(kwargs, dict):
+        raise SerializationError(
+            f"stored kwargs of {classpath} are a {type(kwargs).__name__}, not an object"
+        )
+    check_kwargs_fit(cls, kwargs, what)
+    factory: Callable[..., T] = cls
+    return factory(**kwargs)

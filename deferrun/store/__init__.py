@@ -1,0 +1,37 @@
+"""Store backends behind one protocol; ``open_store(url)`` picks one by URL scheme."""
+
+from __future__ import annotations
+
+from deferrun import config
+from deferrun.exceptions import ConfigError
+from deferrun.store.base import ReapReport, Store, Wakeup
+
+
+def make_store(url: str | None = None, *, dead_after: float | None = None) -> Store:
+    """A store for ``url`` (``--db``/``DEFERRUN_DB``/default), not yet opened."""
+    url = config.db_url(url)
+    dead = config.dead_after() if dead_after is None else dead_after
+    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+    if scheme == "sqlite":
+        from deferrun.store.sqlite import SQLiteStore
+
+        return SQLiteStore(url, dead_after=dead)
+    if scheme in ("postgresql", "postgres"):
+        try:
+            from deferrun.store.postgres import PostgresStore
+        except ImportError as exc:
+            raise ConfigError(f"the PostgreSQL backend could not be loaded: {exc}") from exc
+        return PostgresStore(url, dead_after=dead)
+    raise ConfigError(
+        f"unsupported database URL {config.redact_url(url)!r}: use sqlite:///path/to/file.db "
+        "(one host) or postgresql://user:password@host:5432/dbname (several hosts)"
+    )
+
+
+async def open_store(url: str | None = None, *, dead_after: float | None = None) -> Store:
+    store = make_store(url, dead_after=dead_after)
+    await store.open()
+    return store
+
+
+__all__ = ["ReapReport", "Store", "Wakeup", "make_store", "open_store"]

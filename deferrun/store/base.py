@@ -1,0 +1,174 @@
+"""The store protocol: every task and trigger state transition, each one atomic.
+
+Workers, the triggerer and clients never write SQL; they call these methods. A backend
+(SQLite, PostgreSQL) implements each one as a single transaction, guarded so that a stale
+actor (a worker declared dead, a triggerer that lost its trigger) cannot overwrite newer state.
+Each backend also delivers wake-ups: after a commit that makes work available it notifies
+the processes that can take it, so nobody has to poll fast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal, Protocol
+
+import anyio
+import msgspec
+
+from deferrun.models import (
+    ClaimedTask,
+    ClaimedTrigger,
+    Deferral,
+    NewTask,
+    ProcessInfo,
+    TaskInfo,
+    TaskState,
+    TriggerInfo,
+)
+
+Channel = Literal["tasks", "triggers"]
+Role = Literal["worker", "triggerer"]
+
+ROLE_CHANNEL: dict[str, Channel] = {"worker": "tasks", "triggerer": "triggers"}
+
+
+class ReapReport(msgspec.Struct):
+    """What one maintenance pass changed."""
+
+    retried: list[str] = msgspec.field(default_factory=list)
+    failed: list[str] = msgspec.field(default_factory=list)
+    released_triggers: int = 0
+    timed_out: list[str] = msgspec.field(default_factory=list)
+    dead_processes: list[str] = msgspec.field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return bool(
+            self.retried
+            or self.failed
+            or self.released_triggers
+            or self.timed_out
+            or self.dead_processes
+        )
+
+
+class Wakeup:
+    """A level-triggered wake-up flag a loop can sleep on with a timeout.
+
+    Setting it while nobody waits is remembered, so a notification that arrives between two
+    waits is never lost.
+    """
+
+    def __init__(self) -> None:
+        self._event = anyio.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    async def wait(self, timeout: float) -> bool:
+        if not self._event.is_set():
+            with anyio.move_on_after(max(timeout, 0.0)):
+                await self._event.wait()
+        fired = self._event.is_set()
+        if fired:
+            self._event = anyio.Event()
+        return fired
+
+
+class Store(Protocol):
+    """What every backend implements. All timestamps are float epoch seconds."""
+
+    url: str
+
+    async def open(self) -> None:
+        """Connect, and create or migrate the schema (safe when several processes start)."""
+
+    async def close(self) -> None: ...
+
+    # -- processes and liveness ---------------------------------------------------------------
+
+    async def register_process(
+        self, process_id: str, role: Role, queues: Sequence[str], capacity: int
+    ) -> Wakeup:
+        """Record a live worker/triggerer and return the Wakeup its loop sleeps on."""
+
+    async def heartbeat(self, process_id: str) -> None: ...
+
+    async def deregister_process(self, process_id: str) -> None:
+        """Graceful exit: release this process's triggers and requeue its running tasks."""
+
+    async def reap(self, dead_after: float) -> ReapReport:
+        """Recover from dead processes and enforce deferral deadlines.
+
+        Running tasks of a worker silent for ``dead_after`` seconds are retried or failed;
+        triggers of a silent triggerer are released for adoption; deferred tasks past their
+        deadline are queued to resume with a timeout.
+        """
+
+    async def list_processes(self) -> list[ProcessInfo]: ...
+
+    # -- tasks --------------------------------------------------------------------------------
+
+    async def submit(self, task: NewTask) -> None: ...
+
+    async def claim_tasks(
+        self, worker_id: str, queues: Sequence[str], limit: int
+    ) -> list[ClaimedTask]:
+        """Move up to ``limit`` runnable tasks to ``running`` for ``worker_id``."""
+
+    async def next_due(self, queues: Sequence[str]) -> float | None:
+        """When the earliest task waiting on a not-before time (retry, reschedule) is due."""
+
+    async def complete_task(self, task_id: str, worker_id: str, result: str | None) -> bool: ...
+
+    async def fail_task(
+        self, task_id: str, worker_id: str, error: str, *, retry: bool
+    ) -> TaskState | None:
+        """``up_for_retry`` if ``retry`` and tries remain, else ``failed``."""
+
+    async def skip_task(self, task_id: str, worker_id: str, reason: str | None) -> bool: ...
+
+    async def reschedule_task(self, task_id: str, worker_id: str, not_before: float) -> bool: ...
+
+    async def defer_task(self, task_id: str, worker_id: str, deferral: Deferral) -> int | None:
+        """Store the trigger and free the task in one transaction; returns the trigger id."""
+
+    async def requeue_task(self, task_id: str, worker_id: str) -> bool:
+        """Put a task this worker could not finish back on the queue, same try."""
+
+    async def owned_task_ids(self, worker_id: str) -> set[str]:
+        """Tasks still running under ``worker_id`` (others were cancelled or taken away)."""
+
+    async def get_task(self, task_id: str) -> TaskInfo | None: ...
+
+    async def list_tasks(
+        self, state: TaskState | None = None, limit: int = 1000
+    ) -> list[TaskInfo]: ...
+
+    async def count_tasks(self) -> dict[str, int]: ...
+
+    async def cancel_task(self, task_id: str) -> TaskInfo | None: ...
+
+    # -- triggers -----------------------------------------------------------------------------
+
+    async def claim_triggers(
+        self, triggerer_id: str, queues: Sequence[str], limit: int
+    ) -> list[ClaimedTrigger]:
+        """Assign up to ``limit`` unowned triggers (``queues`` empty = every queue)."""
+
+    async def owned_trigger_ids(self, triggerer_id: str) -> set[int]: ...
+
+    async def fire_triggers(self, events: Sequence[tuple[int, str]]) -> int:
+        """Store each (trigger_id, event JSON) and re-queue its task, exactly once per task.
+
+        Returns how many tasks were resumed; an event for a trigger that already fired, was
+        cancelled or timed out is dropped.
+        """
+
+    async def fail_triggers(self, failures: Sequence[tuple[int, str, str]]) -> int:
+        """For each (trigger_id, resume method, event JSON), resume the task into a failure."""
+
+    async def release_triggers(self, triggerer_id: str, ids: Sequence[int] | None = None) -> int:
+        """Give up triggers (all, or ``ids``) so another triggerer adopts them at once."""
+
+    async def list_triggers(self) -> list[TriggerInfo]: ...

@@ -1,0 +1,769 @@
+"""The embedded backend: one SQLite file in WAL mode, shared by processes on one host.
+
+Every transition is one ``BEGIN IMMEDIATE`` transaction, which takes SQLite's single write
+lock up front; that serializes claims across processes the way ``SKIP LOCKED`` does on
+PostgreSQL, and rules out the lock-upgrade deadlocks of deferred transactions. The blocking
+sqlite3 calls run on a worker thread, one at a time per store, so the event loop never waits
+on disk.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+import sqlite3
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from importlib import resources
+from typing import Any, TypeVar
+
+import anyio
+import anyio.to_thread
+
+from deferrun import serialization
+from deferrun.exceptions import ConfigError
+from deferrun.models import (
+    ClaimedTask,
+    ClaimedTrigger,
+    Deferral,
+    NewTask,
+    ProcessInfo,
+    TaskInfo,
+    TaskState,
+    TriggerInfo,
+    ts,
+)
+from deferrun.operator import BaseOperator
+from deferrun.store.base import ROLE_CHANNEL, Channel, ReapReport, Role, Wakeup
+from deferrun.store.local_notify import UdpListener, UdpSender
+
+SCHEMA_VERSION = 1
+RUNNABLE = ("queued", "up_for_retry", "up_for_reschedule")
+R = TypeVar("R")
+
+_TASK_INFO_SQL = """
+SELECT t.id, t.name, t.classpath, t.queue, t.state, t.try_number, t.max_tries, t.result,
+       t.error, t.next_method, t.trigger_id, g.classpath, g.triggerer_id, t.worker_id,
+       t.defer_deadline, t.ready_at, t.created_at, t.started_at, t.updated_at, t.finished_at
+FROM tasks t LEFT JOIN triggers g ON g.id = t.trigger_id
+"""
+
+
+def _load_result(text: str | None) -> Any:
+    if text is None:
+        return None
+    try:
+        return serialization.loads(text)
+    except Exception:
+        return text  # show what is stored rather than hide the task
+
+
+def _task_info(row: Sequence[Any]) -> TaskInfo:
+    state = TaskState(row[4])
+    waiting = state in (TaskState.UP_FOR_RETRY, TaskState.UP_FOR_RESCHEDULE)
+    return TaskInfo(
+        id=row[0],
+        name=row[1],
+        classpath=row[2],
+        queue=row[3],
+        state=state,
+        try_number=row[5],
+        max_tries=row[6],
+        result=_load_result(row[7]),
+        error=row[8],
+        next_method=row[9],
+        trigger_id=row[10],
+        trigger_classpath=row[11],
+        triggerer_id=row[12],
+        worker_id=row[13] if state is TaskState.RUNNING else None,
+        defer_deadline=ts(row[14]),
+        not_before=ts(row[15]) if waiting else None,
+        created_at=ts(row[16]),
+        started_at=ts(row[17]),
+        updated_at=ts(row[18]),
+        finished_at=ts(row[19]),
+    )
+
+
+def parse_sqlite_url(url: str) -> str:
+    """``sqlite:///relative.db`` or ``sqlite:////absolute/path.db`` -> a file path."""
+    prefix = "sqlite:///"
+    if not url.startswith(prefix):
+        raise ConfigError(
+            f"SQLite URLs look like sqlite:///deferrun.db (relative) or sqlite:////var/lib/x.db "
+            f"(absolute), not {url!r}"
+        )
+    path = url[len(prefix) :]
+    if not path or path == ":memory:":
+        raise ConfigError(
+            "an in-memory or empty SQLite path cannot be shared between the worker and the "
+            "triggerer; give a file, e.g. sqlite:///deferrun.db"
+        )
+    return path
+
+
+class SQLiteStore:
+    def __init__(self, url: str, *, dead_after: float = 10.0) -> None:
+        self.url = url
+        self.path = parse_sqlite_url(url)
+        self.dead_after = dead_after
+        self._conn: sqlite3.Connection | None = None
+        self._limiter = anyio.CapacityLimiter(1)
+        self._sender: UdpSender | None = None
+        self._listeners: dict[str, UdpListener] = {}
+        self._registered: dict[str, tuple[Role, list[str], int, int]] = {}
+        self._ports: dict[str, list[int]] = {"tasks": [], "triggers": []}
+        self._ports_at = 0.0
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    async def _run(self, fn: Callable[..., R], *args: Any) -> R:
+        return await anyio.to_thread.run_sync(functools.partial(fn, *args), limiter=self._limiter)
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise RuntimeError("store is not open; call await store.open() first")
+        return self._conn
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        c = self.conn
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            yield c
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+        c.execute("COMMIT")
+
+    def _connect(self) -> None:
+        directory = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(directory):
+            raise ConfigError(f"cannot open {self.url}: directory {directory} does not exist")
+        try:
+            conn = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False, timeout=30.0
+            )
+            conn.execute("PRAGMA busy_timeout = 30000")
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            conn.execute("PRAGMA synchronous = NORMAL")
+        except sqlite3.DatabaseError as exc:
+            raise ConfigError(f"cannot open SQLite database {self.path!r}: {exc}") from exc
+        if str(mode).lower() != "wal":
+            raise ConfigError(
+                f"{self.path!r} could not switch to WAL mode (got {mode}); is it on "
+                "a network file system? Use a local disk or PostgreSQL"
+            )
+        self._conn = conn
+        self._migrate()
+
+    def _migrate(self) -> None:
+        schema = resources.files("deferrun.store").joinpath("sqlite_schema.sql").read_text()
+        with self._tx() as c:
+            version = c.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise ConfigError(
+                    f"{self.path} has schema version {version}, newer than this deferrun "
+                    f"understands ({SCHEMA_VERSION}); upgrade deferrun"
+                )
+            if version < 1:
+                code = "\n".join(
+                    line for line in schema.splitlines() if not line.lstrip().startswith("--")
+                )
+                for statement in code.split(";"):
+                    if statement.strip():
+                        c.execute(statement)
+                c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    async def open(self) -> None:
+        await self._run(self._connect)
+        self._sender = UdpSender()
+
+    async def close(self) -> None:
+        for listener in self._listeners.values():
+            listener.close()
+        self._listeners.clear()
+        if self._sender:
+            self._sender.close()
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            await self._run(conn.close)
+
+    # -- wake-ups -----------------------------------------------------------------------------
+
+    def _refresh_ports_sync(self) -> None:
+        now = time.time()
+        rows = self.conn.execute(
+            "SELECT role, wake_port FROM processes WHERE wake_port IS NOT NULL "
+            "AND heartbeat_at >= ?",
+            (now - self.dead_after,),
+        ).fetchall()
+        ports: dict[str, list[int]] = {"tasks": [], "triggers": []}
+        for role, port in rows:
+            ports[ROLE_CHANNEL.get(role, "tasks")].append(port)
+        self._ports = ports
+        self._ports_at = now
+
+    def _ports_stale(self) -> bool:
+        return time.time() - self._ports_at > 1.0
+
+    def _notify(self, *channels: Channel) -> None:
+        if self._sender is None:
+            return
+        for channel in channels:
+            self._sender.send(self._ports[channel])
+
+    async def _write(self, fn: Callable[..., R], *args: Any, notify: tuple[Channel, ...] = ()) -> R:
+        def job() -> R:
+            with self._tx():
+                result = fn(*args)
+            if notify and self._ports_stale():
+                self._refresh_ports_sync()
+            return result
+
+        result = await self._run(job)
+        self._notify(*notify)
+        return result
+
+    # -- processes ----------------------------------------------------------------------------
+
+    async def register_process(
+        self, process_id: str, role: Role, queues: Sequence[str], capacity: int
+    ) -> Wakeup:
+        wakeup = Wakeup()
+        listener = UdpListener(wakeup)
+        self._listeners[process_id] = listener
+        self._registered[process_id] = (role, list(queues), capacity, listener.port)
+        await self._write(self._upsert_process_sync, process_id)
+        await self._run(self._refresh_ports_sync)
+        return wakeup
+
+    def _upsert_process_sync(self, process_id: str) -> None:
+        role, queues, capacity, port = self._registered[process_id]
+        now = time.time()
+        self.conn.execute(
+            "INSERT INTO processes (id, role, host, pid, queues, capacity, wake_port, started_at,"
+            " heartbeat_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
+            "heartbeat_at = excluded.heartbeat_at",
+            (
+                process_id,
+                role,
+                socket.gethostname(),
+                os.getpid(),
+                serialization.dumps(queues),
+                capacity,
+                port,
+                now,
+                now,
+            ),
+        )
+
+    async def heartbeat(self, process_id: str) -> None:
+        def job() -> None:
+            cur = self.conn.execute(
+                "UPDATE processes SET heartbeat_at = ? WHERE id = ?", (time.time(), process_id)
+            )
+            if cur.rowcount == 0:  # declared dead while we were alive: come back
+                with self._tx():
+                    self._upsert_process_sync(process_id)
+            self._refresh_ports_sync()
+
+        await self._run(job)
+
+    async def deregister_process(self, process_id: str) -> None:
+        def job() -> None:
+            now = time.time()
+            c = self.conn
+            c.execute(
+                "UPDATE triggers SET triggerer_id = NULL WHERE triggerer_id = ?", (process_id,)
+            )
+            c.execute(
+                "UPDATE tasks SET state = 'queued', ready_at = ?, worker_id = NULL, "
+                "updated_at = ? WHERE state = 'running' AND worker_id = ?",
+                (now, now, process_id),
+            )
+            c.execute("DELETE FROM processes WHERE id = ?", (process_id,))
+
+        await self._write(job, notify=("tasks", "triggers"))
+        listener = self._listeners.pop(process_id, None)
+        if listener:
+            listener.close()
+        self._registered.pop(process_id, None)
+
+    async def list_processes(self) -> list[ProcessInfo]:
+        def job() -> list[ProcessInfo]:
+            now = time.time()
+            rows = self.conn.execute(
+                "SELECT id, role, host, pid, queues, capacity, started_at, heartbeat_at "
+                "FROM processes ORDER BY role, started_at"
+            ).fetchall()
+            return [
+                ProcessInfo(
+                    id=r[0],
+                    role=r[1],
+                    host=r[2],
+                    pid=r[3],
+                    queues=serialization.loads(r[4]),
+                    capacity=r[5],
+                    started_at=ts(r[6]),
+                    heartbeat_at=ts(r[7]),
+                    alive=r[7] >= now - self.dead_after,
+                )
+                for r in rows
+            ]
+
+        return await self._run(job)
+
+    async def reap(self, dead_after: float) -> ReapReport:
+        def job() -> ReapReport:
+            report = ReapReport()
+            now = time.time()
+            c = self.conn
+            live = "SELECT id FROM processes WHERE heartbeat_at >= ?"
+            cutoff = now - dead_after
+            lost = c.execute(
+                f"SELECT id, try_number, max_tries, retry_delay, worker_id FROM tasks "
+                f"WHERE state = 'running' AND (worker_id IS NULL OR worker_id NOT IN ({live}))",
+                (cutoff,),
+            ).fetchall()
+            for task_id, try_number, max_tries, retry_delay, worker_id in lost:
+                error = (
+                    f"worker {worker_id} stopped heartbeating for {dead_after:g}s while "
+                    f"running try {try_number} (killed, lost or hung)"
+                )
+                if try_number < max_tries:
+                    c.execute(
+                        "UPDATE tasks SET state = 'up_for_retry', ready_at = ?, worker_id = NULL,"
+                        " next_method = NULL, next_kwargs = NULL, event = NULL, error = ?, "
+                        "updated_at = ? WHERE id = ?",
+                        (now + retry_delay, error + "; retrying", now, task_id),
+                    )
+                    report.retried.append(task_id)
+                else:
+                    c.execute(
+                        "UPDATE tasks SET state = 'failed', worker_id = NULL, error = ?, "
+                        "updated_at = ?, finished_at = ? WHERE id = ?",
+                        (error + "; no retries left", now, now, task_id),
+                    )
+                    report.failed.append(task_id)
+            cur = c.execute(
+                f"UPDATE triggers SET triggerer_id = NULL WHERE triggerer_id IS NOT NULL "
+                f"AND triggerer_id NOT IN ({live})",
+                (cutoff,),
+            )
+            report.released_triggers = cur.rowcount
+            expired = c.execute(
+                "SELECT t.id, t.trigger_id, g.classpath, g.created_at FROM tasks t "
+                "LEFT JOIN triggers g ON g.id = t.trigger_id WHERE t.state = 'deferred' "
+                "AND t.defer_deadline IS NOT NULL AND t.defer_deadline <= ?",
+                (now,),
+            ).fetchall()
+            for task_id, trigger_id, classpath, created_at in expired:
+                waited = now - created_at if created_at else 0.0
+                event = serialization.dumps(
+                    {
+                        "error": (
+                            f"deferral timed out after {waited:.1f}s waiting for trigger "
+                            f"{trigger_id} ({classpath})"
+                        )
+                    }
+                )
+                self._resume_sync(
+                    task_id,
+                    trigger_id,
+                    BaseOperator.DEFERRAL_TIMEOUT_METHOD,
+                    event,
+                    now,
+                    clear_kwargs=True,
+                )
+                report.timed_out.append(task_id)
+            dead = c.execute(
+                "SELECT id FROM processes WHERE heartbeat_at < ?", (cutoff,)
+            ).fetchall()
+            report.dead_processes = [r[0] for r in dead]
+            if dead:
+                c.execute("DELETE FROM processes WHERE heartbeat_at < ?", (cutoff,))
+            return report
+
+        report = await self._write(job)
+        if report.retried or report.timed_out:
+            self._notify("tasks")
+        if report.released_triggers or report.timed_out:
+            self._notify("triggers")
+        return report
+
+    # -- tasks --------------------------------------------------------------------------------
+
+    async def submit(self, task: NewTask) -> None:
+        def job() -> None:
+            now = time.time()
+            self.conn.execute(
+                "INSERT INTO tasks (id, name, classpath, kwargs, queue, state, max_tries, "
+                "retry_delay, execution_timeout, ready_at, created_at, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?)",
+                (
+                    task.id,
+                    task.name,
+                    task.classpath,
+                    task.kwargs,
+                    task.queue,
+                    task.max_tries,
+                    task.retry_delay,
+                    task.execution_timeout,
+                    now,
+                    now,
+                    now,
+                ),
+            )
+
+        await self._write(job, notify=("tasks",))
+
+    async def claim_tasks(
+        self, worker_id: str, queues: Sequence[str], limit: int
+    ) -> list[ClaimedTask]:
+        if limit <= 0 or not queues:
+            return []
+
+        def job() -> list[ClaimedTask]:
+            now = time.time()
+            marks = ",".join("?" * len(queues))
+            rows = self.conn.execute(
+                f"""
+                UPDATE tasks SET
+                    state = 'running', worker_id = ?, ready_at = NULL, updated_at = ?,
+                    try_number = CASE WHEN state = 'up_for_retry' OR try_number = 0
+                                      THEN try_number + 1 ELSE try_number END,
+                    try_started_at = CASE WHEN state = 'up_for_retry' OR try_number = 0
+                                          THEN ? ELSE try_started_at END,
+                    started_at = COALESCE(started_at, ?)
+                WHERE id IN (
+                    SELECT id FROM tasks
+                    WHERE state IN ('queued', 'up_for_retry', 'up_for_reschedule')
+                      AND queue IN ({marks}) AND ready_at <= ?
+                    ORDER BY ready_at LIMIT ?)
+                RETURNING id, name, classpath, kwargs, queue, try_number, max_tries, retry_delay,
+                          execution_timeout, next_method, next_kwargs, event, try_started_at,
+                          created_at
+                """,
+                (worker_id, now, now, now, *queues, now, limit),
+            ).fetchall()
+            return [ClaimedTask(*r) for r in rows]
+
+        return await self._write(job)
+
+    async def next_due(self, queues: Sequence[str]) -> float | None:
+        if not queues:
+            return None
+        marks = ",".join("?" * len(queues))
+
+        def job() -> float | None:
+            row = self.conn.execute(
+                f"SELECT min(ready_at) FROM tasks WHERE state IN "
+                f"('queued', 'up_for_retry', 'up_for_reschedule') AND queue IN ({marks})",
+                tuple(queues),
+            ).fetchone()
+            return row[0] if row else None
+
+        return await self._run(job)
+
+    def _owned(self, task_id: str, worker_id: str) -> Any:
+        return self.conn.execute(
+            "SELECT try_number, max_tries, retry_delay FROM tasks WHERE id = ? "
+            "AND state = 'running' AND worker_id = ?",
+            (task_id, worker_id),
+        ).fetchone()
+
+    async def complete_task(self, task_id: str, worker_id: str, result: str | None) -> bool:
+        def job() -> bool:
+            now = time.time()
+            cur = self.conn.execute(
+                "UPDATE tasks SET state = 'success', result = ?, error = NULL, updated_at = ?, "
+                "finished_at = ? WHERE id = ? AND state = 'running' AND worker_id = ?",
+                (result, now, now, task_id, worker_id),
+            )
+            return cur.rowcount == 1
+
+        return await self._write(job)
+
+    async def fail_task(
+        self, task_id: str, worker_id: str, error: str, *, retry: bool
+    ) -> TaskState | None:
+        def job() -> TaskState | None:
+            row = self._owned(task_id, worker_id)
+            if row is None:
+                return None
+            try_number, max_tries, retry_delay = row
+            now = time.time()
+            if retry and try_number < max_tries:
+                self.conn.execute(
+                    "UPDATE tasks SET state = 'up_for_retry', ready_at = ?, worker_id = NULL, "
+                    "next_method = NULL, next_kwargs = NULL, event = NULL, error = ?, "
+                    "updated_at = ? WHERE id = ?",
+                    (now + retry_delay, error, now, task_id),
+                )
+                return TaskState.UP_FOR_RETRY
+            self.conn.execute(
+                "UPDATE tasks SET state = 'failed', error = ?, updated_at = ?, finished_at = ? "
+                "WHERE id = ?",
+                (error, now, now, task_id),
+            )
+            return TaskState.FAILED
+
+        return await self._write(job, notify=("tasks",))
+
+    async def skip_task(self, task_id: str, worker_id: str, reason: str | None) -> bool:
+        def job() -> bool:
+            now = time.time()
+            cur = self.conn.execute(
+                "UPDATE tasks SET state = 'skipped', error = ?, updated_at = ?, finished_at = ? "
+                "WHERE id = ? AND state = 'running' AND worker_id = ?",
+                (reason, now, now, task_id, worker_id),
+            )
+            return cur.rowcount == 1
+
+        return await self._write(job)
+
+    async def reschedule_task(self, task_id: str, worker_id: str, not_before: float) -> bool:
+        def job() -> bool:
+            cur = self.conn.execute(
+                "UPDATE tasks SET state = 'up_for_reschedule', ready_at = ?, worker_id = NULL, "
+                "updated_at = ? WHERE id = ? AND state = 'running' AND worker_id = ?",
+                (not_before, time.time(), task_id, worker_id),
+            )
+            return cur.rowcount == 1
+
+        return await self._write(job, notify=("tasks",))
+
+    async def defer_task(self, task_id: str, worker_id: str, deferral: Deferral) -> int | None:
+        def job() -> int | None:
+            c = self.conn
+            row = c.execute(
+                "SELECT queue FROM tasks WHERE id = ? AND state = 'running' AND worker_id = ?",
+                (task_id, worker_id),
+            ).fetchone()
+            if row is None:
+                return None
+            now = time.time()
+            c.execute("DELETE FROM triggers WHERE task_id = ?", (task_id,))
+            trigger_id = c.execute(
+                "INSERT INTO triggers (task_id, classpath, kwargs, queue, deadline, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (task_id, deferral.classpath, deferral.kwargs, row[0], deferral.deadline, now),
+            ).lastrowid
+            c.execute(
+                "UPDATE tasks SET state = 'deferred', worker_id = NULL, next_method = ?, "
+                "next_kwargs = ?, event = NULL, trigger_id = ?, defer_deadline = ?, "
+                "updated_at = ? WHERE id = ?",
+                (
+                    deferral.method_name,
+                    deferral.method_kwargs,
+                    trigger_id,
+                    deferral.deadline,
+                    now,
+                    task_id,
+                ),
+            )
+            return trigger_id
+
+        return await self._write(job, notify=("triggers",))
+
+    async def requeue_task(self, task_id: str, worker_id: str) -> bool:
+        def job() -> bool:
+            now = time.time()
+            cur = self.conn.execute(
+                "UPDATE tasks SET state = 'queued', ready_at = ?, worker_id = NULL, "
+                "updated_at = ? WHERE id = ? AND state = 'running' AND worker_id = ?",
+                (now, now, task_id, worker_id),
+            )
+            return cur.rowcount == 1
+
+        return await self._write(job, notify=("tasks",))
+
+    async def owned_task_ids(self, worker_id: str) -> set[str]:
+        def job() -> set[str]:
+            rows = self.conn.execute(
+                "SELECT id FROM tasks WHERE state = 'running' AND worker_id = ?", (worker_id,)
+            ).fetchall()
+            return {r[0] for r in rows}
+
+        return await self._run(job)
+
+    async def get_task(self, task_id: str) -> TaskInfo | None:
+        def job() -> TaskInfo | None:
+            row = self.conn.execute(_TASK_INFO_SQL + " WHERE t.id = ?", (task_id,)).fetchone()
+            return _task_info(row) if row else None
+
+        return await self._run(job)
+
+    async def list_tasks(self, state: TaskState | None = None, limit: int = 1000) -> list[TaskInfo]:
+        def job() -> list[TaskInfo]:
+            if state is None:
+                rows = self.conn.execute(
+                    _TASK_INFO_SQL + " ORDER BY t.created_at DESC LIMIT ?", (limit,)
+                ).fetchall()
+            else:
+                rows = self.conn.execute(
+                    _TASK_INFO_SQL + " WHERE t.state = ? ORDER BY t.created_at DESC LIMIT ?",
+                    (str(state), limit),
+                ).fetchall()
+            return [_task_info(r) for r in rows]
+
+        return await self._run(job)
+
+    async def count_tasks(self) -> dict[str, int]:
+        def job() -> dict[str, int]:
+            rows = self.conn.execute("SELECT state, count(*) FROM tasks GROUP BY state").fetchall()
+            return {r[0]: r[1] for r in rows}
+
+        return await self._run(job)
+
+    async def cancel_task(self, task_id: str) -> TaskInfo | None:
+        def job() -> TaskInfo | None:
+            c = self.conn
+            now = time.time()
+            c.execute(
+                "UPDATE tasks SET state = 'cancelled', error = 'cancelled by user', "
+                "trigger_id = NULL, defer_deadline = NULL, ready_at = NULL, updated_at = ?, "
+                "finished_at = ? WHERE id = ? AND state NOT IN "
+                "('success', 'failed', 'skipped', 'cancelled')",
+                (now, now, task_id),
+            )
+            c.execute("DELETE FROM triggers WHERE task_id = ?", (task_id,))
+            row = c.execute(_TASK_INFO_SQL + " WHERE t.id = ?", (task_id,)).fetchone()
+            return _task_info(row) if row else None
+
+        return await self._write(job, notify=("tasks", "triggers"))
+
+    # -- triggers -----------------------------------------------------------------------------
+
+    async def claim_triggers(
+        self, triggerer_id: str, queues: Sequence[str], limit: int
+    ) -> list[ClaimedTrigger]:
+        if limit <= 0:
+            return []
+
+        def job() -> list[ClaimedTrigger]:
+            where = "triggerer_id IS NULL"
+            params: list[Any] = [triggerer_id]
+            if queues:
+                where += f" AND queue IN ({','.join('?' * len(queues))})"
+                params.extend(queues)
+            params.append(limit)
+            rows = self.conn.execute(
+                f"UPDATE triggers SET triggerer_id = ? WHERE id IN (SELECT id FROM triggers "
+                f"WHERE {where} ORDER BY id LIMIT ?) "
+                f"RETURNING id, task_id, classpath, kwargs, deadline",
+                params,
+            ).fetchall()
+            return [ClaimedTrigger(*r) for r in rows]
+
+        return await self._write(job)
+
+    async def owned_trigger_ids(self, triggerer_id: str) -> set[int]:
+        def job() -> set[int]:
+            rows = self.conn.execute(
+                "SELECT id FROM triggers WHERE triggerer_id = ?", (triggerer_id,)
+            ).fetchall()
+            return {r[0] for r in rows}
+
+        return await self._run(job)
+
+    def _resume_sync(
+        self,
+        task_id: str | None,
+        trigger_id: int,
+        method: str | None,
+        event: str,
+        now: float,
+        *,
+        clear_kwargs: bool = False,
+    ) -> bool:
+        """Re-queue a deferred task with its event; the guard makes it happen at most once."""
+        c = self.conn
+        if task_id is None:
+            row = c.execute("SELECT task_id FROM triggers WHERE id = ?", (trigger_id,)).fetchone()
+            if row is None:
+                return False
+            task_id = row[0]
+        sets = (
+            "state = 'queued', event = ?, ready_at = ?, trigger_id = NULL, "
+            "defer_deadline = NULL, updated_at = ?"
+        )
+        params: list[Any] = [event, now, now]
+        if method is not None:
+            sets += ", next_method = ?"
+            params.append(method)
+        if clear_kwargs:
+            sets += ", next_kwargs = NULL"
+        cur = c.execute(
+            f"UPDATE tasks SET {sets} WHERE id = ? AND state = 'deferred' AND trigger_id = ?",
+            (*params, task_id, trigger_id),
+        )
+        c.execute("DELETE FROM triggers WHERE id = ?", (trigger_id,))
+        return cur.rowcount == 1
+
+    async def fire_triggers(self, events: Sequence[tuple[int, str]]) -> int:
+        if not events:
+            return 0
+
+        def job() -> int:
+            now = time.time()
+            return sum(self._resume_sync(None, tid, None, ev, now) for tid, ev in events)
+
+        return await self._write(job, notify=("tasks",))
+
+    async def fail_triggers(self, failures: Sequence[tuple[int, str, str]]) -> int:
+        if not failures:
+            return 0
+
+        def job() -> int:
+            now = time.time()
+            return sum(
+                self._resume_sync(None, tid, method, ev, now, clear_kwargs=True)
+                for tid, method, ev in failures
+            )
+
+        return await self._write(job, notify=("tasks",))
+
+    async def release_triggers(self, triggerer_id: str, ids: Sequence[int] | None = None) -> int:
+        def job() -> int:
+            if ids is None:
+                cur = self.conn.execute(
+                    "UPDATE triggers SET triggerer_id = NULL WHERE triggerer_id = ?",
+                    (triggerer_id,),
+                )
+                return cur.rowcount
+            total = 0
+            for tid in ids:
+                total += self.conn.execute(
+                    "UPDATE triggers SET triggerer_id = NULL WHERE id = ? AND triggerer_id = ?",
+                    (tid, triggerer_id),
+                ).rowcount
+            return total
+
+        return await self._write(job, notify=("triggers",))
+
+    async def list_triggers(self) -> list[TriggerInfo]:
+        def job() -> list[TriggerInfo]:
+            rows = self.conn.execute(
+                "SELECT id, task_id, classpath, kwargs, queue, triggerer_id, created_at, deadline"
+                " FROM triggers ORDER BY id"
+            ).fetchall()
+            return [
+                TriggerInfo(
+                    id=r[0],
+                    task_id=r[1],
+                    classpath=r[2],
+                    kwargs=_load_result(r[3]),
+                    queue=r[4],
+                    triggerer_id=r[5],
+                    created_at=ts(r[6]),
+                    deadline=ts(r[7]),
+                )
+                for r in rows
+            ]
+
+        return await self._run(job)

@@ -1,0 +1,131 @@
+"""BaseTrigger and TriggerEvent: what a deferred task waits on, run inside the triggerer.
+
+A trigger is stored as ``serialize() -> (classpath, kwargs)`` and rebuilt in the triggerer as
+``cls(**kwargs)``. The default ``serialize()`` replays the keyword arguments the constructor was
+called with, so most triggers need no boilerplate; Airflow-style triggers that override it keep
+working unchanged.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncIterator
+from typing import Any, ClassVar
+
+import structlog
+
+from deferrun.exceptions import SerializationError
+from deferrun.serialization import classpath_of
+
+_SIGNATURES: dict[type, inspect.Signature | None] = {}
+
+
+def capture_init_kwargs(cls: type, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Map a constructor call onto keyword arguments, so it can be replayed as ``cls(**kw)``.
+
+    Positional arguments become keywords by name; ``*args`` cannot be replayed and are reported
+    by the caller at serialization time (marker key ``"*args"``).
+    """
+    if not args:
+        return dict(kwargs)
+    sig = _SIGNATURES.get(cls, False)
+    if sig is False:
+        try:
+            sig = inspect.signature(cls)
+        except (TypeError, ValueError):
+            sig = None
+        _SIGNATURES[cls] = sig
+    if sig is None:
+        return {"*args": args, **kwargs}
+    try:
+        bound = sig.bind(*args, **kwargs)
+    except TypeError:
+        return {"*args": args, **kwargs}  # the real __init__ raises the user-facing error
+    out: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        kind = sig.parameters[name].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            if value:
+                out["*args"] = value
+        elif kind is inspect.Parameter.VAR_KEYWORD:
+            out.update(value)
+        else:
+            out[name] = value
+    return out
+
+
+def replayable_kwargs(obj: object, kind: str) -> dict[str, Any]:
+    captured: dict[str, Any] = dict(getattr(obj, "_init_kwargs", {}))
+    if "*args" in captured:
+        raise SerializationError(
+            f"{kind} {type(obj).__qualname__} was built with *args {captured['*args']!r}, which "
+            "cannot be stored; pass every argument by keyword, or override serialize()"
+        )
+    return captured
+
+
+class TriggerEvent:
+    """What a trigger yields when its condition holds; ``payload`` reaches the resumed task."""
+
+    __slots__ = ("payload",)
+
+    def __init__(self, payload: Any = None) -> None:
+        self.payload = payload
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, TriggerEvent) and other.payload == self.payload
+
+    def __hash__(self) -> int:
+        return hash(repr(self.payload))
+
+    def __repr__(self) -> str:
+        return f"TriggerEvent({self.payload!r})"
+
+
+class BaseTrigger:
+    """Subclass and implement ``async def run(self)`` yielding one :class:`TriggerEvent`.
+
+    ``run()`` executes in the triggerer's event loop beside thousands of other triggers: await,
+    never block (use ``anyio.to_thread.run_sync`` for blocking calls). Only the first event
+    counts. ``cleanup()`` runs whenever ``run()`` ends, fires, fails or is cancelled.
+    """
+
+    #: set by the triggerer before ``run()``; useful in log lines
+    trigger_id: int | None = None
+    task_id: str | None = None
+
+    _init_kwargs: dict[str, Any]
+    _log: Any = None
+    _deferrun_base: ClassVar[bool] = True
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> BaseTrigger:
+        self = super().__new__(cls)
+        self._init_kwargs = capture_init_kwargs(cls, args, kwargs)
+        return self
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        """``(classpath, kwargs)`` such that ``classpath(**kwargs)`` rebuilds this trigger."""
+        return classpath_of(type(self)), replayable_kwargs(self, "trigger")
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        raise NotImplementedError(f"{type(self).__qualname__} must implement async def run()")
+        yield  # pragma: no cover - makes this an async generator
+
+    async def cleanup(self) -> None:
+        """Release what ``run()`` held. Runs on fire, failure, timeout, cancel and shutdown."""
+
+    @property
+    def log(self) -> Any:
+        if self._log is None:
+            self._log = structlog.get_logger(f"trigger.{type(self).__qualname__}").bind(
+                trigger_id=self.trigger_id, task_id=self.task_id
+            )
+        return self._log
+
+    def __repr__(self) -> str:
+        try:
+            _, kwargs = self.serialize()
+        except Exception:
+            kwargs = getattr(self, "_init_kwargs", {})
+        args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+        return f"{type(self).__qualname__}({args})"

@@ -1,0 +1,346 @@
+"""The triggerer: one asyncio process running thousands of triggers concurrently.
+
+It claims unowned triggers up to its capacity, runs each one's ``run()`` as a named task, and
+funnels first events and failures through one flusher that writes them in batches (one
+transaction per batch, each event re-queueing its task exactly once). A trigger can only ever
+fail its own task: every way it can go wrong is caught around that trigger alone.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import anyio.abc
+import structlog
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from deferrun import config, serialization
+from deferrun.exceptions import SerializationError
+from deferrun.models import ClaimedTrigger
+from deferrun.operator import BaseOperator
+from deferrun.store.base import Store, Wakeup
+from deferrun.trigger import BaseTrigger, TriggerEvent
+from deferrun.watchdog import LoopWatchdog
+from deferrun.worker import format_error, log_reap, new_process_id
+
+log = structlog.get_logger("deferrun.triggerer")
+
+FIRED = "fired"
+FAILED = "failed"
+
+
+@dataclass(slots=True)
+class _Running:
+    claimed: ClaimedTrigger
+    scope: anyio.CancelScope
+    cancel_reason: str | None = None
+
+
+class Triggerer:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        capacity: int = 1000,
+        queues: Sequence[str] = (),
+        dead_after: float | None = None,
+        poll_interval: float = 1.0,
+        reconcile_interval: float = 5.0,
+        block_threshold: float = 0.2,
+        cleanup_timeout: float = 10.0,
+        process_id: str | None = None,
+    ) -> None:
+        if capacity < 1:
+            raise ValueError(f"--capacity must be at least 1, got {capacity}")
+        self.store = store
+        self.capacity = capacity
+        self.queues = list(queues)
+        self.dead_after = config.dead_after() if dead_after is None else dead_after
+        self.heartbeat_interval = max(0.2, min(2.0, self.dead_after / 5))
+        self.poll_interval = poll_interval
+        self.reconcile_interval = reconcile_interval
+        self.cleanup_timeout = cleanup_timeout
+        self.id = process_id or new_process_id("triggerer")
+        self.running: dict[int, _Running] = {}
+        self.events_total = 0
+        self.failures_total = 0
+        self.timeouts_total = 0
+        self.watchdog = LoopWatchdog(block_threshold, on_block=self._on_block)
+        self.started = anyio.Event()
+        self._stopping = anyio.Event()
+        self._wakeup: Wakeup | None = None
+        self._out_send: MemoryObjectSendStream[tuple[str, int, str, str]]
+        self._out_recv: MemoryObjectReceiveStream[tuple[str, int, str, str]]
+        self._out_send, self._out_recv = anyio.create_memory_object_stream(math.inf)
+        self._flushed = anyio.Event()
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop claiming, cancel every trigger (running cleanup) and release them."""
+        self._stopping.set()
+        if self._wakeup:
+            self._wakeup.set()
+
+    async def run(self) -> None:
+        self._wakeup = await self.store.register_process(
+            self.id, "triggerer", self.queues, self.capacity
+        )
+        log.info(
+            "triggerer started",
+            triggerer_id=self.id,
+            capacity=self.capacity,
+            queues=self.queues or "all",
+            db=config.redact_url(self.store.url),
+        )
+        self.started.set()
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._heartbeat_loop, name="triggerer-heartbeat")
+                tg.start_soon(self.watchdog.run, name="loop-watchdog")
+                tg.start_soon(self._flusher, name="event-flusher")
+                async with anyio.create_task_group() as triggers_tg:
+                    await self._main_loop(triggers_tg)
+                    for run in list(self.running.values()):
+                        self._cancel(run, "shutdown")
+                self._out_send.close()  # flusher drains what is left, then ends
+                with anyio.CancelScope(shield=True):
+                    await self._flushed.wait()
+                tg.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                try:
+                    await self.store.deregister_process(self.id)
+                except Exception as exc:
+                    log.error(
+                        "could not release triggers at shutdown; they will be adopted "
+                        f"after {self.dead_after:g}s",
+                        error=repr(exc),
+                    )
+            log.info(
+                "triggerer stopped",
+                triggerer_id=self.id,
+                events=self.events_total,
+                failures=self.failures_total,
+            )
+
+    async def _main_loop(self, tg: anyio.abc.TaskGroup) -> None:
+        assert self._wakeup is not None
+        last_reconcile = time.monotonic()
+        while not self._stopping.is_set():
+            try:
+                free = self.capacity - len(self.running)
+                if free > 0:
+                    for claimed in await self.store.claim_triggers(self.id, self.queues, free):
+                        self._start(tg, claimed)
+                if time.monotonic() - last_reconcile >= self.reconcile_interval:
+                    last_reconcile = time.monotonic()
+                    await self._reconcile()
+            except Exception as exc:
+                log.error("claiming triggers failed; retrying", error=repr(exc))
+            await self._wakeup.wait(self.poll_interval)
+
+    async def _reconcile(self) -> None:
+        """Stop triggers whose row is gone (task cancelled, timed out or taken over)."""
+        owned = await self.store.owned_trigger_ids(self.id)
+        for trigger_id, run in list(self.running.items()):
+            if trigger_id not in owned:
+                log.info("trigger no longer assigned here; cancelling it", trigger_id=trigger_id)
+                self._cancel(run, "removed")
+        strays = [tid for tid in owned if tid not in self.running]
+        if strays:
+            await self.store.release_triggers(self.id, strays)
+
+    async def _heartbeat_loop(self) -> None:
+        last_reap = 0.0
+        while True:
+            await anyio.sleep(self.heartbeat_interval)
+            try:
+                await self.store.heartbeat(self.id)
+                if time.monotonic() - last_reap >= self.dead_after / 2:
+                    last_reap = time.monotonic()
+                    report = await self.store.reap(self.dead_after)
+                    if report.changed:
+                        log_reap(report)
+            except Exception as exc:
+                log.error("heartbeat failed; will retry", error=repr(exc))
+
+    def _on_block(self, seconds: float, culprit: str | None) -> None:
+        if culprit and culprit.startswith("trigger:"):
+            trigger_id = int(culprit.split(":", 1)[1])
+            run = self.running.get(trigger_id)
+            log.warning(
+                f"trigger {trigger_id} blocked the event loop for {seconds:.2f}s; every other "
+                "trigger waited. Use await, or anyio.to_thread.run_sync for blocking calls",
+                trigger_id=trigger_id,
+                task_id=run.claimed.task_id if run else None,
+                trigger=run.claimed.classpath if run else None,
+                blocked_seconds=round(seconds, 3),
+            )
+        else:
+            log.warning(
+                f"event loop blocked for {seconds:.2f}s",
+                blocked_by=culprit,
+                blocked_seconds=round(seconds, 3),
+            )
+
+    # -- one trigger --------------------------------------------------------------------------
+
+    def _start(self, tg: anyio.abc.TaskGroup, claimed: ClaimedTrigger) -> None:
+        scope = anyio.CancelScope()
+        if claimed.deadline is not None:
+            scope.deadline = anyio.current_time() + (claimed.deadline - time.time())
+        run = _Running(claimed, scope)
+        self.running[claimed.id] = run
+        tg.start_soon(self._run_trigger, run, name=f"trigger:{claimed.id}")
+
+    def _cancel(self, run: _Running, reason: str) -> None:
+        if run.cancel_reason is None:
+            run.cancel_reason = reason
+        run.scope.cancel()
+
+    def _emit(self, kind: str, trigger_id: int, method: str, payload: str) -> None:
+        self._out_send.send_nowait((kind, trigger_id, method, payload))
+
+    def _fail(self, run: _Running, error: str, *, timeout: bool = False) -> None:
+        method = (
+            BaseOperator.DEFERRAL_TIMEOUT_METHOD if timeout else BaseOperator.TRIGGER_FAILED_METHOD
+        )
+        if timeout:
+            self.timeouts_total += 1
+        else:
+            self.failures_total += 1
+        self._emit(FAILED, run.claimed.id, method, serialization.dumps({"error": error}))
+
+    async def _run_trigger(self, run: _Running) -> None:
+        claimed = run.claimed
+        structlog.contextvars.bind_contextvars(trigger_id=claimed.id, task_id=claimed.task_id)
+        started = time.time()
+        trigger: BaseTrigger | None = None
+        try:
+            with run.scope:
+                try:
+                    trigger = serialization.instantiate(
+                        claimed.classpath,
+                        serialization.loads(claimed.kwargs),
+                        BaseTrigger,
+                        "trigger",
+                    )
+                except Exception as exc:
+                    self._fail(run, f"cannot load trigger {claimed.classpath}: {exc}")
+                    return
+                trigger.trigger_id = claimed.id
+                trigger.task_id = claimed.task_id
+                await self._consume(run, trigger)
+        finally:
+            try:
+                if run.scope.cancelled_caught and run.cancel_reason is None:
+                    waited = time.time() - started
+                    self._fail(
+                        run,
+                        f"deferral timed out: trigger {claimed.id} "
+                        f"({claimed.classpath}) did not fire within its timeout "
+                        f"(ran {waited:.1f}s here)",
+                        timeout=True,
+                    )
+                    log.info("trigger timed out")
+                if trigger is not None:
+                    await self._cleanup(trigger)
+            finally:
+                self.running.pop(claimed.id, None)
+
+    async def _consume(self, run: _Running, trigger: BaseTrigger) -> None:
+        claimed = run.claimed
+        try:
+            agen: Any = trigger.run()
+            if not hasattr(agen, "__anext__"):
+                self._fail(
+                    run,
+                    f"{claimed.classpath}.run() must be an async generator "
+                    f"(async def run(self): ... yield TriggerEvent(...)), got {agen!r}",
+                )
+                return
+            try:
+                async for event in agen:
+                    if not isinstance(event, TriggerEvent):
+                        self._fail(
+                            run, f"{claimed.classpath}.run() yielded {event!r}, not a TriggerEvent"
+                        )
+                        return
+                    try:
+                        payload = serialization.dumps(event.payload, "event payload")
+                    except SerializationError as exc:
+                        self._fail(
+                            run,
+                            f"{claimed.classpath} yielded an event that cannot be stored: {exc}",
+                        )
+                        return
+                    self.events_total += 1
+                    self._emit(FIRED, claimed.id, "", payload)
+                    log.info("trigger fired")
+                    return
+            finally:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(self.cleanup_timeout):
+                    await agen.aclose()
+            self._fail(run, f"{claimed.classpath}.run() returned without yielding an event")
+        except Exception as exc:
+            log.warning("trigger raised", error=repr(exc))
+            self._fail(run, f"trigger {claimed.classpath} raised:\n{format_error(exc)}")
+
+    async def _cleanup(self, trigger: BaseTrigger) -> None:
+        with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(self.cleanup_timeout) as scope:
+                try:
+                    await trigger.cleanup()
+                except Exception as exc:
+                    log.error("trigger cleanup() raised", error=format_error(exc))
+            if scope.cancelled_caught:
+                log.error(
+                    f"trigger cleanup() took longer than {self.cleanup_timeout:g}s; abandoned"
+                )
+
+    # -- persisting outcomes ------------------------------------------------------------------
+
+    async def _flusher(self) -> None:
+        """Write events and failures in batches; retry on database errors, never drop."""
+        try:
+            async with self._out_recv:
+                async for first in self._out_recv:
+                    batch = [first]
+                    while len(batch) < 2000:
+                        try:
+                            batch.append(self._out_recv.receive_nowait())
+                        except (anyio.WouldBlock, anyio.EndOfStream):
+                            break
+                    await self._write_batch(batch)
+        finally:
+            self._flushed.set()
+
+    async def _write_batch(self, batch: list[tuple[str, int, str, str]]) -> None:
+        events = [(tid, payload) for kind, tid, _, payload in batch if kind == FIRED]
+        failures = [
+            (tid, method, payload) for kind, tid, method, payload in batch if kind == FAILED
+        ]
+        delay = 0.1
+        while True:
+            try:
+                with anyio.CancelScope(shield=True):
+                    if events:
+                        await self.store.fire_triggers(events)
+                        events = []
+                    if failures:
+                        await self.store.fail_triggers(failures)
+                return
+            except Exception as exc:
+                log.error(
+                    "storing trigger events failed; retrying",
+                    error=repr(exc),
+                    pending=len(events) + len(failures),
+                )
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 5.0)
