@@ -70,7 +70,9 @@ class Triggerer:
         self.events_total = 0
         self.failures_total = 0
         self.timeouts_total = 0
-        self.watchdog = LoopWatchdog(block_threshold, on_block=self._on_block)
+        self.watchdog = LoopWatchdog(
+            block_threshold, on_block=self._on_block, describe=self._describe_task
+        )
         self.started = anyio.Event()
         self._stopping = anyio.Event()
         self._wakeup: Wakeup | None = None
@@ -170,22 +172,33 @@ class Triggerer:
             except Exception as exc:
                 log.error("heartbeat failed; will retry", error=repr(exc))
 
-    def _on_block(self, seconds: float, culprit: str | None) -> None:
-        if culprit and culprit.startswith("trigger:"):
-            trigger_id = int(culprit.split(":", 1)[1])
-            run = self.running.get(trigger_id)
+    def _describe_task(self, name: str) -> dict[str, Any]:
+        """Called from the watchdog thread while the loop is blocked in task ``name``."""
+        if not name.startswith("trigger:"):
+            return {}
+        run = self.running.get(int(name.split(":", 1)[1]))
+        if run is None:
+            return {}
+        return {
+            "trigger_id": run.claimed.id,
+            "task_id": run.claimed.task_id,
+            "trigger": run.claimed.classpath,
+        }
+
+    def _on_block(self, seconds: float, culprit: tuple[str, dict[str, Any]] | None) -> None:
+        name, details = culprit or (None, {})
+        if details.get("trigger_id") is not None:
             log.warning(
-                f"trigger {trigger_id} blocked the event loop for {seconds:.2f}s; every other "
-                "trigger waited. Use await, or anyio.to_thread.run_sync for blocking calls",
-                trigger_id=trigger_id,
-                task_id=run.claimed.task_id if run else None,
-                trigger=run.claimed.classpath if run else None,
+                f"trigger {details['trigger_id']} ({details['trigger']}) blocked the event loop "
+                f"for {seconds:.2f}s; every other trigger waited. Use await, or "
+                "anyio.to_thread.run_sync for blocking calls",
                 blocked_seconds=round(seconds, 3),
+                **details,
             )
         else:
             log.warning(
                 f"event loop blocked for {seconds:.2f}s",
-                blocked_by=culprit,
+                blocked_by=name,
                 blocked_seconds=round(seconds, 3),
             )
 

@@ -12,10 +12,12 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import anyio
 
-BlockHandler = Callable[[float, str | None], None]
+Culprit = tuple[str, dict[str, Any]]
+BlockHandler = Callable[[float, Culprit | None], None]
 
 
 class LoopWatchdog:
@@ -24,14 +26,16 @@ class LoopWatchdog:
         threshold: float = 0.2,
         on_block: BlockHandler | None = None,
         on_lag: Callable[[float], None] | None = None,
+        describe: Callable[[str], dict[str, Any]] | None = None,
     ) -> None:
         self.threshold = threshold
         self.interval = min(0.05, threshold / 4)
         self.on_block = on_block
         self.on_lag = on_lag
+        self.describe = describe
         self.blocked_total = 0
         self._last_tick = time.monotonic()
-        self._culprit: str | None = None
+        self._culprit: Culprit | None = None
         self._stop = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -44,7 +48,11 @@ class LoopWatchdog:
                 except RuntimeError:
                     task = None
                 if task is not None:
-                    self._culprit = task.get_name()
+                    name = task.get_name()
+                    # Described now, while the culprit is still running: by the time the
+                    # loop is back it may have finished and be gone.
+                    details = self.describe(name) if self.describe else {}
+                    self._culprit = (name, details)
 
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()

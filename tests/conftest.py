@@ -1,0 +1,128 @@
+"""Shared fixtures: real stores on temp files, an in-process runtime, and real subprocesses."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deferrun.store import Store, make_store
+
+TESTS_DIR = Path(__file__).parent
+REPO = TESTS_DIR.parent
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'deferrun.db'}"
+
+
+@pytest.fixture(params=["sqlite"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Every backend the shared suite runs against (PostgreSQL joins when available)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'deferrun.db'}"
+    raise AssertionError(request.param)
+
+
+@pytest.fixture
+async def store(db_url: str) -> AsyncIterator[Store]:
+    s = make_store(db_url, dead_after=2.0)
+    await s.open()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+# --------------------------------------------------------------------------- subprocesses
+
+
+def deferrun_env(db_url: str, pythonpath: Path | None = None, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["DEFERRUN_DB"] = db_url
+    env["DEFERRUN_DEAD_AFTER"] = extra.pop("dead_after", "3")
+    paths = [str(REPO)]
+    if pythonpath is not None:
+        paths.insert(0, str(pythonpath))
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+class Proc:
+    """A real ``deferrun`` subprocess, its output captured to a file for post-mortems."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
+        self.args = args
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", "deferrun", *args, "--log-format", "json"],
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=log_path.parent,
+        )
+
+    def output(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+        self._log.close()
+        return self.popen.returncode
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
+    started: list[Proc] = []
+    counter = iter(range(1000))
+
+    def start(args: list[str], env: dict[str, str]) -> Proc:
+        proc = Proc(args, env, tmp_path / f"{args[0]}-{next(counter)}.log")
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+def wait_until(
+    predicate: Callable[[], Any], timeout: float, interval: float = 0.1, message: str = "condition"
+) -> Any:
+    """Poll ``predicate`` (bounded in time and count) until it returns a truthy value."""
+    deadline = time.monotonic() + timeout
+    for _ in range(int(timeout / interval) + 2):
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            break
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {message}")

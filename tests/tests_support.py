@@ -1,0 +1,58 @@
+"""Helpers shared by test modules (fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+
+from deferrun.client import AsyncClient
+from deferrun.store import Store
+from deferrun.triggerer import Triggerer
+from deferrun.worker import Worker
+
+
+class Runtime:
+    """A worker and a triggerer running in this event loop on one store."""
+
+    def __init__(self, store: Store, worker: Worker | None, triggerer: Triggerer | None) -> None:
+        self.store = store
+        self.worker = worker
+        self.triggerer = triggerer
+        self.client = AsyncClient(store=store)
+
+    async def run_to_end(self, op: Any, timeout: float = 20.0) -> Any:
+        task_id = await self.client.submit(op)
+        return await self.client.wait(task_id, timeout=timeout)
+
+
+@asynccontextmanager
+async def runtime_for(
+    store: Store,
+    *,
+    slots: int = 4,
+    worker: bool = True,
+    triggerer: bool = True,
+    queues: tuple[str, ...] = ("default",),
+    **triggerer_kwargs: Any,
+) -> AsyncIterator[Runtime]:
+    w = (
+        Worker(store, slots=slots, queues=queues, dead_after=2.0, grace_period=2.0)
+        if worker
+        else None
+    )
+    t = Triggerer(store, dead_after=2.0, **triggerer_kwargs) if triggerer else None
+    async with anyio.create_task_group() as tg:
+        for component in (w, t):
+            if component is not None:
+                tg.start_soon(component.run)
+                with anyio.fail_after(10):
+                    await component.started.wait()
+        try:
+            yield Runtime(store, w, t)
+        finally:
+            for component in (w, t):
+                if component is not None:
+                    component.stop()
