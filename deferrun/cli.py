@@ -139,7 +139,7 @@ async def _run_processes(args: argparse.Namespace, roles: Sequence[str]) -> int:
                 Triggerer(
                     store,
                     capacity=args.capacity,
-                    queues=args.queue if roles == ["triggerer"] else [],
+                    queues=(args.queue or []) if roles == ["triggerer"] else [],
                 )
             )
         if "worker" in roles:
@@ -344,19 +344,32 @@ async def _triggers(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- argument parsing
 
 
-def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--db", help=f"database URL (default: $DEFERRUN_DB, else {config.DEFAULT_DB})"
+def _add_common(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    def default(value: Any) -> Any:
+        return argparse.SUPPRESS if suppress else value
+
+    parser.add_argument(
+        "--db",
+        default=default(None),
+        help=f"database URL (default: $DEFERRUN_DB, else {config.DEFAULT_DB})",
     )
-    common.add_argument(
+    parser.add_argument(
         "--log-format",
         choices=["console", "json"],
+        default=default(None),
         help="default: console on a terminal, json otherwise",
     )
-    common.add_argument("--log-level", default="info")
+    parser.add_argument("--log-level", default=default("info"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # Common options are accepted before or after the command (deferrun --db X tasks, or
+    # deferrun tasks --db X); SUPPRESS keeps the subcommand from erasing a value given first.
+    common = argparse.ArgumentParser(add_help=False)
+    _add_common(common, suppress=True)
 
     parser = argparse.ArgumentParser(prog="deferrun", description="deferrable-operator runtime")
+    _add_common(parser, suppress=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser(

@@ -84,7 +84,13 @@ class AsyncClient:
         cls = serialization.load_class(classpath, BaseOperator)
         kwargs = kwargs or {}
         serialization.check_kwargs_fit(cls, kwargs, "operator")
-        return await self.submit(cls(**kwargs))
+        try:
+            operator = cls(**kwargs)
+        except (TypeError, ValueError) as exc:
+            raise SerializationError(
+                f"the given kwargs do not fit operator {classpath}: {exc}"
+            ) from exc
+        return await self.submit(operator)
 
     async def get(self, task_id: str) -> TaskInfo:
         info = await (await self._get_store()).get_task(task_id)

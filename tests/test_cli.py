@@ -1,0 +1,115 @@
+"""The `deferrun` command as users type it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import TESTS_DIR, Proc, deferrun_env, wait_until
+
+pytestmark = pytest.mark.e2e
+
+
+def cli(
+    *args: str, env: dict[str, str], cwd: Path, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "deferrun", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_demo_runs_to_completion(tmp_path: Path) -> None:
+    env = deferrun_env(f"sqlite:///{tmp_path / 'demo.db'}")
+    done = cli("standalone", "--demo", env=env, cwd=tmp_path, timeout=90)
+    assert done.returncode == 0, done.stderr
+    assert "demo finished" in done.stdout
+    table = done.stdout.split("task ")[-1]
+    assert table.count("success") == 6, done.stdout
+
+
+def test_submit_wait_and_inspect(
+    sqlite_url: str, tmp_path: Path, procs: Callable[..., Proc]
+) -> None:
+    env = deferrun_env(sqlite_url, TESTS_DIR)
+    server = procs(["standalone", "--slots", "2"], env)
+    wait_until(lambda: server.output().count("started") >= 2, 20, message="standalone to start")
+
+    done = cli(
+        "submit",
+        "userland.DeferOnce",
+        "--kwargs",
+        '{"value": {"answer": 42}}',
+        "--wait",
+        "30",
+        env=env,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    task_id = done.stdout.splitlines()[0]
+    assert "success" in done.stdout and '"answer":42' in done.stdout
+
+    marker = tmp_path / "cleanup.txt"
+    waiting = cli(
+        "submit",
+        "userland.DeferOnce",
+        "--kwargs",
+        json.dumps({"kind": "never", "value": str(marker)}),
+        env=env,
+        cwd=tmp_path,
+    )
+    waiting_id = waiting.stdout.strip()
+    wait_until(
+        lambda: "deferred" in cli("task", waiting_id, env=env, cwd=tmp_path).stdout,
+        20,
+        message="the task to defer",
+    )
+
+    shown = cli("task", task_id, env=env, cwd=tmp_path)
+    assert shown.returncode == 0 and "state" in shown.stdout and "success" in shown.stdout
+
+    listed = cli("tasks", env=env, cwd=tmp_path)
+    assert "deferred=1" in listed.stdout and "success=1" in listed.stdout
+    assert task_id in listed.stdout and "userland.NeverTrigger" in listed.stdout
+
+    as_json = json.loads(cli("tasks", "--json", env=env, cwd=tmp_path).stdout)
+    assert as_json["counts"] == {"success": 1, "deferred": 1}
+
+    triggers = cli("triggers", env=env, cwd=tmp_path)
+    assert "triggerers: 1 alive" in triggers.stdout
+    assert "userland.NeverTrigger" in triggers.stdout and waiting_id in triggers.stdout
+
+    only_deferred = cli("tasks", "--state", "deferred", env=env, cwd=tmp_path)
+    assert (
+        waiting_id in only_deferred.stdout and task_id not in only_deferred.stdout.split("\n", 1)[1]
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--db", "mysql://admin:hunter2@db/x", "tasks"], "unsupported database URL"),
+        (["--db", "sqlite:////no/such/dir/x.db", "tasks"], "does not exist"),
+        (["submit", "no_such_pkg.Operator"], "cannot import 'no_such_pkg.Operator'"),
+        (["submit", "os.system"], "not a BaseOperator subclass"),
+        (["submit", "userland.DeferOnce", "--kwargs", "{bad"], "--kwargs is not valid JSON"),
+        (["submit", "userland.DeferOnce", "--kwargs", "[1]"], "must be a JSON object"),
+        (["submit", "userland.DeferOnce", "--kwargs", '{"nope": 1}'], "do not fit operator"),
+        (["task", "does-not-exist"], "no task 'does-not-exist'"),
+    ],
+)
+def test_clear_errors(sqlite_url: str, tmp_path: Path, args: list[str], message: str) -> None:
+    env = deferrun_env(sqlite_url, TESTS_DIR)
+    done = cli(*args, env=env, cwd=tmp_path)
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
+    assert "hunter2" not in done.stderr
