@@ -1,0 +1,185 @@
+"""Full-cycle benchmark: submit -> defer -> fire -> resume -> success, with real processes.
+
+    python -m benchmarks.cycle [--db URL] [--tasks 1000] [--latency-tasks 300] [--live 10000]
+
+Measures, against one `deferrun triggerer` and one `deferrun worker --slots 8`:
+- event->resume latency (trigger yields -> resume method starts), p50/p95/p99;
+- full-cycle throughput for --tasks tasks whose triggers fire at once;
+- triggerer RSS with --live time triggers waiting (above its idle RSS).
+Writes benchmarks/results/cycle-<backend>.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from benchmarks._harness import (
+    Process,
+    env_for,
+    machine,
+    summary_ms,
+    table,
+    wait_for,
+    write_json,
+)
+from benchmarks.ops import Roundtrip
+from deferrun.client import AsyncClient, build_task
+from deferrun.store import open_store
+
+
+async def _submit_all(db: str, ops: list[Roundtrip]) -> list[str]:
+    store = await open_store(db)
+    try:
+        ids = []
+        for op in ops:
+            task = build_task(op)
+            await store.submit(task)
+            ids.append(task.id)
+        return ids
+    finally:
+        await store.close()
+
+
+async def _counts(db: str) -> dict[str, int]:
+    async with AsyncClient(db) as client:
+        return await client.counts()
+
+
+async def _results(db: str, ids: list[str]) -> list[Any]:
+    async with AsyncClient(db) as client:
+        return [await client.get(i) for i in ids]
+
+
+async def _owned_triggers(db: str) -> int:
+    store = await open_store(db)
+    try:
+        return sum(1 for t in await store.list_triggers() if t.triggerer_id)
+    finally:
+        await store.close()
+
+
+def run(db: str, tasks: int, latency_tasks: int, live: int, slots: int, workdir: Path) -> dict:
+    env = env_for(db)
+    triggerer = Process(
+        ["triggerer", "--capacity", str(max(live, tasks) + 100)], env, workdir / "triggerer.log"
+    )
+    worker = Process(["worker", "--slots", str(slots)], env, workdir / "worker.log")
+    out: dict[str, Any] = {"machine": machine(), "db": db.split(":")[0], "slots": slots}
+    try:
+        time.sleep(2.0)
+        out["triggerer_idle_rss_mib"] = round(triggerer.rss_mib(), 1)
+
+        # 1. event -> resume latency: events spread out (100/s) so we see latency, not queueing
+        start = time.time() + 2.0
+        ops = [Roundtrip(at=start + i * 0.01) for i in range(latency_tasks)]
+        ids = anyio.run(_submit_all, db, ops)
+        wait_for(lambda: anyio.run(_counts, db).get("success", 0) >= latency_tasks, 120)
+        infos = anyio.run(_results, db, ids)
+        lat = [i.result["resumed"] - i.result["fired"] for i in infos]
+        late = [i.result["fired"] - i.result["at"] for i in infos]
+        out["event_to_resume"] = summary_ms(lat)
+        out["fire_lateness"] = summary_ms(late)
+
+        # 2. full-cycle throughput: every trigger fires as soon as it runs
+        base = anyio.run(_counts, db).get("success", 0)
+        t0 = time.perf_counter()
+        anyio.run(_submit_all, db, [Roundtrip(at=0) for _ in range(tasks)])
+        submitted = time.perf_counter() - t0
+        wait_for(lambda: anyio.run(_counts, db).get("success", 0) >= base + tasks, 600, 0.05)
+        elapsed = time.perf_counter() - t0
+        out["cycle"] = {
+            "tasks": tasks,
+            "seconds": round(elapsed, 2),
+            "tasks_per_second": round(tasks / elapsed, 1),
+            "submit_seconds": round(submitted, 2),
+        }
+
+        # 3. triggerer memory with many live time triggers
+        if live:
+            cpu0 = triggerer.cpu_seconds()
+            t0 = time.perf_counter()
+            far = time.time() + 3600
+            anyio.run(_submit_all, db, [Roundtrip(at=far) for _ in range(live)])
+            wait_for(lambda: anyio.run(_owned_triggers, db) >= live, 900, 1.0)
+            defer_elapsed = time.perf_counter() - t0
+            time.sleep(3.0)
+            rss = triggerer.rss_mib()
+            cpu1 = triggerer.cpu_seconds()
+            time.sleep(5.0)
+            idle_cpu = (triggerer.cpu_seconds() - cpu1) / 5.0
+            out["live_triggers"] = {
+                "count": live,
+                "submit_to_all_claimed_seconds": round(defer_elapsed, 1),
+                "triggerer_rss_mib": round(rss, 1),
+                "rss_above_idle_mib": round(rss - out["triggerer_idle_rss_mib"], 1),
+                "kib_per_trigger": round((rss - out["triggerer_idle_rss_mib"]) * 1024 / live, 2),
+                "triggerer_cpu_while_waiting_pct": round(idle_cpu * 100, 1),
+                "triggerer_cpu_seconds_to_load": round(cpu1 - cpu0, 1),
+            }
+    finally:
+        t0 = time.perf_counter()
+        triggerer.stop()
+        out["triggerer_shutdown_seconds"] = round(time.perf_counter() - t0, 2)
+        worker.stop()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--db", help="default: a fresh SQLite file in a temp dir")
+    parser.add_argument("--tasks", type=int, default=1000)
+    parser.add_argument("--latency-tasks", type=int, default=300)
+    parser.add_argument("--live", type=int, default=10000)
+    parser.add_argument("--slots", type=int, default=8)
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="deferrun-bench-"))
+    db = args.db or f"sqlite:///{workdir / 'bench.db'}"
+    out = run(db, args.tasks, args.latency_tasks, args.live, args.slots, workdir)
+    path = write_json(f"cycle-{out['db']}", out)
+    rows = [
+        [
+            "event->resume p50 / p95 / p99",
+            f"{out['event_to_resume']['p50_ms']} / "
+            f"{out['event_to_resume']['p95_ms']} / {out['event_to_resume']['p99_ms']} ms",
+        ],
+        [
+            "fire lateness p50 / p99",
+            f"{out['fire_lateness']['p50_ms']} / {out['fire_lateness']['p99_ms']} ms",
+        ],
+        [
+            f"full cycle, {out['cycle']['tasks']} tasks",
+            f"{out['cycle']['tasks_per_second']} tasks/s ({out['cycle']['seconds']} s)",
+        ],
+        ["triggerer idle RSS", f"{out['triggerer_idle_rss_mib']} MiB"],
+    ]
+    if "live_triggers" in out:
+        lt = out["live_triggers"]
+        rows += [
+            [
+                f"triggerer RSS, {lt['count']} live time triggers",
+                f"{lt['triggerer_rss_mib']} MiB (+{lt['rss_above_idle_mib']} MiB, "
+                f"{lt['kib_per_trigger']} KiB/trigger)",
+            ],
+            ["triggerer CPU while waiting", f"{lt['triggerer_cpu_while_waiting_pct']} %"],
+            [
+                f"submit -> {lt['count']} triggers claimed",
+                f"{lt['submit_to_all_claimed_seconds']} s",
+            ],
+        ]
+    rows.append(["triggerer SIGTERM -> exit", f"{out['triggerer_shutdown_seconds']} s"])
+    print(
+        f"\ndeferrun full cycle on {out['db']} ({out['machine']['cores']} cores, "
+        f"worker --slots {out['slots']})\n"
+    )
+    print(table(["measure", "value"], rows))
+    print(f"\nwritten: {path}")
+
+
+if __name__ == "__main__":
+    main()
