@@ -21,12 +21,13 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from deferrun import config, serialization
 from deferrun.exceptions import SerializationError
+from deferrun.liveness import heartbeat_loop, new_process_id
 from deferrun.models import ClaimedTrigger
 from deferrun.operator import BaseOperator
 from deferrun.store.base import Store, Wakeup
 from deferrun.trigger import BaseTrigger, TriggerEvent
 from deferrun.watchdog import LoopWatchdog
-from deferrun.worker import format_error, log_reap, new_process_id
+from deferrun.worker import format_error
 
 log = structlog.get_logger("deferrun.triggerer")
 
@@ -61,7 +62,7 @@ class Triggerer:
         self.capacity = capacity
         self.queues = list(queues)
         self.dead_after = config.dead_after() if dead_after is None else dead_after
-        self.heartbeat_interval = max(0.2, min(2.0, self.dead_after / 5))
+        self.health: dict[str, float] = {}
         self.poll_interval = poll_interval
         self.reconcile_interval = reconcile_interval
         self.cleanup_timeout = cleanup_timeout
@@ -159,18 +160,7 @@ class Triggerer:
             await self.store.release_triggers(self.id, strays)
 
     async def _heartbeat_loop(self) -> None:
-        last_reap = 0.0
-        while True:
-            await anyio.sleep(self.heartbeat_interval)
-            try:
-                await self.store.heartbeat(self.id)
-                if time.monotonic() - last_reap >= self.dead_after / 2:
-                    last_reap = time.monotonic()
-                    report = await self.store.reap(self.dead_after)
-                    if report.changed:
-                        log_reap(report)
-            except Exception as exc:
-                log.error("heartbeat failed; will retry", error=repr(exc))
+        await heartbeat_loop(self.store, self.id, self.dead_after, None, self.health)
 
     def _describe_task(self, name: str) -> dict[str, Any]:
         """Called from the watchdog thread while the loop is blocked in task ``name``."""

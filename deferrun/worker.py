@@ -11,12 +11,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import inspect
-import os
-import socket
 import threading
 import time
 import traceback
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -37,16 +34,13 @@ from deferrun.exceptions import (
     TaskTimeout,
     TriggerFailed,
 )
+from deferrun.liveness import heartbeat_loop, new_process_id
 from deferrun.models import ClaimedTask, Deferral
 from deferrun.operator import DEFAULT_QUEUE, BaseOperator, as_seconds
-from deferrun.store.base import ReapReport, Store, Wakeup
+from deferrun.store.base import Store, Wakeup
 from deferrun.trigger import BaseTrigger
 
 log = structlog.get_logger("deferrun.worker")
-
-
-def new_process_id(role: str) -> str:
-    return f"{role}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
 def _interrupt_thread(ident: int | None, exc_type: type[BaseException]) -> None:
@@ -79,17 +73,6 @@ class _Running:
     thread_ident: int | None = None
     cancel_reason: str | None = None
     recording: bool = False
-
-
-def log_reap(report: ReapReport) -> None:
-    log.info(
-        "maintenance",
-        retried=report.retried,
-        failed=report.failed,
-        timed_out=report.timed_out,
-        released_triggers=report.released_triggers,
-        dead_processes=report.dead_processes,
-    )
 
 
 def format_error(exc: BaseException) -> str:
@@ -141,7 +124,8 @@ class Worker:
         self.slots = slots
         self.queues = list(queues) or [DEFAULT_QUEUE]
         self.dead_after = config.dead_after() if dead_after is None else dead_after
-        self.heartbeat_interval = max(0.2, min(2.0, self.dead_after / 5))
+        self.health: dict[str, float] = {}
+        self.record_retry_for = 120.0
         self.poll_interval = poll_interval
         self.grace_period = grace_period
         self.id = process_id or new_process_id("worker")
@@ -185,14 +169,20 @@ class Worker:
     async def _claim_loop(self, slots_tg: anyio.abc.TaskGroup) -> None:
         assert self._wakeup is not None
         while not self._stopping.is_set():
-            free = self.slots - len(self.running)
-            if free > 0:
-                for task in await self.store.claim_tasks(self.id, self.queues, free):
-                    self._start(slots_tg, task)
-            if self.slots - len(self.running) > 0:
-                await self._wakeup.wait(await self._idle_wait())
-            else:  # every slot busy: a finishing task sets the wake-up
-                await self._wakeup.wait(self.poll_interval)
+            try:
+                free = self.slots - len(self.running)
+                if free > 0:
+                    for task in await self.store.claim_tasks(self.id, self.queues, free):
+                        self._start(slots_tg, task)
+                wait = (
+                    await self._idle_wait()
+                    if self.slots - len(self.running) > 0
+                    else self.poll_interval
+                )  # slots full: a finishing task wakes us
+            except Exception as exc:
+                log.error("claiming tasks failed; retrying", error=repr(exc))
+                wait = self.poll_interval
+            await self._wakeup.wait(wait)
 
     async def _idle_wait(self) -> float:
         due = await self.store.next_due(self.queues)
@@ -228,28 +218,21 @@ class Worker:
         _interrupt_thread(run.thread_ident, TaskCancelled)
 
     async def _heartbeat_loop(self) -> None:
-        last_reap = 0.0
-        while True:
-            await anyio.sleep(self.heartbeat_interval)
-            try:
-                await self.store.heartbeat(self.id)
-                if self.running:
-                    owned = await self.store.owned_task_ids(self.id)
-                    for task_id, run in list(self.running.items()):
-                        if task_id not in owned and not run.recording:
-                            log.warning(
-                                "task is no longer ours (cancelled, or reassigned after "
-                                "a missed heartbeat); stopping it",
-                                task_id=task_id,
-                            )
-                            self._cancel(run, "lost")
-                if time.monotonic() - last_reap >= self.dead_after / 2:
-                    last_reap = time.monotonic()
-                    report = await self.store.reap(self.dead_after)
-                    if report.changed:
-                        log_reap(report)
-            except Exception as exc:  # a database hiccup must not kill the worker
-                log.error("heartbeat failed; will retry", error=repr(exc))
+        await heartbeat_loop(self.store, self.id, self.dead_after, self._check_owned, self.health)
+
+    async def _check_owned(self) -> None:
+        """Stop local runs of tasks that are no longer ours (cancelled, or reassigned)."""
+        if not self.running:
+            return
+        owned = await self.store.owned_task_ids(self.id)
+        for task_id, run in list(self.running.items()):
+            if task_id not in owned and not run.recording:
+                log.warning(
+                    "task is no longer ours (cancelled, or reassigned after a missed "
+                    "heartbeat); stopping it",
+                    task_id=task_id,
+                )
+                self._cancel(run, "lost")
 
     # -- running one task ---------------------------------------------------------------------
 
@@ -258,7 +241,7 @@ class Worker:
         structlog.contextvars.bind_contextvars(
             task_id=task.id, task_name=task.name, try_number=task.try_number, worker_id=self.id
         )
-        outcome: Any
+        outcome: Any = None
         try:
             with run.scope:
                 outcome = await self._execute(run)
@@ -266,18 +249,36 @@ class Worker:
                 outcome = None
             run.recording = True
             with anyio.CancelScope(shield=True):
-                await self._record(run, outcome)
-        except Exception as exc:
-            log.error(
-                "could not record the task's outcome; it will be retried after this "
-                "worker's lease lapses",
-                error=format_error(exc),
-            )
+                await self._record_with_retry(run, outcome)
         finally:
             self.running.pop(task.id, None)
             self.tasks_done += 1
             if self._wakeup:
                 self._wakeup.set()
+
+    async def _record_with_retry(self, run: _Running, outcome: Any) -> None:
+        """Record the outcome, retrying through a database outage.
+
+        Safe to repeat: every transition is fenced on (task, worker), so a write that did
+        commit before the connection dropped just makes the retry a no-op.
+        """
+        delay = 0.2
+        deadline = time.monotonic() + self.record_retry_for
+        while True:
+            try:
+                await self._record(run, outcome)
+                return
+            except Exception as exc:
+                if time.monotonic() + delay > deadline:
+                    log.error(
+                        "could not record the task's outcome; it will be retried once "
+                        "this worker counts as dead",
+                        error=format_error(exc),
+                    )
+                    return
+                log.warning("recording the outcome failed; retrying", error=repr(exc))
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     def _context(self, run: _Running, op: BaseOperator) -> dict[str, Any]:
         task = run.claimed

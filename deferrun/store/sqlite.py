@@ -148,7 +148,7 @@ class SQLiteStore:
                 self.path, isolation_level=None, check_same_thread=False, timeout=30.0
             )
             conn.execute("PRAGMA busy_timeout = 30000")
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            mode = self._enable_wal(conn)
             conn.execute("PRAGMA synchronous = NORMAL")
         except sqlite3.DatabaseError as exc:
             raise ConfigError(f"cannot open SQLite database {self.path!r}: {exc}") from exc
@@ -159,6 +159,24 @@ class SQLiteStore:
             )
         self._conn = conn
         self._migrate()
+
+    @staticmethod
+    def _enable_wal(conn: sqlite3.Connection) -> str:
+        """Switch to WAL, waiting out other processes doing the same on a new file.
+
+        The switch needs an exclusive lock and SQLite does not call the busy handler for it,
+        so processes starting together on a fresh database must retry by hand.
+        """
+        delay = 0.01
+        deadline = time.monotonic() + 30.0
+        while True:
+            try:
+                return str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 0.25)
 
     def _migrate(self) -> None:
         schema = resources.files("deferrun.store").joinpath("sqlite_schema.sql").read_text()

@@ -1,0 +1,78 @@
+"""Heartbeats and maintenance shared by workers and triggerers.
+
+Every process heartbeats; any process may reap (recover the work of dead ones, enforce
+deferral deadlines), since all reaps are idempotent transactions. A process only judges others
+after it has itself been connected for a full ``dead_after``: after a database outage every
+heartbeat is stale, and reaping at once would declare the whole fleet dead.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+import anyio
+import structlog
+
+from deferrun.store.base import ReapReport, Store
+
+log = structlog.get_logger("deferrun.liveness")
+
+
+def new_process_id(role: str) -> str:
+    return f"{role}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def log_reap(report: ReapReport) -> None:
+    log.info(
+        "maintenance",
+        retried=report.retried,
+        failed=report.failed,
+        timed_out=report.timed_out,
+        released_triggers=report.released_triggers,
+        dead_processes=report.dead_processes,
+    )
+
+
+def heartbeat_interval(dead_after: float) -> float:
+    return max(0.2, min(2.0, dead_after / 5))
+
+
+async def heartbeat_loop(
+    store: Store,
+    process_id: str,
+    dead_after: float,
+    on_beat: Callable[[], Awaitable[None]] | None = None,
+    health: dict[str, float] | None = None,
+) -> None:
+    """Heartbeat forever; ``health['ok_at']`` is the time of the last successful beat."""
+    interval = heartbeat_interval(dead_after)
+    healthy_since: float | None = time.monotonic()
+    last_reap = 0.0
+    failures = 0
+    while True:
+        await anyio.sleep(interval)
+        try:
+            await store.heartbeat(process_id)
+            if health is not None:
+                health["ok_at"] = time.monotonic()
+            if failures:
+                log.info("database reachable again", after_failures=failures)
+                failures = 0
+            if healthy_since is None:
+                healthy_since = time.monotonic()
+            if on_beat is not None:
+                await on_beat()
+            now = time.monotonic()
+            if now - healthy_since >= dead_after and now - last_reap >= dead_after / 2:
+                last_reap = now
+                report = await store.reap(dead_after)
+                if report.changed:
+                    log_reap(report)
+        except Exception as exc:  # a database hiccup must not kill the process
+            failures += 1
+            healthy_since = None
+            log.error("heartbeat failed; will retry", error=repr(exc), failures=failures)
