@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pgcluster import PgCluster, find_bindir
 
 from deferrun.store import Store, make_store
 
@@ -29,12 +30,40 @@ def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'deferrun.db'}"
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PgCluster]:
+    """One PostgreSQL server for the whole session; each test gets its own database."""
+    bindir = find_bindir()
+    if bindir is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(
+                "PostgreSQL server binaries not found; .ci/run installs the "
+                "'postgresql' Debian package"
+            )
+        pytest.skip(
+            "PostgreSQL server not installed (apt-get install postgresql) - "
+            "PostgreSQL tests skipped"
+        )
+    cluster = PgCluster(bindir)
+    cluster.init()
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+@pytest.fixture
+def pg_url(pg_cluster: PgCluster) -> str:
+    return pg_cluster.create_database()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """Every backend the shared suite runs against (PostgreSQL joins when available)."""
+    """Every backend the shared suite runs against."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'deferrun.db'}"
-    raise AssertionError(request.param)
+    return str(request.getfixturevalue("pg_url"))
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ the processes that can take it, so nobody has to poll fast.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal, Protocol
 
@@ -30,6 +31,21 @@ Channel = Literal["tasks", "triggers"]
 Role = Literal["worker", "triggerer"]
 
 ROLE_CHANNEL: dict[str, Channel] = {"worker": "tasks", "triggerer": "triggers"}
+
+#: seconds a trigger may sit unclaimed before any triggerer with room takes it, fair or not
+STALE_UNCLAIMED = 2.0
+
+
+def fair_share(limit: int, total: int, live_triggerers: int, owned: int) -> int:
+    """How many more triggers this triggerer should claim now.
+
+    Each live triggerer aims at ceil(total / live) triggers, so a burst is spread over all of
+    them instead of landing on whoever woke first. Triggers are never taken from a live
+    triggerer, so nothing bounces; triggers left unclaimed past STALE_UNCLAIMED are taken by
+    anyone with room (see the backends' claim_triggers).
+    """
+    share = math.ceil(total / max(live_triggerers, 1))
+    return max(0, min(limit, share - owned))
 
 
 class ReapReport(msgspec.Struct):

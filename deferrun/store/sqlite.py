@@ -36,55 +36,25 @@ from deferrun.models import (
     ts,
 )
 from deferrun.operator import BaseOperator
-from deferrun.store.base import ROLE_CHANNEL, Channel, ReapReport, Role, Wakeup
+from deferrun.store.base import (
+    ROLE_CHANNEL,
+    STALE_UNCLAIMED,
+    Channel,
+    ReapReport,
+    Role,
+    Wakeup,
+    fair_share,
+)
 from deferrun.store.local_notify import UdpListener, UdpSender
+from deferrun.store.rows import TASK_INFO_COLUMNS, load_or_raw, task_info
 
 SCHEMA_VERSION = 1
 RUNNABLE = ("queued", "up_for_retry", "up_for_reschedule")
 R = TypeVar("R")
 
-_TASK_INFO_SQL = """
-SELECT t.id, t.name, t.classpath, t.queue, t.state, t.try_number, t.max_tries, t.result,
-       t.error, t.next_method, t.trigger_id, g.classpath, g.triggerer_id, t.worker_id,
-       t.defer_deadline, t.ready_at, t.created_at, t.started_at, t.updated_at, t.finished_at
-FROM tasks t LEFT JOIN triggers g ON g.id = t.trigger_id
-"""
-
-
-def _load_result(text: str | None) -> Any:
-    if text is None:
-        return None
-    try:
-        return serialization.loads(text)
-    except Exception:
-        return text  # show what is stored rather than hide the task
-
-
-def _task_info(row: Sequence[Any]) -> TaskInfo:
-    state = TaskState(row[4])
-    waiting = state in (TaskState.UP_FOR_RETRY, TaskState.UP_FOR_RESCHEDULE)
-    return TaskInfo(
-        id=row[0],
-        name=row[1],
-        classpath=row[2],
-        queue=row[3],
-        state=state,
-        try_number=row[5],
-        max_tries=row[6],
-        result=_load_result(row[7]),
-        error=row[8],
-        next_method=row[9],
-        trigger_id=row[10],
-        trigger_classpath=row[11],
-        triggerer_id=row[12],
-        worker_id=row[13] if state is TaskState.RUNNING else None,
-        defer_deadline=ts(row[14]),
-        not_before=ts(row[15]) if waiting else None,
-        created_at=ts(row[16]),
-        started_at=ts(row[17]),
-        updated_at=ts(row[18]),
-        finished_at=ts(row[19]),
-    )
+_TASK_INFO_SQL = (
+    f"SELECT {TASK_INFO_COLUMNS} FROM tasks t LEFT JOIN triggers g ON g.id = t.trigger_id"
+)
 
 
 def parse_sqlite_url(url: str) -> str:
@@ -612,7 +582,7 @@ class SQLiteStore:
     async def get_task(self, task_id: str) -> TaskInfo | None:
         def job() -> TaskInfo | None:
             row = self.conn.execute(_TASK_INFO_SQL + " WHERE t.id = ?", (task_id,)).fetchone()
-            return _task_info(row) if row else None
+            return task_info(row) if row else None
 
         return await self._run(job)
 
@@ -627,7 +597,7 @@ class SQLiteStore:
                     _TASK_INFO_SQL + " WHERE t.state = ? ORDER BY t.created_at DESC LIMIT ?",
                     (str(state), limit),
                 ).fetchall()
-            return [_task_info(r) for r in rows]
+            return [task_info(r) for r in rows]
 
         return await self._run(job)
 
@@ -651,7 +621,7 @@ class SQLiteStore:
             )
             c.execute("DELETE FROM triggers WHERE task_id = ?", (task_id,))
             row = c.execute(_TASK_INFO_SQL + " WHERE t.id = ?", (task_id,)).fetchone()
-            return _task_info(row) if row else None
+            return task_info(row) if row else None
 
         return await self._write(job, notify=("tasks", "triggers"))
 
@@ -664,18 +634,32 @@ class SQLiteStore:
             return []
 
         def job() -> list[ClaimedTrigger]:
-            where = "triggerer_id IS NULL"
-            params: list[Any] = [triggerer_id]
+            c = self.conn
+            now = time.time()
+            total, owned = c.execute(
+                "SELECT count(*), count(*) FILTER (WHERE triggerer_id = ?) FROM triggers",
+                (triggerer_id,),
+            ).fetchone()
+            live = c.execute(
+                "SELECT count(*) FROM processes WHERE role = 'triggerer' AND heartbeat_at >= ?",
+                (now - self.dead_after,),
+            ).fetchone()[0]
+            where = "triggerer_id IS NULL AND created_at <= ?"
             if queues:
                 where += f" AND queue IN ({','.join('?' * len(queues))})"
-                params.extend(queues)
-            params.append(limit)
-            rows = self.conn.execute(
+            sql = (
                 f"UPDATE triggers SET triggerer_id = ? WHERE id IN (SELECT id FROM triggers "
                 f"WHERE {where} ORDER BY id LIMIT ?) "
-                f"RETURNING id, task_id, classpath, kwargs, deadline",
-                params,
-            ).fetchall()
+                f"RETURNING id, task_id, classpath, kwargs, deadline"
+            )
+            rows: list[Any] = []
+            fair = fair_share(limit, total, live, owned)
+            if fair > 0:
+                rows = c.execute(sql, (triggerer_id, now, *queues, fair)).fetchall()
+            if len(rows) < limit:  # left unclaimed for a while: anyone with room takes them
+                rows += c.execute(
+                    sql, (triggerer_id, now - STALE_UNCLAIMED, *queues, limit - len(rows))
+                ).fetchall()
             return [ClaimedTrigger(*r) for r in rows]
 
         return await self._write(job)
@@ -775,7 +759,7 @@ class SQLiteStore:
                     id=r[0],
                     task_id=r[1],
                     classpath=r[2],
-                    kwargs=_load_result(r[3]),
+                    kwargs=load_or_raw(r[3]),
                     queue=r[4],
                     triggerer_id=r[5],
                     created_at=ts(r[6]),
