@@ -106,13 +106,13 @@ def start_both(
 
 
 def test_forty_tasks_defer_at_once_on_two_slots(
-    sqlite_url: str, user_module: Path, procs: Callable[..., Proc]
+    db_url: str, user_module: Path, procs: Callable[..., Proc]
 ) -> None:
     from e2e_ops import WaitFor
 
-    env = deferrun_env(sqlite_url, user_module)
+    env = deferrun_env(db_url, user_module)
     triggerer, worker = start_both(procs, env, slots=2)
-    with Client(sqlite_url) as client:
+    with Client(db_url) as client:
         ids = [client.submit(WaitFor(index=i, delay=3.0)) for i in range(40)]
         # All 40 wait at the same time although the worker has 2 slots.
         wait_until(
@@ -132,14 +132,14 @@ def test_forty_tasks_defer_at_once_on_two_slots(
 
 
 def test_timeout_trigger_error_and_forged_classpath(
-    sqlite_url: str, user_module: Path, procs: Callable[..., Proc], tmp_path: Path
+    db_url: str, user_module: Path, procs: Callable[..., Proc], tmp_path: Path
 ) -> None:
     from e2e_ops import WaitFor
 
     marker = tmp_path / "pwned"
-    env = deferrun_env(sqlite_url, user_module)
+    env = deferrun_env(db_url, user_module)
     start_both(procs, env)
-    with Client(sqlite_url) as client:
+    with Client(db_url) as client:
         timeout_id = client.submit(WaitFor(index=1, delay=60, timeout=1.0))
         error_id = client.submit(WaitFor(index=2, delay=0.1, fail=True))
         forged_id = client.submit(WaitFor(index=3, forge=str(marker)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -12,6 +13,8 @@ from deferrun.client import AsyncClient
 from deferrun.store import Store
 from deferrun.triggerer import Triggerer
 from deferrun.worker import Worker
+
+TESTS_DIR = Path(__file__).parent
 
 
 class Runtime:
