@@ -115,3 +115,17 @@ def wait_for(predicate: Any, timeout: float, interval: float = 0.2) -> None:
             return
         time.sleep(interval)
     raise TimeoutError(f"benchmark condition not met within {timeout}s")
+
+
+def start_pg_cluster() -> Any:
+    """A throwaway PostgreSQL cluster (the test suite's helper, tests/pgcluster.py)."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from pgcluster import PgCluster, find_bindir
+
+    bindir = find_bindir()
+    if bindir is None:
+        raise SystemExit("PostgreSQL server binaries not found: apt-get install postgresql")
+    cluster = PgCluster(bindir)
+    cluster.init()
+    cluster.start()
+    return cluster

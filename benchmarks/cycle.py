@@ -21,6 +21,7 @@ import anyio
 
 from benchmarks._harness import (
     Process,
+    start_pg_cluster,
     env_for,
     machine,
     summary_ms,
@@ -132,15 +133,28 @@ def run(db: str, tasks: int, latency_tasks: int, live: int, slots: int, workdir:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--db", help="default: a fresh SQLite file in a temp dir")
+    parser.add_argument("--db", help="database URL (default: a fresh one for --backend)")
+    parser.add_argument("--backend", choices=["sqlite", "postgres"], default="sqlite",
+                        help="postgres starts a throwaway PostgreSQL cluster in a temp dir")
     parser.add_argument("--tasks", type=int, default=1000)
     parser.add_argument("--latency-tasks", type=int, default=300)
     parser.add_argument("--live", type=int, default=10000)
     parser.add_argument("--slots", type=int, default=8)
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="deferrun-bench-"))
-    db = args.db or f"sqlite:///{workdir / 'bench.db'}"
-    out = run(db, args.tasks, args.latency_tasks, args.live, args.slots, workdir)
+    cluster = None
+    if args.db:
+        db = args.db
+    elif args.backend == "postgres":
+        cluster = start_pg_cluster()
+        db = cluster.create_database()
+    else:
+        db = f"sqlite:///{workdir / 'bench.db'}"
+    try:
+        out = run(db, args.tasks, args.latency_tasks, args.live, args.slots, workdir)
+    finally:
+        if cluster is not None:
+            cluster.destroy()
     path = write_json(f"cycle-{out['db']}", out)
     rows = [
         [
