@@ -21,9 +21,9 @@ import anyio
 
 from benchmarks._harness import (
     Process,
-    start_pg_cluster,
     env_for,
     machine,
+    start_pg_cluster,
     summary_ms,
     table,
     wait_for,
@@ -134,8 +134,12 @@ def run(db: str, tasks: int, latency_tasks: int, live: int, slots: int, workdir:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--db", help="database URL (default: a fresh one for --backend)")
-    parser.add_argument("--backend", choices=["sqlite", "postgres"], default="sqlite",
-                        help="postgres starts a throwaway PostgreSQL cluster in a temp dir")
+    parser.add_argument(
+        "--backend",
+        choices=["sqlite", "postgres"],
+        default="sqlite",
+        help="postgres starts a throwaway PostgreSQL cluster in a temp dir",
+    )
     parser.add_argument("--tasks", type=int, default=1000)
     parser.add_argument("--latency-tasks", type=int, default=300)
     parser.add_argument("--live", type=int, default=10000)

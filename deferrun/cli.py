@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import anyio
+import anyio.abc
 import msgspec
 import structlog
 
@@ -20,9 +21,12 @@ from deferrun import config, serialization
 from deferrun.client import AsyncClient
 from deferrun.exceptions import DeferrunError
 from deferrun.log import configure_logging
+from deferrun.metrics import Metrics, loop_and_db_health, serve
 from deferrun.models import FINISHED_STATES, TaskInfo, TaskState
 from deferrun.store import Store, make_store
+from deferrun.tasklogs import TaskLogSink
 from deferrun.triggerer import Triggerer
+from deferrun.watchdog import LoopWatchdog
 from deferrun.worker import Worker
 
 log = structlog.get_logger("deferrun.cli")
@@ -70,24 +74,25 @@ def _to_json(value: Any) -> str:
 
 
 def _task_line(info: TaskInfo) -> list[Any]:
+    owner, due, detail = "-", "-", ""
     if info.state is TaskState.DEFERRED:
+        owner = info.triggerer_id or "(unclaimed)"
+        due = f"timeout {_until(info.defer_deadline)}" if info.defer_deadline else "-"
         detail = f"trigger {info.trigger_id} {info.trigger_classpath or ''}".strip()
-        if info.defer_deadline:
-            detail += f", timeout {_until(info.defer_deadline)}"
-    elif info.not_before is not None:
-        detail = f"not before {_until(info.not_before)}"
     elif info.state is TaskState.RUNNING:
-        detail = f"on {info.worker_id}"
-    elif info.error:
+        owner = info.worker_id or "-"
+    elif info.not_before is not None:
+        due = f"runs {_until(info.not_before)}"
+    if info.error and info.state is not TaskState.DEFERRED:
         detail = info.error.strip().splitlines()[-1][:80]
-    else:
-        detail = ""
     return [
         info.id,
         info.name,
         info.state,
         f"{info.try_number}/{info.max_tries}",
         _age(info.created_at),
+        owner,
+        due,
         detail,
     ]
 
@@ -96,8 +101,23 @@ def _task_line(info: TaskInfo) -> list[Any]:
 
 
 async def _serve(
-    store: Store, components: list[Worker | Triggerer], after_start: Any = None
+    store: Store,
+    components: list[Worker | Triggerer],
+    args: argparse.Namespace,
+    after_start: Any = None,
 ) -> None:
+    metrics = components[0].metrics
+    started = time.monotonic()
+    dead_after = components[0].dead_after
+
+    def health_check() -> tuple[bool, dict[str, Any]]:
+        beats = [c.health.get("ok_at", started) for c in components]
+        lags = list(LoopWatchdog.for_current_loop().recent_lags)
+        return loop_and_db_health({"ok_at": min(beats)}, lags, dead_after, started)
+
+    sink = TaskLogSink(
+        store, "worker" if any(isinstance(c, Worker) for c in components) else "triggerer"
+    )
     async with anyio.create_task_group() as tg:
 
         async def on_signals() -> None:
@@ -117,6 +137,11 @@ async def _serve(
                         os._exit(130)
 
         tg.start_soon(on_signals)
+        tg.start_soon(sink.run, name="task-log-sink")
+        if getattr(args, "metrics_port", None) is not None:
+            await tg.start(
+                _serve_metrics, metrics, args.metrics_host, args.metrics_port, health_check
+            )
         async with anyio.create_task_group() as inner:
             for component in components:
                 inner.start_soon(component.run)
@@ -129,9 +154,25 @@ async def _serve(
         tg.cancel_scope.cancel()
 
 
+async def _serve_metrics(
+    metrics: Metrics,
+    host: str,
+    port: int,
+    check: Any,
+    *,
+    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    ready = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(serve, metrics, host, port, check, ready)
+        await ready.wait()
+        task_status.started()
+
+
 async def _run_processes(args: argparse.Namespace, roles: Sequence[str]) -> int:
     store = make_store(args.db)
     await store.open()
+    metrics = Metrics()
     try:
         components: list[Worker | Triggerer] = []
         if "triggerer" in roles:
@@ -139,18 +180,27 @@ async def _run_processes(args: argparse.Namespace, roles: Sequence[str]) -> int:
                 Triggerer(
                     store,
                     capacity=args.capacity,
+                    metrics=metrics,
                     queues=(args.queue or []) if roles == ["triggerer"] else [],
                 )
             )
         if "worker" in roles:
-            components.append(Worker(store, slots=args.slots, queues=args.queue or ["default"]))
+            components.append(
+                Worker(
+                    store,
+                    slots=args.slots,
+                    queues=args.queue or ["default"],
+                    grace_period=args.grace_period,
+                    metrics=metrics,
+                )
+            )
         after = None
         if getattr(args, "demo", False):
 
             async def after() -> None:
                 await _demo(store)
 
-        await _serve(store, components, after)
+        await _serve(store, components, args, after)
     finally:
         with anyio.CancelScope(shield=True):
             await store.close()
@@ -289,7 +339,10 @@ async def _tasks(args: argparse.Namespace) -> int:
     print(f"tasks: {summary or 'none'}")
     if infos:
         print(
-            _table(["id", "name", "state", "try", "age", "detail"], [_task_line(i) for i in infos])
+            _table(
+                ["id", "name", "state", "try", "age", "owner", "next", "detail"],
+                [_task_line(i) for i in infos],
+            )
         )
     return 0
 
@@ -341,6 +394,40 @@ async def _triggers(args: argparse.Namespace) -> int:
     return 0
 
 
+_LOG_META = {"timestamp", "level", "event", "task_id", "pid"}
+
+
+async def _logs(args: argparse.Namespace) -> int:
+    store = make_store(args.db)
+    await store.open()
+    try:
+        if await store.get_task(args.task_id) is None:
+            raise UsageError(
+                f"no task {args.task_id!r} in this database; list them with `deferrun tasks`"
+            )
+        rows = await store.task_logs(args.task_id)
+    finally:
+        await store.close()
+    if not rows:
+        print(f"no log lines stored for task {args.task_id} yet", file=sys.stderr)
+    for at, source, line in rows:
+        if args.json:
+            print(line)
+            continue
+        try:
+            event = msgspec.json.decode(line)
+        except msgspec.DecodeError:
+            print(f"{datetime.fromtimestamp(at, UTC).isoformat()}  {source:<9} {line}")
+            continue
+        extra = " ".join(f"{k}={v}" for k, v in event.items() if k not in _LOG_META)
+        stamp = event.get("timestamp") or datetime.fromtimestamp(at, UTC).isoformat()
+        print(
+            f"{stamp}  {source:<9} {event.get('level', ''):<8} {event.get('event', '')}"
+            f"{'  ' + extra if extra else ''}"
+        )
+    return 0
+
+
 # --------------------------------------------------------------------------- argument parsing
 
 
@@ -360,6 +447,20 @@ def _add_common(parser: argparse.ArgumentParser, suppress: bool) -> None:
         help="default: console on a terminal, json otherwise",
     )
     parser.add_argument("--log-level", default=default("info"))
+
+
+def _add_metrics(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="P",
+        help="serve Prometheus /metrics and /healthz on this port",
+    )
+    parser.add_argument(
+        "--metrics-host",
+        default="0.0.0.0",
+        help="address for --metrics-port (default: all interfaces)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -384,13 +485,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="submit a few deferrable tasks, show their progress, and exit when they are done",
     )
 
+    p.add_argument("--grace-period", type=float, default=30.0, help=argparse.SUPPRESS)
+    _add_metrics(p)
+
     p = sub.add_parser("triggerer", parents=[common], help="run triggers for deferred tasks")
     p.add_argument("--capacity", type=int, default=1000, help="most triggers run at once")
     p.add_argument("--queue", action="append", help="queue(s) to serve (default: all)")
 
+    _add_metrics(p)
+
     p = sub.add_parser("worker", parents=[common], help="run tasks")
     p.add_argument("--slots", type=int, default=8, help="tasks run at once")
     p.add_argument("--queue", action="append", help="queue(s) to serve (default: default)")
+
+    p.add_argument(
+        "--grace-period",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="on SIGTERM, let running tasks finish this long, then re-queue them",
+    )
+    _add_metrics(p)
 
     p = sub.add_parser("submit", parents=[common], help="submit an operator by classpath")
     p.add_argument("classpath", help="e.g. deferrun.sensors.TimeDeltaSensor")
@@ -417,6 +532,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("triggers", parents=[common], help="list live triggers and triggerers")
     p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("logs", parents=[common], help="show a task's log lines, in order")
+    p.add_argument("task_id")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
     return parser
 
 
@@ -434,6 +553,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "tasks": lambda: _tasks(args),
         "task": lambda: _task(args),
         "triggers": lambda: _triggers(args),
+        "logs": lambda: _logs(args),
     }
     try:
         return anyio.run(commands[args.command])

@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 import structlog
 
+from deferrun import tasklogs
+
 LogFormat = Literal["console", "json"]
 
 
@@ -33,6 +35,7 @@ def configure_logging(fmt: LogFormat | None = None, level: str = "info") -> None
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         _add_pid,
+        tasklogs.tap,
     ]
     if fmt == "json":
         processors += [

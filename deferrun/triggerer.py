@@ -22,6 +22,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from deferrun import config, serialization
 from deferrun.exceptions import SerializationError
 from deferrun.liveness import heartbeat_loop, new_process_id
+from deferrun.metrics import Metrics
 from deferrun.models import ClaimedTrigger
 from deferrun.operator import BaseOperator
 from deferrun.store.base import Store, Wakeup
@@ -55,6 +56,7 @@ class Triggerer:
         block_threshold: float = 0.2,
         cleanup_timeout: float = 10.0,
         process_id: str | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         if capacity < 1:
             raise ValueError(f"--capacity must be at least 1, got {capacity}")
@@ -71,9 +73,10 @@ class Triggerer:
         self.events_total = 0
         self.failures_total = 0
         self.timeouts_total = 0
-        self.watchdog = LoopWatchdog(
-            block_threshold, on_block=self._on_block, describe=self._describe_task
-        )
+        self.block_threshold = block_threshold
+        self.metrics = metrics or Metrics()
+        self.metrics.triggers_running.set_function(lambda: len(self.running))
+        self.metrics.capacity_left.set_function(lambda: self.capacity - len(self.running))
         self.started = anyio.Event()
         self._stopping = anyio.Event()
         self._wakeup: Wakeup | None = None
@@ -105,7 +108,11 @@ class Triggerer:
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._heartbeat_loop, name="triggerer-heartbeat")
-                tg.start_soon(self.watchdog.run, name="loop-watchdog")
+                watchdog = LoopWatchdog.for_current_loop(self.block_threshold)
+                watchdog.describers.append(self._describe_task)
+                watchdog.metrics = watchdog.metrics or self.metrics
+                self.watchdog = watchdog
+                tg.start_soon(watchdog.run, name="loop-watchdog")
                 tg.start_soon(self._flusher, name="event-flusher")
                 async with anyio.create_task_group() as triggers_tg:
                     await self._main_loop(triggers_tg)
@@ -175,23 +182,6 @@ class Triggerer:
             "trigger": run.claimed.classpath,
         }
 
-    def _on_block(self, seconds: float, culprit: tuple[str, dict[str, Any]] | None) -> None:
-        name, details = culprit or (None, {})
-        if details.get("trigger_id") is not None:
-            log.warning(
-                f"trigger {details['trigger_id']} ({details['trigger']}) blocked the event loop "
-                f"for {seconds:.2f}s; every other trigger waited. Use await, or "
-                "anyio.to_thread.run_sync for blocking calls",
-                blocked_seconds=round(seconds, 3),
-                **details,
-            )
-        else:
-            log.warning(
-                f"event loop blocked for {seconds:.2f}s",
-                blocked_by=name,
-                blocked_seconds=round(seconds, 3),
-            )
-
     # -- one trigger --------------------------------------------------------------------------
 
     def _start(self, tg: anyio.abc.TaskGroup, claimed: ClaimedTrigger) -> None:
@@ -216,8 +206,10 @@ class Triggerer:
         )
         if timeout:
             self.timeouts_total += 1
+            self.metrics.trigger_timeouts.inc()
         else:
             self.failures_total += 1
+            self.metrics.trigger_failures.inc()
         self._emit(FAILED, run.claimed.id, method, serialization.dumps({"error": error}))
 
     async def _run_trigger(self, run: _Running) -> None:
@@ -284,6 +276,7 @@ class Triggerer:
                         )
                         return
                     self.events_total += 1
+                    self.metrics.trigger_events.inc()
                     self._emit(FIRED, claimed.id, "", payload)
                     log.info("trigger fired")
                     return

@@ -35,10 +35,12 @@ from deferrun.exceptions import (
     TriggerFailed,
 )
 from deferrun.liveness import heartbeat_loop, new_process_id
+from deferrun.metrics import Metrics
 from deferrun.models import ClaimedTask, Deferral
 from deferrun.operator import DEFAULT_QUEUE, BaseOperator, as_seconds
 from deferrun.store.base import Store, Wakeup
 from deferrun.trigger import BaseTrigger
+from deferrun.watchdog import LoopWatchdog
 
 log = structlog.get_logger("deferrun.worker")
 
@@ -117,6 +119,7 @@ class Worker:
         poll_interval: float = 1.0,
         grace_period: float = 30.0,
         process_id: str | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         if slots < 1:
             raise ValueError(f"--slots must be at least 1, got {slots}")
@@ -135,6 +138,9 @@ class Worker:
         self._wakeup: Wakeup | None = None
         self._thread_limiter = anyio.CapacityLimiter(slots * 2)
         self.started = anyio.Event()
+        self.metrics = metrics or Metrics()
+        self.metrics.slots.set(slots)
+        self.metrics.slots_busy.set_function(lambda: len(self.running))
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -157,6 +163,10 @@ class Worker:
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._heartbeat_loop, name="worker-heartbeat")
+                watchdog = LoopWatchdog.for_current_loop()
+                watchdog.describers.append(self._describe_task)
+                watchdog.metrics = watchdog.metrics or self.metrics
+                tg.start_soon(watchdog.run, name="loop-watchdog")
                 async with anyio.create_task_group() as slots_tg:
                     await self._claim_loop(slots_tg)
                     await self._drain()
@@ -216,6 +226,13 @@ class Worker:
         run.cancel_event.set()
         run.scope.cancel()
         _interrupt_thread(run.thread_ident, TaskCancelled)
+
+    def _describe_task(self, name: str) -> dict[str, Any] | None:
+        """Called from the watchdog thread while async task code blocks the loop."""
+        run = self.running.get(name.split(":", 1)[1]) if name.startswith("task:") else None
+        if run is None:
+            return None
+        return {"task_id": run.claimed.id, "operator": run.claimed.classpath}
 
     async def _heartbeat_loop(self) -> None:
         await heartbeat_loop(self.store, self.id, self.dead_after, self._check_owned, self.health)
@@ -395,46 +412,59 @@ class Worker:
 
     async def _record(self, run: _Running, outcome: Any) -> None:
         task = run.claimed
-        store = self.store
         if outcome is None:  # cancelled or taken away: the row says what happens next
             if run.cancel_reason == "shutdown":
-                await store.requeue_task(task.id, self.id)
+                await self.store.requeue_task(task.id, self.id)
                 log.info("task re-queued at shutdown")
             return
-        ok: Any = True
+        state = await self._store_outcome(task, outcome)
+        if state is None:
+            log.warning("outcome discarded: the task was cancelled or taken over meanwhile")
+        else:
+            self.metrics.tasks.labels(state=state).inc()
+
+    async def _store_outcome(self, task: ClaimedTask, outcome: Any) -> str | None:
+        """Persist one outcome; returns the task's new state, or None if fenced off."""
+        store = self.store
         if isinstance(outcome, _Success):
             try:
                 result = serialization.dumps(outcome.result, "return value")
             except SerializationError as exc:
-                ok = await store.fail_task(
-                    task.id, self.id, f"task result cannot be stored: {exc}", retry=False
-                )
+                outcome = _Failure(f"task result cannot be stored: {exc}", retry=False)
             else:
-                ok = await store.complete_task(task.id, self.id, result)
+                if not await store.complete_task(task.id, self.id, result):
+                    return None
                 log.info("task succeeded")
-        elif isinstance(outcome, TaskDeferred):
+                return "success"
+        if isinstance(outcome, TaskDeferred):
             try:
                 deferral = prepare_deferral(outcome)
             except (SerializationError, ValueError, TypeError) as exc:
-                ok = await store.fail_task(task.id, self.id, f"cannot defer: {exc}", retry=False)
                 log.error("cannot defer", error=str(exc))
+                outcome = _Failure(f"cannot defer: {exc}", retry=False)
             else:
                 trigger_id = await store.defer_task(task.id, self.id, deferral)
-                ok = trigger_id is not None
+                if trigger_id is None:
+                    return None
                 log.info(
                     "task deferred",
                     trigger_id=trigger_id,
                     trigger=deferral.classpath,
                     method=deferral.method_name,
                 )
-        elif isinstance(outcome, TaskReschedule):
-            ok = await store.reschedule_task(task.id, self.id, outcome.not_before)
+                return "deferred"
+        if isinstance(outcome, TaskReschedule):
+            if not await store.reschedule_task(task.id, self.id, outcome.not_before):
+                return None
             log.debug("task rescheduled", not_before=outcome.not_before)
-        elif isinstance(outcome, SkipTask):
-            ok = await store.skip_task(task.id, self.id, str(outcome) or None)
+            return "up_for_reschedule"
+        if isinstance(outcome, SkipTask):
+            if not await store.skip_task(task.id, self.id, str(outcome) or None):
+                return None
             log.info("task skipped", reason=str(outcome))
-        elif isinstance(outcome, _Failure):
-            ok = await store.fail_task(task.id, self.id, outcome.error, retry=outcome.retry)
-            log.warning("task failed", state=str(ok), error=outcome.error.splitlines()[-1])
-        if not ok:
-            log.warning("outcome discarded: the task was cancelled or taken over meanwhile")
+            return "skipped"
+        assert isinstance(outcome, _Failure)
+        new_state = await store.fail_task(task.id, self.id, outcome.error, retry=outcome.retry)
+        if new_state is not None:
+            log.warning("task failed", state=str(new_state), error=outcome.error.splitlines()[-1])
+        return None if new_state is None else str(new_state)

@@ -208,3 +208,59 @@ async def test_claims_are_exclusive_under_concurrency(store: Store) -> None:
         for n in range(4):
             tg.start_soon(claimer, f"w{n}")
     assert sorted(claimed) == sorted(ids)
+
+
+async def test_task_logs_are_ordered_and_bounded(store: Store) -> None:
+    rows = [("t1", 100.0 + i, "worker", f'{{"n": {i}}}') for i in range(30)]
+    rows.append(("t2", 50.0, "trigger", '{"other": true}'))
+    await store.append_task_logs(rows[:15], keep=20)
+    await store.append_task_logs(rows[15:], keep=20)
+    kept = await store.task_logs("t1")
+    assert [line for _, _, line in kept] == [f'{{"n": {i}}}' for i in range(10, 30)]
+    assert await store.task_logs("t2") == [(50.0, "trigger", '{"other": true}')]
+    # Lines from two processes come back in the order they were logged, not flushed.
+    await store.append_task_logs([("t3", 2.0, "worker", "b")], keep=10)
+    await store.append_task_logs([("t3", 1.0, "trigger", "a")], keep=10)
+    assert [line for _, _, line in await store.task_logs("t3")] == ["a", "b"]
+
+
+async def test_schema_v1_database_is_migrated(db_url: str) -> None:
+    """A database written by schema version 1 gains the task log table on open."""
+    from deferrun.store import open_store
+
+    store = await open_store(db_url)
+    task_id = await submit(store)
+    await _downgrade_to_v1(store)
+    await store.close()
+    store = await open_store(db_url)
+    try:
+        await store.append_task_logs([(task_id, 1.0, "worker", "x")], keep=5)
+        assert len(await store.task_logs(task_id)) == 1
+        assert (await store.get_task(task_id)) is not None  # data kept
+        assert await _schema_version(store) == 2
+    finally:
+        await store.close()
+
+
+async def _downgrade_to_v1(store: Store) -> None:
+    from deferrun.store.postgres import PostgresStore
+    from deferrun.store.sqlite import SQLiteStore
+
+    if isinstance(store, SQLiteStore):
+        store.conn.execute("DROP TABLE task_logs")
+        store.conn.execute("PRAGMA user_version = 1")
+    else:
+        assert isinstance(store, PostgresStore)
+        await store.pool.execute("DROP TABLE deferrun_task_logs")
+        await store.pool.execute("DELETE FROM deferrun_schema")
+        await store.pool.execute("INSERT INTO deferrun_schema VALUES (1)")
+
+
+async def _schema_version(store: Store) -> int:
+    from deferrun.store.postgres import PostgresStore
+    from deferrun.store.sqlite import SQLiteStore
+
+    if isinstance(store, SQLiteStore):
+        return int(store.conn.execute("PRAGMA user_version").fetchone()[0])
+    assert isinstance(store, PostgresStore)
+    return int(await store.pool.fetchval("SELECT max(version) FROM deferrun_schema"))

@@ -188,3 +188,13 @@ class Store(Protocol):
         """Give up triggers (all, or ``ids``) so another triggerer adopts them at once."""
 
     async def list_triggers(self) -> list[TriggerInfo]: ...
+
+    # -- per-task logs ------------------------------------------------------------------------
+
+    async def append_task_logs(
+        self, rows: Sequence[tuple[str, float, str, str]], keep: int
+    ) -> None:
+        """Insert (task_id, at, source, line) rows, then keep the newest ``keep`` per task."""
+
+    async def task_logs(self, task_id: str, limit: int = 10000) -> list[tuple[float, str, str]]:
+        """(at, source, line) in the order they were logged, across processes."""

@@ -47,7 +47,7 @@ from deferrun.store.rows import TASK_INFO_COLUMNS, load_or_raw, task_info
 
 log = structlog.get_logger("deferrun.store.postgres")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MIGRATION_LOCK = 0x64656672  # "defr": one advisory lock id for schema changes
 NOW = "extract(epoch from clock_timestamp())::double precision"
 CHANNELS: dict[str, str] = {"tasks": "deferrun_tasks", "triggers": "deferrun_triggers"}
@@ -109,7 +109,7 @@ class PostgresStore:
                     f"the database has deferrun schema version {version}, newer than this "
                     f"deferrun understands ({SCHEMA_VERSION}); upgrade deferrun"
                 )
-            if version < 1:
+            if version < SCHEMA_VERSION:
                 await conn.execute(schema)
                 await conn.execute(
                     "INSERT INTO deferrun_schema (version) VALUES ($1)", SCHEMA_VERSION
@@ -632,3 +632,38 @@ class PostgresStore:
             )
             for r in rows
         ]
+
+    # -- per-task logs ------------------------------------------------------------------------
+
+    async def append_task_logs(
+        self, rows: Sequence[tuple[str, float, str, str]], keep: int
+    ) -> None:
+        if not rows:
+            return
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.executemany(
+                "INSERT INTO deferrun_task_logs (task_id, at, source, line) "
+                "VALUES ($1, $2, $3, $4)",
+                rows,
+            )
+            await conn.execute(
+                """
+                DELETE FROM deferrun_task_logs l USING (
+                    SELECT id FROM (
+                        SELECT id, row_number() OVER (PARTITION BY task_id ORDER BY id DESC) AS n
+                        FROM deferrun_task_logs WHERE task_id = ANY($1::text[])) ranked
+                    WHERE n > $2) old
+                WHERE l.id = old.id
+                """,
+                list({r[0] for r in rows}),
+                keep,
+            )
+
+    async def task_logs(self, task_id: str, limit: int = 10000) -> list[tuple[float, str, str]]:
+        rows = await self.pool.fetch(
+            "SELECT at, source, line FROM (SELECT id, at, source, line FROM deferrun_task_logs "
+            "WHERE task_id = $1 ORDER BY id DESC LIMIT $2) newest ORDER BY at, id",
+            task_id,
+            limit,
+        )
+        return [(r[0], r[1], r[2]) for r in rows]

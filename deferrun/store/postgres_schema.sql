@@ -1,4 +1,4 @@
--- deferrun schema for the PostgreSQL backend. Version 1.
+-- deferrun schema for the PostgreSQL backend. Version 2 (every statement is idempotent: applying this file upgrades any older version).
 -- Times are double precision epoch seconds, taken from the database server's clock so that
 -- hosts with skewed clocks still agree on heartbeats and due times. JSON is stored as text,
 -- exactly as serialized.
@@ -63,3 +63,14 @@ CREATE TABLE IF NOT EXISTS deferrun_processes (
     started_at   double precision NOT NULL,
     heartbeat_at double precision NOT NULL
 );
+
+-- Version 2: per-task log lines (worker and triggerer), bounded per task by the writer.
+CREATE TABLE IF NOT EXISTS deferrun_task_logs (
+    id      bigserial PRIMARY KEY,
+    task_id text NOT NULL,
+    at      double precision NOT NULL,
+    source  text NOT NULL,
+    line    text NOT NULL
+);
+
+CREATE INDEX IF NOT EXISTS deferrun_task_logs_task ON deferrun_task_logs (task_id, id);

@@ -48,7 +48,7 @@ from deferrun.store.base import (
 from deferrun.store.local_notify import UdpListener, UdpSender
 from deferrun.store.rows import TASK_INFO_COLUMNS, load_or_raw, task_info
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 RUNNABLE = ("queued", "up_for_retry", "up_for_reschedule")
 R = TypeVar("R")
 
@@ -157,7 +157,7 @@ class SQLiteStore:
                     f"{self.path} has schema version {version}, newer than this deferrun "
                     f"understands ({SCHEMA_VERSION}); upgrade deferrun"
                 )
-            if version < 1:
+            if version < SCHEMA_VERSION:
                 code = "\n".join(
                     line for line in schema.splitlines() if not line.lstrip().startswith("--")
                 )
@@ -767,5 +767,38 @@ class SQLiteStore:
                 )
                 for r in rows
             ]
+
+        return await self._run(job)
+
+    # -- per-task logs ------------------------------------------------------------------------
+
+    async def append_task_logs(
+        self, rows: Sequence[tuple[str, float, str, str]], keep: int
+    ) -> None:
+        if not rows:
+            return
+
+        def job() -> None:
+            c = self.conn
+            c.executemany(
+                "INSERT INTO task_logs (task_id, at, source, line) VALUES (?, ?, ?, ?)", rows
+            )
+            for task_id in {r[0] for r in rows}:
+                c.execute(
+                    "DELETE FROM task_logs WHERE task_id = ? AND id <= (SELECT id FROM task_logs"
+                    " WHERE task_id = ? ORDER BY id DESC LIMIT 1 OFFSET ?)",
+                    (task_id, task_id, keep),
+                )
+
+        await self._write(job)
+
+    async def task_logs(self, task_id: str, limit: int = 10000) -> list[tuple[float, str, str]]:
+        def job() -> list[tuple[float, str, str]]:
+            rows = self.conn.execute(
+                "SELECT at, source, line FROM (SELECT id, at, source, line FROM task_logs "
+                "WHERE task_id = ? ORDER BY id DESC LIMIT ?) ORDER BY at, id",
+                (task_id, limit),
+            ).fetchall()
+            return [tuple(r) for r in rows]  # type: ignore[misc]
 
         return await self._run(job)

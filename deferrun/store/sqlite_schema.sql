@@ -1,4 +1,4 @@
--- deferrun schema for the embedded SQLite backend. Version 1.
+-- deferrun schema for the embedded SQLite backend. Version 2 (every statement is idempotent: applying this file upgrades any older version).
 -- Timestamps are REAL epoch seconds (UTC); JSON columns hold msgspec-encoded values.
 
 CREATE TABLE IF NOT EXISTS tasks (
@@ -60,3 +60,14 @@ CREATE TABLE IF NOT EXISTS processes (
     started_at   REAL NOT NULL,
     heartbeat_at REAL NOT NULL
 );
+
+-- Version 2: per-task log lines (worker and triggerer), bounded per task by the writer.
+CREATE TABLE IF NOT EXISTS task_logs (
+    id      INTEGER PRIMARY KEY AUTOINCREMENT,
+    task_id TEXT NOT NULL,
+    at      REAL NOT NULL,
+    source  TEXT NOT NULL,
+    line    TEXT NOT NULL
+);
+
+CREATE INDEX IF NOT EXISTS task_logs_task ON task_logs (task_id, id);

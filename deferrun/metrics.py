@@ -1,0 +1,134 @@
+"""Prometheus metrics and the health endpoint of a worker or triggerer.
+
+Each process owns one registry (no global state, so a standalone process can hold both roles'
+metrics). The HTTP side is a small aiohttp app on ``--metrics-port``: ``/metrics`` in the
+Prometheus text format, ``/healthz`` 200 while the event loop and the database are healthy.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import structlog
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+log = structlog.get_logger("deferrun.metrics")
+
+LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    """Every metric deferrun exports; a role only updates the ones that concern it."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.triggers_running = Gauge(
+            "deferrun_triggers_running", "Triggers running in this triggerer", registry=r
+        )
+        self.capacity_left = Gauge(
+            "deferrun_triggerer_capacity_left", "Triggers this triggerer can still take", registry=r
+        )
+        self.trigger_events = Counter(
+            "deferrun_trigger_events", "Trigger events fired in this process", registry=r
+        )
+        self.trigger_failures = Counter(
+            "deferrun_trigger_failures",
+            "Triggers that raised, ended without an event, or could not be loaded",
+            registry=r,
+        )
+        self.trigger_timeouts = Counter(
+            "deferrun_trigger_timeouts", "Deferrals that timed out in this triggerer", registry=r
+        )
+        self.loop_lag = Histogram(
+            "deferrun_loop_lag_seconds",
+            "How late the event loop ran a 50 ms tick",
+            buckets=LAG_BUCKETS,
+            registry=r,
+        )
+        self.loop_blocked = Counter(
+            "deferrun_loop_blocked",
+            "Times the event loop was blocked past the threshold",
+            registry=r,
+        )
+        self.slots_busy = Gauge(
+            "deferrun_worker_slots_busy", "Worker slots running a task", registry=r
+        )
+        self.slots = Gauge("deferrun_worker_slots", "Worker slots configured", registry=r)
+        self.tasks = Counter(
+            "deferrun_tasks",
+            "Task outcomes recorded by this process, by resulting state",
+            ["state"],
+            registry=r,
+        )
+        self.db_healthy = Gauge(
+            "deferrun_database_healthy", "1 while heartbeats reach the database", registry=r
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+HealthCheck = Callable[[], tuple[bool, dict[str, Any]]]
+
+
+def loop_and_db_health(
+    health: dict[str, float], lags: list[float], dead_after: float, started: float
+) -> tuple[bool, dict[str, Any]]:
+    """Healthy while a heartbeat reached the database recently and the loop is not stalling.
+
+    ``health['ok_at']`` is the monotonic time of the last successful heartbeat; before the
+    first heartbeat the process gets ``dead_after`` seconds of grace.
+    """
+    now = time.monotonic()
+    last_ok = health.get("ok_at", started)
+    db_age = now - last_ok
+    worst_lag = max(lags[-100:], default=0.0)
+    details = {
+        "database_ok_seconds_ago": round(db_age, 3),
+        "loop_worst_recent_lag_seconds": round(worst_lag, 3),
+    }
+    ok = db_age < dead_after and worst_lag < 5.0
+    return ok, details
+
+
+async def serve(
+    metrics: Metrics, host: str, port: int, check: HealthCheck, ready: anyio.Event | None = None
+) -> None:
+    """Serve /metrics and /healthz until cancelled."""
+
+    async def metrics_view(_: web.Request) -> web.Response:
+        return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def health_view(_: web.Request) -> web.Response:
+        ok, details = check()
+        metrics.db_healthy.set(1 if details.get("database_ok_seconds_ago", 0) < 1e9 and ok else 0)
+        return web.json_response(
+            {"status": "ok" if ok else "unhealthy", **details}, status=200 if ok else 503
+        )
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics_view)
+    app.router.add_get("/healthz", health_view)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        log.info("metrics and health endpoints listening", url=f"http://{host}:{port}/metrics")
+        if ready is not None:
+            ready.set()
+        await anyio.sleep_forever()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await runner.cleanup()

@@ -1,0 +1,99 @@
+"""Per-task logs: every log line bound to a task is kept with the task in the database.
+
+A structlog processor (installed by ``configure_logging``) hands each event that carries a
+``task_id`` to the active sinks. A sink buffers lines (from the loop and from worker threads)
+and writes them in batches, keeping at most ``keep`` lines per task, so ``deferrun logs ID``
+shows a task's worker and trigger lines in order from any host that shares the database.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from typing import Any
+
+import anyio
+import msgspec
+import structlog
+
+from deferrun.store.base import Store
+
+log = structlog.get_logger("deferrun.tasklogs")
+
+_SINKS: list[TaskLogSink] = []
+_SINKS_LOCK = threading.Lock()
+_encoder = msgspec.json.Encoder(enc_hook=repr)
+
+
+def tap(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    """structlog processor: copy task-bound events to the active sinks (never drops them)."""
+    if _SINKS and event_dict.get("task_id"):
+        for sink in _SINKS:
+            sink.add(event_dict)
+    return event_dict
+
+
+class TaskLogSink:
+    def __init__(
+        self,
+        store: Store,
+        source: str,
+        *,
+        keep: int = 2000,
+        max_line: int = 8192,
+        flush_interval: float = 0.25,
+    ) -> None:
+        self.store = store
+        self.source = source
+        self.keep = keep
+        self.max_line = max_line
+        self.flush_interval = flush_interval
+        self.dropped = 0
+        self._buffer: deque[tuple[str, float, str, str]] = deque(maxlen=100_000)
+
+    def add(self, event_dict: dict[str, Any]) -> None:
+        if len(self._buffer) == self._buffer.maxlen:
+            self.dropped += 1  # the database is far behind; keep the process healthy
+        source = "trigger" if event_dict.get("trigger_id") is not None else self.source
+        try:
+            line = _encoder.encode(event_dict).decode()
+        except (TypeError, msgspec.EncodeError):
+            line = repr(event_dict)
+        if len(line) > self.max_line:
+            line = line[: self.max_line] + "...(truncated)"
+        self._buffer.append((str(event_dict["task_id"]), time.time(), source, line))
+
+    def _drain(self) -> list[tuple[str, float, str, str]]:
+        rows = []
+        while self._buffer:
+            rows.append(self._buffer.popleft())
+        return rows
+
+    async def run(self) -> None:
+        with _SINKS_LOCK:
+            _SINKS.append(self)
+        try:
+            while True:
+                await anyio.sleep(self.flush_interval)
+                await self.flush()
+        finally:
+            with _SINKS_LOCK:
+                _SINKS.remove(self)
+            with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+                await self.flush()
+
+    async def flush(self) -> None:
+        rows = self._drain()
+        if not rows:
+            return
+        try:
+            await self.store.append_task_logs(rows, self.keep)
+        except Exception as exc:
+            # Put them back (oldest first) and retry on the next flush.
+            self._buffer.extendleft(reversed(rows))
+            log.warning(
+                "storing task log lines failed; will retry",
+                error=repr(exc),
+                pending=len(self._buffer),
+            )
