@@ -15,12 +15,13 @@ from deferrun.exceptions import (
     TaskDeferred,
     TaskNotFound,
     TaskTimeout,
+    TransientError,
     TriggerFailed,
 )
 from deferrun.models import TaskInfo, TaskState, TriggerInfo
 from deferrun.operator import BaseOperator, Context
 from deferrun.sensors import BaseSensor
-from deferrun.trigger import BaseTrigger, TriggerEvent
+from deferrun.trigger import BaseTrigger, PollingTrigger, TriggerEvent
 
 __version__ = "0.1.0"
 
@@ -34,6 +35,7 @@ __all__ = [
     "Context",
     "DeferrunError",
     "FailTask",
+    "PollingTrigger",
     "SerializationError",
     "SkipTask",
     "TaskDeferred",
@@ -41,6 +43,7 @@ __all__ = [
     "TaskNotFound",
     "TaskState",
     "TaskTimeout",
+    "TransientError",
     "TriggerEvent",
     "TriggerFailed",
     "TriggerInfo",

@@ -78,3 +78,10 @@ class TaskTimeout(Exception):
 
 class TriggerFailed(Exception):
     """The task's trigger raised, ended without an event, or could not be loaded."""
+
+
+class TransientError(Exception):
+    """Raised by ``PollingTrigger.poll()``: not an answer yet (network, 5xx, throttling).
+
+    The trigger retries with exponential backoff instead of failing its task.
+    """

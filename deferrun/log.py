@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import structlog
 
-from deferrun import tasklogs
+from deferrun import connections, tasklogs
 
 LogFormat = Literal["console", "json"]
 
@@ -35,6 +35,7 @@ def configure_logging(fmt: LogFormat | None = None, level: str = "info") -> None
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         _add_pid,
+        connections.redact_processor,
         tasklogs.tap,
     ]
     if fmt == "json":

@@ -172,3 +172,200 @@ class FileSensor(BaseSensor):
             recursive=self.recursive,
             poll_interval=max(self.poke_interval, 0.05),
         )
+
+
+class TriggerSensor(BaseSensor):
+    """A sensor whose check is its trigger's ``poll()``, so every mode agrees.
+
+    poke / reschedule run ``poll()`` once per poke on a private event loop for the length of
+    the execute call (one shared client across pokes); deferrable hands the trigger over.
+    """
+
+    _portal: Any = None
+
+    def execute(self, context: Context) -> Any:
+        if self.mode == "deferrable":
+            return super().execute(context)
+        from anyio.from_thread import start_blocking_portal
+
+        from deferrun.connections import close_shared_clients
+
+        with start_blocking_portal() as portal:
+            self._portal = portal
+            try:
+                return super().execute(context)
+            finally:
+                portal.call(close_shared_clients)
+                self._portal = None
+
+    def poke(self, context: Context) -> Any:
+        from deferrun.exceptions import TransientError
+        from deferrun.trigger import PollingTrigger
+
+        trigger = self.trigger()
+        assert isinstance(trigger, PollingTrigger)
+        try:
+            event = self._portal.call(trigger.poll)
+        except TransientError as exc:
+            self.log.warning("poke failed; will poke again", error=str(exc))
+            return False
+        if event is None:
+            return False
+        return self.on_event(event.payload) or True
+
+    def on_event(self, payload: Any) -> Any:
+        """Turn the trigger's event into the task's result (or raise)."""
+        return payload
+
+    def execute_complete(self, context: Context, event: Any = None) -> Any:
+        return self.on_event(event)
+
+
+class S3KeySensor(TriggerSensor):
+    """Waits for S3 keys; see :class:`triggers.s3.S3KeyTrigger`."""
+
+    def __init__(
+        self,
+        *,
+        bucket_key: str | list[str],
+        bucket_name: str | None = None,
+        wildcard_match: bool = False,
+        aws_conn_id: str = "aws_default",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.bucket_key = bucket_key
+        self.bucket_name = bucket_name
+        self.wildcard_match = wildcard_match
+        self.aws_conn_id = aws_conn_id
+
+    def trigger(self) -> BaseTrigger:
+        from triggers.s3 import S3KeyTrigger
+
+        return S3KeyTrigger(
+            bucket_name=self.bucket_name,
+            bucket_key=self.bucket_key,
+            wildcard_match=self.wildcard_match,
+            aws_conn_id=self.aws_conn_id,
+            poll_interval=self.poke_interval,
+        )
+
+
+class HttpSensor(TriggerSensor):
+    """Waits for an HTTP endpoint; see :class:`triggers.http.HttpTrigger`."""
+
+    def __init__(
+        self,
+        *,
+        endpoint: str,
+        http_conn_id: str = "http_default",
+        method: str = "GET",
+        headers: dict[str, str] | None = None,
+        data: Any = None,
+        response_check: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.endpoint = endpoint
+        self.http_conn_id = http_conn_id
+        self.method = method
+        self.headers = headers
+        self.data = data
+        self.response_check = response_check
+
+    def trigger(self) -> BaseTrigger:
+        from triggers.http import HttpTrigger
+
+        return HttpTrigger(
+            endpoint=self.endpoint,
+            http_conn_id=self.http_conn_id,
+            method=self.method,
+            headers=self.headers,
+            data=self.data,
+            poll_interval=self.poke_interval,
+            response_check=self.response_check,
+        )
+
+
+class SqlSensor(TriggerSensor):
+    """Waits until a query's first cell is truthy; see :class:`triggers.sql.SqlTrigger`."""
+
+    def __init__(
+        self,
+        *,
+        sql: str,
+        conn_id: str = "postgres_default",
+        parameters: list[Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.sql = sql
+        self.conn_id = conn_id
+        self.parameters = parameters
+
+    def trigger(self) -> BaseTrigger:
+        from triggers.sql import SqlTrigger
+
+        return SqlTrigger(
+            sql=self.sql,
+            conn_id=self.conn_id,
+            parameters=self.parameters,
+            poll_interval=self.poke_interval,
+        )
+
+
+class JobRunFailed(Exception):
+    """The external job run ended in a failure state."""
+
+
+def job_result(payload: Any, what: str, error_field: str | None) -> Any:
+    """A job event's body on success; JobRunFailed with the run's state and error otherwise."""
+    if isinstance(payload, dict) and payload.get("status") == "failed":
+        from deferrun.clients import dotted
+
+        error = ""
+        if error_field:
+            try:
+                error = f": {dotted(payload.get('body'), error_field)}"
+            except (KeyError, IndexError, TypeError):
+                error = ""
+        raise JobRunFailed(f"{what} ended in state {payload.get('state')!r}{error}")
+    return payload.get("body") if isinstance(payload, dict) else payload
+
+
+class JobRunSensor(TriggerSensor):
+    """Waits for an existing external job run to end; fails the task if the run failed."""
+
+    def __init__(
+        self,
+        *,
+        status_endpoint: str,
+        http_conn_id: str,
+        status_field: str = "status",
+        success_states: list[str] | None = None,
+        failure_states: list[str] | None = None,
+        error_field: str | None = "error",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.status_endpoint = status_endpoint
+        self.http_conn_id = http_conn_id
+        self.status_field = status_field
+        self.success_states = success_states
+        self.failure_states = failure_states
+        self.error_field = error_field
+
+    def trigger(self) -> BaseTrigger:
+        from triggers.job import DEFAULT_FAILURE_STATES, DEFAULT_SUCCESS_STATES, JobStatusTrigger
+
+        return JobStatusTrigger(
+            status_endpoint=self.status_endpoint,
+            http_conn_id=self.http_conn_id,
+            status_field=self.status_field,
+            success_states=self.success_states or DEFAULT_SUCCESS_STATES,
+            failure_states=self.failure_states or DEFAULT_FAILURE_STATES,
+            poll_interval=self.poke_interval,
+        )
+
+    def on_event(self, payload: Any) -> Any:
+        return job_result(payload, f"job run {self.status_endpoint}", self.error_field)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import anyio
 
 from deferrun import serialization
+from deferrun.connections import close_shared_clients
 from deferrun.trigger import BaseTrigger, TriggerEvent
 
 
@@ -34,6 +35,7 @@ async def arun_trigger(trigger: BaseTrigger, timeout: float = 30.0) -> TriggerEv
     finally:
         with anyio.CancelScope(shield=True):
             await rebuilt.cleanup()
+            await close_shared_clients()
     raise AssertionError(f"{classpath}.run() returned without yielding an event")
 
 

@@ -9,12 +9,14 @@ working unchanged.
 from __future__ import annotations
 
 import inspect
+import random
 from collections.abc import AsyncIterator
 from typing import Any, ClassVar
 
+import anyio
 import structlog
 
-from deferrun.exceptions import SerializationError
+from deferrun.exceptions import SerializationError, TransientError
 from deferrun.serialization import classpath_of
 
 _SIGNATURES: dict[type, inspect.Signature | None] = {}
@@ -129,3 +131,48 @@ class BaseTrigger:
             kwargs = getattr(self, "_init_kwargs", {})
         args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
         return f"{type(self).__qualname__}({args})"
+
+
+class PollingTrigger(BaseTrigger):
+    """A trigger that checks a condition every ``poll_interval`` seconds.
+
+    Implement ``async def poll(self) -> TriggerEvent | None``: return an event when the
+    condition holds, None while it does not; raise ``TransientError`` for a failure worth
+    retrying (with exponential backoff up to ``max_backoff``), anything else to fail the task.
+    Sensors in poke and reschedule mode call the same ``poll()``, so both paths agree.
+    """
+
+    poll_interval: float = 5.0
+    max_backoff: float = 300.0
+
+    async def poll(self) -> TriggerEvent | None:
+        raise NotImplementedError(f"{type(self).__qualname__} must implement async def poll()")
+
+    def _jittered(self, seconds: float) -> float:
+        # +-10 % so a thousand triggers deferred together do not poll in lockstep forever
+        return seconds * random.uniform(0.9, 1.1)
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        failures = 0
+        while True:
+            try:
+                event = await self.poll()
+            except TransientError as exc:
+                failures += 1
+                delay = min(
+                    self.poll_interval * 2 ** min(failures, 16),
+                    max(self.max_backoff, self.poll_interval),
+                )
+                self.log.warning(
+                    "poll failed; retrying",
+                    error=str(exc),
+                    attempt=failures,
+                    retry_in=round(delay, 2),
+                )
+                await anyio.sleep(self._jittered(delay))
+                continue
+            failures = 0
+            if event is not None:
+                yield event
+                return
+            await anyio.sleep(self._jittered(self.poll_interval))

@@ -20,6 +20,7 @@ import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from deferrun import config, serialization
+from deferrun.connections import close_shared_clients, redact
 from deferrun.exceptions import SerializationError
 from deferrun.liveness import heartbeat_loop, new_process_id
 from deferrun.metrics import Metrics
@@ -124,6 +125,7 @@ class Triggerer:
                 tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
+                await close_shared_clients()
                 try:
                     await self.store.deregister_process(self.id)
                 except Exception as exc:
@@ -210,7 +212,7 @@ class Triggerer:
         else:
             self.failures_total += 1
             self.metrics.trigger_failures.inc()
-        self._emit(FAILED, run.claimed.id, method, serialization.dumps({"error": error}))
+        self._emit(FAILED, run.claimed.id, method, serialization.dumps({"error": redact(error)}))
 
     async def _run_trigger(self, run: _Running) -> None:
         claimed = run.claimed

@@ -24,6 +24,7 @@ import anyio.to_thread
 import structlog
 
 from deferrun import config, serialization
+from deferrun.connections import close_shared_clients, redact
 from deferrun.exceptions import (
     ClassLoadError,
     FailTask,
@@ -78,7 +79,8 @@ class _Running:
 
 
 def format_error(exc: BaseException) -> str:
-    return "".join(traceback.format_exception(exc)).rstrip()
+    """The traceback as stored in the task row, with every known secret redacted."""
+    return redact("".join(traceback.format_exception(exc)).rstrip())
 
 
 def prepare_deferral(signal: TaskDeferred) -> Deferral:
@@ -174,6 +176,7 @@ class Worker:
         finally:
             with anyio.CancelScope(shield=True):
                 await self.store.deregister_process(self.id)
+                await close_shared_clients()
             log.info("worker stopped", worker_id=self.id, tasks_done=self.tasks_done)
 
     async def _claim_loop(self, slots_tg: anyio.abc.TaskGroup) -> None:

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pgcluster import PgCluster, find_bindir
+from pgcluster import PgCluster, find_bindir, free_port
+from services import FakeServices, Moto, start_moto
 
 from deferrun.store import Store, make_store
 
@@ -155,3 +156,48 @@ def wait_until(
             break
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+
+
+@pytest.fixture(scope="session")
+def services() -> Iterator[FakeServices]:
+    svc = FakeServices()
+    svc.start()
+    try:
+        yield svc
+    finally:
+        svc.stop()
+
+
+@pytest.fixture(scope="session")
+def moto() -> Iterator[Moto]:
+    server = start_moto(free_port())
+    try:
+        yield server
+    finally:
+        server.server.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_app_user(pg_cluster: PgCluster) -> tuple[str, str]:
+    """A password-checked role: pg_hba asks it for scram-sha-256 (everyone else: trust)."""
+    import anyio
+    import asyncpg
+
+    user, password = "deferrun_app", "pg-Pa55-w0rd"
+    hba = pg_cluster.datadir / "pg_hba.conf"
+    rules = f"host all {user} 127.0.0.1/32 scram-sha-256\n"
+    hba_text = hba.read_text() if hba.exists() else ""
+    if rules not in hba_text:
+        hba.write_text(rules + hba_text)
+
+    async def create() -> None:
+        conn = await asyncpg.connect(pg_cluster.url())
+        try:
+            await conn.execute("SET password_encryption = 'scram-sha-256'")
+            await conn.execute(f"CREATE ROLE {user} LOGIN PASSWORD '{password}'")
+        finally:
+            await conn.close()
+
+    anyio.run(create)
+    pg_cluster.reload()
+    return user, password

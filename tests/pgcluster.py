@@ -103,6 +103,9 @@ class PgCluster:
     def stop(self, mode: str = "fast") -> None:
         self._run("pg_ctl", "-D", str(self.datadir), "-m", mode, "-w", "stop", check=False)
 
+    def reload(self) -> None:
+        self._run("pg_ctl", "-D", str(self.datadir), "reload")
+
     def restart(self) -> None:
         self.stop("fast")
         self.start()

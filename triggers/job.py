@@ -1,0 +1,140 @@
+"""External job status triggers: REST job services (dbt Cloud, Databricks-style) and AWS Glue.
+
+Both fire on a terminal state with ``{"status": "success" | "failed", "state": raw,
+"body": {...}}``; deciding what a failed run means is the operator's job (RunJobOperator and
+JobRunSensor raise).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from deferrun.clients import aws_client, dotted
+from deferrun.exceptions import TransientError
+from deferrun.trigger import PollingTrigger, TriggerEvent
+from triggers.http import raise_for_auth, request
+from triggers.s3 import classify
+
+DEFAULT_SUCCESS_STATES = ("SUCCESS", "SUCCEEDED", "SUCCESSFUL", "COMPLETED", "COMPLETE", "DONE")
+DEFAULT_FAILURE_STATES = (
+    "FAILED",
+    "FAILURE",
+    "ERROR",
+    "CANCELLED",
+    "CANCELED",
+    "TIMEOUT",
+    "TIMED_OUT",
+    "TIMEDOUT",
+    "STOPPED",
+    "INTERNAL_ERROR",
+    "SKIPPED",
+)
+
+
+def _norm(states: Sequence[str]) -> set[str]:
+    return {str(s).upper() for s in states}
+
+
+def terminal_event(
+    state: Any, body: Any, success: set[str], failure: set[str]
+) -> TriggerEvent | None:
+    key = str(state).upper()
+    if key in success:
+        return TriggerEvent({"status": "success", "state": state, "body": body})
+    if key in failure:
+        return TriggerEvent({"status": "failed", "state": state, "body": body})
+    return None
+
+
+class JobStatusTrigger(PollingTrigger):
+    """Polls a job run's status endpoint until ``status_field`` reaches a terminal state.
+
+    ``status_field`` is a dotted path into the JSON body (``"state.life_cycle_state"`` for
+    Databricks, ``"data.status_humanized"`` for dbt Cloud). States compare case-insensitively.
+    A 404 is tolerated for ``not_found_grace`` seconds (run ids can take a moment to appear),
+    then fails the task; 401/403 fail at once; 5xx and network errors are retried.
+    """
+
+    def __init__(
+        self,
+        status_endpoint: str,
+        http_conn_id: str,
+        status_field: str = "status",
+        success_states: Sequence[str] = DEFAULT_SUCCESS_STATES,
+        failure_states: Sequence[str] = DEFAULT_FAILURE_STATES,
+        poll_interval: float = 10.0,
+        not_found_grace: float = 60.0,
+    ) -> None:
+        self.status_endpoint = status_endpoint
+        self.http_conn_id = http_conn_id
+        self.status_field = status_field
+        self.success_states = list(success_states)
+        self.failure_states = list(failure_states)
+        self.poll_interval = poll_interval
+        self.not_found_grace = not_found_grace
+        self._first_poll: float | None = None
+
+    async def poll(self) -> TriggerEvent | None:
+        what = f"job status {self.status_endpoint} on {self.http_conn_id!r}"
+        if self._first_poll is None:
+            self._first_poll = time.monotonic()
+        status, body = await request(
+            self.http_conn_id, "GET", self.status_endpoint, None, None, what
+        )
+        raise_for_auth(status, body, self.http_conn_id, what)
+        if status == 404:
+            if time.monotonic() - self._first_poll > self.not_found_grace:
+                raise LookupError(
+                    f"{what}: the job run was not found (HTTP 404 for {self.not_found_grace:g}s)"
+                )
+            return None
+        if status >= 500 or status in (408, 429):
+            raise TransientError(f"{what}: HTTP {status}")
+        if not 200 <= status < 300:
+            raise RuntimeError(f"{what}: HTTP {status}: {str(body)[:300]}")
+        try:
+            state = dotted(body, self.status_field)
+        except (KeyError, IndexError, TypeError) as exc:
+            raise ValueError(
+                f"{what}: {exc}; set status_field to where the run's state is"
+            ) from None
+        event = terminal_event(state, body, _norm(self.success_states), _norm(self.failure_states))
+        if event is None:
+            self.log.debug("job still running", state=state)
+        return event
+
+
+class GlueJobRunTrigger(PollingTrigger):
+    """Waits for an AWS Glue job run (``glue.get_job_run``) to reach a terminal state."""
+
+    SUCCESS = ("SUCCEEDED",)
+    FAILURE = ("FAILED", "ERROR", "STOPPED", "TIMEOUT", "EXPIRED")
+
+    def __init__(
+        self,
+        job_name: str,
+        run_id: str,
+        aws_conn_id: str = "aws_default",
+        poll_interval: float = 10.0,
+    ) -> None:
+        self.job_name = job_name
+        self.run_id = run_id
+        self.aws_conn_id = aws_conn_id
+        self.poll_interval = poll_interval
+
+    async def poll(self) -> TriggerEvent | None:
+        what = f"Glue job {self.job_name!r} run {self.run_id!r}"
+        try:
+            client = await aws_client("glue", self.aws_conn_id)
+            response = await client.get_job_run(JobName=self.job_name, RunId=self.run_id)
+        except Exception as exc:
+            raise classify(exc, what) from exc
+        run = response["JobRun"]
+        body = {
+            k: v
+            for k, v in run.items()
+            if k in ("Id", "JobName", "JobRunState", "ErrorMessage", "ExecutionTime", "Attempt")
+        }
+        return terminal_event(run["JobRunState"], body, set(self.SUCCESS), set(self.FAILURE))
