@@ -17,6 +17,15 @@ import psutil
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 
+# The test suite's throwaway-PostgreSQL and service helpers live in tests/.
+if str(REPO / "tests") not in sys.path:
+    sys.path.insert(0, str(REPO / "tests"))
+
+from pgcluster import free_port  # noqa: E402
+from services import FakeServices  # noqa: E402
+
+__all__ = ["FakeServices", "free_port"]
+
 
 def machine() -> dict[str, Any]:
     return {
@@ -119,7 +128,6 @@ def wait_for(predicate: Any, timeout: float, interval: float = 0.2) -> None:
 
 def start_pg_cluster() -> Any:
     """A throwaway PostgreSQL cluster (the test suite's helper, tests/pgcluster.py)."""
-    sys.path.insert(0, str(REPO / "tests"))
     from pgcluster import PgCluster, find_bindir
 
     bindir = find_bindir()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
 import tempfile
 import threading
 import time
@@ -23,14 +22,19 @@ from typing import Any
 import anyio
 from aiohttp import ClientSession, web
 
-from benchmarks._harness import REPO, Process, env_for, machine, table, wait_for, write_json
+from benchmarks._harness import (
+    FakeServices,
+    Process,
+    env_for,
+    free_port,
+    machine,
+    table,
+    wait_for,
+    write_json,
+)
 from deferrun.client import build_task
 from deferrun.sensors import HttpSensor, S3KeySensor
 from deferrun.store import open_store
-
-sys.path.insert(0, str(REPO / "tests"))
-from pgcluster import free_port
-from services import FakeServices
 
 
 class CountingProxy:

@@ -8,7 +8,7 @@ from typing import Any
 
 import anyio
 
-from deferrun import BaseOperator, BaseTrigger, Context, TriggerEvent
+from deferrun import BaseOperator, BaseSensor, BaseTrigger, Context, TriggerEvent
 
 
 class StampTrigger(BaseTrigger):
@@ -36,3 +36,76 @@ class Roundtrip(BaseOperator):
 
     def resume(self, context: Context, event: Any = None) -> Any:
         return {**event, "resumed": time.time()}
+
+
+class AtMoment(BaseOperator):
+    """Defers on a DateTimeTrigger at epoch ``at``; the result says when it resumed."""
+
+    def __init__(self, *, at: float, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.at = at
+
+    def execute(self, context: Context) -> Any:
+        from datetime import UTC, datetime
+
+        from triggers.time import DateTimeTrigger
+
+        self.defer(
+            trigger=DateTimeTrigger(moment=datetime.fromtimestamp(self.at, UTC)),
+            method_name="resume",
+        )
+
+    def resume(self, context: Context, event: Any = None) -> Any:
+        return {"at": self.at, "resumed": time.time()}
+
+
+def _record(path: str, kind: str, start: float) -> None:
+    with open(path, "a") as f:  # small O_APPEND writes: whole lines, safe across threads
+        f.write(f"{kind} {start:.6f} {time.time():.6f}\n")
+
+
+class BenchSensor(BaseSensor):
+    """True once epoch ``ready_at`` has passed; logs every slot occupancy to ``log``."""
+
+    def __init__(self, *, ready_at: float, log: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.ready_at = ready_at
+        self.log_path = log
+
+    def poke(self, context: Context) -> Any:
+        return time.time() >= self.ready_at
+
+    def trigger(self) -> BaseTrigger:
+        from datetime import UTC, datetime
+
+        from triggers.time import DateTimeTrigger
+
+        return DateTimeTrigger(moment=datetime.fromtimestamp(self.ready_at, UTC))
+
+    def execute(self, context: Context) -> Any:
+        start = time.time()
+        try:
+            return super().execute(context)
+        finally:  # also when it defers or reschedules: the slot is released then
+            _record(self.log_path, "sensor", start)
+
+    def execute_complete(self, context: Context, event: Any = None) -> Any:
+        start = time.time()
+        try:
+            return super().execute_complete(context, event)
+        finally:
+            _record(self.log_path, "sensor", start)
+
+
+class Compute(BaseOperator):
+    """Holds its slot for ``seconds`` (sleeping: slot-bound, not CPU-bound, on purpose)."""
+
+    def __init__(self, *, seconds: float, log: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.seconds = seconds
+        self.log_path = log
+
+    def execute(self, context: Context) -> Any:
+        start = time.time()
+        time.sleep(self.seconds)
+        _record(self.log_path, "compute", start)

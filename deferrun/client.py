@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -78,6 +78,12 @@ class AsyncClient:
         task = build_task(operator)
         await (await self._get_store()).submit(task)
         return task.id
+
+    async def submit_many(self, operators: Sequence[BaseOperator]) -> list[str]:
+        """Submit several operators in one transaction; all are refused if one is."""
+        tasks = [build_task(op) for op in operators]
+        await (await self._get_store()).submit_many(tasks)
+        return [t.id for t in tasks]
 
     async def submit_classpath(self, classpath: str, kwargs: dict[str, Any] | None = None) -> str:
         """Submit by name (the CLI's path): the class is loaded and checked here first."""
@@ -176,6 +182,9 @@ class Client:
     async def _store_submit(self, task: NewTask) -> str:
         await (await self._async._get_store()).submit(task)
         return task.id
+
+    def submit_many(self, operators: Sequence[BaseOperator]) -> list[str]:
+        return self._call(self._async.submit_many, list(operators))
 
     def get(self, task_id: str) -> TaskInfo:
         return self._call(self._async.get, task_id)

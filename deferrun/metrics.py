@@ -50,6 +50,27 @@ class Metrics:
         self.trigger_timeouts = Counter(
             "deferrun_trigger_timeouts", "Deferrals that timed out in this triggerer", registry=r
         )
+        self.fire_lateness = Histogram(
+            "deferrun_timer_fire_lateness_seconds",
+            "How long after its moment a time trigger fired (timer heap)",
+            buckets=(
+                0.001,
+                0.0025,
+                0.005,
+                0.01,
+                0.025,
+                0.05,
+                0.1,
+                0.25,
+                0.5,
+                1.0,
+                2.5,
+                5.0,
+                10.0,
+                30.0,
+            ),
+            registry=r,
+        )
         self.loop_lag = Histogram(
             "deferrun_loop_lag_seconds",
             "How late the event loop ran a 50 ms tick",

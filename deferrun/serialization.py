@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import decimal
+import functools
 import importlib
 import inspect
 import re
@@ -209,7 +210,29 @@ def classpath_of(cls: type) -> str:
     return f"{module}.{qualname}"
 
 
+@functools.lru_cache(maxsize=4096)
+def _signature(cls: type) -> inspect.Signature | None:
+    try:
+        return inspect.signature(cls)
+    except (TypeError, ValueError):
+        return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _load_class_cached(classpath: str, base: type) -> type:
+    return _load_class(classpath, base)
+
+
 def load_class(classpath: str, base: type[T]) -> type[T]:
+    """Import the class named by ``classpath`` and check it is a subclass of ``base``.
+
+    Successful loads are cached (a triggerer loads the same few classes 100,000 times);
+    failures are not, so a module deployed later is found then.
+    """
+    return _load_class_cached(classpath, base)
+
+
+def _load_class(classpath: str, base: type[T]) -> type[T]:
     """Import the class named by ``classpath`` and check it is a subclass of ``base``.
 
     Only the module part is imported; the attribute is looked up, never called, and anything
@@ -257,9 +280,8 @@ def load_class(classpath: str, base: type[T]) -> type[T]:
 
 def check_kwargs_fit(cls: type, kwargs: dict[str, Any], what: str) -> None:
     """Fail with a readable message when ``kwargs`` cannot be passed to ``cls(...)``."""
-    try:
-        sig = inspect.signature(cls)
-    except (TypeError, ValueError):
+    sig = _signature(cls)
+    if sig is None:
         return
     try:
         sig.bind(**kwargs)

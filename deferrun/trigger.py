@@ -116,6 +116,15 @@ class BaseTrigger:
     async def cleanup(self) -> None:
         """Release what ``run()`` held. Runs on fire, failure, timeout, cancel and shutdown."""
 
+    def timer(self) -> tuple[float, Any] | None:
+        """``(fire_at, payload)`` if this trigger does nothing but wait for a moment.
+
+        The triggerer then keeps it in one shared timer heap instead of running ``run()`` as a
+        task of its own (a few hundred bytes instead of several KB). The default, None, runs
+        ``run()``.
+        """
+        return None
+
     @property
     def log(self) -> Any:
         if self._log is None:

@@ -76,6 +76,7 @@ class _Running:
     thread_ident: int | None = None
     cancel_reason: str | None = None
     recording: bool = False
+    started: float = field(default_factory=time.monotonic)
 
 
 def format_error(exc: BaseException) -> str:
@@ -244,9 +245,12 @@ class Worker:
         """Stop local runs of tasks that are no longer ours (cancelled, or reassigned)."""
         if not self.running:
             return
+        # Only runs that began before we asked can be judged: a claim committing while the
+        # query is in flight is ours but absent from its answer.
+        asked = time.monotonic()
         owned = await self.store.owned_task_ids(self.id)
         for task_id, run in list(self.running.items()):
-            if task_id not in owned and not run.recording:
+            if task_id not in owned and not run.recording and run.started < asked:
                 log.warning(
                     "task is no longer ours (cancelled, or reassigned after a missed "
                     "heartbeat); stopping it",
@@ -415,10 +419,11 @@ class Worker:
 
     async def _record(self, run: _Running, outcome: Any) -> None:
         task = run.claimed
-        if outcome is None:  # cancelled or taken away: the row says what happens next
-            if run.cancel_reason == "shutdown":
-                await self.store.requeue_task(task.id, self.id)
-                log.info("task re-queued at shutdown")
+        if outcome is None:  # stopped before it finished (shutdown, cancelled, taken away)
+            # Fenced on (task, worker, running): a no-op when the task really was cancelled or
+            # taken over, and a safety net when it is still ours, so it is never orphaned.
+            if await self.store.requeue_task(task.id, self.id):
+                log.info("task re-queued", reason=run.cancel_reason)
             return
         state = await self._store_outcome(task, outcome)
         if state is None:

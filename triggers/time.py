@@ -32,6 +32,13 @@ class DateTimeTrigger(BaseTrigger):
     def fire_at(self) -> float:
         return self.moment.timestamp()
 
+    def timer(self) -> tuple[float, Any] | None:
+        # A subclass that overrides run() or cleanup() wants them called: no shortcut then.
+        cls = type(self)
+        if cls.run is not DateTimeTrigger.run or cls.cleanup is not BaseTrigger.cleanup:
+            return None
+        return self.fire_at(), self.moment
+
     async def run(self) -> AsyncIterator[TriggerEvent]:
         target = self.fire_at()
         # Re-check the wall clock after each sleep: monotonic sleeps drift from UTC when the

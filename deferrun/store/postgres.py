@@ -296,19 +296,29 @@ class PostgresStore:
     # -- tasks --------------------------------------------------------------------------------
 
     async def submit(self, task: NewTask) -> None:
+        await self.submit_many([task])
+
+    async def submit_many(self, tasks: Sequence[NewTask]) -> None:
+        if not tasks:
+            return
         async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute(
+            await conn.executemany(
                 f"INSERT INTO deferrun_tasks (id, name, classpath, kwargs, queue, state, "
                 f"max_tries, retry_delay, execution_timeout, ready_at, created_at, updated_at) "
                 f"VALUES ($1, $2, $3, $4, $5, 'queued', $6, $7, $8, {NOW}, {NOW}, {NOW})",
-                task.id,
-                task.name,
-                task.classpath,
-                task.kwargs,
-                task.queue,
-                task.max_tries,
-                task.retry_delay,
-                task.execution_timeout,
+                [
+                    (
+                        t.id,
+                        t.name,
+                        t.classpath,
+                        t.kwargs,
+                        t.queue,
+                        t.max_tries,
+                        t.retry_delay,
+                        t.execution_timeout,
+                    )
+                    for t in tasks
+                ],
             )
             await conn.execute(_notify("tasks"))
 
@@ -509,14 +519,12 @@ class PostgresStore:
         queue_filter = "AND queue = ANY($3::text[])" if queues else "AND $3::text[] IS NOT NULL"
         async with self.pool.acquire() as conn:
             counts = await conn.fetchrow(
-                f"SELECT (SELECT count(*) FROM deferrun_triggers), "
-                f"(SELECT count(*) FROM deferrun_triggers WHERE triggerer_id = $1), "
+                f"SELECT (SELECT count(*) FROM deferrun_triggers WHERE triggerer_id IS NULL), "
                 f"(SELECT count(*) FROM deferrun_processes WHERE role = 'triggerer' "
-                f" AND heartbeat_at >= {NOW} - $2)",
-                triggerer_id,
+                f" AND heartbeat_at >= {NOW} - $1)",
                 self.dead_after,
             )
-            fair = fair_share(limit, counts[0], counts[2], counts[1])
+            fair = fair_share(limit, counts[0], counts[1])
             claim = f"""
                 WITH picked AS (
                     SELECT id FROM deferrun_triggers

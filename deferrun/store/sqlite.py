@@ -386,28 +386,35 @@ class SQLiteStore:
     # -- tasks --------------------------------------------------------------------------------
 
     async def submit(self, task: NewTask) -> None:
+        await self.submit_many([task])
+
+    async def submit_many(self, tasks: Sequence[NewTask]) -> None:
         def job() -> None:
             now = time.time()
-            self.conn.execute(
+            self.conn.executemany(
                 "INSERT INTO tasks (id, name, classpath, kwargs, queue, state, max_tries, "
                 "retry_delay, execution_timeout, ready_at, created_at, updated_at) "
                 "VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?)",
-                (
-                    task.id,
-                    task.name,
-                    task.classpath,
-                    task.kwargs,
-                    task.queue,
-                    task.max_tries,
-                    task.retry_delay,
-                    task.execution_timeout,
-                    now,
-                    now,
-                    now,
-                ),
+                [
+                    (
+                        t.id,
+                        t.name,
+                        t.classpath,
+                        t.kwargs,
+                        t.queue,
+                        t.max_tries,
+                        t.retry_delay,
+                        t.execution_timeout,
+                        now,
+                        now,
+                        now,
+                    )
+                    for t in tasks
+                ],
             )
 
-        await self._write(job, notify=("tasks",))
+        if tasks:
+            await self._write(job, notify=("tasks",))
 
     async def claim_tasks(
         self, worker_id: str, queues: Sequence[str], limit: int
@@ -636,10 +643,9 @@ class SQLiteStore:
         def job() -> list[ClaimedTrigger]:
             c = self.conn
             now = time.time()
-            total, owned = c.execute(
-                "SELECT count(*), count(*) FILTER (WHERE triggerer_id = ?) FROM triggers",
-                (triggerer_id,),
-            ).fetchone()
+            unclaimed = c.execute(
+                "SELECT count(*) FROM triggers WHERE triggerer_id IS NULL"
+            ).fetchone()[0]
             live = c.execute(
                 "SELECT count(*) FROM processes WHERE role = 'triggerer' AND heartbeat_at >= ?",
                 (now - self.dead_after,),
@@ -653,7 +659,7 @@ class SQLiteStore:
                 f"RETURNING id, task_id, classpath, kwargs, deadline"
             )
             rows: list[Any] = []
-            fair = fair_share(limit, total, live, owned)
+            fair = fair_share(limit, unclaimed, live)
             if fair > 0:
                 rows = c.execute(sql, (triggerer_id, now, *queues, fair)).fetchall()
             if len(rows) < limit:  # left unclaimed for a while: anyone with room takes them
