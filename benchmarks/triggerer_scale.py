@@ -111,7 +111,9 @@ async def _results(db: str, n: int) -> list[Any]:
         await store.close()
 
 
-def run_one(db: str, n: int, workdir: Path, defer_rate_guess: float) -> dict[str, Any]:
+def run_one(
+    db: str, n: int, workdir: Path, defer_rate_guess: float, workers: int = 1
+) -> dict[str, Any]:
     env = env_for(db)
     port = free_port()
     triggerer = Process(
@@ -127,13 +129,16 @@ def run_one(db: str, n: int, workdir: Path, defer_rate_guess: float) -> dict[str
         env,
         workdir / f"triggerer-{n}.log",
     )
-    wport = free_port()
-    worker = Process(
-        ["worker", "--slots", "16", "--metrics-port", str(wport), "--metrics-host", "127.0.0.1"],
-        env,
-        workdir / f"worker-{n}.log",
-    )
-    out: dict[str, Any] = {"n": n}
+    wports = [free_port() for _ in range(workers)]
+    worker_procs = [
+        Process(
+            ["worker", "--slots", "16", "--metrics-port", str(wp), "--metrics-host", "127.0.0.1"],
+            env,
+            workdir / f"worker-{n}-{i}.log",
+        )
+        for i, wp in enumerate(wports)
+    ]
+    out: dict[str, Any] = {"n": n, "workers": workers}
     try:
         wait_for(lambda: gauge(scrape(port), "deferrun_triggers_running") is not None, 30, 0.3)
         time.sleep(1.0)
@@ -147,7 +152,7 @@ def run_one(db: str, n: int, workdir: Path, defer_rate_guess: float) -> dict[str
         anyio.run(_submit, db, ops)
         submitted = time.perf_counter() - t0
         # Counted by the worker itself: early moments may fire before the last task defers.
-        wait_for(lambda: deferred_count(wport) >= n, 900, 0.2)
+        wait_for(lambda: sum(deferred_count(wp) for wp in wports) >= n, 900, 0.2)
         defer_seconds = time.perf_counter() - t0
         wait_for(lambda: (gauge(scrape(port), "deferrun_triggers_running") or 0) >= n, 300, 0.5)
         claimed_seconds = time.perf_counter() - t0
@@ -195,7 +200,8 @@ def run_one(db: str, n: int, workdir: Path, defer_rate_guess: float) -> dict[str
         )
     finally:
         triggerer.stop()
-        worker.stop()
+        for worker in worker_procs:
+            worker.stop()
     return out
 
 
@@ -225,6 +231,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="1000,10000,100000")
     parser.add_argument("--backends", default="sqlite,postgres")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes, 16 slots each")
     parser.add_argument(
         "--defer-rate-guess",
         type=float,
@@ -244,7 +251,7 @@ def main() -> None:
                 db = cluster.create_database()
             else:
                 db = f"sqlite:///{workdir / f'scale-{n}.db'}"
-            row = run_one(db, n, workdir, rate_guess)
+            row = run_one(db, n, workdir, rate_guess, args.workers)
             rate_guess = row["defer_rate_per_s"]  # schedule the next, larger run after it
             row["backend"] = backend
             rows.append(row)
@@ -264,6 +271,7 @@ def main() -> None:
             [
                 "backend",
                 "N",
+                "workers",
                 "defer/s",
                 "B/trigger",
                 "CPU waiting",
@@ -276,6 +284,7 @@ def main() -> None:
                 [
                     r["backend"],
                     r["n"],
+                    r["workers"],
                     r["defer_rate_per_s"],
                     r["bytes_per_trigger"],
                     f"{r['cpu_while_waiting_pct']} %",

@@ -88,6 +88,7 @@ class Triggerer:
         self.health: dict[str, float] = {}
         self.poll_interval = poll_interval
         self.reconcile_interval = reconcile_interval
+        self.claim_debounce = 0.02
         self.cleanup_timeout = cleanup_timeout
         self.id = process_id or new_process_id("triggerer")
         self.running: dict[int, _Running | _Timer] = {}
@@ -178,7 +179,10 @@ class Triggerer:
                     await self._reconcile()
             except Exception as exc:
                 log.error("claiming triggers failed; retrying", error=repr(exc))
-            await self._wakeup.wait(self.poll_interval)
+            if await self._wakeup.wait(self.poll_interval):
+                # Deferrals arrive in bursts, one notification each: gather them for one
+                # claim instead of one claim per trigger (not on the event->resume path).
+                await anyio.sleep(self.claim_debounce)
 
     async def _reconcile(self) -> None:
         """Stop triggers whose row is gone (task cancelled, timed out or taken over)."""

@@ -132,6 +132,7 @@ class Worker:
         self.dead_after = config.dead_after() if dead_after is None else dead_after
         self.health: dict[str, float] = {}
         self.record_retry_for = 120.0
+        self.claim_debounce = 0.002
         self.poll_interval = poll_interval
         self.grace_period = grace_period
         self.id = process_id or new_process_id("worker")
@@ -196,7 +197,8 @@ class Worker:
             except Exception as exc:
                 log.error("claiming tasks failed; retrying", error=repr(exc))
                 wait = self.poll_interval
-            await self._wakeup.wait(wait)
+            if await self._wakeup.wait(wait):
+                await anyio.sleep(self.claim_debounce)  # one claim for a burst of arrivals
 
     async def _idle_wait(self) -> float:
         due = await self.store.next_due(self.queues)

@@ -63,6 +63,29 @@ _CLAIMED_TASK_COLUMNS = """id, name, classpath, kwargs, queue, try_number, max_t
     retry_delay, execution_timeout, next_method, next_kwargs, event, try_started_at, created_at"""
 
 
+async def _no_reset(_conn: asyncpg.Connection) -> None:
+    """Skip asyncpg's reset-on-release round trip (UNLISTEN *, RESET ALL, ...).
+
+    Pooled connections hold no session state here: LISTEN lives on its own connection and
+    the only advisory lock is transaction-scoped. Measured: 8 % of a deferring worker's CPU.
+    """
+
+
+def _queue_match(queues: Sequence[str], param: int) -> str:
+    """SQL matching the worker's queues.
+
+    One queue (the common case) is an equality, so the planner walks the (queue, ready_at)
+    index in order and stops at LIMIT; ``= ANY(array)`` on the leading column makes it read
+    and sort every runnable row instead. Measured: the claim was most of PostgreSQL's CPU
+    with 20,000 tasks queued.
+    """
+    return f"queue = ${param}" if len(queues) == 1 else f"queue = ANY(${param}::text[])"
+
+
+def _queue_param(queues: Sequence[str]) -> str | list[str]:
+    return queues[0] if len(queues) == 1 else list(queues)
+
+
 def _notify(channel: Channel) -> str:
     return f"SELECT pg_notify('{CHANNELS[channel]}', '')"
 
@@ -89,7 +112,11 @@ class PostgresStore:
         safe = config.redact_url(self.url)
         try:
             self._pool = await asyncpg.create_pool(
-                self.url, min_size=1, max_size=self.pool_size, command_timeout=60
+                self.url,
+                min_size=1,
+                max_size=self.pool_size,
+                command_timeout=60,
+                reset=_no_reset,
             )
         except (OSError, asyncpg.PostgresError, ValueError) as exc:
             raise ConfigError(f"cannot connect to {safe}: {exc}") from exc
@@ -331,7 +358,7 @@ class PostgresStore:
             f"""
             WITH picked AS (
                 SELECT id FROM deferrun_tasks
-                WHERE state IN {RUNNABLE} AND queue = ANY($2::text[]) AND ready_at <= {NOW}
+                WHERE state IN {RUNNABLE} AND {_queue_match(queues, 2)} AND ready_at <= {NOW}
                 ORDER BY ready_at LIMIT $3
                 FOR UPDATE SKIP LOCKED)
             UPDATE deferrun_tasks t SET
@@ -345,7 +372,7 @@ class PostgresStore:
             RETURNING {", ".join("t." + c.strip() for c in _CLAIMED_TASK_COLUMNS.split(","))}
             """,
             worker_id,
-            list(queues),
+            _queue_param(queues),
             limit,
         )
         return [ClaimedTask(*r) for r in rows]
@@ -356,8 +383,8 @@ class PostgresStore:
         # Due times are on the server's clock; hand back a local time for the local sleep.
         row = await self.pool.fetchrow(
             f"SELECT min(ready_at), {NOW} FROM deferrun_tasks "
-            f"WHERE state IN {RUNNABLE} AND queue = ANY($1::text[])",
-            list(queues),
+            f"WHERE state IN {RUNNABLE} AND {_queue_match(queues, 1)}",
+            _queue_param(queues),
         )
         if row is None or row[0] is None:
             return None
@@ -424,37 +451,40 @@ class PostgresStore:
         return status.endswith(" 1")
 
     async def defer_task(self, task_id: str, worker_id: str, deferral: Deferral) -> int | None:
-        async with self.pool.acquire() as conn, conn.transaction():
-            queue = await conn.fetchval(
-                "SELECT queue FROM deferrun_tasks WHERE id = $1 AND state = 'running' "
-                "AND worker_id = $2 FOR UPDATE",
-                task_id,
-                worker_id,
-            )
-            if queue is None:
-                return None
-            await conn.execute("DELETE FROM deferrun_triggers WHERE task_id = $1", task_id)
-            trigger_id = await conn.fetchval(
-                f"INSERT INTO deferrun_triggers (task_id, classpath, kwargs, queue, deadline, "
-                f"created_at) VALUES ($1, $2, $3, $4, $5, {NOW}) RETURNING id",
-                task_id,
-                deferral.classpath,
-                deferral.kwargs,
-                queue,
-                deferral.deadline,
-            )
-            await conn.execute(
-                f"UPDATE deferrun_tasks SET state = 'deferred', worker_id = NULL, "
-                f"next_method = $2, next_kwargs = $3, event = NULL, trigger_id = $4, "
-                f"defer_deadline = $5, updated_at = {NOW} WHERE id = $1",
-                task_id,
-                deferral.method_name,
-                deferral.method_kwargs,
-                trigger_id,
-                deferral.deadline,
-            )
-            await conn.execute(_notify("triggers"))
-        return int(trigger_id)
+        # One statement, one round trip: lock the running task, store its trigger, move the
+        # task to deferred and wake the triggerers - or nothing at all if the fence fails.
+        trigger_id = await self.pool.fetchval(
+            f"""
+            WITH task AS (
+                SELECT id, queue FROM deferrun_tasks
+                WHERE id = $1 AND state = 'running' AND worker_id = $2
+                FOR UPDATE),
+            trig AS (
+                INSERT INTO deferrun_triggers (task_id, classpath, kwargs, queue, deadline,
+                                               created_at)
+                SELECT id, $3, $4, queue, $5, {NOW} FROM task
+                ON CONFLICT (task_id) DO UPDATE SET
+                    classpath = excluded.classpath, kwargs = excluded.kwargs,
+                    queue = excluded.queue, deadline = excluded.deadline,
+                    created_at = excluded.created_at, triggerer_id = NULL
+                RETURNING id, task_id),
+            moved AS (
+                UPDATE deferrun_tasks t SET
+                    state = 'deferred', worker_id = NULL, next_method = $6, next_kwargs = $7,
+                    event = NULL, trigger_id = trig.id, defer_deadline = $5, updated_at = {NOW}
+                FROM trig WHERE t.id = trig.task_id
+                RETURNING trig.id)
+            SELECT id FROM moved, pg_notify('{CHANNELS["triggers"]}', '')
+            """,
+            task_id,
+            worker_id,
+            deferral.classpath,
+            deferral.kwargs,
+            deferral.deadline,
+            deferral.method_name,
+            deferral.method_kwargs,
+        )
+        return None if trigger_id is None else int(trigger_id)
 
     async def requeue_task(self, task_id: str, worker_id: str) -> bool:
         async with self.pool.acquire() as conn, conn.transaction():
