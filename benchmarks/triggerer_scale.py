@@ -112,7 +112,12 @@ async def _results(db: str, n: int) -> list[Any]:
 
 
 def run_one(
-    db: str, n: int, workdir: Path, defer_rate_guess: float, workers: int = 1
+    db: str,
+    n: int,
+    workdir: Path,
+    defer_rate_guess: float,
+    workers: int = 1,
+    fire_rate: float = 2000.0,
 ) -> dict[str, Any]:
     env = env_for(db)
     port = free_port()
@@ -144,7 +149,7 @@ def run_one(
         time.sleep(1.0)
         idle_rss = triggerer.rss_mib()
         load_estimate = n / defer_rate_guess
-        window = 1.0 + n / 20000  # moments spread over this many seconds: a burst
+        window = max(1.0, n / fire_rate)  # moments spread at fire_rate per second
         fire_base = time.time() + load_estimate * 1.6 + 8.0
         spacing = window / n
         ops = [AtMoment(at=fire_base + i * spacing) for i in range(n)]
@@ -233,6 +238,12 @@ def main() -> None:
     parser.add_argument("--backends", default="sqlite,postgres")
     parser.add_argument("--workers", type=int, default=1, help="worker processes, 16 slots each")
     parser.add_argument(
+        "--fire-rate",
+        type=float,
+        default=2000.0,
+        help="moments are spread so that this many triggers fire per second",
+    )
+    parser.add_argument(
         "--defer-rate-guess",
         type=float,
         default=1000.0,
@@ -251,7 +262,7 @@ def main() -> None:
                 db = cluster.create_database()
             else:
                 db = f"sqlite:///{workdir / f'scale-{n}.db'}"
-            row = run_one(db, n, workdir, rate_guess, args.workers)
+            row = run_one(db, n, workdir, rate_guess, args.workers, args.fire_rate)
             rate_guess = row["defer_rate_per_s"]  # schedule the next, larger run after it
             row["backend"] = backend
             rows.append(row)

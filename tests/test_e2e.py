@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import signal
-import sys
-import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from conftest import Proc, deferrun_env, wait_until
+from tests_support import install_user_module
 
 from deferrun import Client, TaskState
 
@@ -86,13 +85,8 @@ class SlowWork(BaseOperator):
 
 
 @pytest.fixture
-def user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    moddir = tmp_path / "usercode"
-    moddir.mkdir()
-    (moddir / "e2e_ops.py").write_text(textwrap.dedent(USER_MODULE))
-    monkeypatch.syspath_prepend(str(moddir))
-    yield moddir
-    sys.modules.pop("e2e_ops", None)
+def user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    return install_user_module(tmp_path, monkeypatch, "e2e_ops", USER_MODULE)
 
 
 def start_both(

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import signal
-import sys
-import textwrap
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
 import pytest
 from conftest import Proc, deferrun_env, wait_until
 from pgcluster import PgCluster
+from tests_support import install_user_module
 
 from deferrun import Client, TaskState
 from deferrun.store import open_store
@@ -53,13 +52,8 @@ class AtMoment(BaseOperator):
 
 
 @pytest.fixture
-def user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    moddir = tmp_path / "usercode"
-    moddir.mkdir()
-    (moddir / "failover_ops.py").write_text(textwrap.dedent(USER_MODULE))
-    monkeypatch.syspath_prepend(str(moddir))
-    yield moddir
-    sys.modules.pop("failover_ops", None)
+def user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    return install_user_module(tmp_path, monkeypatch, "failover_ops", USER_MODULE)
 
 
 def owners(url: str) -> Counter[str | None]:

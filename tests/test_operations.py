@@ -6,16 +6,16 @@ import json
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from conftest import Proc, deferrun_env, wait_until
 from pgcluster import PgCluster, free_port
+from tests_support import install_user_module
 
 from deferrun import Client, TaskState
 
@@ -82,13 +82,8 @@ class Sleepy(BaseOperator):
 
 
 @pytest.fixture
-def user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    moddir = tmp_path / "usercode"
-    moddir.mkdir()
-    (moddir / "ops_ops.py").write_text(textwrap.dedent(USER_MODULE))
-    monkeypatch.syspath_prepend(str(moddir))
-    yield moddir
-    sys.modules.pop("ops_ops", None)
+def user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    return install_user_module(tmp_path, monkeypatch, "ops_ops", USER_MODULE)
 
 
 def get(url: str) -> tuple[int, str]:

@@ -59,3 +59,17 @@ async def runtime_for(
             for component in (w, t):
                 if component is not None:
                     component.stop()
+
+
+def install_user_module(tmp_path: Path, monkeypatch: Any, name: str, source: str) -> Path:
+    """Write user code as module ``name`` in a temp dir on sys.path (and, through the
+    returned dir, on PYTHONPATH of deferrun subprocesses), as a user deployment would."""
+    import sys
+    import textwrap
+
+    moddir = tmp_path / "usercode"
+    moddir.mkdir(exist_ok=True)
+    (moddir / f"{name}.py").write_text(textwrap.dedent(source))
+    monkeypatch.syspath_prepend(str(moddir))
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    return moddir

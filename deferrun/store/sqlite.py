@@ -713,28 +713,39 @@ class SQLiteStore:
         c.execute("DELETE FROM triggers WHERE id = ?", (trigger_id,))
         return cur.rowcount == 1
 
+    def _resume_many_sync(
+        self, items: list[tuple[int, str | None, str]], clear_kwargs: bool
+    ) -> int:
+        """Re-queue many deferred tasks with their events, at most once each.
+
+        executemany keeps the per-event loop in C: with one Python-level statement per
+        event, a burst of 100,000 timers kept the GIL busy in the database thread and
+        starved the triggerer's event loop (fire lateness of seconds).
+        """
+        now = time.time()
+        c = self.conn
+        cur = c.executemany(
+            "UPDATE tasks SET state = 'queued', event = ?, ready_at = ?, trigger_id = NULL, "
+            "defer_deadline = NULL, updated_at = ?, next_method = coalesce(?, next_method), "
+            "next_kwargs = CASE WHEN ? THEN NULL ELSE next_kwargs END "
+            "WHERE id = (SELECT task_id FROM triggers WHERE id = ?) AND state = 'deferred' "
+            "AND trigger_id = ?",
+            [(event, now, now, method, clear_kwargs, tid, tid) for tid, method, event in items],
+        )
+        resumed = cur.rowcount
+        c.executemany("DELETE FROM triggers WHERE id = ?", [(item[0],) for item in items])
+        return resumed
+
     async def fire_triggers(self, events: Sequence[tuple[int, str]]) -> int:
         if not events:
             return 0
-
-        def job() -> int:
-            now = time.time()
-            return sum(self._resume_sync(None, tid, None, ev, now) for tid, ev in events)
-
-        return await self._write(job, notify=("tasks",))
+        items = [(tid, None, event) for tid, event in events]
+        return await self._write(self._resume_many_sync, items, False, notify=("tasks",))
 
     async def fail_triggers(self, failures: Sequence[tuple[int, str, str]]) -> int:
         if not failures:
             return 0
-
-        def job() -> int:
-            now = time.time()
-            return sum(
-                self._resume_sync(None, tid, method, ev, now, clear_kwargs=True)
-                for tid, method, ev in failures
-            )
-
-        return await self._write(job, notify=("tasks",))
+        return await self._write(self._resume_many_sync, list(failures), True, notify=("tasks",))
 
     async def release_triggers(self, triggerer_id: str, ids: Sequence[int] | None = None) -> int:
         def job() -> int:
