@@ -21,7 +21,7 @@ from deferrun import config, serialization
 from deferrun.client import AsyncClient
 from deferrun.exceptions import DeferrunError
 from deferrun.log import configure_logging
-from deferrun.metrics import Metrics, loop_and_db_health, serve
+from deferrun.metrics import CountingStore, Metrics, loop_and_db_health, serve
 from deferrun.models import FINISHED_STATES, TaskInfo, TaskState
 from deferrun.store import Store, make_store
 from deferrun.tasklogs import TaskLogSink
@@ -170,9 +170,9 @@ async def _serve_metrics(
 
 
 async def _run_processes(args: argparse.Namespace, roles: Sequence[str]) -> int:
-    store = make_store(args.db)
-    await store.open()
     metrics = Metrics()
+    store: Store = CountingStore(make_store(args.db), metrics)  # type: ignore[assignment]
+    await store.open()
     try:
         components: list[Worker | Triggerer] = []
         if "triggerer" in roles:

@@ -7,6 +7,7 @@ Prometheus text format, ``/healthz`` 200 while the event loop and the database a
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable
 from typing import Any
@@ -92,12 +93,43 @@ class Metrics:
             ["state"],
             registry=r,
         )
+        self.store_calls = Counter(
+            "deferrun_store_calls",
+            "Database calls made by this process, by store method",
+            ["method"],
+            registry=r,
+        )
         self.db_healthy = Gauge(
             "deferrun_database_healthy", "1 while heartbeats reach the database", registry=r
         )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class CountingStore:
+    """Wraps a store and counts each call per method (deferrun_store_calls_total).
+
+    Each store method is one database round trip or transaction, so this is the process's
+    database load, broken down by what it was for.
+    """
+
+    def __init__(self, store: Any, metrics: Metrics) -> None:
+        self._store = store
+        self._metrics = metrics
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._store, name)
+        if name.startswith("_") or not inspect.iscoroutinefunction(attr):
+            return attr
+        counter = self._metrics.store_calls.labels(method=name)
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            counter.inc()
+            return await attr(*args, **kwargs)
+
+        setattr(self, name, counted)  # resolved once per method
+        return counted
 
 
 HealthCheck = Callable[[], tuple[bool, dict[str, Any]]]
