@@ -5,7 +5,9 @@
 Measures, against one `deferrun triggerer` and one `deferrun worker --slots 8`:
 - event->resume latency (trigger yields -> resume method starts), p50/p95/p99;
 - full-cycle throughput for --tasks tasks whose triggers fire at once;
-- triggerer RSS with --live time triggers waiting (above its idle RSS).
+- triggerer RSS with --live general (coroutine) triggers waiting, above its idle RSS (time
+  triggers are far cheaper, see benchmarks/triggerer_scale.py).
+  time triggers are far cheaper: see triggerer_scale.py.
 Writes benchmarks/results/cycle-<backend>.json and prints a table.
 """
 
@@ -180,7 +182,7 @@ def main() -> None:
         lt = out["live_triggers"]
         rows += [
             [
-                f"triggerer RSS, {lt['count']} live time triggers",
+                f"triggerer RSS, {lt['count']} live coroutine triggers",
                 f"{lt['triggerer_rss_mib']} MiB (+{lt['rss_above_idle_mib']} MiB, "
                 f"{lt['kib_per_trigger']} KiB/trigger)",
             ],
