@@ -7,7 +7,6 @@ Measures, against one `deferrun triggerer` and one `deferrun worker --slots 8`:
 - full-cycle throughput for --tasks tasks whose triggers fire at once;
 - triggerer RSS with --live general (coroutine) triggers waiting, above its idle RSS (time
   triggers are far cheaper, see benchmarks/triggerer_scale.py).
-  time triggers are far cheaper: see triggerer_scale.py.
 Writes benchmarks/results/cycle-<backend>.json and prints a table.
 """
 
