@@ -8,6 +8,7 @@ fail its own task: every way it can go wrong is caught around that trigger alone
 
 from __future__ import annotations
 
+import gc
 import heapq
 import math
 import time
@@ -35,6 +36,8 @@ from deferrun.worker import format_error
 log = structlog.get_logger("deferrun.triggerer")
 
 FIRED = "fired"
+GC_FREEZE_GROWTH = 5000  # freeze the heap after this many more live triggers (_freeze_loaded)
+GC_UNFREEZE_EVERY = 600.0
 FAILED = "failed"
 
 
@@ -94,6 +97,8 @@ class Triggerer:
         self.running: dict[int, _Running | _Timer] = {}
         self._heap: list[tuple[float, int]] = []
         self._timer_wakeup = Wakeup()
+        self._last_unfreeze = time.monotonic()
+        self._frozen_at = 0
         self.events_total = 0
         self.failures_total = 0
         self.timeouts_total = 0
@@ -172,8 +177,11 @@ class Triggerer:
             try:
                 free = self.capacity - len(self.running)
                 if free > 0:
-                    for claimed in await self.store.claim_triggers(self.id, self.queues, free):
+                    claimed_now = await self.store.claim_triggers(self.id, self.queues, free)
+                    for claimed in claimed_now:
                         self._start(tg, claimed)
+                    if len(self.running) - self._frozen_at >= GC_FREEZE_GROWTH:
+                        self._freeze_loaded()
                 if time.monotonic() - last_reconcile >= self.reconcile_interval:
                     last_reconcile = time.monotonic()
                     await self._reconcile()
@@ -197,6 +205,23 @@ class Triggerer:
 
     async def _heartbeat_loop(self) -> None:
         await heartbeat_loop(self.store, self.id, self.dead_after, None, self.health)
+
+    def _freeze_loaded(self) -> None:
+        """Move what is loaded now out of the cyclic GC's reach.
+
+        With 100,000 live triggers every full collection walks them all, and a burst of
+        firings allocates enough to trigger collections over and over: the loop stalls for
+        seconds (measured: fire lateness p99 of 30 s in a 16,700/s burst). Objects freed by
+        reference counting are unaffected; cyclic garbage among frozen objects waits for the
+        periodic unfreeze.
+        """
+        now = time.monotonic()
+        if now - self._last_unfreeze > GC_UNFREEZE_EVERY:
+            gc.unfreeze()
+            gc.collect()
+            self._last_unfreeze = now
+        gc.freeze()
+        self._frozen_at = len(self.running)
 
     def _describe_task(self, name: str) -> dict[str, Any]:
         """Called from the watchdog thread while the loop is blocked in task ``name``."""
