@@ -204,7 +204,12 @@ def test_sigterm_triggerer_hands_its_triggers_over(
             20,
             message="50 deferred",
         )
-        wait_until(lambda: "trigger waiting" in first.output(), 10, message="triggers running")
+        # SIGTERM with all 50 live: each must then run cleanup() and be handed over.
+        wait_until(
+            lambda: first.output().count("trigger waiting") >= 50,
+            20,
+            message="all 50 triggers running",
+        )
         first.popen.send_signal(signal.SIGTERM)
         assert first.popen.wait(15) == 0
         assert len(marker.read_text().split()) == 50  # every trigger ran cleanup()
