@@ -139,9 +139,7 @@ async def _serve(
         tg.start_soon(on_signals)
         tg.start_soon(sink.run, name="task-log-sink")
         if getattr(args, "metrics_port", None) is not None:
-            await tg.start(
-                _serve_metrics, metrics, args.metrics_host, args.metrics_port, health_check
-            )
+            await tg.start(serve, metrics, args.metrics_host, args.metrics_port, health_check)
         async with anyio.create_task_group() as inner:
             for component in components:
                 inner.start_soon(component.run)
@@ -152,21 +150,6 @@ async def _serve(
                 for component in components:
                     component.stop()
         tg.cancel_scope.cancel()
-
-
-async def _serve_metrics(
-    metrics: Metrics,
-    host: str,
-    port: int,
-    check: Any,
-    *,
-    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
-) -> None:
-    ready = anyio.Event()
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(serve, metrics, host, port, check, ready)
-        await ready.wait()
-        task_status.started()
 
 
 async def _run_processes(args: argparse.Namespace, roles: Sequence[str]) -> int:

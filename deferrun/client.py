@@ -173,10 +173,7 @@ class Client:
                 self._portal_cm = None  # type: ignore[assignment]
 
     def submit(self, operator: BaseOperator) -> str:
-        try:
-            task = build_task(operator)  # raise serialization errors in the caller's thread
-        except SerializationError:
-            raise
+        task = build_task(operator)  # serialization errors raise in the caller's thread
         return self._call(self._store_submit, task)
 
     async def _store_submit(self, task: NewTask) -> str:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import anyio
+import anyio.abc
 import structlog
 from aiohttp import web
 from prometheus_client import (
@@ -148,24 +149,30 @@ def loop_and_db_health(
     db_age = now - last_ok
     worst_lag = max(lags[-100:], default=0.0)
     details = {
+        "database_ok": db_age < dead_after,
         "database_ok_seconds_ago": round(db_age, 3),
         "loop_worst_recent_lag_seconds": round(worst_lag, 3),
     }
-    ok = db_age < dead_after and worst_lag < 5.0
+    ok = details["database_ok"] and worst_lag < 5.0
     return ok, details
 
 
 async def serve(
-    metrics: Metrics, host: str, port: int, check: HealthCheck, ready: anyio.Event | None = None
+    metrics: Metrics,
+    host: str,
+    port: int,
+    check: HealthCheck,
+    *,
+    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve /metrics and /healthz until cancelled."""
+    """Serve /metrics and /healthz until cancelled (``tg.start`` returns once listening)."""
+    metrics.db_healthy.set_function(lambda: 1.0 if check()[1]["database_ok"] else 0.0)
 
     async def metrics_view(_: web.Request) -> web.Response:
         return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def health_view(_: web.Request) -> web.Response:
         ok, details = check()
-        metrics.db_healthy.set(1 if details.get("database_ok_seconds_ago", 0) < 1e9 and ok else 0)
         return web.json_response(
             {"status": "ok" if ok else "unhealthy", **details}, status=200 if ok else 503
         )
@@ -179,8 +186,7 @@ async def serve(
         site = web.TCPSite(runner, host, port)
         await site.start()
         log.info("metrics and health endpoints listening", url=f"http://{host}:{port}/metrics")
-        if ready is not None:
-            ready.set()
+        task_status.started()
         await anyio.sleep_forever()
     finally:
         with anyio.CancelScope(shield=True):

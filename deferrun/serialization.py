@@ -30,8 +30,6 @@ TAG = "__deferrun__"
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder()
 
-_PLAIN = (str, int, float, bool, type(None))
-
 ALLOWED_TYPES_HINT = (
     "str, int, float, bool, None, list, tuple, set, dict with str keys, datetime, date, time, "
     "timedelta, UUID, bytes, Decimal, pathlib paths"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 import random
 from collections.abc import AsyncIterator
-from typing import Any, ClassVar
+from typing import Any
 
 import anyio
 import structlog
@@ -98,7 +98,6 @@ class BaseTrigger:
 
     _init_kwargs: dict[str, Any]
     _log: Any = None
-    _deferrun_base: ClassVar[bool] = True
 
     def __new__(cls, *args: Any, **kwargs: Any) -> BaseTrigger:
         self = super().__new__(cls)

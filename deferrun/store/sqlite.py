@@ -49,7 +49,6 @@ from deferrun.store.local_notify import UdpListener, UdpSender
 from deferrun.store.rows import TASK_INFO_COLUMNS, load_or_raw, task_info
 
 SCHEMA_VERSION = 2
-RUNNABLE = ("queued", "up_for_retry", "up_for_reschedule")
 R = TypeVar("R")
 
 _TASK_INFO_SQL = (
@@ -359,14 +358,7 @@ class SQLiteStore:
                         )
                     }
                 )
-                self._resume_sync(
-                    task_id,
-                    trigger_id,
-                    BaseOperator.DEFERRAL_TIMEOUT_METHOD,
-                    event,
-                    now,
-                    clear_kwargs=True,
-                )
+                self._expire_sync(task_id, trigger_id, event, now)
                 report.timed_out.append(task_id)
             dead = c.execute(
                 "SELECT id FROM processes WHERE heartbeat_at < ?", (cutoff,)
@@ -679,39 +671,15 @@ class SQLiteStore:
 
         return await self._run(job)
 
-    def _resume_sync(
-        self,
-        task_id: str | None,
-        trigger_id: int,
-        method: str | None,
-        event: str,
-        now: float,
-        *,
-        clear_kwargs: bool = False,
-    ) -> bool:
-        """Re-queue a deferred task with its event; the guard makes it happen at most once."""
-        c = self.conn
-        if task_id is None:
-            row = c.execute("SELECT task_id FROM triggers WHERE id = ?", (trigger_id,)).fetchone()
-            if row is None:
-                return False
-            task_id = row[0]
-        sets = (
-            "state = 'queued', event = ?, ready_at = ?, trigger_id = NULL, "
-            "defer_deadline = NULL, updated_at = ?"
+    def _expire_sync(self, task_id: str, trigger_id: int, event: str, now: float) -> None:
+        """Resume a task whose deferral deadline passed into its timeout method, once."""
+        self.conn.execute(
+            "UPDATE tasks SET state = 'queued', event = ?, ready_at = ?, trigger_id = NULL, "
+            "defer_deadline = NULL, updated_at = ?, next_method = ?, next_kwargs = NULL "
+            "WHERE id = ? AND state = 'deferred' AND trigger_id = ?",
+            (event, now, now, BaseOperator.DEFERRAL_TIMEOUT_METHOD, task_id, trigger_id),
         )
-        params: list[Any] = [event, now, now]
-        if method is not None:
-            sets += ", next_method = ?"
-            params.append(method)
-        if clear_kwargs:
-            sets += ", next_kwargs = NULL"
-        cur = c.execute(
-            f"UPDATE tasks SET {sets} WHERE id = ? AND state = 'deferred' AND trigger_id = ?",
-            (*params, task_id, trigger_id),
-        )
-        c.execute("DELETE FROM triggers WHERE id = ?", (trigger_id,))
-        return cur.rowcount == 1
+        self.conn.execute("DELETE FROM triggers WHERE id = ?", (trigger_id,))
 
     def _resume_many_sync(
         self, items: list[tuple[int, str | None, str]], clear_kwargs: bool
