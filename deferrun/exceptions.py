@@ -29,6 +29,12 @@ class ClassLoadError(SerializationError):
     """A stored classpath does not name a class deferrun is allowed to build."""
 
 
+class StoreUnavailable(DeferrunError):
+    """The database cannot be reached right now (connection lost, server down, disk full,
+    locked past the busy timeout). Worth retrying; any other store error means the write
+    itself is bad and retrying it can never succeed."""
+
+
 class TaskNotFound(DeferrunError):
     """No task has this id in the database."""
 
@@ -57,11 +63,12 @@ class TaskDeferred(BaseException):
 
 
 class TaskReschedule(BaseException):
-    """Raised by a reschedule-mode sensor: put the task back, runnable again at ``not_before``."""
+    """Raised by a reschedule-mode sensor: put the task back, runnable again ``delay`` seconds
+    from now (measured on the database's clock, like every other due time)."""
 
-    def __init__(self, not_before: float) -> None:
-        super().__init__(not_before)
-        self.not_before = not_before
+    def __init__(self, delay: float) -> None:
+        super().__init__(delay)
+        self.delay = delay
 
 
 class SkipTask(Exception):

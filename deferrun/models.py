@@ -68,6 +68,9 @@ class ClaimedTask(msgspec.Struct, frozen=True):
     event: str | None
     try_started_at: float
     created_at: float
+    #: fencing token of this claim: every write of its outcome is guarded on it, so a stale
+    #: attempt (its worker was reaped, the task claimed again) can never record anything
+    claim_token: int
 
 
 class ClaimedTrigger(msgspec.Struct, frozen=True):
@@ -75,7 +78,8 @@ class ClaimedTrigger(msgspec.Struct, frozen=True):
     task_id: str
     classpath: str
     kwargs: str
-    deadline: float | None
+    #: seconds left until the deferral times out, on the database's clock (None: no timeout)
+    timeout_in: float | None
 
 
 class Deferral(msgspec.Struct, frozen=True):
@@ -85,7 +89,8 @@ class Deferral(msgspec.Struct, frozen=True):
     kwargs: str
     method_name: str
     method_kwargs: str
-    deadline: float | None
+    #: seconds from now (on the database's clock) until the deferral times out
+    timeout: float | None
 
 
 class TaskInfo(msgspec.Struct, frozen=True):

@@ -90,7 +90,7 @@ class BaseSensor(BaseOperator):
                 self._timed_out(elapsed)
             wait = min(self.poke_interval, self.timeout - elapsed)
             if self.mode == "reschedule":
-                raise TaskReschedule(time.time() + wait)
+                raise TaskReschedule(wait)
             if cancel is not None:
                 cancel.wait(wait)
             else:

@@ -251,8 +251,8 @@ class Triggerer:
             self._start_timer(claimed, *timer)
             return
         scope = anyio.CancelScope()
-        if claimed.deadline is not None:
-            scope.deadline = anyio.current_time() + (claimed.deadline - time.time())
+        if claimed.timeout_in is not None:
+            scope.deadline = anyio.current_time() + claimed.timeout_in
         run = _Running(claimed.id, claimed.task_id, claimed.classpath, scope)
         self.running[claimed.id] = run
         tg.start_soon(self._run_trigger, run, trigger, name=f"trigger:{claimed.id}")
@@ -264,8 +264,8 @@ class Triggerer:
             self._fail(claimed.id, f"{claimed.classpath} has an event that cannot be stored: {exc}")
             return
         due, timed_out = fire_at, False
-        if claimed.deadline is not None and claimed.deadline < fire_at:
-            due, timed_out = claimed.deadline, True
+        if claimed.timeout_in is not None and time.time() + claimed.timeout_in < fire_at:
+            due, timed_out = time.time() + claimed.timeout_in, True
         self.running[claimed.id] = _Timer(claimed.id, claimed.task_id, due, timed_out, payload_json)
         if not self._heap or due < self._heap[0][0]:
             self._timer_wakeup.set()

@@ -107,7 +107,7 @@ def prepare_deferral(signal: TaskDeferred) -> Deferral:
         kwargs=kwargs_json,
         method_name=signal.method_name,
         method_kwargs=serialization.dumps(signal.kwargs, f"defer(kwargs=...) of {classpath}"),
-        deadline=None if timeout is None else time.time() + timeout,
+        timeout=timeout,
     )
 
 
@@ -250,9 +250,13 @@ class Worker:
         # Only runs that began before we asked can be judged: a claim committing while the
         # query is in flight is ours but absent from its answer.
         asked = time.monotonic()
-        owned = await self.store.owned_task_ids(self.id)
+        owned = await self.store.owned_claims(self.id)
         for task_id, run in list(self.running.items()):
-            if task_id not in owned and not run.recording and run.started < asked:
+            if (
+                (task_id, run.claimed.claim_token) not in owned
+                and not run.recording
+                and run.started < asked
+            ):
                 log.warning(
                     "task is no longer ours (cancelled, or reassigned after a missed "
                     "heartbeat); stopping it",
@@ -424,7 +428,7 @@ class Worker:
         if outcome is None:  # stopped before it finished (shutdown, cancelled, taken away)
             # Fenced on (task, worker, running): a no-op when the task really was cancelled or
             # taken over, and a safety net when it is still ours, so it is never orphaned.
-            if await self.store.requeue_task(task.id, self.id):
+            if await self.store.requeue_task(task.id, task.claim_token):
                 log.info("task re-queued", reason=run.cancel_reason)
             return
         state = await self._store_outcome(task, outcome)
@@ -442,7 +446,7 @@ class Worker:
             except SerializationError as exc:
                 outcome = _Failure(f"task result cannot be stored: {exc}", retry=False)
             else:
-                if not await store.complete_task(task.id, self.id, result):
+                if not await store.complete_task(task.id, task.claim_token, result):
                     return None
                 log.info("task succeeded")
                 return "success"
@@ -453,7 +457,7 @@ class Worker:
                 log.error("cannot defer", error=str(exc))
                 outcome = _Failure(f"cannot defer: {exc}", retry=False)
             else:
-                trigger_id = await store.defer_task(task.id, self.id, deferral)
+                trigger_id = await store.defer_task(task.id, task.claim_token, deferral)
                 if trigger_id is None:
                     return None
                 log.info(
@@ -464,17 +468,19 @@ class Worker:
                 )
                 return "deferred"
         if isinstance(outcome, TaskReschedule):
-            if not await store.reschedule_task(task.id, self.id, outcome.not_before):
+            if not await store.reschedule_task(task.id, task.claim_token, outcome.delay):
                 return None
-            log.debug("task rescheduled", not_before=outcome.not_before)
+            log.debug("task rescheduled", delay=outcome.delay)
             return "up_for_reschedule"
         if isinstance(outcome, SkipTask):
-            if not await store.skip_task(task.id, self.id, str(outcome) or None):
+            if not await store.skip_task(task.id, task.claim_token, str(outcome) or None):
                 return None
             log.info("task skipped", reason=str(outcome))
             return "skipped"
         assert isinstance(outcome, _Failure)
-        new_state = await store.fail_task(task.id, self.id, outcome.error, retry=outcome.retry)
+        new_state = await store.fail_task(
+            task.id, task.claim_token, outcome.error, retry=outcome.retry
+        )
         if new_state is not None:
             log.warning("task failed", state=str(new_state), error=outcome.error.splitlines()[-1])
         return None if new_state is None else str(new_state)

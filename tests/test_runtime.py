@@ -71,15 +71,15 @@ async def test_forged_row_is_refused_by_triggerer(store: Store, tmp_path: Path) 
     async with runtime_for(store, worker=False) as rt:
         task_id = await rt.client.submit(DeferOnce())
         await store.register_process("w-fake", "worker", ["default"], 1)
-        await store.claim_tasks("w-fake", ["default"], 1)
+        [claim] = await store.claim_tasks("w-fake", ["default"], 1)
         forged = Deferral(
             classpath="os.system",
             kwargs=f'{{"command": "touch {marker}"}}',
             method_name="resume",
             method_kwargs="{}",
-            deadline=None,
+            timeout=None,
         )
-        await store.defer_task(task_id, "w-fake", forged)
+        await store.defer_task(task_id, claim.claim_token, forged)
         with anyio.fail_after(10):
             while (info := await rt.client.get(task_id)).state is TaskState.DEFERRED:
                 await anyio.sleep(0.05)

@@ -17,13 +17,13 @@ from deferrun.store import Store
 pytestmark = pytest.mark.anyio
 
 
-def deferral(deadline: float | None = None) -> Deferral:
+def deferral(timeout: float | None = None) -> Deferral:
     return Deferral(
         classpath="userland.EchoTrigger",
         kwargs='{"value": 1}',
         method_name="resume",
         method_kwargs='{"k": 2}',
-        deadline=deadline,
+        timeout=timeout,
     )
 
 
@@ -45,7 +45,7 @@ async def test_full_cycle_submit_defer_fire_resume(store: Store) -> None:
     assert claimed.id == task_id and claimed.try_number == 1 and claimed.next_method is None
     assert await store.claim_tasks("w1", ["default"], 10) == []
 
-    trigger_id = await store.defer_task(task_id, "w1", deferral())
+    trigger_id = await store.defer_task(task_id, claimed.claim_token, deferral())
     assert trigger_id is not None
     info = await store.get_task(task_id)
     assert info is not None and info.state is TaskState.DEFERRED
@@ -65,7 +65,11 @@ async def test_full_cycle_submit_defer_fire_resume(store: Store) -> None:
     assert resumed.next_method == "resume" and serialization.loads(resumed.event) == "first"
     assert serialization.loads(resumed.next_kwargs) == {"k": 2}
     assert resumed.try_number == 1  # a resume is not a new try
-    assert await store.complete_task(task_id, "w1", serialization.dumps({"ok": True}))
+    assert resumed.claim_token > claimed.claim_token
+    assert not await store.complete_task(task_id, claimed.claim_token, None)  # stale claim
+    assert await store.complete_task(
+        task_id, resumed.claim_token, serialization.dumps({"ok": True})
+    )
     info = await store.get_task(task_id)
     assert info is not None and info.state is TaskState.SUCCESS and info.result == {"ok": True}
     assert info.finished_at is not None
@@ -73,17 +77,23 @@ async def test_full_cycle_submit_defer_fire_resume(store: Store) -> None:
 
 async def test_stale_worker_cannot_overwrite(store: Store) -> None:
     task_id = await submit(store)
-    await store.claim_tasks("w1", ["default"], 1)
-    assert not await store.complete_task(task_id, "w2", None)
-    assert await store.defer_task(task_id, "w2", deferral()) is None
-    assert await store.fail_task(task_id, "w2", "x", retry=True) is None
+    [claim] = await store.claim_tasks("w1", ["default"], 1)
+    stale = claim.claim_token - 1
+    assert not await store.complete_task(task_id, stale, None)
+    assert await store.defer_task(task_id, stale, deferral()) is None
+    assert await store.fail_task(task_id, stale, "x", retry=True) is None
+    assert not await store.skip_task(task_id, stale, None)
+    assert not await store.reschedule_task(task_id, stale, 0)
+    assert not await store.requeue_task(task_id, stale)
     assert (await store.get_task(task_id)).state is TaskState.RUNNING  # type: ignore[union-attr]
 
 
 async def test_retry_waits_for_retry_delay_then_counts_a_new_try(store: Store) -> None:
     task_id = await submit(store, Flaky(retries=1, retry_delay=0.3))
-    await store.claim_tasks("w1", ["default"], 1)
-    assert await store.fail_task(task_id, "w1", "err", retry=True) is TaskState.UP_FOR_RETRY
+    [claim] = await store.claim_tasks("w1", ["default"], 1)
+    assert await store.fail_task(task_id, claim.claim_token, "err", retry=True) is (
+        TaskState.UP_FOR_RETRY
+    )
     info = await store.get_task(task_id)
     assert info is not None and info.state is TaskState.UP_FOR_RETRY and info.not_before
     assert await store.claim_tasks("w1", ["default"], 1) == []
@@ -92,7 +102,9 @@ async def test_retry_waits_for_retry_delay_then_counts_a_new_try(store: Store) -
     await anyio.sleep(due - time.time() + 0.05)
     [again] = await store.claim_tasks("w1", ["default"], 1)
     assert again.try_number == 2
-    assert await store.fail_task(task_id, "w1", "err2", retry=True) is TaskState.FAILED
+    assert await store.fail_task(task_id, again.claim_token, "err2", retry=True) is (
+        TaskState.FAILED
+    )
     info = await store.get_task(task_id)
     assert info is not None and info.error == "err2" and info.finished
 
@@ -100,7 +112,7 @@ async def test_retry_waits_for_retry_delay_then_counts_a_new_try(store: Store) -
 async def test_reschedule_keeps_try_number_and_try_start(store: Store) -> None:
     task_id = await submit(store)
     [first] = await store.claim_tasks("w1", ["default"], 1)
-    assert await store.reschedule_task(task_id, "w1", time.time() + 0.2)
+    assert await store.reschedule_task(task_id, first.claim_token, 0.2)
     assert (await store.get_task(task_id)).state is TaskState.UP_FOR_RESCHEDULE  # type: ignore[union-attr]
     await anyio.sleep(0.3)
     [second] = await store.claim_tasks("w1", ["default"], 1)
@@ -127,8 +139,8 @@ async def test_dead_worker_tasks_are_retried_or_failed(store: Store) -> None:
 async def test_dead_triggerer_triggers_are_released(store: Store) -> None:
     await register(store, "t-dead", "triggerer")
     task_id = await submit(store)
-    await store.claim_tasks("w1", ["default"], 1)
-    trigger_id = await store.defer_task(task_id, "w1", deferral())
+    [claim] = await store.claim_tasks("w1", ["default"], 1)
+    trigger_id = await store.defer_task(task_id, claim.claim_token, deferral())
     assert [t.id for t in await store.claim_triggers("t-dead", [], 5)] == [trigger_id]
     await anyio.sleep(0.3)
     report = await store.reap(dead_after=0.2)
@@ -138,8 +150,8 @@ async def test_dead_triggerer_triggers_are_released(store: Store) -> None:
 
 async def test_deferral_deadline_resumes_into_timeout(store: Store) -> None:
     task_id = await submit(store)
-    await store.claim_tasks("w1", ["default"], 1)
-    await store.defer_task(task_id, "w1", deferral(deadline=time.time() + 0.1))
+    [claim] = await store.claim_tasks("w1", ["default"], 1)
+    await store.defer_task(task_id, claim.claim_token, deferral(timeout=0.1))
     await anyio.sleep(0.2)
     report = await store.reap(dead_after=60)
     assert report.timed_out == [task_id]
@@ -151,8 +163,8 @@ async def test_deferral_deadline_resumes_into_timeout(store: Store) -> None:
 
 async def test_cancel_removes_trigger(store: Store) -> None:
     task_id = await submit(store)
-    await store.claim_tasks("w1", ["default"], 1)
-    trigger_id = await store.defer_task(task_id, "w1", deferral())
+    [claim] = await store.claim_tasks("w1", ["default"], 1)
+    trigger_id = await store.defer_task(task_id, claim.claim_token, deferral())
     info = await store.cancel_task(task_id)
     assert info is not None and info.state is TaskState.CANCELLED
     assert await store.list_triggers() == []
@@ -162,8 +174,8 @@ async def test_cancel_removes_trigger(store: Store) -> None:
 
 async def test_trigger_failure_resumes_into_failure_method(store: Store) -> None:
     task_id = await submit(store)
-    await store.claim_tasks("w1", ["default"], 1)
-    trigger_id = await store.defer_task(task_id, "w1", deferral())
+    [claim] = await store.claim_tasks("w1", ["default"], 1)
+    trigger_id = await store.defer_task(task_id, claim.claim_token, deferral())
     assert trigger_id is not None
     event = serialization.dumps({"error": "trigger raised"})
     assert await store.fail_triggers([(trigger_id, BaseOperator.TRIGGER_FAILED_METHOD, event)]) == 1
@@ -183,8 +195,8 @@ async def test_graceful_deregister_requeues_and_releases(store: Store) -> None:
     await register(store, "t1", "triggerer")
     running = await submit(store)
     deferred = await submit(store)
-    await store.claim_tasks("w1", ["default"], 2)
-    trigger_id = await store.defer_task(deferred, "w1", deferral())
+    claims = {c.id: c for c in await store.claim_tasks("w1", ["default"], 2)}
+    trigger_id = await store.defer_task(deferred, claims[deferred].claim_token, deferral())
     await store.claim_triggers("t1", [], 5)
     await store.deregister_process("w1")
     await store.deregister_process("t1")
@@ -237,7 +249,7 @@ async def test_schema_v1_database_is_migrated(db_url: str) -> None:
         await store.append_task_logs([(task_id, 1.0, "worker", "x")], keep=5)
         assert len(await store.task_logs(task_id)) == 1
         assert (await store.get_task(task_id)) is not None  # data kept
-        assert await _schema_version(store) == 2
+        assert await _schema_version(store) == 3
     finally:
         await store.close()
 

@@ -138,25 +138,29 @@ class Store(Protocol):
     async def next_due(self, queues: Sequence[str]) -> float | None:
         """When the earliest task waiting on a not-before time (retry, reschedule) is due."""
 
-    async def complete_task(self, task_id: str, worker_id: str, result: str | None) -> bool: ...
+    # Every write of an attempt's outcome is fenced on (task_id, claim_token): it changes
+    # nothing (returns False/None) unless that very claim is still the task's live attempt.
+
+    async def complete_task(self, task_id: str, claim_token: int, result: str | None) -> bool: ...
 
     async def fail_task(
-        self, task_id: str, worker_id: str, error: str, *, retry: bool
+        self, task_id: str, claim_token: int, error: str, *, retry: bool
     ) -> TaskState | None:
         """``up_for_retry`` if ``retry`` and tries remain, else ``failed``."""
 
-    async def skip_task(self, task_id: str, worker_id: str, reason: str | None) -> bool: ...
+    async def skip_task(self, task_id: str, claim_token: int, reason: str | None) -> bool: ...
 
-    async def reschedule_task(self, task_id: str, worker_id: str, not_before: float) -> bool: ...
+    async def reschedule_task(self, task_id: str, claim_token: int, delay: float) -> bool:
+        """Free the slot; the task is runnable again ``delay`` seconds from now (DB clock)."""
 
-    async def defer_task(self, task_id: str, worker_id: str, deferral: Deferral) -> int | None:
+    async def defer_task(self, task_id: str, claim_token: int, deferral: Deferral) -> int | None:
         """Store the trigger and free the task in one transaction; returns the trigger id."""
 
-    async def requeue_task(self, task_id: str, worker_id: str) -> bool:
+    async def requeue_task(self, task_id: str, claim_token: int) -> bool:
         """Put a task this worker could not finish back on the queue, same try."""
 
-    async def owned_task_ids(self, worker_id: str) -> set[str]:
-        """Tasks still running under ``worker_id`` (others were cancelled or taken away)."""
+    async def owned_claims(self, worker_id: str) -> set[tuple[str, int]]:
+        """(task_id, claim_token) of the attempts still running under ``worker_id``."""
 
     async def get_task(self, task_id: str) -> TaskInfo | None: ...
 

@@ -47,7 +47,7 @@ from deferrun.store.rows import TASK_INFO_COLUMNS, load_or_raw, task_info
 
 log = structlog.get_logger("deferrun.store.postgres")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 MIGRATION_LOCK = 0x64656672  # "defr": one advisory lock id for schema changes
 NOW = "extract(epoch from clock_timestamp())::double precision"
 CHANNELS: dict[str, str] = {"tasks": "deferrun_tasks", "triggers": "deferrun_triggers"}
@@ -60,7 +60,8 @@ _TASK_INFO_SQL = (
 )
 
 _CLAIMED_TASK_COLUMNS = """id, name, classpath, kwargs, queue, try_number, max_tries,
-    retry_delay, execution_timeout, next_method, next_kwargs, event, try_started_at, created_at"""
+    retry_delay, execution_timeout, next_method, next_kwargs, event, try_started_at, created_at,
+    claim_token"""
 
 
 async def _no_reset(_conn: asyncpg.Connection) -> None:
@@ -367,7 +368,7 @@ class PostgresStore:
                                   THEN t.try_number + 1 ELSE t.try_number END,
                 try_started_at = CASE WHEN t.state = 'up_for_retry' OR t.try_number = 0
                                       THEN {NOW} ELSE t.try_started_at END,
-                started_at = coalesce(t.started_at, {NOW})
+                started_at = coalesce(t.started_at, {NOW}), claim_token = t.claim_token + 1
             FROM picked WHERE t.id = picked.id
             RETURNING {", ".join("t." + c.strip() for c in _CLAIMED_TASK_COLUMNS.split(","))}
             """,
@@ -390,19 +391,19 @@ class PostgresStore:
             return None
         return time.time() + (row[0] - row[1])
 
-    async def complete_task(self, task_id: str, worker_id: str, result: str | None) -> bool:
+    async def complete_task(self, task_id: str, claim_token: int, result: str | None) -> bool:
         status = await self.pool.execute(
             f"UPDATE deferrun_tasks SET state = 'success', result = $3, error = NULL, "
             f"updated_at = {NOW}, finished_at = {NOW} "
-            f"WHERE id = $1 AND state = 'running' AND worker_id = $2",
+            f"WHERE id = $1 AND state = 'running' AND claim_token = $2",
             task_id,
-            worker_id,
+            claim_token,
             result,
         )
         return status.endswith(" 1")
 
     async def fail_task(
-        self, task_id: str, worker_id: str, error: str, *, retry: bool
+        self, task_id: str, claim_token: int, error: str, *, retry: bool
     ) -> TaskState | None:
         retrying = "($4 AND try_number < max_tries)"
         async with self.pool.acquire() as conn, conn.transaction():
@@ -417,11 +418,11 @@ class PostgresStore:
                     event = CASE WHEN {retrying} THEN NULL ELSE event END,
                     finished_at = CASE WHEN {retrying} THEN NULL ELSE {NOW} END,
                     error = $3, updated_at = {NOW}
-                WHERE id = $1 AND state = 'running' AND worker_id = $2
+                WHERE id = $1 AND state = 'running' AND claim_token = $2
                 RETURNING state
                 """,
                 task_id,
-                worker_id,
+                claim_token,
                 error,
                 retry,
             )
@@ -429,40 +430,42 @@ class PostgresStore:
                 await conn.execute(_notify("tasks"))
         return None if state is None else TaskState(state)
 
-    async def skip_task(self, task_id: str, worker_id: str, reason: str | None) -> bool:
+    async def skip_task(self, task_id: str, claim_token: int, reason: str | None) -> bool:
         status = await self.pool.execute(
             f"UPDATE deferrun_tasks SET state = 'skipped', error = $3, updated_at = {NOW}, "
-            f"finished_at = {NOW} WHERE id = $1 AND state = 'running' AND worker_id = $2",
+            f"finished_at = {NOW} WHERE id = $1 AND state = 'running' AND claim_token = $2",
             task_id,
-            worker_id,
+            claim_token,
             reason,
         )
         return status.endswith(" 1")
 
-    async def reschedule_task(self, task_id: str, worker_id: str, not_before: float) -> bool:
+    async def reschedule_task(self, task_id: str, claim_token: int, delay: float) -> bool:
         status = await self.pool.execute(
-            f"UPDATE deferrun_tasks SET state = 'up_for_reschedule', ready_at = $3, "
+            f"UPDATE deferrun_tasks SET state = 'up_for_reschedule', ready_at = {NOW} + $3, "
             f"worker_id = NULL, updated_at = {NOW} "
-            f"WHERE id = $1 AND state = 'running' AND worker_id = $2",
+            f"WHERE id = $1 AND state = 'running' AND claim_token = $2",
             task_id,
-            worker_id,
-            not_before,
+            claim_token,
+            max(delay, 0.0),
         )
+        if status.endswith(" 1"):
+            await self.pool.execute(_notify("tasks"))
         return status.endswith(" 1")
 
-    async def defer_task(self, task_id: str, worker_id: str, deferral: Deferral) -> int | None:
+    async def defer_task(self, task_id: str, claim_token: int, deferral: Deferral) -> int | None:
         # One statement, one round trip: lock the running task, store its trigger, move the
         # task to deferred and wake the triggerers - or nothing at all if the fence fails.
         trigger_id = await self.pool.fetchval(
             f"""
             WITH task AS (
                 SELECT id, queue FROM deferrun_tasks
-                WHERE id = $1 AND state = 'running' AND worker_id = $2
+                WHERE id = $1 AND state = 'running' AND claim_token = $2
                 FOR UPDATE),
             trig AS (
                 INSERT INTO deferrun_triggers (task_id, classpath, kwargs, queue, deadline,
                                                created_at)
-                SELECT id, $3, $4, queue, $5, {NOW} FROM task
+                SELECT id, $3, $4, queue, {NOW} + $5, {NOW} FROM task
                 ON CONFLICT (task_id) DO UPDATE SET
                     classpath = excluded.classpath, kwargs = excluded.kwargs,
                     queue = excluded.queue, deadline = excluded.deadline,
@@ -471,37 +474,39 @@ class PostgresStore:
             moved AS (
                 UPDATE deferrun_tasks t SET
                     state = 'deferred', worker_id = NULL, next_method = $6, next_kwargs = $7,
-                    event = NULL, trigger_id = trig.id, defer_deadline = $5, updated_at = {NOW}
+                    event = NULL, trigger_id = trig.id, defer_deadline = {NOW} + $5,
+                    updated_at = {NOW}
                 FROM trig WHERE t.id = trig.task_id
                 RETURNING trig.id)
             SELECT id FROM moved, pg_notify('{CHANNELS["triggers"]}', '')
             """,
             task_id,
-            worker_id,
+            claim_token,
             deferral.classpath,
             deferral.kwargs,
-            deferral.deadline,
+            deferral.timeout,
             deferral.method_name,
             deferral.method_kwargs,
         )
         return None if trigger_id is None else int(trigger_id)
 
-    async def requeue_task(self, task_id: str, worker_id: str) -> bool:
+    async def requeue_task(self, task_id: str, claim_token: int) -> bool:
         async with self.pool.acquire() as conn, conn.transaction():
             status = await conn.execute(
                 f"UPDATE deferrun_tasks SET state = 'queued', ready_at = {NOW}, worker_id = NULL,"
-                f" updated_at = {NOW} WHERE id = $1 AND state = 'running' AND worker_id = $2",
+                f" updated_at = {NOW} WHERE id = $1 AND state = 'running' AND claim_token = $2",
                 task_id,
-                worker_id,
+                claim_token,
             )
             await conn.execute(_notify("tasks"))
         return status.endswith(" 1")
 
-    async def owned_task_ids(self, worker_id: str) -> set[str]:
+    async def owned_claims(self, worker_id: str) -> set[tuple[str, int]]:
         rows = await self.pool.fetch(
-            "SELECT id FROM deferrun_tasks WHERE state = 'running' AND worker_id = $1", worker_id
+            "SELECT id, claim_token FROM deferrun_tasks WHERE state = 'running' AND worker_id = $1",
+            worker_id,
         )
-        return {r[0] for r in rows}
+        return {(r[0], r[1]) for r in rows}
 
     async def get_task(self, task_id: str) -> TaskInfo | None:
         row = await self.pool.fetchrow(_TASK_INFO_SQL + " WHERE t.id = $1", task_id)
@@ -563,7 +568,7 @@ class PostgresStore:
                     FOR UPDATE SKIP LOCKED)
                 UPDATE deferrun_triggers g SET triggerer_id = $1 FROM picked
                 WHERE g.id = picked.id
-                RETURNING g.id, g.task_id, g.classpath, g.kwargs, g.deadline
+                RETURNING g.id, g.task_id, g.classpath, g.kwargs, g.deadline - {NOW}
             """
             rows = []
             if fair > 0:

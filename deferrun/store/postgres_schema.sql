@@ -1,4 +1,4 @@
--- deferrun schema for the PostgreSQL backend. Version 2 (every statement is idempotent: applying this file upgrades any older version).
+-- deferrun schema for the PostgreSQL backend. Version 3 (every statement is idempotent: applying this file upgrades any older version).
 -- Times are double precision epoch seconds, taken from the database server's clock so that
 -- hosts with skewed clocks still agree on heartbeats and due times. JSON is stored as text,
 -- exactly as serialized.
@@ -27,7 +27,8 @@ CREATE TABLE IF NOT EXISTS deferrun_tasks (
     try_started_at    double precision,
     started_at        double precision,
     updated_at        double precision NOT NULL,
-    finished_at       double precision
+    finished_at       double precision,
+    claim_token       bigint NOT NULL DEFAULT 0
 );
 
 CREATE INDEX IF NOT EXISTS deferrun_tasks_runnable ON deferrun_tasks (queue, ready_at)
@@ -74,3 +75,6 @@ CREATE TABLE IF NOT EXISTS deferrun_task_logs (
 );
 
 CREATE INDEX IF NOT EXISTS deferrun_task_logs_task ON deferrun_task_logs (task_id, id);
+
+-- Version 3: a fencing token per claim (every outcome write is guarded on it).
+ALTER TABLE deferrun_tasks ADD COLUMN IF NOT EXISTS claim_token bigint NOT NULL DEFAULT 0;

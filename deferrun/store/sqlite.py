@@ -48,7 +48,7 @@ from deferrun.store.base import (
 from deferrun.store.local_notify import UdpListener, UdpSender
 from deferrun.store.rows import TASK_INFO_COLUMNS, load_or_raw, task_info
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 R = TypeVar("R")
 
 _TASK_INFO_SQL = (
@@ -163,6 +163,9 @@ class SQLiteStore:
                 for statement in code.split(";"):
                     if statement.strip():
                         c.execute(statement)
+                columns = {r[1] for r in c.execute("PRAGMA table_info(tasks)")}
+                if "claim_token" not in columns:  # version 3
+                    c.execute("ALTER TABLE tasks ADD COLUMN claim_token INTEGER NOT NULL DEFAULT 0")
                 c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     async def open(self) -> None:
@@ -425,7 +428,7 @@ class SQLiteStore:
                                       THEN try_number + 1 ELSE try_number END,
                     try_started_at = CASE WHEN state = 'up_for_retry' OR try_number = 0
                                           THEN ? ELSE try_started_at END,
-                    started_at = COALESCE(started_at, ?)
+                    started_at = COALESCE(started_at, ?), claim_token = claim_token + 1
                 WHERE id IN (
                     SELECT id FROM tasks
                     WHERE state IN ('queued', 'up_for_retry', 'up_for_reschedule')
@@ -433,7 +436,7 @@ class SQLiteStore:
                     ORDER BY ready_at LIMIT ?)
                 RETURNING id, name, classpath, kwargs, queue, try_number, max_tries, retry_delay,
                           execution_timeout, next_method, next_kwargs, event, try_started_at,
-                          created_at
+                          created_at, claim_token
                 """,
                 (worker_id, now, now, now, *queues, now, limit),
             ).fetchall()
@@ -456,30 +459,30 @@ class SQLiteStore:
 
         return await self._run(job)
 
-    def _owned(self, task_id: str, worker_id: str) -> Any:
+    def _owned(self, task_id: str, claim_token: int) -> Any:
         return self.conn.execute(
             "SELECT try_number, max_tries, retry_delay FROM tasks WHERE id = ? "
-            "AND state = 'running' AND worker_id = ?",
-            (task_id, worker_id),
+            "AND state = 'running' AND claim_token = ?",
+            (task_id, claim_token),
         ).fetchone()
 
-    async def complete_task(self, task_id: str, worker_id: str, result: str | None) -> bool:
+    async def complete_task(self, task_id: str, claim_token: int, result: str | None) -> bool:
         def job() -> bool:
             now = time.time()
             cur = self.conn.execute(
                 "UPDATE tasks SET state = 'success', result = ?, error = NULL, updated_at = ?, "
-                "finished_at = ? WHERE id = ? AND state = 'running' AND worker_id = ?",
-                (result, now, now, task_id, worker_id),
+                "finished_at = ? WHERE id = ? AND state = 'running' AND claim_token = ?",
+                (result, now, now, task_id, claim_token),
             )
             return cur.rowcount == 1
 
         return await self._write(job)
 
     async def fail_task(
-        self, task_id: str, worker_id: str, error: str, *, retry: bool
+        self, task_id: str, claim_token: int, error: str, *, retry: bool
     ) -> TaskState | None:
         def job() -> TaskState | None:
-            row = self._owned(task_id, worker_id)
+            row = self._owned(task_id, claim_token)
             if row is None:
                 return None
             try_number, max_tries, retry_delay = row
@@ -501,44 +504,46 @@ class SQLiteStore:
 
         return await self._write(job, notify=("tasks",))
 
-    async def skip_task(self, task_id: str, worker_id: str, reason: str | None) -> bool:
+    async def skip_task(self, task_id: str, claim_token: int, reason: str | None) -> bool:
         def job() -> bool:
             now = time.time()
             cur = self.conn.execute(
                 "UPDATE tasks SET state = 'skipped', error = ?, updated_at = ?, finished_at = ? "
-                "WHERE id = ? AND state = 'running' AND worker_id = ?",
-                (reason, now, now, task_id, worker_id),
+                "WHERE id = ? AND state = 'running' AND claim_token = ?",
+                (reason, now, now, task_id, claim_token),
             )
             return cur.rowcount == 1
 
         return await self._write(job)
 
-    async def reschedule_task(self, task_id: str, worker_id: str, not_before: float) -> bool:
+    async def reschedule_task(self, task_id: str, claim_token: int, delay: float) -> bool:
         def job() -> bool:
+            now = time.time()
             cur = self.conn.execute(
                 "UPDATE tasks SET state = 'up_for_reschedule', ready_at = ?, worker_id = NULL, "
-                "updated_at = ? WHERE id = ? AND state = 'running' AND worker_id = ?",
-                (not_before, time.time(), task_id, worker_id),
+                "updated_at = ? WHERE id = ? AND state = 'running' AND claim_token = ?",
+                (now + max(delay, 0.0), now, task_id, claim_token),
             )
             return cur.rowcount == 1
 
         return await self._write(job, notify=("tasks",))
 
-    async def defer_task(self, task_id: str, worker_id: str, deferral: Deferral) -> int | None:
+    async def defer_task(self, task_id: str, claim_token: int, deferral: Deferral) -> int | None:
         def job() -> int | None:
             c = self.conn
             row = c.execute(
-                "SELECT queue FROM tasks WHERE id = ? AND state = 'running' AND worker_id = ?",
-                (task_id, worker_id),
+                "SELECT queue FROM tasks WHERE id = ? AND state = 'running' AND claim_token = ?",
+                (task_id, claim_token),
             ).fetchone()
             if row is None:
                 return None
             now = time.time()
+            deadline = None if deferral.timeout is None else now + deferral.timeout
             c.execute("DELETE FROM triggers WHERE task_id = ?", (task_id,))
             trigger_id = c.execute(
                 "INSERT INTO triggers (task_id, classpath, kwargs, queue, deadline, created_at) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
-                (task_id, deferral.classpath, deferral.kwargs, row[0], deferral.deadline, now),
+                (task_id, deferral.classpath, deferral.kwargs, row[0], deadline, now),
             ).lastrowid
             c.execute(
                 "UPDATE tasks SET state = 'deferred', worker_id = NULL, next_method = ?, "
@@ -548,7 +553,7 @@ class SQLiteStore:
                     deferral.method_name,
                     deferral.method_kwargs,
                     trigger_id,
-                    deferral.deadline,
+                    deadline,
                     now,
                     task_id,
                 ),
@@ -557,24 +562,25 @@ class SQLiteStore:
 
         return await self._write(job, notify=("triggers",))
 
-    async def requeue_task(self, task_id: str, worker_id: str) -> bool:
+    async def requeue_task(self, task_id: str, claim_token: int) -> bool:
         def job() -> bool:
             now = time.time()
             cur = self.conn.execute(
                 "UPDATE tasks SET state = 'queued', ready_at = ?, worker_id = NULL, "
-                "updated_at = ? WHERE id = ? AND state = 'running' AND worker_id = ?",
-                (now, now, task_id, worker_id),
+                "updated_at = ? WHERE id = ? AND state = 'running' AND claim_token = ?",
+                (now, now, task_id, claim_token),
             )
             return cur.rowcount == 1
 
         return await self._write(job, notify=("tasks",))
 
-    async def owned_task_ids(self, worker_id: str) -> set[str]:
-        def job() -> set[str]:
+    async def owned_claims(self, worker_id: str) -> set[tuple[str, int]]:
+        def job() -> set[tuple[str, int]]:
             rows = self.conn.execute(
-                "SELECT id FROM tasks WHERE state = 'running' AND worker_id = ?", (worker_id,)
+                "SELECT id, claim_token FROM tasks WHERE state = 'running' AND worker_id = ?",
+                (worker_id,),
             ).fetchall()
-            return {r[0] for r in rows}
+            return {(r[0], r[1]) for r in rows}
 
         return await self._run(job)
 
@@ -648,7 +654,7 @@ class SQLiteStore:
             sql = (
                 f"UPDATE triggers SET triggerer_id = ? WHERE id IN (SELECT id FROM triggers "
                 f"WHERE {where} ORDER BY id LIMIT ?) "
-                f"RETURNING id, task_id, classpath, kwargs, deadline"
+                f"RETURNING id, task_id, classpath, kwargs, deadline - {now!r}"
             )
             rows: list[Any] = []
             fair = fair_share(limit, unclaimed, live)

@@ -1,4 +1,4 @@
--- deferrun schema for the embedded SQLite backend. Version 2 (every statement is idempotent: applying this file upgrades any older version).
+-- deferrun schema for the embedded SQLite backend. Version 3 (every statement is idempotent: applying this file upgrades any older version).
 -- Timestamps are REAL epoch seconds (UTC); JSON columns hold msgspec-encoded values.
 
 CREATE TABLE IF NOT EXISTS tasks (
@@ -25,7 +25,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     try_started_at    REAL,
     started_at        REAL,
     updated_at        REAL NOT NULL,
-    finished_at       REAL
+    finished_at       REAL,
+    claim_token       INTEGER NOT NULL DEFAULT 0
 );
 
 CREATE INDEX IF NOT EXISTS tasks_runnable ON tasks (queue, ready_at)
