@@ -44,3 +44,8 @@ def redact_url(url: str) -> str:
     netloc = parts.netloc.rsplit("@", 1)
     user = parts.username or ""
     return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[-1]}"))
+
+
+def connect_timeout() -> float:
+    """Seconds to wait for a database server to answer a new connection."""
+    return env_float("DEFERRUN_CONNECT_TIMEOUT", 10.0)

@@ -259,13 +259,21 @@ async def _downgrade_to_v1(store: Store) -> None:
     from deferrun.store.sqlite import SQLiteStore
 
     if isinstance(store, SQLiteStore):
-        store.conn.execute("DROP TABLE task_logs")
-        store.conn.execute("PRAGMA user_version = 1")
+        # Version 1 had no logs table, no claim tokens and no deferrun_ prefix on SQLite.
+        conn = store.connector.conn
+        conn.execute("DROP TABLE deferrun_task_logs")
+        for table in ("tasks", "triggers", "processes"):
+            conn.execute(f"ALTER TABLE deferrun_{table} RENAME TO {table}")
+        conn.execute("ALTER TABLE tasks DROP COLUMN claim_token")
+        conn.execute("PRAGMA user_version = 1")
     else:
         assert isinstance(store, PostgresStore)
-        await store.pool.execute("DROP TABLE deferrun_task_logs")
-        await store.pool.execute("DELETE FROM deferrun_schema")
-        await store.pool.execute("INSERT INTO deferrun_schema VALUES (1)")
+        pool = store.connector.pool
+        await pool.execute("DROP TABLE deferrun_task_logs")
+        await pool.execute("ALTER TABLE deferrun_tasks DROP COLUMN claim_token")
+        await pool.execute("ALTER TABLE deferrun_processes DROP COLUMN wake_port")
+        await pool.execute("DELETE FROM deferrun_schema")
+        await pool.execute("INSERT INTO deferrun_schema VALUES (1)")
 
 
 async def _schema_version(store: Store) -> int:
@@ -273,6 +281,6 @@ async def _schema_version(store: Store) -> int:
     from deferrun.store.sqlite import SQLiteStore
 
     if isinstance(store, SQLiteStore):
-        return int(store.conn.execute("PRAGMA user_version").fetchone()[0])
+        return int(store.connector.conn.execute("PRAGMA user_version").fetchone()[0])
     assert isinstance(store, PostgresStore)
-    return int(await store.pool.fetchval("SELECT max(version) FROM deferrun_schema"))
+    return int(await store.connector.pool.fetchval("SELECT max(version) FROM deferrun_schema"))

@@ -1,15 +1,15 @@
-"""The store protocol: every task and trigger state transition, each one atomic.
+"""The store protocol: what workers, triggerers and clients may ask of the database.
 
-Workers, the triggerer and clients never write SQL; they call these methods. A backend
-(SQLite, PostgreSQL) implements each one as a single transaction, guarded so that a stale
-actor (a worker declared dead, a triggerer that lost its trigger) cannot overwrite newer state.
-Each backend also delivers wake-ups: after a commit that makes work available it notifies
-the processes that can take it, so nobody has to poll fast.
+It comes in two halves. :class:`Runtime` is the hot path (claim, defer, fire, record,
+heartbeat): each call is one transaction of the state machine in :mod:`deferrun.store.machine`,
+fenced so that a stale actor (a reaped worker's old attempt, a triggerer that lost its
+trigger) cannot overwrite newer state. :class:`Inspection` is read-mostly (lists, counts,
+logs, cancel) for the CLI and clients. After a commit that makes work available the backend
+wakes the processes that can take it, so nobody has to poll fast.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Literal, Protocol
 
@@ -31,21 +31,6 @@ Channel = Literal["tasks", "triggers"]
 Role = Literal["worker", "triggerer"]
 
 ROLE_CHANNEL: dict[str, Channel] = {"worker": "tasks", "triggerer": "triggers"}
-
-#: seconds a trigger may sit unclaimed before any triggerer with room takes it, fair or not
-STALE_UNCLAIMED = 2.0
-
-
-def fair_share(limit: int, unclaimed: int, live_triggerers: int) -> int:
-    """How many of the unclaimed triggers this triggerer should take now.
-
-    New arrivals are split evenly over the live triggerers, so a burst is spread over all of
-    them instead of landing on whoever woke first. Counting only unclaimed rows (a partial
-    index) keeps a claim cheap with 100,000 triggers owned. Triggers are never taken from a
-    live triggerer, so nothing bounces; triggers left unclaimed past STALE_UNCLAIMED are
-    taken by anyone with room (see the backends' claim_triggers).
-    """
-    return max(0, min(limit, math.ceil(unclaimed / max(live_triggerers, 1))))
 
 
 class ReapReport(msgspec.Struct):
@@ -91,8 +76,8 @@ class Wakeup:
         return fired
 
 
-class Store(Protocol):
-    """What every backend implements. All timestamps are float epoch seconds."""
+class Runtime(Protocol):
+    """The hot path: every state transition a worker or triggerer makes."""
 
     url: str
 
@@ -121,8 +106,6 @@ class Store(Protocol):
         deadline are queued to resume with a timeout.
         """
 
-    async def list_processes(self) -> list[ProcessInfo]: ...
-
     # -- tasks --------------------------------------------------------------------------------
 
     async def submit(self, task: NewTask) -> None: ...
@@ -136,7 +119,7 @@ class Store(Protocol):
         """Move up to ``limit`` runnable tasks to ``running`` for ``worker_id``."""
 
     async def next_due(self, queues: Sequence[str]) -> float | None:
-        """When the earliest task waiting on a not-before time (retry, reschedule) is due."""
+        """When (local clock) the earliest task waiting on a retry or reschedule is due."""
 
     # Every write of an attempt's outcome is fenced on (task_id, claim_token): it changes
     # nothing (returns False/None) unless that very claim is still the task's live attempt.
@@ -162,16 +145,6 @@ class Store(Protocol):
     async def owned_claims(self, worker_id: str) -> set[tuple[str, int]]:
         """(task_id, claim_token) of the attempts still running under ``worker_id``."""
 
-    async def get_task(self, task_id: str) -> TaskInfo | None: ...
-
-    async def list_tasks(
-        self, state: TaskState | None = None, limit: int = 1000
-    ) -> list[TaskInfo]: ...
-
-    async def count_tasks(self) -> dict[str, int]: ...
-
-    async def cancel_task(self, task_id: str) -> TaskInfo | None: ...
-
     # -- triggers -----------------------------------------------------------------------------
 
     async def claim_triggers(
@@ -194,14 +167,32 @@ class Store(Protocol):
     async def release_triggers(self, triggerer_id: str, ids: Sequence[int] | None = None) -> int:
         """Give up triggers (all, or ``ids``) so another triggerer adopts them at once."""
 
-    async def list_triggers(self) -> list[TriggerInfo]: ...
-
-    # -- per-task logs ------------------------------------------------------------------------
-
     async def append_task_logs(
         self, rows: Sequence[tuple[str, float, str, str]], keep: int
     ) -> None:
         """Insert (task_id, at, source, line) rows, then keep the newest ``keep`` per task."""
 
+
+class Inspection(Protocol):
+    """What clients and the CLI read, and the one write an operator makes by hand."""
+
+    async def get_task(self, task_id: str) -> TaskInfo | None: ...
+
+    async def list_tasks(
+        self, state: TaskState | None = None, limit: int = 1000
+    ) -> list[TaskInfo]: ...
+
+    async def count_tasks(self) -> dict[str, int]: ...
+
+    async def cancel_task(self, task_id: str) -> TaskInfo | None: ...
+
+    async def list_triggers(self) -> list[TriggerInfo]: ...
+
+    async def list_processes(self) -> list[ProcessInfo]: ...
+
     async def task_logs(self, task_id: str, limit: int = 10000) -> list[tuple[float, str, str]]:
         """(at, source, line) in the order they were logged, across processes."""
+
+
+class Store(Runtime, Inspection, Protocol):
+    """Both halves: what every backend implements."""

@@ -61,6 +61,7 @@ CREATE TABLE IF NOT EXISTS deferrun_processes (
     pid          integer NOT NULL,
     queues       text NOT NULL,
     capacity     integer NOT NULL,
+    wake_port    integer,
     started_at   double precision NOT NULL,
     heartbeat_at double precision NOT NULL
 );
@@ -78,3 +79,4 @@ CREATE INDEX IF NOT EXISTS deferrun_task_logs_task ON deferrun_task_logs (task_i
 
 -- Version 3: a fencing token per claim (every outcome write is guarded on it).
 ALTER TABLE deferrun_tasks ADD COLUMN IF NOT EXISTS claim_token bigint NOT NULL DEFAULT 0;
+ALTER TABLE deferrun_processes ADD COLUMN IF NOT EXISTS wake_port integer;

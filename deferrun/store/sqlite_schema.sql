@@ -1,7 +1,8 @@
--- deferrun schema for the embedded SQLite backend. Version 3 (every statement is idempotent: applying this file upgrades any older version).
+-- deferrun schema for the embedded SQLite backend. Version 3. Every statement is idempotent; versions 1-2 used the
+-- table names without the deferrun_ prefix and are renamed before this file runs.
 -- Timestamps are REAL epoch seconds (UTC); JSON columns hold msgspec-encoded values.
 
-CREATE TABLE IF NOT EXISTS tasks (
+CREATE TABLE IF NOT EXISTS deferrun_tasks (
     id                TEXT PRIMARY KEY,
     name              TEXT NOT NULL,
     classpath         TEXT NOT NULL,
@@ -29,14 +30,14 @@ CREATE TABLE IF NOT EXISTS tasks (
     claim_token       INTEGER NOT NULL DEFAULT 0
 );
 
-CREATE INDEX IF NOT EXISTS tasks_runnable ON tasks (queue, ready_at)
+CREATE INDEX IF NOT EXISTS deferrun_tasks_runnable ON deferrun_tasks (queue, ready_at)
     WHERE state IN ('queued', 'up_for_retry', 'up_for_reschedule');
-CREATE INDEX IF NOT EXISTS tasks_running ON tasks (worker_id) WHERE state = 'running';
-CREATE INDEX IF NOT EXISTS tasks_defer_deadline ON tasks (defer_deadline)
+CREATE INDEX IF NOT EXISTS deferrun_tasks_running ON deferrun_tasks (worker_id) WHERE state = 'running';
+CREATE INDEX IF NOT EXISTS deferrun_tasks_defer_deadline ON deferrun_tasks (defer_deadline)
     WHERE state = 'deferred' AND defer_deadline IS NOT NULL;
-CREATE INDEX IF NOT EXISTS tasks_state_created ON tasks (state, created_at);
+CREATE INDEX IF NOT EXISTS deferrun_tasks_state_created ON deferrun_tasks (state, created_at);
 
-CREATE TABLE IF NOT EXISTS triggers (
+CREATE TABLE IF NOT EXISTS deferrun_triggers (
     id           INTEGER PRIMARY KEY AUTOINCREMENT,
     task_id      TEXT NOT NULL UNIQUE,
     classpath    TEXT NOT NULL,
@@ -47,10 +48,10 @@ CREATE TABLE IF NOT EXISTS triggers (
     created_at   REAL NOT NULL
 );
 
-CREATE INDEX IF NOT EXISTS triggers_unclaimed ON triggers (queue, id) WHERE triggerer_id IS NULL;
-CREATE INDEX IF NOT EXISTS triggers_owner ON triggers (triggerer_id);
+CREATE INDEX IF NOT EXISTS deferrun_triggers_unclaimed ON deferrun_triggers (queue, id) WHERE triggerer_id IS NULL;
+CREATE INDEX IF NOT EXISTS deferrun_triggers_owner ON deferrun_triggers (triggerer_id);
 
-CREATE TABLE IF NOT EXISTS processes (
+CREATE TABLE IF NOT EXISTS deferrun_processes (
     id           TEXT PRIMARY KEY,
     role         TEXT NOT NULL,
     host         TEXT NOT NULL,
@@ -63,7 +64,7 @@ CREATE TABLE IF NOT EXISTS processes (
 );
 
 -- Version 2: per-task log lines (worker and triggerer), bounded per task by the writer.
-CREATE TABLE IF NOT EXISTS task_logs (
+CREATE TABLE IF NOT EXISTS deferrun_task_logs (
     id      INTEGER PRIMARY KEY AUTOINCREMENT,
     task_id TEXT NOT NULL,
     at      REAL NOT NULL,
@@ -71,4 +72,4 @@ CREATE TABLE IF NOT EXISTS task_logs (
     line    TEXT NOT NULL
 );
 
-CREATE INDEX IF NOT EXISTS task_logs_task ON task_logs (task_id, id);
+CREATE INDEX IF NOT EXISTS deferrun_task_logs_task ON deferrun_task_logs (task_id, id);

@@ -1,0 +1,378 @@
+"""The task state machine, written once for every backend.
+
+Each rule lives here exactly once: who may write a transition (its fence), what it does to
+``try_number`` and ``claim_token``, when a failure is retried, and whom it wakes. The
+programs below are transaction bodies (see :mod:`deferrun.store.sql`); the backends only
+run them.
+
+States: queued -> running -> (success | failed | skipped | up_for_retry | up_for_reschedule |
+deferred); deferred -> queued (its trigger fired, failed or timed out); anything unfinished
+-> cancelled. ``claim_token`` grows by one on every claim and fences every write of that
+attempt's outcome; ``try_number`` grows only when a claim starts a new try.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from deferrun.models import (
+    FINISHED_STATES,
+    ClaimedTask,
+    ClaimedTrigger,
+    Deferral,
+    NewTask,
+    TaskState,
+)
+from deferrun.store.sql import Notify, Program, Query, Row, run, run_many
+
+STALE_UNCLAIMED = 2.0
+#: at most this many deadlines are enforced per maintenance pass (the next pass takes the rest)
+EXPIRE_BATCH = 5000
+
+
+def _states(states: Sequence[TaskState] | frozenset[TaskState]) -> str:
+    return "(" + ", ".join(f"'{s}'" for s in sorted(states)) + ")"
+
+
+FINISHED = _states(FINISHED_STATES)
+RUNNABLE = _states([TaskState.QUEUED, TaskState.UP_FOR_RETRY, TaskState.UP_FOR_RESCHEDULE])
+LIVE_PROCESSES = "SELECT id FROM deferrun_processes WHERE heartbeat_at >= {now} - :dead_after"
+
+# -- the rules --------------------------------------------------------------------------------
+
+#: Only the attempt that holds the task may write its outcome.
+FENCE = "id = :task_id AND state = 'running' AND claim_token = :claim_token"
+
+#: A claim starts a new try when the task is new or was up for retry; resumes and
+#: reschedules continue the same try.
+_NEW_TRY = "(state = 'up_for_retry' OR try_number = 0)"
+CLAIM = f"""
+    state = 'running', worker_id = :worker_id, ready_at = NULL, updated_at = {{now}},
+    try_number = CASE WHEN {_NEW_TRY} THEN try_number + 1 ELSE try_number END,
+    try_started_at = CASE WHEN {_NEW_TRY} THEN {{now}} ELSE try_started_at END,
+    started_at = coalesce(started_at, {{now}}),
+    claim_token = claim_token + 1"""
+
+#: A failed attempt is retried when the failure allows it and tries remain, else it fails.
+_RETRYING = "(:retry AND try_number < max_tries)"
+
+
+def end_in_failure(error: str) -> str:
+    return f"""
+    state = CASE WHEN {_RETRYING} THEN 'up_for_retry' ELSE 'failed' END,
+    ready_at = CASE WHEN {_RETRYING} THEN {{now}} + retry_delay END,
+    finished_at = CASE WHEN {_RETRYING} THEN NULL ELSE {{now}} END,
+    next_method = NULL, next_kwargs = NULL, event = NULL,
+    worker_id = NULL, error = {error}, updated_at = {{now}}"""
+
+
+#: Back on the queue, same try (the worker stopped before the attempt ended).
+REQUEUE = "state = 'queued', ready_at = {now}, worker_id = NULL, updated_at = {now}"
+
+#: A deferred task resumes exactly once: only while it still waits on this very trigger.
+#: ``:method`` NULL keeps the operator's resume method and kwargs; otherwise the wait failed.
+RESUME = Query(
+    "resume",
+    """UPDATE deferrun_tasks SET state = 'queued', event = :event, ready_at = {now},
+        trigger_id = NULL, defer_deadline = NULL, updated_at = {now},
+        next_method = coalesce(:method, next_method),
+        next_kwargs = CASE WHEN :method IS NULL THEN next_kwargs END
+    WHERE id = (SELECT task_id FROM deferrun_triggers WHERE id = :trigger_id)
+      AND state = 'deferred' AND trigger_id = :trigger_id {count}""",
+    many=True,
+)
+DROP_TRIGGER = Query(
+    "drop_trigger", "DELETE FROM deferrun_triggers WHERE id = :trigger_id {count}", many=True
+)
+
+# -- statements -------------------------------------------------------------------------------
+
+_CLAIMED = """id, name, classpath, kwargs, queue, try_number, max_tries, retry_delay,
+    execution_timeout, next_method, next_kwargs, event, try_started_at, created_at, claim_token"""
+
+
+def _claim_tasks(name: str, queue_match: str) -> Query:
+    return Query(
+        name,
+        f"""WITH picked AS (
+            SELECT id FROM deferrun_tasks
+            WHERE state IN {RUNNABLE} AND {queue_match} AND ready_at <= {{now}}
+            ORDER BY ready_at LIMIT :limit {{skip_locked}})
+        UPDATE deferrun_tasks SET {CLAIM}
+        WHERE id IN (SELECT id FROM picked)
+        RETURNING {_CLAIMED}""",
+    )
+
+
+# One queue is an equality so the (queue, ready_at) index is walked in order and stops at
+# LIMIT; a list match makes PostgreSQL read and sort every runnable row (measured).
+CLAIM_ONE_QUEUE = _claim_tasks("claim_one_queue", "queue = :queue")
+CLAIM_QUEUES = _claim_tasks("claim_queues", "queue IN_TEXTS(:queues)")
+
+INSERT_TASK = Query(
+    "insert_task",
+    """INSERT INTO deferrun_tasks (id, name, classpath, kwargs, queue, state, max_tries,
+        retry_delay, execution_timeout, ready_at, created_at, updated_at)
+    VALUES (:id, :name, :classpath, :kwargs, :queue, 'queued', :max_tries, :retry_delay,
+        :execution_timeout, {now}, {now}, {now}) {count}""",
+    many=True,
+)
+COMPLETE = Query(
+    "complete",
+    f"""UPDATE deferrun_tasks SET state = 'success', result = :result, error = NULL,
+        worker_id = NULL, updated_at = {{now}}, finished_at = {{now}}
+    WHERE {FENCE} RETURNING id""",
+)
+FAIL = Query(
+    "fail", f"UPDATE deferrun_tasks SET {end_in_failure(':error')} WHERE {FENCE} RETURNING state"
+)
+SKIP = Query(
+    "skip",
+    f"""UPDATE deferrun_tasks SET state = 'skipped', error = :reason, worker_id = NULL,
+        updated_at = {{now}}, finished_at = {{now}}
+    WHERE {FENCE} RETURNING id""",
+)
+RESCHEDULE = Query(
+    "reschedule",
+    f"""UPDATE deferrun_tasks SET state = 'up_for_reschedule', ready_at = {{now}} + :delay,
+        worker_id = NULL, updated_at = {{now}}
+    WHERE {FENCE} RETURNING id""",
+)
+REQUEUE_ATTEMPT = Query(
+    "requeue_attempt", f"UPDATE deferrun_tasks SET {REQUEUE} WHERE {FENCE} RETURNING id"
+)
+LOCK_ATTEMPT = Query("lock_attempt", f"SELECT id FROM deferrun_tasks WHERE {FENCE} {{lock}}")
+DROP_TASK_TRIGGER = Query(
+    "drop_task_trigger", "DELETE FROM deferrun_triggers WHERE task_id = :task_id"
+)
+DEFER_INSERT_TRIGGER = Query(
+    "defer_insert_trigger",
+    f"""INSERT INTO deferrun_triggers (task_id, classpath, kwargs, queue, deadline, created_at)
+    SELECT id, :classpath, :kwargs, queue, {{now}} + :timeout, {{now}}
+    FROM deferrun_tasks WHERE {FENCE}
+    RETURNING id""",
+)
+DEFER_TASK = Query(
+    "defer_task",
+    f"""UPDATE deferrun_tasks SET state = 'deferred', worker_id = NULL,
+        next_method = :method_name, next_kwargs = :method_kwargs, event = NULL,
+        trigger_id = :trigger_id, defer_deadline = {{now}} + :timeout, updated_at = {{now}}
+    WHERE {FENCE} RETURNING id""",
+)
+CANCEL = Query(
+    "cancel",
+    f"""UPDATE deferrun_tasks SET state = 'cancelled', error = 'cancelled by user',
+        worker_id = NULL, trigger_id = NULL, defer_deadline = NULL, ready_at = NULL,
+        updated_at = {{now}}, finished_at = {{now}}
+    WHERE id = :task_id AND state NOT IN {FINISHED} RETURNING id""",
+)
+
+# -- triggers ---------------------------------------------------------------------------------
+
+TRIGGER_DEMAND = Query(
+    "trigger_demand",
+    """SELECT (SELECT count(*) FROM deferrun_triggers WHERE triggerer_id IS NULL),
+        (SELECT count(*) FROM deferrun_processes WHERE role = 'triggerer'
+            AND heartbeat_at >= {now} - :dead_after)""",
+)
+
+
+def _claim_triggers(name: str, queue_match: str) -> Query:
+    return Query(
+        name,
+        f"""WITH picked AS (
+            SELECT id FROM deferrun_triggers
+            WHERE triggerer_id IS NULL {queue_match} AND created_at <= {{now}} - :min_age
+            ORDER BY id LIMIT :limit {{skip_locked}})
+        UPDATE deferrun_triggers SET triggerer_id = :triggerer_id
+        WHERE id IN (SELECT id FROM picked)
+        RETURNING id, task_id, classpath, kwargs, deadline - {{now}}""",
+    )
+
+
+CLAIM_TRIGGERS_ANY = _claim_triggers("claim_triggers_any", "")
+CLAIM_TRIGGERS_QUEUES = _claim_triggers("claim_triggers_queues", "AND queue IN_TEXTS(:queues)")
+
+RELEASE_ALL_TRIGGERS = Query(
+    "release_all_triggers",
+    "UPDATE deferrun_triggers SET triggerer_id = NULL WHERE triggerer_id = :triggerer_id "
+    "RETURNING id",
+)
+RELEASE_TRIGGERS = Query(
+    "release_triggers",
+    "UPDATE deferrun_triggers SET triggerer_id = NULL WHERE triggerer_id = :triggerer_id "
+    "AND id IN_INTS(:ids) RETURNING id",
+)
+
+# -- programs: one transaction each -----------------------------------------------------------
+
+
+def clean_text(text: str | None) -> str | None:
+    """Text any backend can store: PostgreSQL refuses NUL, and no driver encodes surrogates."""
+    if text is None:
+        return None
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
+def _one(rows: list[Row]) -> bool:
+    return len(rows) == 1
+
+
+def submit(tasks: Sequence[NewTask]) -> Program[None]:
+    yield run_many(
+        INSERT_TASK,
+        [
+            {
+                "id": t.id,
+                "name": t.name,
+                "classpath": t.classpath,
+                "kwargs": t.kwargs,
+                "queue": t.queue,
+                "max_tries": t.max_tries,
+                "retry_delay": t.retry_delay,
+                "execution_timeout": t.execution_timeout,
+            }
+            for t in tasks
+        ],
+    )
+    yield Notify(("tasks",))
+
+
+def claim_tasks(worker_id: str, queues: Sequence[str], limit: int) -> Program[list[ClaimedTask]]:
+    if len(queues) == 1:
+        rows = yield run(CLAIM_ONE_QUEUE, worker_id=worker_id, queue=queues[0], limit=limit)
+    else:
+        rows = yield run(CLAIM_QUEUES, worker_id=worker_id, queues=list(queues), limit=limit)
+    return [ClaimedTask(*r) for r in rows]
+
+
+def complete(task_id: str, claim_token: int, result: str | None) -> Program[bool]:
+    rows = yield run(COMPLETE, task_id=task_id, claim_token=claim_token, result=result)
+    return _one(rows)
+
+
+def fail(task_id: str, claim_token: int, error: str, retry: bool) -> Program[TaskState | None]:
+    rows = yield run(
+        FAIL, task_id=task_id, claim_token=claim_token, error=clean_text(error), retry=retry
+    )
+    if not rows:
+        return None
+    state = TaskState(rows[0][0])
+    if state is TaskState.UP_FOR_RETRY:
+        yield Notify(("tasks",))
+    return state
+
+
+def skip(task_id: str, claim_token: int, reason: str | None) -> Program[bool]:
+    rows = yield run(SKIP, task_id=task_id, claim_token=claim_token, reason=clean_text(reason))
+    return _one(rows)
+
+
+def reschedule(task_id: str, claim_token: int, delay: float) -> Program[bool]:
+    rows = yield run(
+        RESCHEDULE, task_id=task_id, claim_token=claim_token, delay=max(float(delay), 0.0)
+    )
+    if rows:
+        yield Notify(("tasks",))
+    return _one(rows)
+
+
+def requeue(task_id: str, claim_token: int) -> Program[bool]:
+    rows = yield run(REQUEUE_ATTEMPT, task_id=task_id, claim_token=claim_token)
+    if rows:
+        yield Notify(("tasks",))
+    return _one(rows)
+
+
+def defer(task_id: str, claim_token: int, deferral: Deferral) -> Program[int | None]:
+    fence = {"task_id": task_id, "claim_token": claim_token}
+    timeout = None if deferral.timeout is None else float(deferral.timeout)
+    if not (yield run(LOCK_ATTEMPT, **fence)):
+        return None
+    yield run(DROP_TASK_TRIGGER, task_id=task_id)
+    rows = yield run(
+        DEFER_INSERT_TRIGGER,
+        **fence,
+        classpath=deferral.classpath,
+        kwargs=deferral.kwargs,
+        timeout=timeout,
+    )
+    if not rows:
+        return None
+    trigger_id = int(rows[0][0])
+    yield run(
+        DEFER_TASK,
+        **fence,
+        method_name=deferral.method_name,
+        method_kwargs=deferral.method_kwargs,
+        trigger_id=trigger_id,
+        timeout=timeout,
+    )
+    yield Notify(("triggers",))
+    return trigger_id
+
+
+def cancel(task_id: str) -> Program[bool]:
+    rows = yield run(CANCEL, task_id=task_id)
+    yield run(DROP_TASK_TRIGGER, task_id=task_id)
+    if rows:
+        yield Notify(("tasks", "triggers"))
+    return _one(rows)
+
+
+def resume(items: Sequence[tuple[int, str | None, str]]) -> Program[int]:
+    """Resume deferred tasks with (trigger_id, failure method or None, event JSON)."""
+    rows = yield run_many(RESUME, [{"trigger_id": t, "method": m, "event": e} for t, m, e in items])
+    yield run_many(DROP_TRIGGER, [{"trigger_id": t} for t, _, _ in items])
+    resumed = int(rows[0][0])
+    if resumed:
+        yield Notify(("tasks",))
+    return resumed
+
+
+def claim_triggers(
+    triggerer_id: str, queues: Sequence[str], limit: int, dead_after: float
+) -> Program[list[ClaimedTrigger]]:
+    """Take this triggerer's fair share of new triggers, then any left waiting too long.
+
+    New arrivals are split evenly over the live triggerers so a burst spreads over all of
+    them; nothing is taken from a live triggerer, so nothing bounces.
+    """
+    [(unclaimed, live)] = yield run(TRIGGER_DEMAND, dead_after=dead_after)
+    fair = fair_share(limit, int(unclaimed), int(live))
+    query, extra = CLAIM_TRIGGERS_ANY, {}
+    if queues:
+        query, extra = CLAIM_TRIGGERS_QUEUES, {"queues": list(queues)}
+    claimed: list[Row] = []
+    if fair > 0:
+        claimed += yield run(query, triggerer_id=triggerer_id, limit=fair, min_age=-1e9, **extra)
+    if len(claimed) < limit:
+        claimed += yield run(
+            query,
+            triggerer_id=triggerer_id,
+            limit=limit - len(claimed),
+            min_age=STALE_UNCLAIMED,
+            **extra,
+        )
+    return [ClaimedTrigger(*r) for r in claimed]
+
+
+def fair_share(limit: int, unclaimed: int, live_triggerers: int) -> int:
+    return max(0, min(limit, -(-unclaimed // max(live_triggerers, 1))))
+
+
+def release_triggers(triggerer_id: str, ids: Sequence[int] | None) -> Program[int]:
+    if ids is None:
+        rows = yield run(RELEASE_ALL_TRIGGERS, triggerer_id=triggerer_id)
+    elif not ids:
+        return 0
+    else:
+        rows = yield run(RELEASE_TRIGGERS, triggerer_id=triggerer_id, ids=list(ids))
+    yield Notify(("triggers",))
+    return len(rows)

@@ -1,0 +1,295 @@
+"""One store for every backend: the state machine's programs run through a connector.
+
+:class:`SqlStore` implements :class:`~deferrun.store.base.Store` once. Everything a backend
+does differently (driver, transactions, migrations, how wake-ups travel) sits behind the small
+:class:`Connector` protocol, so a rule fixed here is fixed on SQLite and PostgreSQL alike.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from deferrun import serialization
+from deferrun.models import (
+    ClaimedTask,
+    ClaimedTrigger,
+    Deferral,
+    NewTask,
+    ProcessInfo,
+    TaskInfo,
+    TaskState,
+    TriggerInfo,
+    ts,
+)
+from deferrun.store import machine, maintenance
+from deferrun.store.base import ROLE_CHANNEL, Channel, ReapReport, Role, Wakeup
+from deferrun.store.rows import TASK_INFO_COLUMNS, load_or_raw, task_info
+from deferrun.store.sql import Program, Query, R, Row
+
+_TASK_INFO = (
+    f"SELECT {TASK_INFO_COLUMNS} FROM deferrun_tasks t "
+    "LEFT JOIN deferrun_triggers g ON g.id = t.trigger_id"
+)
+GET_TASK = Query("get_task", _TASK_INFO + " WHERE t.id = :task_id")
+LIST_TASKS = Query("list_tasks", _TASK_INFO + " ORDER BY t.created_at DESC LIMIT :limit")
+LIST_TASKS_IN_STATE = Query(
+    "list_tasks_in_state",
+    _TASK_INFO + " WHERE t.state = :state ORDER BY t.created_at DESC LIMIT :limit",
+)
+COUNT_TASKS = Query("count_tasks", "SELECT state, count(*) FROM deferrun_tasks GROUP BY state")
+NEXT_DUE_ONE = Query(
+    "next_due_one",
+    f"SELECT min(ready_at) - {{now}} FROM deferrun_tasks "
+    f"WHERE state IN {machine.RUNNABLE} AND queue = :queue",
+)
+NEXT_DUE = Query(
+    "next_due",
+    f"SELECT min(ready_at) - {{now}} FROM deferrun_tasks "
+    f"WHERE state IN {machine.RUNNABLE} AND queue IN_TEXTS(:queues)",
+)
+OWNED_CLAIMS = Query(
+    "owned_claims",
+    "SELECT id, claim_token FROM deferrun_tasks WHERE state = 'running' AND worker_id = :worker_id",
+)
+OWNED_TRIGGERS = Query(
+    "owned_triggers", "SELECT id FROM deferrun_triggers WHERE triggerer_id = :triggerer_id"
+)
+LIST_TRIGGERS = Query(
+    "list_triggers",
+    "SELECT id, task_id, classpath, kwargs, queue, triggerer_id, created_at, deadline "
+    "FROM deferrun_triggers ORDER BY id",
+)
+LIST_PROCESSES = Query(
+    "list_processes",
+    "SELECT id, role, host, pid, queues, capacity, started_at, heartbeat_at, "
+    "heartbeat_at >= {now} - :dead_after FROM deferrun_processes ORDER BY role, started_at",
+)
+TASK_LOGS = Query(
+    "task_logs",
+    "SELECT at, source, line FROM (SELECT id, at, source, line FROM deferrun_task_logs "
+    "WHERE task_id = :task_id ORDER BY id DESC LIMIT :limit) newest ORDER BY at, id",
+)
+
+
+class Connector(Protocol):
+    """What a backend provides: a driver, transactions, schema and wake-ups."""
+
+    url: str
+
+    async def open(self) -> None:
+        """Connect, and create or migrate the schema (safe when several processes start)."""
+
+    async def close(self) -> None: ...
+
+    async def transact(self, program: Program[R]) -> R:
+        """Run ``program`` as one transaction, delivering its Notify steps after commit."""
+
+    async def fetch(self, query: Query, **params: Any) -> list[Row]:
+        """One read outside any write transaction."""
+
+    async def listen(self, process_id: str, channel: Channel) -> tuple[Wakeup, int | None]:
+        """Start delivering ``channel`` wake-ups to this process; the port others reach it on."""
+
+    async def unlisten(self, process_id: str) -> None: ...
+
+    async def upkeep(self) -> None:
+        """Called at every heartbeat: re-establish listeners, refresh whom to wake."""
+
+
+class SqlStore:
+    """The :class:`~deferrun.store.base.Store` of every SQL backend."""
+
+    def __init__(self, connector: Connector, *, dead_after: float = 10.0) -> None:
+        self.db = connector
+        self.url = connector.url
+        self.dead_after = dead_after
+        self._processes: dict[str, dict[str, Any]] = {}
+
+    async def open(self) -> None:
+        await self.db.open()
+
+    async def close(self) -> None:
+        await self.db.close()
+
+    # -- processes and liveness ---------------------------------------------------------------
+
+    async def register_process(
+        self, process_id: str, role: Role, queues: Sequence[str], capacity: int
+    ) -> Wakeup:
+        wakeup, port = await self.db.listen(process_id, ROLE_CHANNEL[role])
+        process = {
+            "id": process_id,
+            "role": role,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "queues": serialization.dumps(list(queues)),
+            "capacity": capacity,
+            "wake_port": port,
+        }
+        self._processes[process_id] = process
+        await self.db.transact(maintenance.register(process))
+        await self.db.upkeep()
+        return wakeup
+
+    async def heartbeat(self, process_id: str) -> None:
+        process = self._processes.get(process_id)
+        if process is not None:
+            await self.db.transact(maintenance.heartbeat(process))
+        await self.db.upkeep()
+
+    async def deregister_process(self, process_id: str) -> None:
+        await self.db.transact(maintenance.deregister(process_id))
+        self._processes.pop(process_id, None)
+        await self.db.unlisten(process_id)
+
+    async def reap(self, dead_after: float) -> ReapReport:
+        report: ReapReport = await self.db.transact(maintenance.reap(dead_after, ReapReport()))
+        return report
+
+    async def list_processes(self) -> list[ProcessInfo]:
+        rows = await self.db.fetch(LIST_PROCESSES, dead_after=self.dead_after)
+        return [
+            ProcessInfo(
+                id=r[0],
+                role=r[1],
+                host=r[2],
+                pid=r[3],
+                queues=serialization.loads(r[4]),
+                capacity=r[5],
+                started_at=ts(r[6]),
+                heartbeat_at=ts(r[7]),
+                alive=bool(r[8]),
+            )
+            for r in rows
+        ]
+
+    # -- tasks --------------------------------------------------------------------------------
+
+    async def submit(self, task: NewTask) -> None:
+        await self.submit_many([task])
+
+    async def submit_many(self, tasks: Sequence[NewTask]) -> None:
+        if tasks:
+            await self.db.transact(machine.submit(tasks))
+
+    async def claim_tasks(
+        self, worker_id: str, queues: Sequence[str], limit: int
+    ) -> list[ClaimedTask]:
+        if limit <= 0 or not queues:
+            return []
+        return await self.db.transact(machine.claim_tasks(worker_id, queues, limit))
+
+    async def next_due(self, queues: Sequence[str]) -> float | None:
+        """When (local clock) the earliest retry or reschedule comes due."""
+        if not queues:
+            return None
+        if len(queues) == 1:
+            rows = await self.db.fetch(NEXT_DUE_ONE, queue=queues[0])
+        else:
+            rows = await self.db.fetch(NEXT_DUE, queues=list(queues))
+        if not rows or rows[0][0] is None:
+            return None
+        return time.time() + float(rows[0][0])
+
+    async def complete_task(self, task_id: str, claim_token: int, result: str | None) -> bool:
+        return await self.db.transact(machine.complete(task_id, claim_token, result))
+
+    async def fail_task(
+        self, task_id: str, claim_token: int, error: str, *, retry: bool
+    ) -> TaskState | None:
+        return await self.db.transact(machine.fail(task_id, claim_token, error, retry))
+
+    async def skip_task(self, task_id: str, claim_token: int, reason: str | None) -> bool:
+        return await self.db.transact(machine.skip(task_id, claim_token, reason))
+
+    async def reschedule_task(self, task_id: str, claim_token: int, delay: float) -> bool:
+        return await self.db.transact(machine.reschedule(task_id, claim_token, delay))
+
+    async def defer_task(self, task_id: str, claim_token: int, deferral: Deferral) -> int | None:
+        return await self.db.transact(machine.defer(task_id, claim_token, deferral))
+
+    async def requeue_task(self, task_id: str, claim_token: int) -> bool:
+        return await self.db.transact(machine.requeue(task_id, claim_token))
+
+    async def owned_claims(self, worker_id: str) -> set[tuple[str, int]]:
+        rows = await self.db.fetch(OWNED_CLAIMS, worker_id=worker_id)
+        return {(r[0], int(r[1])) for r in rows}
+
+    async def cancel_task(self, task_id: str) -> TaskInfo | None:
+        await self.db.transact(machine.cancel(task_id))
+        return await self.get_task(task_id)
+
+    # -- inspection ---------------------------------------------------------------------------
+
+    async def get_task(self, task_id: str) -> TaskInfo | None:
+        rows = await self.db.fetch(GET_TASK, task_id=task_id)
+        return task_info(rows[0]) if rows else None
+
+    async def list_tasks(self, state: TaskState | None = None, limit: int = 1000) -> list[TaskInfo]:
+        if state is None:
+            rows = await self.db.fetch(LIST_TASKS, limit=limit)
+        else:
+            rows = await self.db.fetch(LIST_TASKS_IN_STATE, state=str(state), limit=limit)
+        return [task_info(r) for r in rows]
+
+    async def count_tasks(self) -> dict[str, int]:
+        return {r[0]: int(r[1]) for r in await self.db.fetch(COUNT_TASKS)}
+
+    # -- triggers -----------------------------------------------------------------------------
+
+    async def claim_triggers(
+        self, triggerer_id: str, queues: Sequence[str], limit: int
+    ) -> list[ClaimedTrigger]:
+        if limit <= 0:
+            return []
+        return await self.db.transact(
+            machine.claim_triggers(triggerer_id, queues, limit, self.dead_after)
+        )
+
+    async def owned_trigger_ids(self, triggerer_id: str) -> set[int]:
+        rows = await self.db.fetch(OWNED_TRIGGERS, triggerer_id=triggerer_id)
+        return {int(r[0]) for r in rows}
+
+    async def fire_triggers(self, events: Sequence[tuple[int, str]]) -> int:
+        if not events:
+            return 0
+        return await self.db.transact(machine.resume([(t, None, e) for t, e in events]))
+
+    async def fail_triggers(self, failures: Sequence[tuple[int, str, str]]) -> int:
+        if not failures:
+            return 0
+        return await self.db.transact(machine.resume(list(failures)))
+
+    async def release_triggers(self, triggerer_id: str, ids: Sequence[int] | None = None) -> int:
+        return await self.db.transact(machine.release_triggers(triggerer_id, ids))
+
+    async def list_triggers(self) -> list[TriggerInfo]:
+        return [
+            TriggerInfo(
+                id=r[0],
+                task_id=r[1],
+                classpath=r[2],
+                kwargs=load_or_raw(r[3]),
+                queue=r[4],
+                triggerer_id=r[5],
+                created_at=ts(r[6]),
+                deadline=ts(r[7]),
+            )
+            for r in await self.db.fetch(LIST_TRIGGERS)
+        ]
+
+    # -- per-task logs ------------------------------------------------------------------------
+
+    async def append_task_logs(
+        self, rows: Sequence[tuple[str, float, str, str]], keep: int
+    ) -> None:
+        if rows:
+            await self.db.transact(maintenance.append_logs(rows, keep))
+
+    async def task_logs(self, task_id: str, limit: int = 10000) -> list[tuple[float, str, str]]:
+        rows = await self.db.fetch(TASK_LOGS, task_id=task_id, limit=limit)
+        return [(r[0], r[1], r[2]) for r in rows]
