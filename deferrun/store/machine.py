@@ -141,15 +141,19 @@ RESCHEDULE = Query(
 REQUEUE_ATTEMPT = Query(
     "requeue_attempt", f"UPDATE deferrun_tasks SET {REQUEUE} WHERE {FENCE} RETURNING id"
 )
-LOCK_ATTEMPT = Query("lock_attempt", f"SELECT id FROM deferrun_tasks WHERE {FENCE} {{lock}}")
 DROP_TASK_TRIGGER = Query(
     "drop_task_trigger", "DELETE FROM deferrun_triggers WHERE task_id = :task_id"
 )
 DEFER_INSERT_TRIGGER = Query(
     "defer_insert_trigger",
+    # Locks the task row (PostgreSQL) so a cancel cannot slip between this and DEFER_TASK;
+    # "WHERE true" lets SQLite parse an upsert after a SELECT.
     f"""INSERT INTO deferrun_triggers (task_id, classpath, kwargs, queue, deadline, created_at)
     SELECT id, :classpath, :kwargs, queue, {{now}} + :timeout, {{now}}
-    FROM deferrun_tasks WHERE {FENCE}
+    FROM deferrun_tasks WHERE {FENCE} AND true {{lock}}
+    ON CONFLICT (task_id) DO UPDATE SET classpath = excluded.classpath,
+        kwargs = excluded.kwargs, queue = excluded.queue, deadline = excluded.deadline,
+        created_at = excluded.created_at, triggerer_id = NULL
     RETURNING id""",
 )
 DEFER_TASK = Query(
@@ -293,9 +297,6 @@ def requeue(task_id: str, claim_token: int) -> Program[bool]:
 def defer(task_id: str, claim_token: int, deferral: Deferral) -> Program[int | None]:
     fence = {"task_id": task_id, "claim_token": claim_token}
     timeout = None if deferral.timeout is None else float(deferral.timeout)
-    if not (yield run(LOCK_ATTEMPT, **fence)):
-        return None
-    yield run(DROP_TASK_TRIGGER, task_id=task_id)
     rows = yield run(
         DEFER_INSERT_TRIGGER,
         **fence,

@@ -85,8 +85,13 @@ class Connector(Protocol):
 
     async def close(self) -> None: ...
 
-    async def transact(self, program: Program[R]) -> R:
-        """Run ``program`` as one transaction, delivering its Notify steps after commit."""
+    async def transact(self, program: Program[R], *, atomic: bool = True) -> R:
+        """Run ``program`` as one transaction, delivering its Notify steps after commit.
+
+        ``atomic=False`` says the program's statements are each complete on their own (one
+        statement and a wake-up, or claims that may commit separately): a backend may then
+        skip the transaction's extra round trips.
+        """
 
     async def fetch(self, query: Query, **params: Any) -> list[Row]:
         """One read outside any write transaction."""
@@ -131,14 +136,14 @@ class SqlStore:
             "wake_port": port,
         }
         self._processes[process_id] = process
-        await self.db.transact(maintenance.register(process))
+        await self.db.transact(maintenance.register(process), atomic=False)
         await self.db.upkeep()
         return wakeup
 
     async def heartbeat(self, process_id: str) -> None:
         process = self._processes.get(process_id)
         if process is not None:
-            await self.db.transact(maintenance.heartbeat(process))
+            await self.db.transact(maintenance.heartbeat(process), atomic=False)
         await self.db.upkeep()
 
     async def deregister_process(self, process_id: str) -> None:
@@ -181,7 +186,7 @@ class SqlStore:
     ) -> list[ClaimedTask]:
         if limit <= 0 or not queues:
             return []
-        return await self.db.transact(machine.claim_tasks(worker_id, queues, limit))
+        return await self.db.transact(machine.claim_tasks(worker_id, queues, limit), atomic=False)
 
     async def next_due(self, queues: Sequence[str]) -> float | None:
         """When (local clock) the earliest retry or reschedule comes due."""
@@ -196,24 +201,26 @@ class SqlStore:
         return time.time() + float(rows[0][0])
 
     async def complete_task(self, task_id: str, claim_token: int, result: str | None) -> bool:
-        return await self.db.transact(machine.complete(task_id, claim_token, result))
+        return await self.db.transact(machine.complete(task_id, claim_token, result), atomic=False)
 
     async def fail_task(
         self, task_id: str, claim_token: int, error: str, *, retry: bool
     ) -> TaskState | None:
-        return await self.db.transact(machine.fail(task_id, claim_token, error, retry))
+        return await self.db.transact(
+            machine.fail(task_id, claim_token, error, retry), atomic=False
+        )
 
     async def skip_task(self, task_id: str, claim_token: int, reason: str | None) -> bool:
-        return await self.db.transact(machine.skip(task_id, claim_token, reason))
+        return await self.db.transact(machine.skip(task_id, claim_token, reason), atomic=False)
 
     async def reschedule_task(self, task_id: str, claim_token: int, delay: float) -> bool:
-        return await self.db.transact(machine.reschedule(task_id, claim_token, delay))
+        return await self.db.transact(machine.reschedule(task_id, claim_token, delay), atomic=False)
 
     async def defer_task(self, task_id: str, claim_token: int, deferral: Deferral) -> int | None:
         return await self.db.transact(machine.defer(task_id, claim_token, deferral))
 
     async def requeue_task(self, task_id: str, claim_token: int) -> bool:
-        return await self.db.transact(machine.requeue(task_id, claim_token))
+        return await self.db.transact(machine.requeue(task_id, claim_token), atomic=False)
 
     async def owned_claims(self, worker_id: str) -> set[tuple[str, int]]:
         rows = await self.db.fetch(OWNED_CLAIMS, worker_id=worker_id)
@@ -247,7 +254,7 @@ class SqlStore:
         if limit <= 0:
             return []
         return await self.db.transact(
-            machine.claim_triggers(triggerer_id, queues, limit, self.dead_after)
+            machine.claim_triggers(triggerer_id, queues, limit, self.dead_after), atomic=False
         )
 
     async def owned_trigger_ids(self, triggerer_id: str) -> set[int]:

@@ -75,24 +75,39 @@ class PostgresConnector:
             return [(len(await conn.fetchmany(rendered.text, items)),)]
         return list(await conn.fetch(rendered.text, *rendered.args(step.params)))  # type: ignore[arg-type]
 
-    async def transact(self, program: Program[R]) -> R:
+    async def transact(self, program: Program[R], *, atomic: bool = True) -> R:
         try:
-            async with self.pool.acquire() as conn, conn.transaction():
-                rows: list[Row] | None = None
-                try:
-                    while True:
-                        step = program.send(rows)  # type: ignore[arg-type]
-                        if isinstance(step, Notify):
-                            for channel in step.channels:
-                                await conn.execute(f"SELECT pg_notify('{CHANNELS[channel]}', '')")
-                            rows = []
-                        else:
-                            rows = await self._execute(conn, step)
-                except StopIteration as done:
-                    result: R = done.value
-            return result
+            async with self.pool.acquire() as conn:
+                if not atomic:  # each statement commits on its own: no BEGIN/COMMIT trips
+                    return await self._drive(conn, program, notify_after=True)
+                async with conn.transaction():
+                    return await self._drive(conn, program, notify_after=False)
         except _UNAVAILABLE as exc:
             raise StoreUnavailable(f"PostgreSQL unavailable: {exc!r}") from exc
+
+    async def _drive(self, conn: asyncpg.Connection, program: Program[R], notify_after: bool) -> R:
+        """Run ``program``'s steps; NOTIFY inside the transaction, or after the statements."""
+        rows: list[Row] | None = None
+        channels: list[str] = []
+        try:
+            while True:
+                step = program.send(rows)  # type: ignore[arg-type]
+                if isinstance(step, Notify):
+                    channels += [CHANNELS[c] for c in step.channels if CHANNELS[c] not in channels]
+                    if not notify_after:
+                        await self._notify(conn, channels)
+                        channels = []
+                    rows = []
+                else:
+                    rows = await self._execute(conn, step)
+        except StopIteration as done:
+            await self._notify(conn, channels)
+            return done.value  # type: ignore[no-any-return]
+
+    @staticmethod
+    async def _notify(conn: asyncpg.Connection, channels: list[str]) -> None:
+        if channels:
+            await conn.execute(";".join(f"SELECT pg_notify('{c}', '')" for c in channels))
 
     async def fetch(self, query: Query, **params: Any) -> list[Row]:
         try:
