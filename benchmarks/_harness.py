@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -15,7 +16,6 @@ from typing import Any
 import psutil
 
 REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "benchmarks" / "results"
 
 # The test suite's throwaway-PostgreSQL and service helpers live in tests/.
 if str(REPO / "tests") not in sys.path:
@@ -110,9 +110,34 @@ def table(headers: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(out)
 
 
-def write_json(name: str, data: dict[str, Any]) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+def add_out_argument(parser: argparse.ArgumentParser) -> None:
+    """Every benchmark writes only where its caller says: the committed results are opt-in."""
+    parser.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        metavar="DIR",
+        help="directory for the JSON (and PNG) results, created if missing; "
+        "pass benchmarks/results only to replace the committed reference results",
+    )
+
+
+def prepare_out(out: Path) -> Path:
+    """Create ``out`` before any process starts, so a bad path fails in a second, not after."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SystemExit(
+            f"error: cannot create --out directory {out}: {exc.strerror or exc}; "
+            "pass a writable directory"
+        ) from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise SystemExit(f"error: --out directory {out} is not writable; pass a writable directory")
+    return out
+
+
+def write_json(out: Path, name: str, data: dict[str, Any]) -> Path:
+    path = out / f"{name}.json"
     path.write_text(json.dumps(data, indent=2, default=str))
     return path
 

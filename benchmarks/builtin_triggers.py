@@ -1,11 +1,12 @@
 """Cost of built-in triggers at scale: 1,000 S3 key triggers on one bucket, 1,000 HTTP triggers
 on one host, all waiting in one real `deferrun triggerer`.
 
-    python -m benchmarks.builtin_triggers [--triggers 1000] [--poll-interval 5] [--intervals 3]
+    python -m benchmarks.builtin_triggers --out DIR [--triggers 1000] [--poll-interval 5]
+                                          [--intervals 3]
 
 Reports per kind: requests per poll interval (counted at the server: the HTTP service counts
 its own, S3 requests pass through a counting proxy in front of moto), triggerer CPU while
-polling, and triggerer RSS. Writes benchmarks/results/builtin_triggers.json.
+polling, and triggerer RSS. Prints a table and writes DIR/builtin_triggers.json.
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ from aiohttp import ClientSession, web
 from benchmarks._harness import (
     FakeServices,
     Process,
+    add_out_argument,
     env_for,
     free_port,
     machine,
+    prepare_out,
     table,
     wait_for,
     write_json,
@@ -161,7 +164,9 @@ def main() -> None:
     parser.add_argument("--triggers", type=int, default=1000)
     parser.add_argument("--poll-interval", type=float, default=5.0)
     parser.add_argument("--intervals", type=int, default=3)
+    add_out_argument(parser)
     args = parser.parse_args()
+    out_dir = prepare_out(args.out)
     n, interval = args.triggers, args.poll_interval
     workdir = Path(tempfile.mkdtemp(prefix="deferrun-bench-triggers-"))
 
@@ -226,7 +231,7 @@ def main() -> None:
         services.stop()
         moto.stop()
     out = {"machine": machine(), "s3": s3, "http": http}
-    path = write_json("builtin_triggers", out)
+    path = write_json(out_dir, "builtin_triggers", out)
     rows = [
         [
             kind,

@@ -1,13 +1,14 @@
 """Full-cycle benchmark: submit -> defer -> fire -> resume -> success, with real processes.
 
-    python -m benchmarks.cycle [--db URL] [--tasks 1000] [--latency-tasks 300] [--live 10000]
+    python -m benchmarks.cycle --out DIR [--db URL] [--tasks 1000] [--latency-tasks 300]
+                               [--live 10000]
 
 Measures, against one `deferrun triggerer` and one `deferrun worker --slots 8`:
 - event->resume latency (trigger yields -> resume method starts), p50/p95/p99;
 - full-cycle throughput for --tasks tasks whose triggers fire at once;
 - triggerer RSS with --live general (coroutine) triggers waiting, above its idle RSS (time
   triggers are far cheaper, see benchmarks/triggerer_scale.py).
-Writes benchmarks/results/cycle-<backend>.json and prints a table.
+Prints a table and writes DIR/cycle-<backend>.json.
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ import anyio
 
 from benchmarks._harness import (
     Process,
+    add_out_argument,
     env_for,
     machine,
+    prepare_out,
     start_pg_cluster,
     summary_ms,
     table,
@@ -145,7 +148,9 @@ def main() -> None:
     parser.add_argument("--latency-tasks", type=int, default=300)
     parser.add_argument("--live", type=int, default=10000)
     parser.add_argument("--slots", type=int, default=8)
+    add_out_argument(parser)
     args = parser.parse_args()
+    out_dir = prepare_out(args.out)
     workdir = Path(tempfile.mkdtemp(prefix="deferrun-bench-"))
     cluster = None
     if args.db:
@@ -160,7 +165,7 @@ def main() -> None:
     finally:
         if cluster is not None:
             cluster.destroy()
-    path = write_json(f"cycle-{out['db']}", out)
+    path = write_json(out_dir, f"cycle-{out['db']}", out)
     rows = [
         [
             "event->resume p50 / p95 / p99",

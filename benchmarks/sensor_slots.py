@@ -1,6 +1,6 @@
 """How many worker slots sensors eat in poke, reschedule and deferrable modes.
 
-    python -m benchmarks.sensor_slots [--slots 4] [--sensors 200] [--compute 40]
+    python -m benchmarks.sensor_slots --out DIR [--slots 4] [--sensors 200] [--compute 40]
                                       [--stagger 20] [--poke-interval 1]
 
 W worker slots; N sensors whose conditions turn true at staggered times over T seconds; M
@@ -9,7 +9,8 @@ Run per mode, plus a baseline without sensors, against a real `deferrun triggere
 `deferrun worker`. Reports slot-seconds held by sensors, peak slots held by sensors, compute
 makespan, time until every sensor finished, and database calls made for sensors (counted by
 the processes themselves: deferrun_store_calls_total, minus the idle rate and the baseline).
-Writes a markdown table, benchmarks/results/sensor_slots.json and a PNG of busy slots over time.
+Prints a markdown table and writes it to DIR/sensor_slots.md, with DIR/sensor_slots.json and
+DIR/sensor_slots.png (busy slots over time).
 """
 
 from __future__ import annotations
@@ -23,7 +24,17 @@ from typing import Any
 
 import anyio
 
-from benchmarks._harness import Process, env_for, free_port, machine, table, wait_for, write_json
+from benchmarks._harness import (
+    Process,
+    add_out_argument,
+    env_for,
+    free_port,
+    machine,
+    prepare_out,
+    table,
+    wait_for,
+    write_json,
+)
 from benchmarks.ops import BenchSensor, Compute
 from deferrun.client import build_task
 from deferrun.store import open_store
@@ -217,7 +228,9 @@ def main() -> None:
     parser.add_argument("--stagger", type=float, default=20.0)
     parser.add_argument("--poke-interval", type=float, default=1.0)
     parser.add_argument("--modes", default=",".join(MODES))
+    add_out_argument(parser)
     args = parser.parse_args()
+    out_dir = prepare_out(args.out)
     workdir = Path(tempfile.mkdtemp(prefix="deferrun-slots-"))
     rows = []
     for mode in args.modes.split(","):
@@ -271,7 +284,7 @@ def main() -> None:
         "params": vars(args),
         "runs": [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows],
     }
-    path = write_json("sensor_slots", out)
+    path = write_json(out_dir, "sensor_slots", out)
     md = table(headers, lines)
     path.with_suffix(".md").write_text(md + "\n")
     png = path.with_suffix(".png")

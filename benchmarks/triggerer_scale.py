@@ -1,6 +1,7 @@
 """How many time triggers one triggerer holds, and how well it keeps time.
 
-    python -m benchmarks.triggerer_scale [--sizes 1000,10000,100000] [--backends sqlite,postgres]
+    python -m benchmarks.triggerer_scale --out DIR [--sizes 1000,10000,100000]
+                                         [--backends sqlite,postgres]
 
 For each backend and size N, against one real `deferrun triggerer` and `deferrun worker`:
 1. N tasks are bulk-submitted; each defers on a DateTimeTrigger. Defer rate = N / (first
@@ -10,7 +11,8 @@ For each backend and size N, against one real `deferrun triggerer` and `deferrun
    triggerer's own histogram (deferrun_timer_fire_lateness_seconds), moment->resume p50/p99
    from the resumed tasks, drain rate = N / (first moment -> last success).
 3. Nothing lost: every task succeeds, exactly once.
-Writes benchmarks/results/triggerer_scale.json and a PNG of RSS per trigger and lateness.
+Prints a table and writes DIR/triggerer_scale.json and DIR/triggerer_scale.png (RSS per
+trigger and lateness).
 """
 
 from __future__ import annotations
@@ -26,10 +28,12 @@ import anyio
 
 from benchmarks._harness import (
     Process,
+    add_out_argument,
     env_for,
     free_port,
     machine,
     pct,
+    prepare_out,
     start_pg_cluster,
     table,
     wait_for,
@@ -249,7 +253,9 @@ def main() -> None:
         default=1000.0,
         help="used to schedule the moments after the load finishes",
     )
+    add_out_argument(parser)
     args = parser.parse_args()
+    out_dir = prepare_out(args.out)
     sizes = [int(x) for x in args.sizes.split(",")]
     rows: list[dict[str, Any]] = []
     workdir = Path(tempfile.mkdtemp(prefix="deferrun-scale-"))
@@ -270,7 +276,7 @@ def main() -> None:
         if cluster is not None:
             cluster.destroy()
     out = {"machine": machine(), "runs": rows}
-    path = write_json("triggerer_scale", out)
+    path = write_json(out_dir, "triggerer_scale", out)
     png = path.with_suffix(".png")
     try:
         plot(rows, png)

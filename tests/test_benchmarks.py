@@ -1,19 +1,47 @@
-"""Tiny runs of every benchmark, so they cannot rot (figures come from full runs, not here)."""
+"""Tiny runs of every benchmark, so they cannot rot (figures come from full runs, not here).
+
+Each run writes to a pytest temporary directory; the committed reference results in
+benchmarks/results/ must come out of the test run byte-for-byte as they went in.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
-import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import REPO
 
-pytestmark = pytest.mark.e2e
-
 RESULTS = REPO / "benchmarks" / "results"
+BENCHMARKS = [
+    "benchmarks.cycle",
+    "benchmarks.triggerer_scale",
+    "benchmarks.sensor_slots",
+    "benchmarks.builtin_triggers",
+]
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """Relative path -> sha256 of every file under ``root`` (empty if it does not exist)."""
+    if not root.exists():
+        return {}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(autouse=True)
+def reference_results_untouched() -> Iterator[None]:
+    """No benchmark run may write into the committed reference results."""
+    before = tree_digest(RESULTS)
+    yield
+    assert tree_digest(RESULTS) == before, "a benchmark run changed benchmarks/results/"
 
 
 def run_benchmark(module: str, *args: str, timeout: float = 240) -> str:
@@ -28,21 +56,45 @@ def run_benchmark(module: str, *args: str, timeout: float = 240) -> str:
     return done.stdout
 
 
-@pytest.fixture
-def results(tmp_path: Path) -> Path:
-    """Keep a developer's full-run results: smoke runs write over the same files."""
-    saved = tmp_path / "saved"
-    if RESULTS.exists():
-        shutil.copytree(RESULTS, saved)
-    yield RESULTS
-    if saved.exists():
-        shutil.rmtree(RESULTS, ignore_errors=True)
-        shutil.copytree(saved, RESULTS)
+def test_reference_results_are_committed() -> None:
+    """The digest check above would pass vacuously on an empty directory."""
+    digest = tree_digest(RESULTS)
+    assert {"cycle-sqlite.json", "sensor_slots.json", "triggerer_scale.png"} <= set(digest)
 
 
-def test_cycle_smoke(results: Path) -> None:
+@pytest.mark.parametrize("module", BENCHMARKS)
+def test_out_is_required(module: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", module], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode != 0
+    assert "--out" in done.stderr
+
+
+@pytest.mark.parametrize("module", BENCHMARKS)
+def test_out_that_cannot_be_created_fails_in_one_line(module: str, tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    done = subprocess.run(
+        [sys.executable, "-m", module, "--out", str(blocker / "results")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "cannot create --out directory" in lines[0] and str(blocker) in lines[0]
+
+
+@pytest.mark.e2e
+def test_cycle_smoke(tmp_path: Path) -> None:
+    out_dir = tmp_path / "made" / "by-the-benchmark"  # missing parents are created
     out = run_benchmark(
         "benchmarks.cycle",
+        "--out",
+        str(out_dir),
         "--tasks",
         "40",
         "--latency-tasks",
@@ -53,13 +105,17 @@ def test_cycle_smoke(results: Path) -> None:
         "4",
     )
     assert "event->resume" in out
-    data = json.loads((results / "cycle-sqlite.json").read_text())
+    assert sorted(p.name for p in out_dir.iterdir()) == ["cycle-sqlite.json"]
+    data = json.loads((out_dir / "cycle-sqlite.json").read_text())
     assert data["cycle"]["tasks"] == 40 and data["live_triggers"]["count"] == 200
 
 
-def test_triggerer_scale_smoke(results: Path) -> None:
+@pytest.mark.e2e
+def test_triggerer_scale_smoke(tmp_path: Path) -> None:
     out = run_benchmark(
         "benchmarks.triggerer_scale",
+        "--out",
+        str(tmp_path),
         "--sizes",
         "200",
         "--backends",
@@ -68,15 +124,18 @@ def test_triggerer_scale_smoke(results: Path) -> None:
         "100",
     )
     assert "| sqlite" in out
-    data = json.loads((results / "triggerer_scale.json").read_text())
+    data = json.loads((tmp_path / "triggerer_scale.json").read_text())
     [run] = data["runs"]
     assert run["n"] == 200 and run["lost"] == 0 and run["succeeded"] == 200
-    assert (results / "triggerer_scale.png").stat().st_size > 0
+    assert (tmp_path / "triggerer_scale.png").stat().st_size > 0
 
 
-def test_sensor_slots_smoke(results: Path) -> None:
+@pytest.mark.e2e
+def test_sensor_slots_smoke(tmp_path: Path) -> None:
     out = run_benchmark(
         "benchmarks.sensor_slots",
+        "--out",
+        str(tmp_path),
         "--slots",
         "2",
         "--sensors",
@@ -91,19 +150,23 @@ def test_sensor_slots_smoke(results: Path) -> None:
         "0.2",
     )
     assert "| deferrable" in out
-    data = json.loads((results / "sensor_slots.json").read_text())
+    data = json.loads((tmp_path / "sensor_slots.json").read_text())
     runs = {r["mode"]: r for r in data["runs"]}
     assert set(runs) == {"baseline", "poke", "reschedule", "deferrable"}
     assert all(r["failed"] == 0 for r in runs.values())
     # The point of the whole project, checked at toy scale: deferrable sensors hold far fewer
     # slot-seconds than poke-mode ones.
     assert runs["deferrable"]["sensor_slot_seconds"] < runs["poke"]["sensor_slot_seconds"] / 5
-    assert (results / "sensor_slots.png").stat().st_size > 0
+    assert (tmp_path / "sensor_slots.png").stat().st_size > 0
+    assert "| deferrable" in (tmp_path / "sensor_slots.md").read_text()
 
 
-def test_builtin_triggers_smoke(results: Path) -> None:
+@pytest.mark.e2e
+def test_builtin_triggers_smoke(tmp_path: Path) -> None:
     out = run_benchmark(
         "benchmarks.builtin_triggers",
+        "--out",
+        str(tmp_path),
         "--triggers",
         "20",
         "--poll-interval",
@@ -112,5 +175,5 @@ def test_builtin_triggers_smoke(results: Path) -> None:
         "2",
     )
     assert "S3KeyTrigger" in out and "HttpTrigger" in out
-    data = json.loads((results / "builtin_triggers.json").read_text())
+    data = json.loads((tmp_path / "builtin_triggers.json").read_text())
     assert data["http"]["requests_per_poll_interval"] > 0
