@@ -26,8 +26,8 @@ from deferrun.models import (
     TaskState,
     TriggerInfo,
 )
+from deferrun.store.sql import Channel
 
-Channel = Literal["tasks", "triggers"]
 Role = Literal["worker", "triggerer"]
 
 ROLE_CHANNEL: dict[str, Channel] = {"worker": "tasks", "triggerer": "triggers"}
