@@ -102,6 +102,7 @@ class Triggerer:
         self.running: dict[int, _Running | Timer] = {}
         self.timers = TimerHeap()
         self.writer = EventWriter(store)
+        self.writer_unhealthy_after = WRITER_UNHEALTHY_AFTER
         self._last_unfreeze = time.monotonic()
         self._frozen_at = 0
         self.events_total = 0
@@ -133,7 +134,7 @@ class Triggerer:
         }
         if failing:
             details["events_write_error"] = self.writer.last_error
-        return failing < WRITER_UNHEALTHY_AFTER, details
+        return failing < self.writer_unhealthy_after, details
 
     async def run(self) -> None:
         self._wakeup = await self.store.register_process(
