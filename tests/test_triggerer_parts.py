@@ -226,10 +226,7 @@ async def test_watchdog_blames_one_long_step_not_a_burst() -> None:
             tg.start_soon(watchdog.run)
             await anyio.sleep(0.1)
             loop = asyncio.get_running_loop()
-            burst = [
-                loop.create_task(timed(short()), name=f"trigger:{i}")
-                for i in range(20000)
-            ]
+            burst = [loop.create_task(timed(short()), name=f"trigger:{i}") for i in range(20000)]
             await asyncio.gather(*burst)
             await anyio.sleep(0.2)
             burst_logs = list(logs)
