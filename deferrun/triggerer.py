@@ -297,7 +297,7 @@ class Triggerer:
             return
         loaded = load(claimed, self.limits)
         if isinstance(loaded, Outcome):
-            self._outcome(loaded)
+            self._outcome(loaded, claimed.task_id)
             return
         if loaded.timer is not None:
             self._start_timer(claimed, loaded)
@@ -339,7 +339,7 @@ class Triggerer:
         # Into the writer in the same step it left ``running``. A failure after we cancelled
         # it is dropped: the trigger may be running elsewhere now; an event still counts.
         if outcome is not None and (outcome.fired or run.cancel_reason is None):
-            self._outcome(outcome)
+            self._outcome(outcome, run.task_id)
 
     async def _timer_loop(self) -> None:
         """Fire due timers; one task for every time trigger in this process."""
@@ -348,17 +348,14 @@ class Triggerer:
             for timer in self.timers.pop_due(now):
                 self.running.pop(timer.id, None)
                 if timer.timed_out:
-                    self._outcome(
-                        failure(
-                            timer.id,
-                            f"deferral timed out: trigger {timer.id} (a timer) "
-                            "did not fire before its timeout",
-                            timeout=True,
-                        )
+                    message = (
+                        f"deferral timed out: trigger {timer.id} (a timer) "
+                        "did not fire before its timeout"
                     )
+                    self._outcome(failure(timer.id, message, timeout=True), timer.task_id)
                 else:
                     self.metrics.fire_lateness.observe(max(now - timer.due, 0.0))
-                    self._outcome(Outcome(timer.id, FIRED, timer.payload))
+                    self._outcome(Outcome(timer.id, FIRED, timer.payload), timer.task_id, True)
             due = self.timers.next_due()
             if due is not None and due <= time.time():
                 await anyio.sleep(0)  # more due than one pass takes: let others run first
@@ -376,18 +373,21 @@ class Triggerer:
         if run.task is not None:
             run.task.cancel()
 
-    def _outcome(self, outcome: Outcome) -> None:
+    def _outcome(self, outcome: Outcome, task_id: str | None = None, timer: bool = False) -> None:
+        """Count and log ``outcome`` and queue it for writing (in the trigger's own step)."""
+        ids = {"trigger_id": outcome.trigger_id, "task_id": task_id}
         if outcome.fired:
             self.events_total += 1
             self.metrics.trigger_events.inc()
-            log.debug("trigger fired", trigger_id=outcome.trigger_id)
+            # 100,000 timers may fire in a burst: their line is debug-level
+            (log.debug if timer else log.info)("trigger fired", **ids)
         elif outcome.method == TIMED_OUT:
             self.timeouts_total += 1
             self.metrics.trigger_timeouts.inc()
-            log.info("trigger timed out", trigger_id=outcome.trigger_id)
+            log.info("trigger timed out", **ids)
         else:
             self.failures_total += 1
             self.metrics.trigger_failures.inc()
             first_line = (outcome.error or "").splitlines()[0] if outcome.error else ""
-            log.warning("trigger failed", trigger_id=outcome.trigger_id, error=first_line)
+            log.warning("trigger failed", error=first_line, **ids)
         self.writer.put(outcome)
