@@ -101,6 +101,8 @@ def event_payload(payload: Any, classpath: str, limit: int) -> str:
 
     The size is checked right after serializing so an oversized text is dropped at once.
     """
+    if isinstance(payload, str | bytes) and len(payload) > limit:
+        _oversized(classpath, len(payload), limit)  # no need to copy it into JSON first
     try:
         text = serialization.dumps(payload, "event payload")
     except Exception as exc:
@@ -108,12 +110,16 @@ def event_payload(payload: Any, classpath: str, limit: int) -> str:
     size = len(text) if len(text) > limit or len(text) * 4 <= limit else len(text.encode())
     if size > limit:
         del text
-        raise Misbehaved(
-            f"{classpath} yielded an event payload of {size} bytes or more, over the limit of "
-            f"{limit} bytes (DEFERRUN_MAX_EVENT_BYTES); store large data elsewhere and send a "
-            "reference in the event"
-        )
+        _oversized(classpath, size, limit)
     return text
+
+
+def _oversized(classpath: str, size: int, limit: int) -> None:
+    raise Misbehaved(
+        f"{classpath} yielded an event payload of {size} bytes or more, over the limit of "
+        f"{limit} bytes (DEFERRUN_MAX_EVENT_BYTES); store large data elsewhere and send a "
+        "reference in the event"
+    )
 
 
 def load(row: ClaimedTrigger, limits: Limits) -> Loaded | Outcome:

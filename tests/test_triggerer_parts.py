@@ -260,3 +260,12 @@ async def test_healthz_503_while_events_cannot_be_stored(store: Store) -> None:
         assert status == 503 and body["events_pending_write"] == 1
         assert "database unreachable" in body["events_write_error"]
         tg.cancel_scope.cancel()
+
+
+def test_event_payload_size_limit() -> None:
+    from deferrun.trigger_run import Misbehaved, event_payload
+
+    assert event_payload({"k": "v" * 100}, "c.T", 1024).startswith("{")
+    for payload in ("x" * 2000, {"nested": ["y" * 2000]}, "é" * 600):
+        with pytest.raises(Misbehaved, match="over the limit of 1024 bytes"):
+            event_payload(payload, "c.T", 1024)
