@@ -2,7 +2,9 @@
 
 Each process owns one registry (no global state, so a standalone process can hold both roles'
 metrics). The HTTP side is a small aiohttp app on ``--metrics-port``: ``/metrics`` in the
-Prometheus text format, ``/healthz`` 200 while the event loop and the database are healthy.
+Prometheus text format, ``/healthz`` 200 while the event loop and the database are healthy
+and every extra check a component registered in ``Metrics.health_checks`` passes (the
+triggerer's: its events are being stored).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from prometheus_client import (
 
 log = structlog.get_logger("deferrun.metrics")
 
+HealthCheck = Callable[[], tuple[bool, dict[str, Any]]]
+
 LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -35,6 +39,8 @@ class Metrics:
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
+        #: more checks /healthz runs besides loop and database (e.g. the triggerer's writes)
+        self.health_checks: list[HealthCheck] = []
         self.triggers_running = Gauge(
             "deferrun_triggers_running", "Triggers running in this triggerer", registry=r
         )
@@ -133,13 +139,15 @@ class CountingStore:
         return counted
 
 
-HealthCheck = Callable[[], tuple[bool, dict[str, Any]]]
-
-
 def loop_and_db_health(
-    health: dict[str, float], lags: list[float], dead_after: float, started: float
+    health: dict[str, float],
+    lags: list[float],
+    dead_after: float,
+    started: float,
+    extra: list[HealthCheck] | None = None,
 ) -> tuple[bool, dict[str, Any]]:
-    """Healthy while a heartbeat reached the database recently and the loop is not stalling.
+    """Healthy while a heartbeat reached the database recently, the loop is not stalling and
+    every ``extra`` check passes.
 
     ``health['ok_at']`` is the monotonic time of the last successful heartbeat; before the
     first heartbeat the process gets ``dead_after`` seconds of grace.
@@ -154,6 +162,21 @@ def loop_and_db_health(
         "loop_worst_recent_lag_seconds": round(worst_lag, 3),
     }
     ok = details["database_ok"] and worst_lag < 5.0
+    return combine(ok, details, extra or [])
+
+
+def combine(
+    ok: bool, details: dict[str, Any], checks: list[HealthCheck]
+) -> tuple[bool, dict[str, Any]]:
+    """AND the ``checks`` into (ok, details); a check that raises counts as failing."""
+    for check in checks:
+        try:
+            check_ok, more = check()
+        except Exception as exc:
+            log.error("health check raised", check=repr(check), error=repr(exc))
+            check_ok, more = False, {"health_check_error": repr(exc)}
+        ok = ok and check_ok
+        details = {**details, **more}
     return ok, details
 
 
@@ -172,7 +195,7 @@ async def serve(
         return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def health_view(_: web.Request) -> web.Response:
-        ok, details = check()
+        ok, details = combine(*check(), metrics.health_checks)
         return web.json_response(
             {"status": "ok" if ok else "unhealthy", **details}, status=200 if ok else 503
         )

@@ -1,70 +1,62 @@
-"""The triggerer: one asyncio process running thousands of triggers concurrently.
+"""The triggerer process: claims triggers, runs them, and hands their outcomes to the writer.
 
-It claims unowned triggers up to its capacity, runs each one's ``run()`` as a named task, and
-funnels first events and failures through one flusher that writes them in batches (one
-transaction per batch, each event re-queueing its task exactly once). A trigger can only ever
-fail its own task: every way it can go wrong is caught around that trigger alone.
+The parts live in their own modules: ``trigger_run`` runs one trigger to its first event (and
+turns every misbehaviour into a failure of that trigger's task alone), ``timer_heap`` holds
+time triggers without a coroutine each, ``event_writer`` stores outcomes. This module keeps
+claiming, reconciling with the store and the process lifecycle. A trigger id lives in
+exactly one place here: ``running`` (a task or a timer) or ``writer.pending`` (fired, not yet
+written); it is never started twice nor released while in either.
 """
 
 from __future__ import annotations
 
+import asyncio
 import gc
-import heapq
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import anyio
-import anyio.abc
 import structlog
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from deferrun import config, serialization
-from deferrun.connections import close_shared_clients, redact
-from deferrun.exceptions import SerializationError
+from deferrun import config
+from deferrun.connections import close_shared_clients
+from deferrun.event_writer import EventWriter
 from deferrun.liveness import heartbeat_loop, new_process_id
 from deferrun.metrics import Metrics
 from deferrun.models import ClaimedTrigger
-from deferrun.operator import BaseOperator
 from deferrun.store.base import Store, Wakeup
-from deferrun.trigger import BaseTrigger, TriggerEvent
-from deferrun.watchdog import LoopWatchdog
-from deferrun.worker import format_error
+from deferrun.timer_heap import Timer, TimerHeap
+from deferrun.trigger_run import (
+    FIRED,
+    TIMED_OUT,
+    Limits,
+    Loaded,
+    Outcome,
+    failure,
+    load,
+    max_event_bytes_from_env,
+    run_until_event,
+)
+from deferrun.watchdog import LoopWatchdog, timed_steps
 
 log = structlog.get_logger("deferrun.triggerer")
 
-FIRED = "fired"
 GC_FREEZE_GROWTH = 5000  # freeze the heap after this many more live triggers (_freeze_loaded)
 GC_UNFREEZE_EVERY = 600.0
-FAILED = "failed"
+WRITER_UNHEALTHY_AFTER = 5.0  # /healthz fails once outcomes have failed to store this long
 
 
 @dataclass(slots=True)
 class _Running:
-    """A trigger running as its own task (anything but a plain timer)."""
+    """A trigger whose ``run()`` executes as its own asyncio task ``trigger:<id>``."""
 
     id: int
     task_id: str
     classpath: str
-    scope: anyio.CancelScope
+    task: asyncio.Task[None] | None = None
     cancel_reason: str | None = None
-
-
-@dataclass(slots=True)
-class _Timer:
-    """A trigger that only waits for a moment: an entry in the timer heap, no coroutine.
-
-    ~0.3 KB instead of a task, a coroutine frame and a cancel scope each, which is what lets
-    one triggerer hold 100,000 time triggers.
-    """
-
-    id: int
-    task_id: str
-    due: float
-    timed_out: bool  # due is the deferral deadline, not the moment
-    payload: str
 
 
 class Triggerer:
@@ -78,7 +70,9 @@ class Triggerer:
         poll_interval: float = 1.0,
         reconcile_interval: float = 5.0,
         block_threshold: float = 0.2,
-        cleanup_timeout: float = 10.0,
+        cleanup_timeout: float | None = None,
+        grace_period: float | None = None,
+        max_event_bytes: int | None = None,
         process_id: str | None = None,
         metrics: Metrics | None = None,
     ) -> None:
@@ -92,11 +86,23 @@ class Triggerer:
         self.poll_interval = poll_interval
         self.reconcile_interval = reconcile_interval
         self.claim_debounce = 0.02
+        if cleanup_timeout is None:
+            cleanup_timeout = config.env_float("DEFERRUN_TRIGGER_CLEANUP_TIMEOUT", 10.0)
         self.cleanup_timeout = cleanup_timeout
+        self.grace_period = (
+            config.env_float("DEFERRUN_TRIGGERER_GRACE_PERIOD", 30.0)
+            if grace_period is None
+            else grace_period
+        )
+        self.limits = Limits(
+            max_event_bytes=max_event_bytes or max_event_bytes_from_env(),
+            cleanup_timeout=cleanup_timeout,
+        )
         self.id = process_id or new_process_id("triggerer")
-        self.running: dict[int, _Running | _Timer] = {}
-        self._heap: list[tuple[float, int]] = []
-        self._timer_wakeup = Wakeup()
+        self.running: dict[int, _Running | Timer] = {}
+        self.timers = TimerHeap()
+        self.writer = EventWriter(store)
+        self.writer_unhealthy_after = WRITER_UNHEALTHY_AFTER
         self._last_unfreeze = time.monotonic()
         self._frozen_at = 0
         self.events_total = 0
@@ -106,13 +112,11 @@ class Triggerer:
         self.metrics = metrics or Metrics()
         self.metrics.triggers_running.set_function(lambda: len(self.running))
         self.metrics.capacity_left.set_function(lambda: self.capacity - len(self.running))
+        self.metrics.health_checks.append(self.writer_health)
         self.started = anyio.Event()
         self._stopping = anyio.Event()
         self._wakeup: Wakeup | None = None
-        self._out_send: MemoryObjectSendStream[tuple[str, int, str, str]]
-        self._out_recv: MemoryObjectReceiveStream[tuple[str, int, str, str]]
-        self._out_send, self._out_recv = anyio.create_memory_object_stream(math.inf)
-        self._flushed = anyio.Event()
+        self.watchdog: LoopWatchdog | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -121,6 +125,16 @@ class Triggerer:
         self._stopping.set()
         if self._wakeup:
             self._wakeup.set()
+
+    def writer_health(self) -> tuple[bool, dict[str, Any]]:
+        failing = self.writer.failing_for()
+        details: dict[str, Any] = {
+            "events_pending_write": len(self.writer.pending),
+            "events_write_failing_seconds": round(failing, 3),
+        }
+        if failing:
+            details["events_write_error"] = self.writer.last_error
+        return failing < self.writer_unhealthy_after, details
 
     async def run(self) -> None:
         self._wakeup = await self.store.register_process(
@@ -142,15 +156,13 @@ class Triggerer:
                 watchdog.metrics = watchdog.metrics or self.metrics
                 self.watchdog = watchdog
                 tg.start_soon(watchdog.run, name="loop-watchdog")
-                tg.start_soon(self._flusher, name="event-flusher")
+                tg.start_soon(self.writer.run, name="event-writer")
                 tg.start_soon(self._timer_loop, name="timers")
-                async with anyio.create_task_group() as triggers_tg:
-                    await self._main_loop(triggers_tg)
-                    for run in list(self.running.values()):
-                        self._cancel(run, "shutdown")
-                self._out_send.close()  # flusher drains what is left, then ends
-                with anyio.CancelScope(shield=True):
-                    await self._flushed.wait()
+                try:
+                    await self._main_loop()
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await self._shutdown()
                 tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
@@ -170,16 +182,48 @@ class Triggerer:
                 failures=self.failures_total,
             )
 
-    async def _main_loop(self, tg: anyio.abc.TaskGroup) -> None:
+    async def _shutdown(self) -> None:
+        """Cancel every trigger, wait (bounded) for cleanups, then for pending writes."""
+        deadline = time.monotonic() + self.grace_period
+        tasks = []
+        for run in list(self.running.values()):
+            self._cancel(run, "shutdown")
+            if isinstance(run, _Running) and run.task is not None:
+                tasks.append(run.task)
+        if tasks:
+            wait = min(self.cleanup_timeout + 1.0, max(self.grace_period - 1.0, 0.1))
+            _, stuck = await asyncio.wait(tasks, timeout=wait)
+            if stuck:
+                log.error(
+                    f"{len(stuck)} trigger(s) did not end within {wait:g}s of cancellation "
+                    "(they ignore cancellation); abandoned",
+                    triggers=sorted(t.get_name() for t in stuck)[:20],
+                )
+        self.writer.close()
+        with anyio.move_on_after(max(deadline - time.monotonic(), 0.5)) as scope:
+            await self._writer_drained()
+        if scope.cancelled_caught:
+            log.error(
+                "grace period over with trigger outcomes not stored; their triggers are "
+                "released and will run again elsewhere",
+                pending=len(self.writer.pending),
+            )
+
+    async def _writer_drained(self) -> None:
+        delay = 0.01
+        while self.writer.pending:
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 0.1)
+
+    async def _main_loop(self) -> None:
         assert self._wakeup is not None
         last_reconcile = time.monotonic()
         while not self._stopping.is_set():
             try:
                 free = self.capacity - len(self.running)
                 if free > 0:
-                    claimed_now = await self.store.claim_triggers(self.id, self.queues, free)
-                    for claimed in claimed_now:
-                        self._start(tg, claimed)
+                    for claimed in await self.store.claim_triggers(self.id, self.queues, free):
+                        self._start(claimed)
                     if len(self.running) - self._frozen_at >= GC_FREEZE_GROWTH:
                         self._freeze_loaded()
                 if time.monotonic() - last_reconcile >= self.reconcile_interval:
@@ -193,14 +237,19 @@ class Triggerer:
                 await anyio.sleep(self.claim_debounce)
 
     async def _reconcile(self) -> None:
-        """Stop triggers whose row is gone (task cancelled, timed out or taken over)."""
+        """Stop triggers whose row is gone or taken over; release rows we hold but don't run.
+
+        A trigger whose outcome waits in the writer is neither: releasing it would run it
+        again while its event is about to be stored.
+        """
         owned = await self.store.owned_trigger_ids(self.id)
         for trigger_id, run in list(self.running.items()):
             if trigger_id not in owned:
                 log.info("trigger no longer assigned here; cancelling it", trigger_id=trigger_id)
                 self._cancel(run, "removed")
-        strays = [tid for tid in owned if tid not in self.running]
+        strays = [tid for tid in owned if tid not in self.running and tid not in self.writer]
         if strays:
+            log.info("releasing triggers assigned here but not running", count=len(strays))
             await self.store.release_triggers(self.id, strays)
 
     async def _heartbeat_loop(self) -> None:
@@ -227,8 +276,9 @@ class Triggerer:
         """Called from the watchdog thread while the loop is blocked in task ``name``."""
         if not name.startswith("trigger:"):
             return {}
-        run = self.running.get(int(name.split(":", 1)[1]))
-        if run is None:
+        try:
+            run = self.running.get(int(name.split(":", 1)[1]))
+        except ValueError:
             return {}
         if not isinstance(run, _Running):
             return {}
@@ -236,204 +286,108 @@ class Triggerer:
 
     # -- one trigger --------------------------------------------------------------------------
 
-    def _start(self, tg: anyio.abc.TaskGroup, claimed: ClaimedTrigger) -> None:
-        try:
-            trigger = serialization.instantiate(
-                claimed.classpath, serialization.loads(claimed.kwargs), BaseTrigger, "trigger"
+    def _start(self, claimed: ClaimedTrigger) -> None:
+        tid = claimed.id
+        if tid in self.running or tid in self.writer:
+            log.info(
+                "trigger claimed again while it still runs or its outcome waits to be stored "
+                "here; not starting it twice",
+                trigger_id=tid,
             )
-        except Exception as exc:
-            self._fail(claimed.id, f"cannot load trigger {claimed.classpath}: {exc}")
             return
-        trigger.trigger_id = claimed.id
-        trigger.task_id = claimed.task_id
-        timer = trigger.timer()
-        if timer is not None:
-            self._start_timer(claimed, *timer)
+        loaded = load(claimed, self.limits)
+        if isinstance(loaded, Outcome):
+            self._outcome(loaded, claimed.task_id)
             return
-        scope = anyio.CancelScope()
-        if claimed.timeout_in is not None:
-            scope.deadline = anyio.current_time() + claimed.timeout_in
-        run = _Running(claimed.id, claimed.task_id, claimed.classpath, scope)
-        self.running[claimed.id] = run
-        tg.start_soon(self._run_trigger, run, trigger, name=f"trigger:{claimed.id}")
+        if loaded.timer is not None:
+            self._start_timer(claimed, loaded)
+            return
+        run = _Running(tid, claimed.task_id, loaded.classpath)
+        self.running[tid] = run
+        run.task = asyncio.get_running_loop().create_task(
+            self._drive(run, loaded, claimed.timeout_in), name=f"trigger:{tid}"
+        )
 
-    def _start_timer(self, claimed: ClaimedTrigger, fire_at: float, payload: Any) -> None:
-        try:
-            payload_json = serialization.dumps(payload, "event payload")
-        except SerializationError as exc:
-            self._fail(claimed.id, f"{claimed.classpath} has an event that cannot be stored: {exc}")
-            return
+    def _start_timer(self, claimed: ClaimedTrigger, loaded: Loaded) -> None:
+        assert loaded.timer is not None
+        fire_at, payload = loaded.timer
         due, timed_out = fire_at, False
-        if claimed.timeout_in is not None and time.time() + claimed.timeout_in < fire_at:
-            due, timed_out = time.time() + claimed.timeout_in, True
-        self.running[claimed.id] = _Timer(claimed.id, claimed.task_id, due, timed_out, payload_json)
-        if not self._heap or due < self._heap[0][0]:
-            self._timer_wakeup.set()
-        heapq.heappush(self._heap, (due, claimed.id))
+        now = time.time()
+        if claimed.timeout_in is not None and now + claimed.timeout_in < fire_at:
+            due, timed_out = now + claimed.timeout_in, True
+        timer = Timer(claimed.id, claimed.task_id, due, timed_out, payload)
+        self.running[claimed.id] = timer
+        self.timers.push(timer)
+
+    async def _drive(self, run: _Running, loaded: Loaded, timeout_in: float | None) -> None:
+        structlog.contextvars.bind_contextvars(trigger_id=run.id, task_id=run.task_id)
+        try:
+            outcome = await timed_steps(
+                run_until_event(loaded, run.id, self.limits, timeout_in),
+                self.watchdog,
+                self._describe_task,
+            )
+        except asyncio.CancelledError:
+            log.info("trigger cancelled", reason=run.cancel_reason)
+            outcome = None
+        except BaseException as exc:  # run_until_event handles the trigger's own errors
+            log.exception("internal error running a trigger")
+            outcome = failure(run.id, f"triggerer internal error running {run.classpath}: {exc!r}")
+        finally:
+            if self.running.get(run.id) is run:
+                del self.running[run.id]
+        # Into the writer in the same step it left ``running``. A failure after we cancelled
+        # it is dropped: the trigger may be running elsewhere now; an event still counts.
+        if outcome is not None and (outcome.fired or run.cancel_reason is None):
+            self._outcome(outcome, run.task_id)
 
     async def _timer_loop(self) -> None:
         """Fire due timers; one task for every time trigger in this process."""
-        heap = self._heap
         while True:
             now = time.time()
-            while heap and heap[0][0] <= now:
-                due, trigger_id = heapq.heappop(heap)
-                entry = self.running.get(trigger_id)
-                if not isinstance(entry, _Timer) or entry.due != due:
-                    continue  # cancelled, released, or replaced
-                del self.running[trigger_id]
-                if entry.timed_out:
-                    self._fail(
-                        trigger_id,
-                        f"deferral timed out: trigger {trigger_id} (a timer) "
-                        "did not fire before its timeout",
-                        timeout=True,
+            for timer in self.timers.pop_due(now):
+                self.running.pop(timer.id, None)
+                if timer.timed_out:
+                    message = (
+                        f"deferral timed out: trigger {timer.id} (a timer) "
+                        "did not fire before its timeout"
                     )
+                    self._outcome(failure(timer.id, message, timeout=True), timer.task_id)
                 else:
-                    self.events_total += 1
-                    self.metrics.trigger_events.inc()
-                    self.metrics.fire_lateness.observe(max(now - due, 0.0))
-                    self._emit(FIRED, trigger_id, "", entry.payload)
-                    log.debug(
-                        "timer fired",
-                        trigger_id=trigger_id,
-                        task_id=entry.task_id,
-                        late_ms=round((now - due) * 1000, 1),
-                    )
-            wait = min(heap[0][0] - time.time(), 1.0) if heap else 1.0
-            await self._timer_wakeup.wait(wait)
+                    self.metrics.fire_lateness.observe(max(now - timer.due, 0.0))
+                    self._outcome(Outcome(timer.id, FIRED, timer.payload), timer.task_id, True)
+            due = self.timers.next_due()
+            if due is not None and due <= time.time():
+                await anyio.sleep(0)  # more due than one pass takes: let others run first
+                continue
+            wait = min(due - time.time(), 1.0) if due is not None else 1.0
+            await self.timers.wakeup.wait(wait)
 
-    def _cancel(self, run: _Running | _Timer, reason: str) -> None:
-        if isinstance(run, _Timer):
-            self.running.pop(run.id, None)  # its heap entry is skipped when it comes due
+    def _cancel(self, run: _Running | Timer, reason: str) -> None:
+        if isinstance(run, Timer):
+            self.timers.remove(run.id)
+            self.running.pop(run.id, None)
             return
         if run.cancel_reason is None:
             run.cancel_reason = reason
-        run.scope.cancel()
+        if run.task is not None:
+            run.task.cancel()
 
-    def _emit(self, kind: str, trigger_id: int, method: str, payload: str) -> None:
-        self._out_send.send_nowait((kind, trigger_id, method, payload))
-
-    def _fail(self, trigger_id: int, error: str, *, timeout: bool = False) -> None:
-        method = (
-            BaseOperator.DEFERRAL_TIMEOUT_METHOD if timeout else BaseOperator.TRIGGER_FAILED_METHOD
-        )
-        if timeout:
+    def _outcome(self, outcome: Outcome, task_id: str | None = None, timer: bool = False) -> None:
+        """Count and log ``outcome`` and queue it for writing (in the trigger's own step)."""
+        ids = {"trigger_id": outcome.trigger_id, "task_id": task_id}
+        if outcome.fired:
+            self.events_total += 1
+            self.metrics.trigger_events.inc()
+            # 100,000 timers may fire in a burst: their line is debug-level
+            (log.debug if timer else log.info)("trigger fired", **ids)
+        elif outcome.method == TIMED_OUT:
             self.timeouts_total += 1
             self.metrics.trigger_timeouts.inc()
+            log.info("trigger timed out", **ids)
         else:
             self.failures_total += 1
             self.metrics.trigger_failures.inc()
-        self._emit(FAILED, trigger_id, method, serialization.dumps({"error": redact(error)}))
-
-    async def _run_trigger(self, run: _Running, trigger: BaseTrigger) -> None:
-        structlog.contextvars.bind_contextvars(trigger_id=run.id, task_id=run.task_id)
-        started = time.time()
-        try:
-            with run.scope:
-                await self._consume(run, trigger)
-        finally:
-            try:
-                if run.scope.cancelled_caught and run.cancel_reason is None:
-                    waited = time.time() - started
-                    self._fail(
-                        run.id,
-                        f"deferral timed out: trigger {run.id} ({run.classpath}) did not fire "
-                        f"within its timeout (ran {waited:.1f}s here)",
-                        timeout=True,
-                    )
-                    log.info("trigger timed out")
-                await self._cleanup(trigger)
-            finally:
-                self.running.pop(run.id, None)
-
-    async def _consume(self, run: _Running, trigger: BaseTrigger) -> None:
-        try:
-            agen: Any = trigger.run()
-            if not hasattr(agen, "__anext__"):
-                self._fail(
-                    run,
-                    f"{run.classpath}.run() must be an async generator "
-                    f"(async def run(self): ... yield TriggerEvent(...)), got {agen!r}",
-                )
-                return
-            try:
-                async for event in agen:
-                    if not isinstance(event, TriggerEvent):
-                        self._fail(
-                            run.id, f"{run.classpath}.run() yielded {event!r}, not a TriggerEvent"
-                        )
-                        return
-                    try:
-                        payload = serialization.dumps(event.payload, "event payload")
-                    except SerializationError as exc:
-                        self._fail(
-                            run.id,
-                            f"{run.classpath} yielded an event that cannot be stored: {exc}",
-                        )
-                        return
-                    self.events_total += 1
-                    self.metrics.trigger_events.inc()
-                    self._emit(FIRED, run.id, "", payload)
-                    log.info("trigger fired")
-                    return
-            finally:
-                with anyio.CancelScope(shield=True), anyio.move_on_after(self.cleanup_timeout):
-                    await agen.aclose()
-            self._fail(run.id, f"{run.classpath}.run() returned without yielding an event")
-        except Exception as exc:
-            log.warning("trigger raised", error=repr(exc))
-            self._fail(run.id, f"trigger {run.classpath} raised:\n{format_error(exc)}")
-
-    async def _cleanup(self, trigger: BaseTrigger) -> None:
-        with anyio.CancelScope(shield=True):
-            with anyio.move_on_after(self.cleanup_timeout) as scope:
-                try:
-                    await trigger.cleanup()
-                except Exception as exc:
-                    log.error("trigger cleanup() raised", error=format_error(exc))
-            if scope.cancelled_caught:
-                log.error(
-                    f"trigger cleanup() took longer than {self.cleanup_timeout:g}s; abandoned"
-                )
-
-    # -- persisting outcomes ------------------------------------------------------------------
-
-    async def _flusher(self) -> None:
-        """Write events and failures in batches; retry on database errors, never drop."""
-        try:
-            async with self._out_recv:
-                async for first in self._out_recv:
-                    batch = [first]
-                    while len(batch) < 2000:
-                        try:
-                            batch.append(self._out_recv.receive_nowait())
-                        except (anyio.WouldBlock, anyio.EndOfStream):
-                            break
-                    await self._write_batch(batch)
-        finally:
-            self._flushed.set()
-
-    async def _write_batch(self, batch: list[tuple[str, int, str, str]]) -> None:
-        events = [(tid, payload) for kind, tid, _, payload in batch if kind == FIRED]
-        failures = [
-            (tid, method, payload) for kind, tid, method, payload in batch if kind == FAILED
-        ]
-        delay = 0.1
-        while True:
-            try:
-                with anyio.CancelScope(shield=True):
-                    if events:
-                        await self.store.fire_triggers(events)
-                        events = []
-                    if failures:
-                        await self.store.fail_triggers(failures)
-                return
-            except Exception as exc:
-                log.error(
-                    "storing trigger events failed; retrying",
-                    error=repr(exc),
-                    pending=len(events) + len(failures),
-                )
-                await anyio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+            first_line = (outcome.error or "").splitlines()[0] if outcome.error else ""
+            log.warning("trigger failed", error=first_line, **ids)
+        self.writer.put(outcome)

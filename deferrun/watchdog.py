@@ -1,11 +1,16 @@
 """Detects code that blocks the event loop, and names the asyncio task that did it.
 
-A ticker on the loop records when it last ran; a daemon thread samples it. When the loop has
-been silent past half the threshold, the thread asks the registered describers who the
-current asyncio task is (tasks are named ``trigger:<id>`` / ``task:<id>``) while the culprit
-is still running. When the loop comes back, the ticker logs how long it was blocked and by
-whom. There is one watchdog per event loop, shared by the worker and triggerer of a
-standalone process.
+A ticker on the loop records when it last ran. When it runs late past the threshold, the
+watchdog names a culprit only if one step of one task really blocked that long:
+
+- coroutines driven through :func:`timed_steps` (every trigger) time each of their own
+  steps exactly, and report a step over the threshold;
+- for other tasks (``task:<id>`` in a worker) a daemon thread samples the current task while
+  the loop is silent, and blames it only if every sample saw that same task.
+
+Otherwise the loop was merely busy with many short steps (a burst of 20,000 wake-ups): that
+is logged as "loop lagging under load" with counts, and nobody is blamed. There is one
+watchdog per event loop, shared by the worker and triggerer of a standalone process.
 """
 
 from __future__ import annotations
@@ -15,8 +20,8 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine, Generator
+from typing import Any, TypeVar
 
 import anyio
 import structlog
@@ -24,6 +29,7 @@ import structlog
 log = structlog.get_logger("deferrun.watchdog")
 
 Describer = Callable[[str], dict[str, Any] | None]
+T = TypeVar("T")
 
 _BY_LOOP: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopWatchdog] = (
     weakref.WeakKeyDictionary()
@@ -41,6 +47,10 @@ class LoopWatchdog:
         self.running = False
         self._last_tick = time.monotonic()
         self._culprit: tuple[str, dict[str, Any]] | None = None
+        self._consistent = True  # every sample of this silence saw the culprit's task
+        self._samples = 0
+        self._tasks_seen: set[str] = set()
+        self._long_steps: list[tuple[float, str, dict[str, Any]]] = []
         self._stop = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -62,17 +72,27 @@ class LoopWatchdog:
                 return details
         return {}
 
+    def note_step(self, name: str, seconds: float, details: dict[str, Any]) -> None:
+        """One step of task ``name`` ran ``seconds`` without yielding (called on the loop)."""
+        self._long_steps.append((seconds, name, details))
+
     def _sample(self) -> None:
         while not self._stop.wait(self.interval):
             silent = time.monotonic() - self._last_tick
-            if silent > self.threshold / 2 and self._culprit is None and self._loop:
-                try:
-                    task = asyncio.current_task(self._loop)
-                except RuntimeError:
-                    task = None
-                if task is not None:
-                    name = task.get_name()
-                    self._culprit = (name, self._describe(name))
+            if silent <= self.threshold / 2 or not self._loop:
+                continue
+            try:
+                task = asyncio.current_task(self._loop)
+            except RuntimeError:
+                task = None
+            name = task.get_name() if task is not None else "<between tasks>"
+            self._samples += 1
+            if len(self._tasks_seen) < 1000:
+                self._tasks_seen.add(name)
+            if self._culprit is None:
+                self._culprit = (name, self._describe(name))
+            elif self._culprit[0] != name:
+                self._consistent = False
 
     async def run(self) -> None:
         """Run the ticker; a second caller on the same loop returns at once."""
@@ -93,14 +113,46 @@ class LoopWatchdog:
                 if self.metrics is not None:
                     self.metrics.loop_lag.observe(lag)
                 culprit, self._culprit = self._culprit, None
+                consistent, self._consistent = self._consistent, True
+                samples, self._samples = self._samples, 0
+                seen, self._tasks_seen = self._tasks_seen, set()
+                long_steps, self._long_steps = self._long_steps, []
                 if lag > self.threshold:
                     self.blocked_total += 1
                     if self.metrics is not None:
                         self.metrics.loop_blocked.inc()
-                    self._report(lag, culprit)
+                    if long_steps:
+                        self._report_step(lag, max(long_steps, key=lambda s: s[0]))
+                    elif (
+                        culprit and consistent and samples >= 2 and not culprit[1].get("trigger_id")
+                    ):
+                        self._report(lag, culprit)
+                    else:
+                        log.warning(
+                            f"event loop lagging under load: {lag:.2f}s late, no single step "
+                            "blocked it (many short steps ran)",
+                            lag_seconds=round(lag, 3),
+                            samples=samples,
+                            tasks_seen=len(seen),
+                            ready_callbacks=len(getattr(self._loop, "_ready", ())),
+                        )
         finally:
             self._stop.set()
             self.running = False
+
+    def _report_step(self, lag: float, step: tuple[float, str, dict[str, Any]]) -> None:
+        seconds, name, details = step
+        if details.get("trigger_id") is not None:
+            log.warning(
+                f"trigger {details['trigger_id']} ({details.get('trigger')}) blocked the event "
+                f"loop for {seconds:.2f}s in one step; every other trigger waited. Use await, "
+                "or anyio.to_thread.run_sync for blocking calls",
+                blocked_seconds=round(seconds, 3),
+                lag_seconds=round(lag, 3),
+                **details,
+            )
+        else:
+            self._report(seconds, (name, details))
 
     def _report(self, seconds: float, culprit: tuple[str, dict[str, Any]] | None) -> None:
         name, details = culprit or (None, {})
@@ -126,3 +178,51 @@ class LoopWatchdog:
                 blocked_by=name,
                 blocked_seconds=round(seconds, 3),
             )
+
+
+def timed_steps(
+    coro: Coroutine[Any, Any, T], watchdog: LoopWatchdog | None, describe: Describer
+) -> Awaitable[T]:
+    """Await ``coro``, timing each of its steps; a step over the threshold is reported."""
+    return coro if watchdog is None else _TimedSteps(coro, watchdog, describe)
+
+
+class _TimedSteps:
+    """Drives a coroutine step by step (as ``await`` would) and measures each step."""
+
+    __slots__ = ("_coro", "_describe", "_watchdog")
+
+    def __init__(self, coro: Coroutine[Any, Any, Any], watchdog: LoopWatchdog, d: Describer):
+        self._coro = coro
+        self._watchdog = watchdog
+        self._describe = d
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        coro, watchdog = self._coro, self._watchdog
+        send, throw, clock = coro.send, coro.throw, time.monotonic
+        value: Any = None
+        error: BaseException | None = None
+        while True:
+            start = clock()
+            try:
+                future = send(value) if error is None else throw(error)
+            except StopIteration as stop:
+                return stop.value
+            finally:
+                seconds = clock() - start
+                if seconds > watchdog.threshold:
+                    self._long_step(seconds)
+            error = None
+            try:
+                value = yield future
+            except BaseException as exc:  # delivered into the coroutine on the next step
+                value, error = None, exc
+
+    def _long_step(self, seconds: float) -> None:
+        task = asyncio.current_task()
+        name = task.get_name() if task is not None else "?"
+        try:
+            details = self._describe(name) or {}
+        except Exception as exc:
+            details = {"describe_error": repr(exc)}
+        self._watchdog.note_step(name, seconds, details)

@@ -10,12 +10,14 @@ wakes the processes that can take it, so nobody has to poll fast.
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Sequence
 from typing import Literal, Protocol
 
 import anyio
 import msgspec
 
+from deferrun.exceptions import StoreUnavailable
 from deferrun.models import (
     ClaimedTask,
     ClaimedTrigger,
@@ -31,6 +33,33 @@ from deferrun.store.sql import Channel
 Role = Literal["worker", "triggerer"]
 
 ROLE_CHANNEL: dict[str, Channel] = {"worker": "tasks", "triggerer": "triggers"}
+
+
+_SQLITE_TRANSIENT = ("database is locked", "disk i/o error", "database or disk is full")
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    """True when ``exc`` says the database could not be reached, not that the write is bad.
+
+    Only these are worth retrying: any other error on a write will fail the same way forever
+    (a bad value, a constraint), so retrying it would stall everything queued behind it.
+    """
+    if isinstance(exc, StoreUnavailable | OSError | TimeoutError):
+        return True
+    if isinstance(exc, sqlite3.OperationalError):
+        text = str(exc).lower()
+        return any(marker in text for marker in _SQLITE_TRANSIENT)
+    try:
+        import asyncpg
+    except ImportError:  # the PostgreSQL backend is optional
+        return False
+    return isinstance(
+        exc,
+        asyncpg.PostgresConnectionError
+        | asyncpg.InterfaceError
+        | asyncpg.CannotConnectNowError
+        | asyncpg.TooManyConnectionsError,
+    )
 
 
 class ReapReport(msgspec.Struct):

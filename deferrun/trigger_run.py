@@ -1,0 +1,310 @@
+"""Run one stored trigger to its first event: the only place trigger code is called.
+
+The triggerer and ``deferrun.testing.run_trigger`` both go through here, so a trigger behaves
+the same in a unit test as in production. Every way a trigger can misbehave (cannot be rebuilt,
+a bad ``timer()``, a ``run()`` that is not an async generator, raises anything at all, yields
+something that is not a storable ``TriggerEvent``, an oversized payload, a ``cleanup()`` that
+raises or hangs) ends in a failure :class:`Outcome` naming the trigger class and what it did
+wrong. Nothing a trigger does escapes except a cancellation that really came from us.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import math
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from deferrun import serialization
+from deferrun.connections import redact
+from deferrun.exceptions import ConfigError
+from deferrun.models import ClaimedTrigger
+from deferrun.operator import BaseOperator
+from deferrun.trigger import BaseTrigger, TriggerEvent
+from deferrun.worker import format_error
+
+log = structlog.get_logger("deferrun.triggerer")
+
+DEFAULT_MAX_EVENT_BYTES = 1024 * 1024
+MAX_ERROR_CHARS = 64 * 1024  # a failure message is stored too; a huge one must not clog writes
+FIRED = ""  # Outcome.method of an event (the task resumes into its own next_method)
+FAILED = BaseOperator.TRIGGER_FAILED_METHOD
+TIMED_OUT = BaseOperator.DEFERRAL_TIMEOUT_METHOD
+
+
+def max_event_bytes_from_env() -> int:
+    """``DEFERRUN_MAX_EVENT_BYTES`` (bytes of the stored JSON), default 1 MB."""
+    raw = os.environ.get("DEFERRUN_MAX_EVENT_BYTES", "")
+    if not raw:
+        return DEFAULT_MAX_EVENT_BYTES
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"DEFERRUN_MAX_EVENT_BYTES={raw!r} is not a whole number of bytes")
+    if value < 64:
+        raise ConfigError(f"DEFERRUN_MAX_EVENT_BYTES must be at least 64, got {raw!r}")
+    return value
+
+
+@dataclass(slots=True, frozen=True)
+class Limits:
+    max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
+    cleanup_timeout: float = 10.0
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What to write for one trigger: its event (``method == FIRED``) or a failure."""
+
+    trigger_id: int
+    method: str
+    payload: str  # JSON: the event payload, or {"error": message}
+    error: str | None = None
+    exc: BaseException | None = None  # what the trigger raised, for run_trigger's caller
+
+    @property
+    def fired(self) -> bool:
+        return self.method == FIRED
+
+
+@dataclass(slots=True)
+class Loaded:
+    """A rebuilt trigger; ``timer`` is ``(fire_at, payload JSON)`` if it only waits for a time."""
+
+    trigger: BaseTrigger
+    classpath: str
+    timer: tuple[float, str] | None
+
+
+class Misbehaved(Exception):
+    """A trigger broke the contract; the message says how (no traceback needed)."""
+
+
+def failure(
+    trigger_id: int, error: str, *, timeout: bool = False, exc: BaseException | None = None
+) -> Outcome:
+    error = redact(error)
+    if len(error) > MAX_ERROR_CHARS:
+        error = error[: MAX_ERROR_CHARS // 2] + "\n...[truncated]...\n" + error[-4096:]
+    payload = serialization.dumps({"error": error})
+    return Outcome(trigger_id, TIMED_OUT if timeout else FAILED, payload, error, exc)
+
+
+def event_payload(payload: Any, classpath: str, limit: int) -> str:
+    """The stored JSON of an event payload, refused when unstorable or over ``limit`` bytes.
+
+    The size is checked right after serializing so an oversized text is dropped at once.
+    """
+    if isinstance(payload, str | bytes) and len(payload) > limit:
+        _oversized(classpath, len(payload), limit)  # no need to copy it into JSON first
+    try:
+        text = serialization.dumps(payload, "event payload")
+    except Exception as exc:
+        raise Misbehaved(f"{classpath} yielded an event that cannot be stored: {exc}") from None
+    size = len(text) if len(text) > limit or len(text) * 4 <= limit else len(text.encode())
+    if size > limit:
+        del text
+        _oversized(classpath, size, limit)
+    return text
+
+
+def _oversized(classpath: str, size: int, limit: int) -> None:
+    raise Misbehaved(
+        f"{classpath} yielded an event payload of {size} bytes or more, over the limit of "
+        f"{limit} bytes (DEFERRUN_MAX_EVENT_BYTES); store large data elsewhere and send a "
+        "reference in the event"
+    )
+
+
+def load(row: ClaimedTrigger, limits: Limits) -> Loaded | Outcome:
+    """Rebuild the trigger of ``row`` and ask it for a timer; a failure Outcome if it can't."""
+    classpath = row.classpath if isinstance(row.classpath, str) else repr(row.classpath)
+    timeout_in = row.timeout_in
+    if timeout_in is not None and not _is_number(timeout_in):
+        return failure(
+            row.id,
+            f"trigger {row.id} ({classpath}) has a stored deadline that is not a time "
+            f"({type(timeout_in).__name__}: {timeout_in!r}); defer again with a valid timeout",
+        )
+    try:
+        kwargs = serialization.loads(row.kwargs)
+        trigger = serialization.instantiate(classpath, kwargs, BaseTrigger, "trigger")
+    except BaseException as exc:  # a constructor may raise anything, even SystemExit
+        return failure(row.id, f"cannot load trigger {classpath}: {_describe(exc)}", exc=exc)
+    trigger.trigger_id = row.id
+    trigger.task_id = row.task_id
+    try:
+        timer = trigger.timer()
+    except BaseException as exc:
+        return failure(row.id, f"{classpath}.timer() raised:\n{format_error(exc)}", exc=exc)
+    if timer is None:
+        return Loaded(trigger, classpath, None)
+    if not (isinstance(timer, tuple | list) and len(timer) == 2 and _is_number(timer[0])):
+        return failure(
+            row.id,
+            f"{classpath}.timer() must return None or (fire_at epoch seconds, payload) with a "
+            f"finite number, got {_short(timer)}",
+        )
+    try:
+        payload = event_payload(timer[1], classpath, limits.max_event_bytes)
+    except Misbehaved as exc:
+        return failure(row.id, str(exc))
+    return Loaded(trigger, classpath, (float(timer[0]), payload))
+
+
+async def run_until_event(
+    loaded: Loaded, trigger_id: int, limits: Limits, timeout_in: float | None
+) -> Outcome:
+    """Run ``run()`` to its first event, within ``timeout_in`` seconds; cleanup always.
+
+    Only our own cancellation (``Task.cancel``) propagates; a CancelledError the trigger
+    raises by itself fails its task like any other error.
+    """
+    started = time.monotonic()
+    outcome: Outcome | None = None
+    try:
+        async with asyncio.timeout(timeout_in if timeout_in is None else max(timeout_in, 0)):
+            outcome = await _first_event(loaded, trigger_id, limits)
+    except TimeoutError:  # _first_event turns the trigger's own errors into outcomes
+        outcome = failure(
+            trigger_id,
+            f"deferral timed out: trigger {trigger_id} ({loaded.classpath}) did not fire "
+            f"within its timeout (ran {time.monotonic() - started:.1f}s here)",
+            timeout=True,
+        )
+    finally:
+        await bounded(loaded.trigger.cleanup, limits.cleanup_timeout, loaded.classpath, "cleanup()")
+    return outcome
+
+
+async def _first_event(loaded: Loaded, trigger_id: int, limits: Limits) -> Outcome:
+    cp = loaded.classpath
+    agen: Any = None
+    try:
+        agen = loaded.trigger.run()
+        if not (hasattr(agen, "__anext__") and hasattr(agen, "aclose")):
+            raise Misbehaved(_not_async_generator(cp, agen))
+        event = await anext(agen, _END)
+        if event is _END:
+            raise Misbehaved(f"{cp}.run() returned without yielding an event")
+        if not isinstance(event, TriggerEvent):
+            raise Misbehaved(
+                f"{cp}.run() yielded {_short(event)} ({type(event).__name__}), "
+                "not a TriggerEvent; yield TriggerEvent(payload)"
+            )
+        payload = event_payload(event.payload, cp, limits.max_event_bytes)
+        del event
+        return Outcome(trigger_id, FIRED, payload)
+    except Misbehaved as exc:
+        return failure(trigger_id, str(exc))
+    except asyncio.CancelledError as exc:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise  # ours: shutdown, removal or the deadline
+        return failure(
+            trigger_id,
+            f"trigger {cp} raised CancelledError by itself (nothing cancelled it); "
+            f"a trigger must not raise it:\n{format_error(exc)}",
+            exc=exc,
+        )
+    except BaseException as exc:  # SystemExit, KeyboardInterrupt, GeneratorExit included
+        log.warning("trigger raised", trigger=cp, error=repr(exc))
+        return failure(trigger_id, f"trigger {cp} raised:\n{format_error(exc)}", exc=exc)
+    finally:
+        if agen is not None and hasattr(agen, "aclose"):
+            await bounded(agen.aclose, limits.cleanup_timeout, cp, "run() closing")
+
+
+_END = object()
+
+
+async def bounded(
+    call: Callable[[], Awaitable[Any] | Any], timeout: float, classpath: str, what: str
+) -> None:
+    """Await ``call()`` in a task of its own for at most ``timeout`` s; log what goes wrong.
+
+    A separate task, so a call that ignores cancellation is abandoned rather than holding up
+    its trigger's outcome or the triggerer's shutdown; a second cancel of ours still ends the
+    wait (and is re-raised afterwards).
+    """
+
+    async def call_logged() -> None:
+        try:
+            result = call()
+            if inspect.isawaitable(result):
+                await result
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            log.error(f"trigger {classpath} {what} raised", error=format_error(exc))
+
+    job = asyncio.ensure_future(call_logged())
+    deadline = time.monotonic() + timeout
+    cancelled = False
+    while not job.done():
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            job.cancel()
+            log.error(f"trigger {classpath} {what} took longer than {timeout:g}s; abandoned")
+            break
+        try:
+            await asyncio.wait({job}, timeout=remaining)
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+
+
+async def run_to_first_event(row: ClaimedTrigger, limits: Limits) -> Outcome:
+    """Everything the triggerer does for one row, in one coroutine (timer path included)."""
+    loaded = load(row, limits)
+    if isinstance(loaded, Outcome):
+        return loaded
+    if loaded.timer is None:
+        return await run_until_event(loaded, row.id, limits, row.timeout_in)
+    fire_at, payload = loaded.timer
+    wait = fire_at - time.time()
+    if row.timeout_in is not None and row.timeout_in < wait:
+        await asyncio.sleep(max(row.timeout_in, 0))
+        return failure(
+            row.id,
+            f"deferral timed out: trigger {row.id} (a timer) did not fire before its timeout",
+            timeout=True,
+        )
+    while (wait := fire_at - time.time()) > 0:
+        await asyncio.sleep(min(wait, 3600.0))
+    return Outcome(row.id, FIRED, payload)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _short(value: Any) -> str:
+    try:
+        text = repr(value)
+    except Exception as exc:
+        text = f"<unprintable {type(value).__name__}: {exc!r}>"
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or repr(exc)
+    return text if type(exc).__name__ in text else f"{type(exc).__name__}: {text}"
+
+
+def _not_async_generator(classpath: str, result: Any) -> str:
+    fix = "write it as: async def run(self): ... yield TriggerEvent(payload)"
+    if inspect.iscoroutine(result):
+        result.close()  # never awaited: nothing of it ran
+        return f"{classpath}.run() is a plain coroutine (async def with no yield); {fix}"
+    if inspect.isgenerator(result):
+        result.close()
+        return f"{classpath}.run() is a sync generator (def with yield, no async); {fix}"
+    return f"{classpath}.run() is not an async generator (it returned {_short(result)}); {fix}"
