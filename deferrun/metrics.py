@@ -25,6 +25,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+from deferrun.exceptions import ConfigError
+
 log = structlog.get_logger("deferrun.metrics")
 
 LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -184,7 +186,13 @@ async def serve(
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            raise ConfigError(
+                f"--metrics-port {port}: cannot listen on {host}:{port} "
+                f"({exc.strerror or exc}); pick a free port or stop what uses it"
+            ) from None
         log.info("metrics and health endpoints listening", url=f"http://{host}:{port}/metrics")
         task_status.started()
         await anyio.sleep_forever()

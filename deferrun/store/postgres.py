@@ -110,7 +110,10 @@ class PostgresStore:
         return self._pool
 
     async def open(self) -> None:
+        from deferrun.store import connect_timeout
+
         safe = config.redact_url(self.url)
+        wait = connect_timeout()
         try:
             self._pool = await asyncpg.create_pool(
                 self.url,
@@ -118,9 +121,15 @@ class PostgresStore:
                 max_size=self.pool_size,
                 command_timeout=60,
                 reset=_no_reset,
+                timeout=wait,
             )
+        except TimeoutError:
+            raise ConfigError(
+                f"cannot connect to {safe}: the server did not answer within {wait:g}s "
+                "(DEFERRUN_CONNECT_TIMEOUT); is it a PostgreSQL server, and is it up?"
+            ) from None
         except (OSError, asyncpg.PostgresError, ValueError) as exc:
-            raise ConfigError(f"cannot connect to {safe}: {exc}") from exc
+            raise ConfigError(f"cannot connect to {safe}: {exc or type(exc).__name__}") from exc
         await self._migrate()
 
     async def _migrate(self) -> None:

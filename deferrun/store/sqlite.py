@@ -36,6 +36,7 @@ from deferrun.models import (
     ts,
 )
 from deferrun.operator import BaseOperator
+from deferrun.store import sqlite_file
 from deferrun.store.base import (
     ROLE_CHANNEL,
     STALE_UNCLAIMED,
@@ -100,22 +101,18 @@ class SQLiteStore:
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         c = self.conn
+        self._guard.check()
         c.execute("BEGIN IMMEDIATE")
         try:
             yield c
         except BaseException:
-            c.execute("ROLLBACK")
+            sqlite_file.rollback(c)
             raise
         c.execute("COMMIT")
 
     def _connect(self) -> None:
-        directory = os.path.dirname(os.path.abspath(self.path))
-        if not os.path.isdir(directory):
-            raise ConfigError(f"cannot open {self.url}: directory {directory} does not exist")
         try:
-            conn = sqlite3.connect(
-                self.path, isolation_level=None, check_same_thread=False, timeout=30.0
-            )
+            conn, self._guard = sqlite_file.connect(self.path, create=getattr(self, "create", True))
             conn.execute("PRAGMA busy_timeout = 30000")
             mode = self._enable_wal(conn)
             conn.execute("PRAGMA synchronous = NORMAL")
@@ -170,7 +167,7 @@ class SQLiteStore:
 
     async def open(self) -> None:
         await self._run(self._connect)
-        self._sender = UdpSender()
+        self._sender = UdpSender(await self._run(sqlite_file.wake_secret, self.conn))
 
     async def close(self) -> None:
         for listener in self._listeners.values():
@@ -208,10 +205,13 @@ class SQLiteStore:
 
     async def _write(self, fn: Callable[..., R], *args: Any, notify: tuple[Channel, ...] = ()) -> R:
         def job() -> R:
-            with self._tx():
-                result = fn(*args)
-            if notify and self._ports_stale():
-                self._refresh_ports_sync()
+            try:
+                with self._tx():
+                    result = fn(*args)
+            except sqlite3.Error as exc:
+                sqlite_file.raise_write_error(self.conn, exc)
+            if notify:
+                sqlite_file.refresh_ports(self)
             return result
 
         result = await self._run(job)
