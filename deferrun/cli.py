@@ -6,7 +6,6 @@ The read-only views (tasks, task, triggers, logs) live in :mod:`deferrun.views`.
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import signal
 import sys
@@ -26,8 +25,8 @@ from deferrun.exceptions import DeferrunError
 from deferrun.log import configure_logging
 from deferrun.metrics import CountingStore, Metrics, loop_and_db_health, serve
 from deferrun.models import FINISHED_STATES, TaskState
+from deferrun.startup import FatalGuard, configure_trust
 from deferrun.store import Store, make_store
-from deferrun.store.sqlite_file import DatabaseFileGone
 from deferrun.tasklogs import TaskLogSink
 from deferrun.triggerer import Triggerer
 from deferrun.watchdog import LoopWatchdog
@@ -35,62 +34,6 @@ from deferrun.worker import Worker
 
 log = structlog.get_logger("deferrun.cli")
 UsageError = views.UsageError
-
-
-class FatalGuard:
-    """Wraps the store so that a fatal store error (the database file deleted or replaced)
-    stops the whole process: the worker and triggerer loops retry every other error."""
-
-    def __init__(self, store: Any) -> None:
-        self._store = store
-        self.fatal: DeferrunError | None = None
-        self.on_fatal: Any = None
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self._store, name)
-        if name.startswith("_") or not inspect.iscoroutinefunction(attr):
-            return attr
-
-        async def guarded(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return await attr(*args, **kwargs)
-            except DatabaseFileGone as exc:
-                if self.fatal is None:
-                    self.fatal = exc
-                    log.error("stopping: the database is gone", error=str(exc))
-                    if self.on_fatal is not None:
-                        self.on_fatal()
-                raise
-
-        setattr(self, name, guarded)
-        return guarded
-
-
-def _trusted_packages(args: argparse.Namespace) -> list[str] | None:
-    """``--import`` packages, else ``DEFERRUN_IMPORTS``; None when neither is given."""
-    if args.imports:
-        return [p for p in args.imports if p]
-    env = os.environ.get("DEFERRUN_IMPORTS", "")
-    packages = [p.strip() for p in env.split(",") if p.strip()]
-    return packages or None
-
-
-def _configure_trust(args: argparse.Namespace) -> None:
-    packages = _trusted_packages(args)
-    if packages is None:
-        log.warning(
-            "no --import given: stored classpaths may name any installed module, so whoever can "
-            "write to the database can make this process import it; pass --import PKG (or "
-            "DEFERRUN_IMPORTS=PKG,...) to load only your packages, deferrun and triggers"
-        )
-        serialization.set_trusted_modules(None)
-        return
-    serialization.import_trusted(packages)
-    serialization.set_trusted_modules(packages)
-    log.info("loading classes only from trusted packages", packages=list(packages))
-
-
-# --------------------------------------------------------------------------- process commands
 
 
 async def _serve(
@@ -148,7 +91,7 @@ async def _serve(
 
 
 async def _run_processes(args: argparse.Namespace, roles: Sequence[str]) -> int:
-    _configure_trust(args)
+    configure_trust(args.imports)
     metrics = Metrics()
     guard = FatalGuard(CountingStore(make_store(args.db), metrics))
     store: Store = guard  # type: ignore[assignment]

@@ -295,6 +295,11 @@ def stored_classpath(classpath: str, obj: object, base: type[T]) -> tuple[type[T
 
 def _import(module_name: str, classpath: str) -> ModuleType | None:
     """Import a module for ``classpath``; None when it does not exist (try a shorter prefix)."""
+    if "__main__" in module_name.split("."):
+        raise ClassLoadError(
+            f"refusing to load {classpath!r}: {module_name!r} is a program's __main__ module, "
+            "which runs that program when imported (module not trusted by this process)"
+        )
     if not is_trusted_module(module_name):
         allowed = ", ".join(_trusted or ())
         raise ClassLoadError(
@@ -342,9 +347,7 @@ def _load_class(classpath: str, base: type[T]) -> type[T]:
         if obj is None:
             raise ClassLoadError(f"{classpath!r}: module {module.__name__!r} has no {attr!r}")
     if not (isinstance(obj, type) and issubclass(obj, base)):
-        raise NotASubclass(
-            f"{classpath!r} is not a {base.__name__} subclass; refusing to load it"
-        )
+        raise NotASubclass(f"{classpath!r} is not a {base.__name__} subclass; refusing to load it")
     return obj
 
 
