@@ -12,13 +12,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import anyio
+import anyio.to_thread
 import pytest
 from conftest import TESTS_DIR, Proc, deferrun_env, wait_until
 from pgcluster import free_port
 
 from deferrun.client import build_task
 from deferrun.store import make_store
-from deferrun.store.local_notify import MIN_WAKE_INTERVAL
+from deferrun.store.base import Wakeup
+from deferrun.store.local_notify import MIN_WAKE_INTERVAL, WAKE_BURST, UdpListener
 
 pytestmark = pytest.mark.e2e
 
@@ -109,13 +111,14 @@ def test_forged_and_flooded_wakeups_keep_claims_bounded(
     # Only the 1 s fallback poll claims (plus its wait re-arming): ~elapsed / 1 s.
     assert forged_claims <= elapsed + 3, (forged_claims, elapsed)
 
-    # Valid secret (someone who can read the database): coalesced, one wake per interval.
+    # Valid secret (someone who can read the database): rate-limited, one wake per interval
+    # after a first burst.
     before, window = _claims(metrics_port), time.monotonic()
     _flood(wake_port, [b"w" + _secret(db)])
     wait_until(lambda: _rx_queue(wake_port) == 0, 10, 0.05, "flood drained")
     valid_claims = _claims(metrics_port) - before
     elapsed = time.monotonic() - window
-    bound = elapsed / MIN_WAKE_INTERVAL + elapsed + 5
+    bound = elapsed / MIN_WAKE_INTERVAL + WAKE_BURST + elapsed + 5
     assert valid_claims <= bound, (valid_claims, bound, elapsed)
     assert proc.popen.poll() is None
     print(f"claims during 10,000 datagrams: forged {forged_claims:g}, valid {valid_claims:g}")
@@ -141,3 +144,46 @@ async def test_process_registered_just_after_a_refresh_is_woken(tmp_path: Path) 
     finally:
         await late.close()
         await writer.close()
+
+
+@pytest.mark.anyio
+async def test_listener_rate_limits_valid_wakeups_and_ignores_forged_ones() -> None:
+    """One datagram at a time for ~1 s: each would be its own wake without the limiter."""
+    secret = b"s" * 32
+    wakeup = Wakeup()
+    listener = UdpListener(wakeup, secret)
+    try:
+
+        def send(payload: bytes, seconds: float) -> int:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            started, sent = time.monotonic(), 0
+            for _ in range(20_000):  # bounded; ends on time well before
+                if time.monotonic() - started > seconds:
+                    break
+                sock.sendto(payload, ("127.0.0.1", listener.port))
+                sent += 1
+                time.sleep(0.0002)
+            sock.close()
+            return sent
+
+        sent = await anyio.to_thread.run_sync(send, b"wnot-the-secret", 0.3)
+        with anyio.fail_after(5):
+            while listener.received < sent * 0.9:  # bounded by fail_after
+                await anyio.sleep(0.01)
+        assert listener.wakes == 0 and listener.rejected == listener.received
+
+        started = time.monotonic()
+        sent = await anyio.to_thread.run_sync(send, b"w" + secret, 1.0)
+        with anyio.fail_after(5):
+            while listener.received - listener.rejected < sent * 0.9:
+                await anyio.sleep(0.01)
+        elapsed = time.monotonic() - started
+        assert listener.wakes <= elapsed / MIN_WAKE_INTERVAL + WAKE_BURST + 2, (
+            listener.wakes,
+            sent,
+            elapsed,
+        )
+        assert listener.wakes >= 10 and sent > 2 * listener.wakes, (listener.wakes, sent)
+        print(f"valid datagrams {sent} in {elapsed:.2f}s -> {listener.wakes} wakes")
+    finally:
+        listener.close()

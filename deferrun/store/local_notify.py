@@ -7,7 +7,9 @@ fallback poll interval; a datagram to a dead process is simply dropped by the ke
 
 Any local user can send to a loopback port, so a datagram must carry the database's wake-up
 secret (stored in its ``meta`` table, readable only by who can read the database), and wake-ups
-are coalesced: a process wakes at most once per ``MIN_WAKE_INTERVAL``, however many arrive.
+are rate-limited by a token bucket: a burst of ``WAKE_BURST`` wakes at once (so ordinary
+traffic is never delayed), then at most one per ``MIN_WAKE_INTERVAL``; extra datagrams in the
+meantime coalesce into one pending wake.
 """
 
 from __future__ import annotations
@@ -24,7 +26,10 @@ from deferrun.store.base import Wakeup
 
 log = structlog.get_logger("deferrun.notify")
 
-MIN_WAKE_INTERVAL = 0.02
+# At most 200 wakes/s: the cycle benchmark's 100 events/s stay undelayed (at one per 20 ms,
+# its event->resume p95 went from 5 to 16 ms).
+MIN_WAKE_INTERVAL = 0.005
+WAKE_BURST = 20
 MAX_READS_PER_CALLBACK = 512
 _PREFIX = b"w"
 
@@ -60,7 +65,8 @@ class UdpListener:
         self.received = 0
         self.rejected = 0
         self.wakes = 0
-        self._last_wake = 0.0
+        self._tokens = float(WAKE_BURST)
+        self._refilled = time.monotonic()
         self._pending: asyncio.TimerHandle | None = None
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self.sock.fileno(), self._on_readable)
@@ -83,19 +89,28 @@ class UdpListener:
         if valid:
             self._schedule()
 
+    def _refill(self) -> None:
+        now = time.monotonic()
+        self._tokens = min(
+            float(WAKE_BURST), self._tokens + (now - self._refilled) / MIN_WAKE_INTERVAL
+        )
+        self._refilled = now
+
     def _schedule(self) -> None:
-        """Wake now, or once when the interval since the last wake is over (coalesced)."""
+        """Wake now if a token is left, else once when the next one is due (coalesced)."""
         if self._pending is not None:
             return
-        delay = self._last_wake + MIN_WAKE_INTERVAL - time.monotonic()
-        if delay <= 0:
+        self._refill()
+        if self._tokens >= 1.0:
             self._fire()
         else:
+            delay = (1.0 - self._tokens) * MIN_WAKE_INTERVAL
             self._pending = self._loop.call_later(delay, self._fire)
 
     def _fire(self) -> None:
         self._pending = None
-        self._last_wake = time.monotonic()
+        self._refill()
+        self._tokens = max(self._tokens - 1.0, 0.0)
         self.wakes += 1
         self.wakeup.set()
 
