@@ -14,7 +14,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import quote
 
 from deferrun.exceptions import ConfigError, StoreUnavailable
@@ -135,7 +135,7 @@ def is_disk_full(exc: BaseException) -> bool:
     return code == sqlite3.SQLITE_FULL or "disk is full" in str(exc)
 
 
-def raise_write_error(conn: sqlite3.Connection, exc: BaseException) -> None:
+def raise_write_error(conn: sqlite3.Connection, exc: BaseException) -> NoReturn:
     """Raise what callers should see for a failed write, getting the connection writable again.
 
     A full disk leaves the transaction rolled back and the WAL possibly grown; a passive
@@ -148,8 +148,8 @@ def raise_write_error(conn: sqlite3.Connection, exc: BaseException) -> None:
         except sqlite3.Error as checkpoint_exc:
             exc.add_note(f"WAL checkpoint after the error failed too: {checkpoint_exc}")
         raise StoreUnavailable(
-            f"the disk holding the SQLite database is full ({exc}); free some space - "
-            "deferrun retries on its own"
+            f"the disk holding the SQLite database is full ({exc}); free some space: "
+            "writes resume as soon as there is room"
         ) from exc
     raise exc
 
