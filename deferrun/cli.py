@@ -1,4 +1,7 @@
-"""The ``deferrun`` command: run processes (standalone, triggerer, worker) and inspect tasks."""
+"""The ``deferrun`` command: run processes (standalone, triggerer, worker) and inspect tasks.
+
+The read-only views (tasks, task, triggers, logs) live in :mod:`deferrun.views`.
+"""
 
 from __future__ import annotations
 
@@ -14,15 +17,15 @@ from typing import Any
 
 import anyio
 import anyio.abc
-import msgspec
 import structlog
 
-from deferrun import config, serialization
+from deferrun import config, serialization, views
 from deferrun.client import AsyncClient
 from deferrun.exceptions import DeferrunError
 from deferrun.log import configure_logging
 from deferrun.metrics import CountingStore, Metrics, loop_and_db_health, serve
-from deferrun.models import FINISHED_STATES, TaskInfo, TaskState
+from deferrun.models import FINISHED_STATES, TaskState
+from deferrun.startup import FatalGuard, configure_trust
 from deferrun.store import Store, make_store
 from deferrun.tasklogs import TaskLogSink
 from deferrun.triggerer import Triggerer
@@ -30,74 +33,7 @@ from deferrun.watchdog import LoopWatchdog
 from deferrun.worker import Worker
 
 log = structlog.get_logger("deferrun.cli")
-
-
-class UsageError(DeferrunError):
-    pass
-
-
-# --------------------------------------------------------------------------- formatting
-
-
-def _age(moment: datetime | None) -> str:
-    if moment is None:
-        return "-"
-    seconds = (datetime.now(UTC) - moment).total_seconds()
-    if seconds < 120:
-        return f"{seconds:.0f}s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f}m"
-    if seconds < 172800:
-        return f"{seconds / 3600:.0f}h"
-    return f"{seconds / 86400:.0f}d"
-
-
-def _until(moment: datetime | None) -> str:
-    if moment is None:
-        return "-"
-    seconds = (moment - datetime.now(UTC)).total_seconds()
-    return f"in {seconds:.0f}s" if seconds >= 0 else f"{-seconds:.0f}s ago"
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    cells = [[str(c) for c in headers]] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    lines = [
-        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
-    ]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def _to_json(value: Any) -> str:
-    return msgspec.json.encode(value, enc_hook=repr).decode()
-
-
-def _task_line(info: TaskInfo) -> list[Any]:
-    owner, due, detail = "-", "-", ""
-    if info.state is TaskState.DEFERRED:
-        owner = info.triggerer_id or "(unclaimed)"
-        due = f"timeout {_until(info.defer_deadline)}" if info.defer_deadline else "-"
-        detail = f"trigger {info.trigger_id} {info.trigger_classpath or ''}".strip()
-    elif info.state is TaskState.RUNNING:
-        owner = info.worker_id or "-"
-    elif info.not_before is not None:
-        due = f"runs {_until(info.not_before)}"
-    if info.error and info.state is not TaskState.DEFERRED:
-        detail = info.error.strip().splitlines()[-1][:80]
-    return [
-        info.id,
-        info.name,
-        info.state,
-        f"{info.try_number}/{info.max_tries}",
-        _age(info.created_at),
-        owner,
-        due,
-        detail,
-    ]
-
-
-# --------------------------------------------------------------------------- process commands
+UsageError = views.UsageError
 
 
 async def _serve(
@@ -119,6 +55,8 @@ async def _serve(
         store, "worker" if any(isinstance(c, Worker) for c in components) else "triggerer"
     )
     async with anyio.create_task_group() as tg:
+        if isinstance(store, FatalGuard):
+            store.on_fatal = tg.cancel_scope.cancel
 
         async def on_signals() -> None:
             with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -153,8 +91,10 @@ async def _serve(
 
 
 async def _run_processes(args: argparse.Namespace, roles: Sequence[str]) -> int:
+    configure_trust(args.imports)
     metrics = Metrics()
-    store: Store = CountingStore(make_store(args.db), metrics)  # type: ignore[assignment]
+    guard = FatalGuard(CountingStore(make_store(args.db), metrics))
+    store: Store = guard  # type: ignore[assignment]
     await store.open()
     try:
         components: list[Worker | Triggerer] = []
@@ -183,7 +123,14 @@ async def _run_processes(args: argparse.Namespace, roles: Sequence[str]) -> int:
             async def after() -> None:
                 await _demo(store)
 
-        await _serve(store, components, args, after)
+        try:
+            await _serve(store, components, args, after)
+        except BaseException:
+            if guard.fatal is not None:
+                raise guard.fatal from None
+            raise
+        if guard.fatal is not None:
+            raise guard.fatal
     finally:
         with anyio.CancelScope(shield=True):
             await store.close()
@@ -243,7 +190,7 @@ async def _demo(store: Store) -> None:
     for tid, info in infos.items():
         outcome = info.result if info.state == TaskState.SUCCESS else info.error
         rows.append([ids[tid], info.state, str(outcome)[:70]])
-    print(_table(["task", "state", "result"], rows))
+    print(views.table(["task", "state", "result"], rows))
     print(f"\ndemo finished in {time.monotonic() - start:.1f}s", flush=True)
 
 
@@ -270,145 +217,8 @@ async def _submit(args: argparse.Namespace) -> int:
         except TimeoutError:
             print(f"task {task_id} did not finish within {args.wait:g}s", file=sys.stderr)
             return 3
-        _print_task(info, args)
+        views.print_task(info, args)
         return 0 if info.state in (TaskState.SUCCESS, TaskState.SKIPPED) else 1
-
-
-def _print_task(info: TaskInfo, args: argparse.Namespace) -> None:
-    if getattr(args, "json", False):
-        print(_to_json(info))
-        return
-    fields = [
-        ("id", info.id),
-        ("name", info.name),
-        ("operator", info.classpath),
-        ("queue", info.queue),
-        ("state", info.state),
-        ("try", f"{info.try_number} of {info.max_tries}"),
-        ("created", info.created_at),
-        ("started", info.started_at),
-        ("updated", info.updated_at),
-        ("finished", info.finished_at),
-    ]
-    if info.state is TaskState.DEFERRED:
-        fields += [
-            ("trigger", f"{info.trigger_id} {info.trigger_classpath}"),
-            ("triggerer", info.triggerer_id or "(unclaimed)"),
-            ("resumes with", info.next_method),
-            ("timeout", _until(info.defer_deadline)),
-        ]
-    if info.not_before:
-        fields.append(("not before", info.not_before))
-    if info.worker_id:
-        fields.append(("worker", info.worker_id))
-    if info.state is TaskState.SUCCESS:
-        fields.append(("result", _to_json(info.result)))
-    width = max(len(k) for k, _ in fields)
-    for key, value in fields:
-        if value is not None:
-            print(f"{key.ljust(width)}  {value}")
-    if info.error:
-        print(f"{'error'.ljust(width)}  " + info.error.replace("\n", "\n" + " " * (width + 2)))
-
-
-async def _tasks(args: argparse.Namespace) -> int:
-    async with AsyncClient(args.db) as client:
-        infos = await client.list(args.state, limit=args.limit)
-        counts = await client.counts()
-    if args.json:
-        print(_to_json({"counts": counts, "tasks": infos}))
-        return 0
-    summary = ", ".join(f"{state}={counts[state]}" for state in TaskState if state in counts)
-    print(f"tasks: {summary or 'none'}")
-    if infos:
-        print(
-            _table(
-                ["id", "name", "state", "try", "age", "owner", "next", "detail"],
-                [_task_line(i) for i in infos],
-            )
-        )
-    return 0
-
-
-async def _task(args: argparse.Namespace) -> int:
-    async with AsyncClient(args.db) as client:
-        _print_task(await client.get(args.task_id), args)
-    return 0
-
-
-async def _triggers(args: argparse.Namespace) -> int:
-    store = make_store(args.db)
-    await store.open()
-    try:
-        triggers = await store.list_triggers()
-        processes = await store.list_processes()
-    finally:
-        await store.close()
-    if args.json:
-        print(_to_json({"triggers": triggers, "processes": processes}))
-        return 0
-    live = [p for p in processes if p.role == "triggerer"]
-    print(
-        f"triggerers: {len([p for p in live if p.alive])} alive"
-        + "".join(
-            f"\n  {p.id}  capacity {p.capacity}  heartbeat {_age(p.heartbeat_at)} ago"
-            f"{'' if p.alive else '  (DEAD)'}"
-            for p in live
-        )
-    )
-    print(f"triggers: {len(triggers)}")
-    if triggers:
-        print(
-            _table(
-                ["id", "task", "trigger", "owner", "age", "timeout"],
-                [
-                    [
-                        t.id,
-                        t.task_id,
-                        t.classpath,
-                        t.triggerer_id or "(unclaimed)",
-                        _age(t.created_at),
-                        _until(t.deadline),
-                    ]
-                    for t in triggers
-                ],
-            )
-        )
-    return 0
-
-
-_LOG_META = {"timestamp", "level", "event", "task_id", "pid"}
-
-
-async def _logs(args: argparse.Namespace) -> int:
-    store = make_store(args.db)
-    await store.open()
-    try:
-        if await store.get_task(args.task_id) is None:
-            raise UsageError(
-                f"no task {args.task_id!r} in this database; list them with `deferrun tasks`"
-            )
-        rows = await store.task_logs(args.task_id)
-    finally:
-        await store.close()
-    if not rows:
-        print(f"no log lines stored for task {args.task_id} yet", file=sys.stderr)
-    for at, source, line in rows:
-        if args.json:
-            print(line)
-            continue
-        try:
-            event = msgspec.json.decode(line)
-        except msgspec.DecodeError:
-            print(f"{datetime.fromtimestamp(at, UTC).isoformat()}  {source:<9} {line}")
-            continue
-        extra = " ".join(f"{k}={v}" for k, v in event.items() if k not in _LOG_META)
-        stamp = event.get("timestamp") or datetime.fromtimestamp(at, UTC).isoformat()
-        print(
-            f"{stamp}  {source:<9} {event.get('level', ''):<8} {event.get('event', '')}"
-            f"{'  ' + extra if extra else ''}"
-        )
-    return 0
 
 
 # --------------------------------------------------------------------------- argument parsing
@@ -446,6 +256,19 @@ def _add_metrics(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_imports(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--import",
+        dest="imports",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="PKG",
+        help="import these packages at start and load stored classes only from them (plus "
+        "deferrun and triggers); default: $DEFERRUN_IMPORTS (comma-separated), else any module",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     # Common options are accepted before or after the command (deferrun --db X tasks, or
     # deferrun tasks --db X); SUPPRESS keeps the subcommand from erasing a value given first.
@@ -470,12 +293,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p.add_argument("--grace-period", type=float, default=30.0, help=argparse.SUPPRESS)
     _add_metrics(p)
+    _add_imports(p)
 
     p = sub.add_parser("triggerer", parents=[common], help="run triggers for deferred tasks")
     p.add_argument("--capacity", type=int, default=1000, help="most triggers run at once")
     p.add_argument("--queue", action="append", help="queue(s) to serve (default: all)")
 
     _add_metrics(p)
+    _add_imports(p)
 
     p = sub.add_parser("worker", parents=[common], help="run tasks")
     p.add_argument("--slots", type=int, default=8, help="tasks run at once")
@@ -489,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="on SIGTERM, let running tasks finish this long, then re-queue them",
     )
     _add_metrics(p)
+    _add_imports(p)
 
     p = sub.add_parser("submit", parents=[common], help="submit an operator by classpath")
     p.add_argument("classpath", help="e.g. deferrun.sensors.TimeDeltaSensor")
@@ -533,15 +359,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         "triggerer": lambda: _run_processes(args, ["triggerer"]),
         "worker": lambda: _run_processes(args, ["worker"]),
         "submit": lambda: _submit(args),
-        "tasks": lambda: _tasks(args),
-        "task": lambda: _task(args),
-        "triggers": lambda: _triggers(args),
-        "logs": lambda: _logs(args),
+        "tasks": lambda: views.tasks(args),
+        "task": lambda: views.task(args),
+        "triggers": lambda: views.triggers(args),
+        "logs": lambda: views.logs(args),
     }
     try:
         return anyio.run(commands[args.command])
     except (DeferrunError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BaseExceptionGroup as group:
+        # A task group (e.g. the metrics server failing to bind) wraps the error it raised.
+        first = _first_user_error(group)
+        if first is None:
+            raise
+        print(f"error: {first}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _first_user_error(group: BaseExceptionGroup[Any]) -> DeferrunError | None:
+    for exc in group.exceptions:
+        if isinstance(exc, DeferrunError):
+            return exc
+        if isinstance(exc, BaseExceptionGroup):
+            found = _first_user_error(exc)
+            if found is not None:
+                return found
+    return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import time
 import uuid
 from collections.abc import Callable, Coroutine, Sequence
@@ -48,10 +49,12 @@ def build_task(operator: BaseOperator) -> NewTask:
 class AsyncClient:
     """``async with AsyncClient(db) as client: task_id = await client.submit(op)``."""
 
-    def __init__(self, db: str | None = None, *, store: Store | None = None) -> None:
+    def __init__(
+        self, db: str | None = None, *, store: Store | None = None, owns_store: bool = False
+    ) -> None:
         self._store = store
         self._db = db
-        self._owns_store = store is None
+        self._owns_store = store is None or owns_store
         self._opened = store is not None
 
     async def _get_store(self) -> Store:
@@ -137,12 +140,15 @@ class AsyncClient:
 class Client:
     """The synchronous twin of :class:`AsyncClient`, for scripts and notebooks.
 
-    Runs an event loop in a background thread; close it (or use ``with``) when done.
+    Runs an event loop in a background thread; close it (or use ``with``) when done. A client
+    left open is closed at interpreter exit: otherwise finalizing its portal waits on the
+    loop thread, which the exiting interpreter no longer runs, and the script never ends.
     """
 
     def __init__(self, db: str | None = None) -> None:
         self._portal_cm = start_blocking_portal()
         self._portal: BlockingPortal = self._portal_cm.__enter__()
+        atexit.register(self.close)
         self._async = AsyncClient(db)
         try:
             self._call(self._async._get_store)
@@ -165,6 +171,7 @@ class Client:
         self.close()
 
     def close(self) -> None:
+        atexit.unregister(self.close)
         if self._portal_cm is not None:
             try:
                 self._portal.call(self._async.aclose)
@@ -197,3 +204,7 @@ class Client:
 
     def triggers(self) -> list[TriggerInfo]:
         return self._call(self._async.triggers)
+
+    def counts(self) -> dict[str, int]:
+        """Number of tasks per state."""
+        return self._call(self._async.counts)

@@ -14,9 +14,13 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
+from deferrun.config import connect_timeout
 from deferrun.connections import Connection, get_connection, register_secret, shared_clients
 
 HTTP_TIMEOUT = 30.0
+# Connection extras that configure deferrun's pool; libpq/asyncpg would send any other query
+# parameter to the server as a setting (and "max_size" is no PostgreSQL setting).
+POOL_OPTIONS = frozenset({"max_size"})
 
 
 def _warm_botocore(session: Any, service: str) -> None:
@@ -100,7 +104,10 @@ async def pg_pool(conn_id: str) -> Any:
 
     async def factory(stack: AsyncExitStack) -> Any:
         pool = await asyncpg.create_pool(
-            conn.dsn(), min_size=0, max_size=int(conn.extra.get("max_size", 10))
+            conn.dsn(exclude=POOL_OPTIONS),
+            min_size=0,
+            max_size=int(conn.extra.get("max_size", 10)),
+            timeout=connect_timeout(),
         )
         stack.push_async_callback(pool.close)
         return pool

@@ -131,8 +131,11 @@ class Connection(msgspec.Struct, frozen=True):
             netloc += f":{self.port}"
         return f"{self.conn_type}://{netloc}{self.path}"
 
-    def dsn(self) -> str:
-        """A libpq-style DSN (for asyncpg), credentials included: never log it."""
+    def dsn(self, exclude: frozenset[str] = frozenset()) -> str:
+        """A libpq-style DSN (for asyncpg), credentials included: never log it.
+
+        ``exclude`` names extras that are deferrun options, not server settings.
+        """
         auth = ""
         if self.login:
             auth = quote(self.login, safe="")
@@ -141,7 +144,9 @@ class Connection(msgspec.Struct, frozen=True):
             auth += "@"
         host = self.host or "localhost"
         port = f":{self.port}" if self.port else ""
-        query = "&".join(f"{k}={quote(v, safe='')}" for k, v in self.extra.items())
+        query = "&".join(
+            f"{k}={quote(v, safe='')}" for k, v in self.extra.items() if k not in exclude
+        )
         return f"postgresql://{auth}{host}{port}{self.path}{'?' + query if query else ''}"
 
 

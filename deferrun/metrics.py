@@ -27,6 +27,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+from deferrun.exceptions import ConfigError
+
 log = structlog.get_logger("deferrun.metrics")
 
 HealthCheck = Callable[[], tuple[bool, dict[str, Any]]]
@@ -207,7 +209,13 @@ async def serve(
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            raise ConfigError(
+                f"--metrics-port {port}: cannot listen on {host}:{port} "
+                f"({exc.strerror or exc}); pick a free port or stop what uses it"
+            ) from None
         log.info("metrics and health endpoints listening", url=f"http://{host}:{port}/metrics")
         task_status.started()
         await anyio.sleep_forever()

@@ -15,15 +15,16 @@ import importlib
 import inspect
 import re
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, date, datetime, time, timedelta, timezone, tzinfo
 from pathlib import Path, PurePath, PureWindowsPath
+from types import ModuleType
 from typing import Any, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
 
-from deferrun.exceptions import ClassLoadError, SerializationError
+from deferrun.exceptions import ClassLoadError, ConfigError, SerializationError
 
 TAG = "__deferrun__"
 
@@ -216,6 +217,50 @@ def _signature(cls: type) -> inspect.Signature | None:
         return None
 
 
+class NotASubclass(ClassLoadError):
+    """The classpath names an object that is not a subclass of the expected base."""
+
+
+# Root packages whose modules a stored classpath may name; None means every module (no
+# --import given). Kept as roots so "pkg" also trusts "pkg.sub.mod".
+ALWAYS_TRUSTED = ("deferrun", "triggers")
+_trusted: tuple[str, ...] | None = None
+
+
+def set_trusted_modules(packages: Sequence[str] | None) -> None:
+    """Restrict loading to ``packages`` (plus deferrun and triggers); None allows every module."""
+    global _trusted
+    _trusted = None if packages is None else tuple(dict.fromkeys([*ALWAYS_TRUSTED, *packages]))
+    _load_class_cached.cache_clear()
+
+
+def trusted_modules() -> tuple[str, ...] | None:
+    return _trusted
+
+
+def is_trusted_module(module_name: str) -> bool:
+    """Whether loading may import ``module_name`` (never a ``__main__``: it runs a program)."""
+    if "__main__" in module_name.split("."):
+        return False
+    if _trusted is None:
+        return True
+    return any(module_name == root or module_name.startswith(root + ".") for root in _trusted)
+
+
+def import_trusted(packages: Sequence[str]) -> None:
+    """Import each ``--import`` package at start; ConfigError names the first that fails."""
+    for name in packages:
+        if not _CLASSPATH_RE.match(name + ".x"):
+            raise ConfigError(f"--import {name!r} is not a dotted package name like 'mypkg.ops'")
+        try:
+            importlib.import_module(name)
+        except BaseException as exc:
+            raise ConfigError(
+                f"--import {name}: importing it failed: {type(exc).__name__}: {exc}; is it "
+                "installed, or on PYTHONPATH of this process?"
+            ) from None
+
+
 @functools.lru_cache(maxsize=4096)
 def _load_class_cached(classpath: str, base: type) -> type:
     return _load_class(classpath, base)
@@ -230,39 +275,71 @@ def load_class(classpath: str, base: type[T]) -> type[T]:
     return _load_class_cached(classpath, base)
 
 
+def stored_classpath(classpath: str, obj: object, base: type[T]) -> tuple[type[T], str]:
+    """The class a hard-coded ``serialize()`` path names, and the path to store for it.
+
+    Airflow-style triggers return a fixed path ('airflow.providers.x.MyTrigger') or an alias
+    re-exported elsewhere; storing the class's real module + qualname lets an ``--import``
+    triggerer load it. When the fixed path cannot be loaded here, ``obj``'s own class is used.
+    """
+    try:
+        cls = load_class(classpath, base)
+    except NotASubclass:
+        raise  # it names something else (a function, a module): a bug or a forgery
+    except ClassLoadError:
+        if not isinstance(obj, base):
+            raise
+        cls = type(obj)
+    return cls, classpath_of(cls)
+
+
+def _import(module_name: str, classpath: str) -> ModuleType | None:
+    """Import a module for ``classpath``; None when it does not exist (try a shorter prefix)."""
+    if "__main__" in module_name.split("."):
+        raise ClassLoadError(
+            f"refusing to load {classpath!r}: {module_name!r} is a program's __main__ module, "
+            "which runs that program when imported (module not trusted by this process)"
+        )
+    if not is_trusted_module(module_name):
+        allowed = ", ".join(_trusted or ())
+        raise ClassLoadError(
+            f"refusing to load {classpath!r}: module {module_name!r} is not trusted by this "
+            f"process (trusted: {allowed}); start it with --import for that package"
+        )
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
+            return None
+        raise ClassLoadError(f"importing {module_name!r} for {classpath!r} failed: {exc}") from exc
+    except BaseException as exc:
+        raise ClassLoadError(
+            f"importing {module_name!r} for {classpath!r} failed: {type(exc).__name__}: {exc!r}"
+        ) from exc
+
+
 def _load_class(classpath: str, base: type[T]) -> type[T]:
     """Import the class named by ``classpath`` and check it is a subclass of ``base``.
 
-    Only the module part is imported; the attribute is looked up, never called, and anything
+    Only trusted modules are imported (checked before importing, so a forged row cannot run
+    another module's import-time code); the attribute is looked up, never called, and anything
     that is not a ``base`` subclass is refused before it can run.
     """
     if not isinstance(classpath, str) or not _CLASSPATH_RE.match(classpath):
         raise ClassLoadError(f"{classpath!r} is not a dotted classpath like 'package.module.Class'")
     parts = classpath.split(".")
-    module = None
-    error: Exception | None = None
+    module: ModuleType | None = None
+    attrs: list[str] = []
     # Longest importable module prefix wins, so nested classes (module.Outer.Inner) work.
     for cut in range(len(parts) - 1, 0, -1):
-        module_name = ".".join(parts[:cut])
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
-                error = exc
-                continue
-            raise ClassLoadError(
-                f"importing {module_name!r} for {classpath!r} failed: {exc}"
-            ) from exc
-        except Exception as exc:
-            raise ClassLoadError(
-                f"importing {module_name!r} for {classpath!r} failed: {exc!r}"
-            ) from exc
-        attrs = parts[cut:]
-        break
+        module = _import(".".join(parts[:cut]), classpath)
+        if module is not None:
+            attrs = parts[cut:]
+            break
     if module is None:
         raise ClassLoadError(
-            f"cannot import {classpath!r}: {error}. Is the module installed, or on PYTHONPATH of "
-            "this process?"
+            f"cannot import {classpath!r}: no module {'.'.join(parts[:-1])!r}. Is the module "
+            "installed, or on PYTHONPATH of this process?"
         )
     obj: Any = module
     for attr in attrs:
@@ -270,9 +347,7 @@ def _load_class(classpath: str, base: type[T]) -> type[T]:
         if obj is None:
             raise ClassLoadError(f"{classpath!r}: module {module.__name__!r} has no {attr!r}")
     if not (isinstance(obj, type) and issubclass(obj, base)):
-        raise ClassLoadError(
-            f"{classpath!r} is not a {base.__name__} subclass; refusing to load it"
-        )
+        raise NotASubclass(f"{classpath!r} is not a {base.__name__} subclass; refusing to load it")
     return obj
 
 

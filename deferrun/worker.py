@@ -98,7 +98,7 @@ def prepare_deferral(signal: TaskDeferred) -> Deferral:
     classpath, kwargs = result
     if not isinstance(kwargs, dict):
         raise SerializationError(f"{classpath}: serialize() kwargs must be a dict, got {kwargs!r}")
-    cls = serialization.load_class(classpath, BaseTrigger)
+    cls, classpath = serialization.stored_classpath(classpath, trigger, BaseTrigger)
     serialization.check_kwargs_fit(cls, kwargs, "trigger")
     kwargs_json = serialization.dumps(kwargs, f"{cls.__qualname__} kwargs")
     timeout = as_seconds(signal.timeout, "defer timeout")

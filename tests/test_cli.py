@@ -8,8 +8,11 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import anyio
 import pytest
 from conftest import TESTS_DIR, Proc, deferrun_env, wait_until
+
+from deferrun.store import open_store
 
 pytestmark = pytest.mark.e2e
 
@@ -25,6 +28,11 @@ def cli(
         text=True,
         timeout=timeout,
     )
+
+
+async def _create_database(url: str) -> None:
+    store = await open_store(url)
+    await store.close()
 
 
 def test_demo_runs_to_completion(tmp_path: Path) -> None:
@@ -108,6 +116,8 @@ def test_submit_wait_and_inspect(
 )
 def test_clear_errors(sqlite_url: str, tmp_path: Path, args: list[str], message: str) -> None:
     env = deferrun_env(sqlite_url, TESTS_DIR)
+    if args[0] == "task":  # read-only commands refuse a missing database: create it first
+        anyio.run(_create_database, sqlite_url)
     done = cli(*args, env=env, cwd=tmp_path)
     assert done.returncode == 2, (done.stdout, done.stderr)
     assert message in done.stderr

@@ -71,7 +71,8 @@ def tamper(db_url: str, task_id: str, changes: dict[str, object]) -> None:
             for column, value in changes.items():
                 stored = float(value) if column == "deadline" else value
                 conn.execute(
-                    f"UPDATE deferrun_triggers SET {column} = ? WHERE task_id = ?", (stored, task_id)
+                    f"UPDATE deferrun_triggers SET {column} = ? WHERE task_id = ?",
+                    (stored, task_id),
                 )
         return
 

@@ -7,15 +7,20 @@ from deferrun.exceptions import ConfigError
 from deferrun.store.base import ReapReport, Store, Wakeup
 
 
-def make_store(url: str | None = None, *, dead_after: float | None = None) -> Store:
-    """A store for ``url`` (``--db``/``DEFERRUN_DB``/default), not yet opened."""
+def make_store(
+    url: str | None = None, *, dead_after: float | None = None, create: bool = True
+) -> Store:
+    """A store for ``url`` (``--db``/``DEFERRUN_DB``/default), not yet opened.
+
+    ``create=False`` (read-only commands) refuses to create a missing SQLite file.
+    """
     url = config.db_url(url)
     dead = config.dead_after() if dead_after is None else dead_after
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
     if scheme == "sqlite":
         from deferrun.store.sqlite import SQLiteStore
 
-        return SQLiteStore(url, dead_after=dead)
+        return SQLiteStore(url, dead_after=dead, create=create)
     if scheme in ("postgresql", "postgres"):
         try:
             from deferrun.store.postgres import PostgresStore
@@ -28,8 +33,10 @@ def make_store(url: str | None = None, *, dead_after: float | None = None) -> St
     )
 
 
-async def open_store(url: str | None = None, *, dead_after: float | None = None) -> Store:
-    store = make_store(url, dead_after=dead_after)
+async def open_store(
+    url: str | None = None, *, dead_after: float | None = None, create: bool = True
+) -> Store:
+    store = make_store(url, dead_after=dead_after, create=create)
     await store.open()
     return store
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -22,6 +21,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from deferrun.exceptions import ConfigError, StoreUnavailable
+from deferrun.store import sqlite_file
 from deferrun.store.base import Channel, Wakeup
 from deferrun.store.local_notify import UdpListener, UdpSender
 from deferrun.store.manager import SqlStore
@@ -43,6 +43,7 @@ _PORTS = (
     "SELECT role, wake_port FROM deferrun_processes WHERE wake_port IS NOT NULL "
     "AND heartbeat_at >= ?"
 )
+_NEWEST = "SELECT max(started_at) FROM deferrun_processes"
 
 
 def parse_sqlite_url(url: str) -> str:
@@ -73,16 +74,20 @@ def _bind(params: Any) -> Any:
 class SQLiteConnector:
     dialect = SQLiteDialect()
 
-    def __init__(self, url: str, *, dead_after: float = 10.0) -> None:
+    def __init__(self, url: str, *, dead_after: float = 10.0, create: bool = True) -> None:
         self.url = url
         self.path = parse_sqlite_url(url)
         self.dead_after = dead_after
+        self.create = create  # False for read-only commands: a missing file is an error
         self._conn: sqlite3.Connection | None = None
+        self._guard: sqlite_file.FileGuard | None = None
+        self._secret = b""
         self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sqlite")
         self._sender: UdpSender | None = None
         self._listeners: dict[str, UdpListener] = {}
         self._ports: dict[Channel, list[int]] = {"tasks": [], "triggers": []}
         self._ports_at = 0.0
+        self._ports_newest: float | None = None
 
     # -- plumbing -----------------------------------------------------------------------------
 
@@ -99,11 +104,13 @@ class SQLiteConnector:
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         c = self.conn
+        if self._guard is not None:
+            self._guard.check()  # never write on to a deleted or replaced file
         c.execute("BEGIN IMMEDIATE")
         try:
             yield c
         except BaseException:
-            c.execute("ROLLBACK")
+            sqlite_file.rollback(c)
             raise
         c.execute("COMMIT")
 
@@ -115,8 +122,9 @@ class SQLiteConnector:
             return [(self.conn.executemany(text, items).rowcount,)]
         return self.conn.execute(text, dict(_bind(step.params), now_=now)).fetchall()
 
-    @staticmethod
-    def _translate(exc: sqlite3.Error) -> Exception:
+    def _translate(self, exc: sqlite3.Error) -> Exception:
+        if sqlite_file.is_disk_full(exc):
+            return sqlite_file.after_disk_full(self.conn, exc)
         text = str(exc).lower()
         if isinstance(exc, sqlite3.OperationalError) and any(m in text for m in _UNAVAILABLE):
             return StoreUnavailable(f"SQLite database unavailable: {exc}")
@@ -130,8 +138,8 @@ class SQLiteConnector:
             try:
                 with self._tx():
                     result, channels = drive_sync(program, self._execute)
-                if channels and time.time() - self._ports_at > 1.0:
-                    self._refresh_ports()
+                if channels:
+                    self._refresh_ports_if_stale()
             except sqlite3.Error as exc:
                 raise self._translate(exc) from exc
             return result, channels
@@ -153,7 +161,7 @@ class SQLiteConnector:
 
     async def listen(self, process_id: str, channel: Channel) -> tuple[Wakeup, int | None]:
         wakeup = Wakeup()
-        listener = UdpListener(wakeup)
+        listener = UdpListener(wakeup, self._secret)
         self._listeners[process_id] = listener
         return wakeup, listener.port
 
@@ -164,6 +172,13 @@ class SQLiteConnector:
 
     async def upkeep(self) -> None:
         await self._call(self._refresh_ports)
+
+    def _refresh_ports_if_stale(self) -> None:
+        """Also refresh when a process registered since: it must not miss its first second."""
+        newest = self.conn.execute(_NEWEST).fetchone()[0]
+        if time.time() - self._ports_at > 1.0 or newest != self._ports_newest:
+            self._refresh_ports()
+            self._ports_newest = newest
 
     def _refresh_ports(self) -> None:
         now = time.time()
@@ -176,7 +191,8 @@ class SQLiteConnector:
 
     async def open(self) -> None:
         await self._call(self._connect)
-        self._sender = UdpSender()
+        self._secret = await self._call(sqlite_file.wake_secret, self.conn)
+        self._sender = UdpSender(self._secret)
 
     async def close(self) -> None:
         for process_id in list(self._listeners):
@@ -190,13 +206,8 @@ class SQLiteConnector:
         self._thread.shutdown(wait=False)
 
     def _connect(self) -> None:
-        directory = os.path.dirname(os.path.abspath(self.path))
-        if not os.path.isdir(directory):
-            raise ConfigError(f"cannot open {self.url}: directory {directory} does not exist")
         try:
-            conn = sqlite3.connect(
-                self.path, isolation_level=None, check_same_thread=False, timeout=30.0
-            )
+            conn, self._guard = sqlite_file.connect(self.path, create=self.create)
             conn.execute("PRAGMA busy_timeout = 30000")
             mode = self._enable_wal(conn)
             conn.execute("PRAGMA synchronous = NORMAL")
@@ -266,7 +277,7 @@ class SQLiteConnector:
 
 
 class SQLiteStore(SqlStore):
-    def __init__(self, url: str, *, dead_after: float = 10.0) -> None:
-        self.connector = SQLiteConnector(url, dead_after=dead_after)
+    def __init__(self, url: str, *, dead_after: float = 10.0, create: bool = True) -> None:
+        self.connector = SQLiteConnector(url, dead_after=dead_after, create=create)
         super().__init__(self.connector, dead_after=dead_after)
         self.path = self.connector.path

@@ -73,3 +73,10 @@ CREATE TABLE IF NOT EXISTS deferrun_task_logs (
 );
 
 CREATE INDEX IF NOT EXISTS deferrun_task_logs_task ON deferrun_task_logs (task_id, id);
+
+-- Per-database values. 'wake_secret': random token every local UDP wake-up must carry, so
+-- that other local users cannot drive a process's claim loop (created on open if missing).
+CREATE TABLE IF NOT EXISTS deferrun_meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
