@@ -67,7 +67,8 @@ def _flood(port: int, payloads: list[bytes]) -> float:
 def _worker_port(db: Path) -> int | None:
     conn = sqlite3.connect(db)
     try:
-        row = conn.execute("SELECT wake_port FROM deferrun_processes WHERE role = 'worker'").fetchone()
+        sql = "SELECT wake_port FROM deferrun_processes WHERE role = 'worker'"
+        row = conn.execute(sql).fetchone()
     finally:
         conn.close()
     return int(row[0]) if row else None

@@ -164,7 +164,10 @@ class PostgresConnector:
         except (OSError, TimeoutError, asyncpg.PostgresError, ValueError) as exc:
             reason = str(exc) or type(exc).__name__
             if isinstance(exc, TimeoutError):
-                reason = f"no answer within {config.connect_timeout():g}s (connect timeout)"
+                reason = (
+                    f"the server did not answer within {config.connect_timeout():g}s "
+                    "(DEFERRUN_CONNECT_TIMEOUT); is it a PostgreSQL server, and is it up?"
+                )
             raise ConfigError(f"cannot connect to {safe}: {reason}") from exc
         await self._migrate()
 

@@ -62,7 +62,7 @@ def inspect_file(path: str) -> None:
         conn.close()
     if not tables:
         return
-    prefix = _PREFIX if any(name.startswith(_PREFIX) for name in tables) else ""
+    prefix = _PREFIX if _PREFIX + "tasks" in tables else ""
     missing = [t for t, cols in _OUR_TABLES.items() if not cols <= tables.get(prefix + t, set())]
     if missing:
         shown = ", ".join(sorted(tables)[:6])
