@@ -80,7 +80,28 @@ class FailTask(Exception):
 
 
 class TaskTimeout(Exception):
-    """The task ran past its execution_timeout, or its deferral past the defer timeout."""
+    """The task ran past its execution_timeout, or its deferral past the defer timeout.
+
+    Operators may raise it themselves. The worker never injects it: a running attempt is
+    stopped with :class:`AttemptTimedOut`, and the task's error then reads
+    ``TaskTimeout: execution_timeout of Xs exceeded``.
+    """
+
+
+class AttemptInterrupted(BaseException):
+    """Injected into operator code to stop a running attempt (internal).
+
+    A BaseException so that ``except Exception`` in operator code (a retry loop, say) cannot
+    swallow it and keep running after the task was recorded failed or taken away.
+    """
+
+
+class AttemptTimedOut(AttemptInterrupted):
+    """The attempt ran past its execution_timeout."""
+
+
+class AttemptCancelled(AttemptInterrupted):
+    """The attempt was stopped: task cancelled, taken over by a newer claim, or shutdown."""
 
 
 class TriggerFailed(Exception):

@@ -1,0 +1,236 @@
+"""Recording an attempt's outcome: one store write fenced on (task_id, claim_token).
+
+A fenced write that already committed before a connection dropped makes its repeat a no-op, so
+writes are retried freely. Two kinds of failure are told apart:
+
+- the database is unreachable: retry in the slot for ``retry_for`` seconds, then keep the write
+  and retry it in the background (with backoff, at once when a heartbeat gets through) for as
+  long as the process lives. On shutdown what is left is given up loudly; the reaper retries
+  those tasks once this worker counts as dead.
+- the store refuses the write itself (a value it cannot hold): the task fails instead, with an
+  error that says so. A live worker never leaves a task ``running``.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import sys
+import time
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import anyio
+import structlog
+
+from deferrun.exceptions import StoreUnavailable
+from deferrun.metrics import Metrics
+from deferrun.models import Deferral
+from deferrun.store.base import Store
+
+log = structlog.get_logger("deferrun.worker")
+
+Kind = Literal["complete", "fail", "skip", "reschedule", "defer", "requeue"]
+
+
+@dataclass(frozen=True)
+class Write:
+    """The one store write that ends an attempt."""
+
+    task_id: str
+    claim_token: int
+    try_number: int
+    kind: Kind
+    result: str | None = None
+    error: str = ""
+    retry: bool = False
+    delay: float = 0.0
+    deferral: Deferral | None = None
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.task_id, self.claim_token)
+
+    def failure(self, error: str, retry: bool = False) -> Write:
+        return replace(self, kind="fail", error=error, retry=retry, result=None, deferral=None)
+
+
+def sanitize_text(text: str) -> str:
+    """Text any backend can store: NUL as the 4 characters ``\\x00``, lone surrogates escaped."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """True for connection-level errors (worth retrying), False for a refused write."""
+    if isinstance(exc, StoreUnavailable | OSError | sqlite3.OperationalError):
+        return True
+    asyncpg = sys.modules.get("asyncpg")
+    if asyncpg is None:
+        return False
+    transient = (
+        asyncpg.PostgresConnectionError,
+        asyncpg.exceptions.OperatorInterventionError,
+        asyncpg.exceptions.InsufficientResourcesError,
+    )
+    if isinstance(exc, transient):
+        return True
+    # "connection is closed", "pool is closing"; DataError (a bad argument) is one too
+    return isinstance(exc, asyncpg.InterfaceError) and not isinstance(exc, ValueError)
+
+
+async def apply(store: Store, w: Write) -> str | None:
+    """Perform one write; returns the task's new state, or None if the claim was fenced off."""
+    t, token = w.task_id, w.claim_token
+    match w.kind:
+        case "complete":
+            return "success" if await store.complete_task(t, token, w.result) else None
+        case "fail":
+            state = await store.fail_task(t, token, sanitize_text(w.error), retry=w.retry)
+            return None if state is None else str(state)
+        case "skip":
+            reason = sanitize_text(w.error) or None
+            return "skipped" if await store.skip_task(t, token, reason) else None
+        case "reschedule":
+            ok = await store.reschedule_task(t, token, w.delay)
+            return "up_for_reschedule" if ok else None
+        case "defer":
+            assert w.deferral is not None
+            return "deferred" if await store.defer_task(t, token, w.deferral) else None
+        case "requeue":
+            return "queued" if await store.requeue_task(t, token) else None
+
+
+class Recorder:
+    """Records outcome writes; keeps those a database outage stops and retries them."""
+
+    def __init__(self, store: Store, metrics: Metrics, retry_for: float) -> None:
+        self.store = store
+        self.metrics = metrics
+        self.retry_for = retry_for
+        self.pending: dict[tuple[str, int], Write] = {}
+        self.closing = anyio.Event()
+        self._nudged = anyio.Event()
+
+    def nudge(self) -> None:
+        """The database answered: retry kept writes now rather than after the backoff."""
+        if self.pending:
+            self._nudged.set()
+
+    async def record(self, w: Write) -> None:
+        """Record in the caller (a slot) for up to ``retry_for`` s, then keep it for later."""
+        delay = 0.2
+        deadline = time.monotonic() + self.retry_for
+        while True:
+            try:
+                await self._write(w)
+                return
+            except Exception as exc:
+                if self.closing.is_set() or time.monotonic() + delay > deadline:
+                    self._keep(w, exc)
+                    return
+                log.warning("recording the outcome failed; retrying", error=repr(exc))
+                with anyio.move_on_after(delay):
+                    await self.closing.wait()
+                delay = min(delay * 2, 5.0)
+
+    def _keep(self, w: Write, exc: Exception) -> None:
+        if self.closing.is_set():
+            self._give_up(w, repr(exc))
+            return
+        log.error(
+            "the database is unreachable; the outcome is kept and recorded when it returns",
+            task_id=w.task_id,
+            try_number=w.try_number,
+            outcome=w.kind,
+            error=repr(exc),
+        )
+        self.pending[w.key] = w
+
+    async def run(self) -> None:
+        """Retry kept writes in the background, with backoff, while the process lives."""
+        delay = 1.0
+        while True:
+            with anyio.move_on_after(delay):
+                await self._nudged.wait()
+            self._nudged = anyio.Event()
+            delay = 1.0
+            for key, w in list(self.pending.items()):
+                try:
+                    await self._write(w)
+                except Exception as exc:
+                    log.warning("still cannot record a kept outcome", error=repr(exc))
+                    delay = min(delay * 2, 10.0)
+                    break
+                self.pending.pop(key, None)
+                log.info(
+                    "recorded an outcome kept through a database outage",
+                    task_id=w.task_id,
+                    try_number=w.try_number,
+                    outcome=w.kind,
+                )
+
+    def give_up(self) -> None:
+        """At exit: say loudly which outcomes are lost."""
+        self.closing.set()
+        for w in self.pending.values():
+            self._give_up(w, "the database is still unreachable")
+        self.pending.clear()
+
+    def _give_up(self, w: Write, why: str) -> None:
+        log.error(
+            "giving up on recording an outcome as this worker exits; the task is retried "
+            "once this worker counts as dead",
+            task_id=w.task_id,
+            try_number=w.try_number,
+            outcome=w.kind,
+            error=why,
+        )
+
+    async def _write(self, w: Write) -> None:
+        """Write ``w``; if the store refuses it, fail the task with an error that says why.
+
+        Raises only when the database is unreachable.
+        """
+        with structlog.contextvars.bound_contextvars(task_id=w.task_id, try_number=w.try_number):
+            try:
+                state = await apply(self.store, w)
+            except Exception as exc:
+                if is_unavailable(exc):
+                    raise
+                w, state = await self._refused(w, exc)
+            self._count(w, state)
+
+    async def _refused(self, w: Write, exc: Exception) -> tuple[Write, str | None]:
+        log.error(
+            "the store refused this outcome; failing the task", outcome=w.kind, error=repr(exc)
+        )
+        why = sanitize_text(f"{type(exc).__name__}: {exc}")
+        fallback = w.failure(f"the outcome of this attempt ({w.kind}) could not be stored: {why}")
+        try:
+            return fallback, await apply(self.store, fallback)
+        except Exception as again:
+            if is_unavailable(again):
+                raise
+            log.error("the store refused the failure too", error=repr(again))
+            last = w.failure("the outcome of this attempt could not be stored; see the worker log")
+            return last, await apply(self.store, last)
+
+    def _count(self, w: Write, state: str | None) -> None:
+        if state is None:
+            log.warning("outcome discarded: the task was cancelled or taken over meanwhile")
+            return
+        self.metrics.tasks.labels(state=state).inc()
+        if w.kind == "fail":
+            log.warning("task failed", state=state, error=(w.error.splitlines() or [""])[-1])
+        elif w.kind == "defer" and w.deferral is not None:
+            log.info("task deferred", trigger=w.deferral.classpath, method=w.deferral.method_name)
+        elif w.kind == "reschedule":
+            log.debug("task rescheduled", delay=w.delay)
+        else:
+            message = {"complete": "task succeeded", "skip": "task skipped"}
+            log.info(message.get(w.kind, "task re-queued"), reason=w.error or None)
