@@ -13,8 +13,6 @@ writes are retried freely. Two kinds of failure are told apart:
 
 from __future__ import annotations
 
-import sqlite3
-import sys
 import time
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -22,10 +20,9 @@ from typing import Literal
 import anyio
 import structlog
 
-from deferrun.exceptions import StoreUnavailable
 from deferrun.metrics import Metrics
 from deferrun.models import Deferral
-from deferrun.store.base import Store
+from deferrun.store.base import Store, is_connection_error
 
 log = structlog.get_logger("deferrun.worker")
 
@@ -54,35 +51,6 @@ class Write:
         return replace(self, kind="fail", error=error, retry=retry, result=None, deferral=None)
 
 
-def sanitize_text(text: str) -> str:
-    """Text any backend can store: NUL as the 4 characters ``\\x00``, lone surrogates escaped."""
-    if "\x00" in text:
-        text = text.replace("\x00", "\\x00")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return text
-
-
-def is_unavailable(exc: BaseException) -> bool:
-    """True for connection-level errors (worth retrying), False for a refused write."""
-    if isinstance(exc, StoreUnavailable | OSError | sqlite3.OperationalError):
-        return True
-    asyncpg = sys.modules.get("asyncpg")
-    if asyncpg is None:
-        return False
-    transient = (
-        asyncpg.PostgresConnectionError,
-        asyncpg.exceptions.OperatorInterventionError,
-        asyncpg.exceptions.InsufficientResourcesError,
-    )
-    if isinstance(exc, transient):
-        return True
-    # "connection is closed", "pool is closing"; DataError (a bad argument) is one too
-    return isinstance(exc, asyncpg.InterfaceError) and not isinstance(exc, ValueError)
-
-
 async def apply(store: Store, w: Write) -> str | None:
     """Perform one write; returns the task's new state, or None if the claim was fenced off."""
     t, token = w.task_id, w.claim_token
@@ -90,10 +58,10 @@ async def apply(store: Store, w: Write) -> str | None:
         case "complete":
             return "success" if await store.complete_task(t, token, w.result) else None
         case "fail":
-            state = await store.fail_task(t, token, sanitize_text(w.error), retry=w.retry)
+            state = await store.fail_task(t, token, w.error, retry=w.retry)
             return None if state is None else str(state)
         case "skip":
-            reason = sanitize_text(w.error) or None
+            reason = w.error or None
             return "skipped" if await store.skip_task(t, token, reason) else None
         case "reschedule":
             ok = await store.reschedule_task(t, token, w.delay)
@@ -200,7 +168,7 @@ class Recorder:
             try:
                 state = await apply(self.store, w)
             except Exception as exc:
-                if is_unavailable(exc):
+                if is_connection_error(exc):
                     raise
                 w, state = await self._refused(w, exc)
             self._count(w, state)
@@ -209,12 +177,12 @@ class Recorder:
         log.error(
             "the store refused this outcome; failing the task", outcome=w.kind, error=repr(exc)
         )
-        why = sanitize_text(f"{type(exc).__name__}: {exc}")
+        why = f"{type(exc).__name__}: {exc}"
         fallback = w.failure(f"the outcome of this attempt ({w.kind}) could not be stored: {why}")
         try:
             return fallback, await apply(self.store, fallback)
         except Exception as again:
-            if is_unavailable(again):
+            if is_connection_error(again):
                 raise
             log.error("the store refused the failure too", error=repr(again))
             last = w.failure("the outcome of this attempt could not be stored; see the worker log")

@@ -11,6 +11,7 @@ wakes the processes that can take it, so nobody has to poll fast.
 from __future__ import annotations
 
 import sqlite3
+import sys
 from collections.abc import Sequence
 from typing import Literal, Protocol
 
@@ -49,16 +50,20 @@ def is_connection_error(exc: BaseException) -> bool:
     if isinstance(exc, sqlite3.OperationalError):
         text = str(exc).lower()
         return any(marker in text for marker in _SQLITE_TRANSIENT)
-    try:
-        import asyncpg
-    except ImportError:  # the PostgreSQL backend is optional
+    asyncpg = sys.modules.get("asyncpg")  # only loaded with the PostgreSQL backend
+    if asyncpg is None:
         return False
-    return isinstance(
-        exc,
-        asyncpg.PostgresConnectionError
-        | asyncpg.InterfaceError
-        | asyncpg.CannotConnectNowError
-        | asyncpg.TooManyConnectionsError,
+    transient = (
+        asyncpg.PostgresConnectionError,
+        asyncpg.CannotConnectNowError,
+        asyncpg.TooManyConnectionsError,
+        asyncpg.exceptions.OperatorInterventionError,
+        asyncpg.exceptions.InsufficientResourcesError,
+    )
+    # InterfaceError: "connection is closed", "pool is closing"; but DataError (a bad
+    # argument, also an InterfaceError) is the write's own fault
+    return isinstance(exc, transient) or (
+        isinstance(exc, asyncpg.InterfaceError) and not isinstance(exc, ValueError)
     )
 
 
