@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 from userland import Flaky
 
 from deferrun import serialization
@@ -108,10 +108,11 @@ class StoreModel(RuleBasedStateMachine):
         m = self.tasks[attempt[0]]
         return m if m.state is TaskState.RUNNING and m.token == attempt[1] else None
 
-    @precondition(lambda self: self.attempts)
     @rule(data=st.data(), how=st.sampled_from(["complete", "skip", "reschedule", "requeue"]))
     def end_attempt(self, data: st.DataObject, how: str) -> None:
         attempt = _pick(data, self.attempts)
+        if attempt is None:
+            return
         m = self._live(attempt)
         task_id, token = attempt
         if how == "complete":
@@ -133,10 +134,12 @@ class StoreModel(RuleBasedStateMachine):
                 info = self.call(self.store.get_task(task_id))
                 assert info is not None and info.result == token, "result on the wrong attempt"
 
-    @precondition(lambda self: self.attempts)
     @rule(data=st.data(), retry=st.booleans())
     def fail(self, data: st.DataObject, retry: bool) -> None:
-        task_id, token = _pick(data, self.attempts)
+        picked = _pick(data, self.attempts)
+        if picked is None:
+            return
+        task_id, token = picked
         m = self._live((task_id, token))
         state = self.call(self.store.fail_task(task_id, token, "bad \x00 \ud800", retry=retry))
         if m is None:
@@ -146,10 +149,12 @@ class StoreModel(RuleBasedStateMachine):
         assert state is (TaskState.UP_FOR_RETRY if retrying else TaskState.FAILED)
         m.state, m.worker, m.resumed_with = state, None, None
 
-    @precondition(lambda self: self.attempts)
     @rule(data=st.data(), timeout=st.sampled_from([None, 0.0]))
     def defer(self, data: st.DataObject, timeout: float | None) -> None:
-        task_id, token = _pick(data, self.attempts)
+        picked = _pick(data, self.attempts)
+        if picked is None:
+            return
+        task_id, token = picked
         m = self._live((task_id, token))
         deferral = Deferral("userland.EchoTrigger", '{"value": 1}', "resume", "{}", timeout)
         trigger_id = self.call(self.store.defer_task(task_id, token, deferral))
@@ -159,10 +164,11 @@ class StoreModel(RuleBasedStateMachine):
             m.resumed_with, m.expires = None, timeout is not None
             self.triggers.append(trigger_id)
 
-    @precondition(lambda self: self.triggers)
     @rule(data=st.data(), failed=st.booleans())
     def fire(self, data: st.DataObject, failed: bool) -> None:
         trigger_id = _pick(data, self.triggers)
+        if trigger_id is None:
+            return
         waiting = [t for t in self.tasks.values() if t.trigger_id == trigger_id]
         m = waiting[0] if waiting and waiting[0].state is TaskState.DEFERRED else None
         event = serialization.dumps({"fired": trigger_id})
@@ -202,10 +208,12 @@ class StoreModel(RuleBasedStateMachine):
                 m.state, m.trigger_id = TaskState.QUEUED, None
                 m.resumed_with = BaseOperator.DEFERRAL_TIMEOUT_METHOD
 
-    @precondition(lambda self: self.tasks)
     @rule(data=st.data())
     def cancel(self, data: st.DataObject) -> None:
-        m = self.tasks[_pick(data, list(self.tasks))]
+        picked = _pick(data, list(self.tasks))
+        if picked is None:
+            return
+        m = self.tasks[picked]
         info = self.call(self.store.cancel_task(m.id))
         assert info is not None
         if not m.state.finished:
@@ -239,9 +247,12 @@ class StoreModel(RuleBasedStateMachine):
 _RUNNABLE = {TaskState.QUEUED, TaskState.UP_FOR_RETRY, TaskState.UP_FOR_RESCHEDULE}
 
 
-def _pick(data: st.DataObject, items: list[T]) -> T:
-    """An item by position: the same draws pick the same item even when ids differ by run."""
-    return items[data.draw(st.integers(0, 10_000)) % len(items)]
+def _pick(data: st.DataObject, items: list[T]) -> T | None:
+    """An item by position, or None. Always one draw of one type: which tasks a claim takes
+    among equals is the database's choice, so what the lists hold may differ between
+    Hypothesis's replays, and a precondition or a draw depending on it would be flaky."""
+    index = data.draw(st.integers(0, 10_000))
+    return items[index % len(items)] if items else None
 
 
 def _exec(query: Any) -> Any:
