@@ -5,6 +5,8 @@ stored, and one asyncio triggerer process waits on thousands of triggers at once
 each task through the queue when its event fires.
 """
 
+from deferrun.baseoperator import BaseOperator, Context
+from deferrun.basetrigger import BaseTrigger, PollingTrigger, TriggerEvent
 from deferrun.client import AsyncClient, Client
 from deferrun.exceptions import (
     ConfigError,
@@ -19,9 +21,7 @@ from deferrun.exceptions import (
     TriggerFailed,
 )
 from deferrun.models import TaskInfo, TaskState, TriggerInfo
-from deferrun.operator import BaseOperator, Context
 from deferrun.sensors import BaseSensor
-from deferrun.trigger import BaseTrigger, PollingTrigger, TriggerEvent
 
 __version__ = "0.1.0"
 

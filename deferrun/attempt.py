@@ -28,6 +28,7 @@ import anyio
 import structlog
 
 from deferrun import serialization
+from deferrun.baseoperator import BaseOperator
 from deferrun.connections import redact
 from deferrun.exceptions import (
     AttemptCancelled,
@@ -42,7 +43,6 @@ from deferrun.exceptions import (
     TriggerFailed,
 )
 from deferrun.models import ClaimedTask
-from deferrun.operator import BaseOperator
 
 log = structlog.get_logger("deferrun.worker")
 

@@ -13,9 +13,9 @@ import anyio
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from deferrun import serialization
+from deferrun.baseoperator import BaseOperator
 from deferrun.exceptions import SerializationError, TaskNotFound
 from deferrun.models import NewTask, TaskInfo, TaskState, TriggerInfo
-from deferrun.operator import BaseOperator
 from deferrun.store import Store, make_store
 
 T = TypeVar("T")

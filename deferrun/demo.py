@@ -7,7 +7,7 @@ import os
 from datetime import timedelta
 from typing import Any
 
-from deferrun.operator import BaseOperator, Context
+from deferrun.baseoperator import BaseOperator, Context
 from triggers.time import TimeDeltaTrigger
 
 

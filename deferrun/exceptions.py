@@ -10,7 +10,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from deferrun.trigger import BaseTrigger
+    from deferrun.basetrigger import BaseTrigger
 
 
 class DeferrunError(Exception):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from deferrun.clients import dotted
+from deferrun.baseoperator import BaseOperator, Context
 from deferrun.exceptions import FailTask
-from deferrun.operator import BaseOperator, Context
 from deferrun.sensors import JobRunFailed, job_result
+from deferrun.shared_clients import dotted
 
 __all__ = ["JobRunFailed", "RunJobOperator"]
 

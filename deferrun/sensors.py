@@ -13,9 +13,9 @@ import time
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
+from deferrun.baseoperator import BaseOperator, Context, as_seconds
+from deferrun.basetrigger import BaseTrigger
 from deferrun.exceptions import FailTask, SkipTask, TaskReschedule, TaskTimeout
-from deferrun.operator import BaseOperator, Context, as_seconds
-from deferrun.trigger import BaseTrigger
 
 Mode = Literal["poke", "reschedule", "deferrable"]
 MODES = ("poke", "reschedule", "deferrable")
@@ -199,8 +199,8 @@ class TriggerSensor(BaseSensor):
                 self._portal = None
 
     def poke(self, context: Context) -> Any:
+        from deferrun.basetrigger import PollingTrigger
         from deferrun.exceptions import TransientError
-        from deferrun.trigger import PollingTrigger
 
         trigger = self.trigger()
         assert isinstance(trigger, PollingTrigger)
@@ -321,7 +321,7 @@ class JobRunFailed(Exception):
 def job_result(payload: Any, what: str, error_field: str | None) -> Any:
     """A job event's body on success; JobRunFailed with the run's state and error otherwise."""
     if isinstance(payload, dict) and payload.get("status") == "failed":
-        from deferrun.clients import dotted
+        from deferrun.shared_clients import dotted
 
         error = ""
         if error_field:

@@ -11,10 +11,10 @@ from __future__ import annotations
 import anyio
 
 from deferrun import serialization
+from deferrun.basetrigger import BaseTrigger, TriggerEvent
 from deferrun.connections import close_shared_clients
 from deferrun.exceptions import TriggerFailed
 from deferrun.models import ClaimedTrigger
-from deferrun.trigger import BaseTrigger, TriggerEvent
 from deferrun.trigger_run import TIMED_OUT, Limits, max_event_bytes_from_env, run_to_first_event
 
 

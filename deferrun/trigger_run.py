@@ -22,11 +22,11 @@ from typing import Any
 import structlog
 
 from deferrun import serialization
+from deferrun.baseoperator import BaseOperator
+from deferrun.basetrigger import BaseTrigger, TriggerEvent
 from deferrun.connections import redact
 from deferrun.exceptions import ConfigError
 from deferrun.models import ClaimedTrigger
-from deferrun.operator import BaseOperator
-from deferrun.trigger import BaseTrigger, TriggerEvent
 from deferrun.worker import format_error
 
 log = structlog.get_logger("deferrun.triggerer")

@@ -23,15 +23,15 @@ import structlog
 
 from deferrun import config, serialization
 from deferrun.attempt import Attempt, Failed, Outcome, Succeeded, format_error, run_attempt
+from deferrun.baseoperator import DEFAULT_QUEUE, as_seconds
+from deferrun.basetrigger import BaseTrigger
 from deferrun.connections import close_shared_clients
 from deferrun.exceptions import SerializationError, SkipTask, TaskDeferred, TaskReschedule
 from deferrun.liveness import heartbeat_loop, new_process_id
 from deferrun.metrics import Metrics
 from deferrun.models import ClaimedTask, Deferral
-from deferrun.operator import DEFAULT_QUEUE, as_seconds
 from deferrun.recording import Recorder, Write
 from deferrun.store.base import Store, Wakeup
-from deferrun.trigger import BaseTrigger
 from deferrun.watchdog import LoopWatchdog
 
 log = structlog.get_logger("deferrun.worker")

@@ -237,7 +237,7 @@ async def test_http_other_4xx_fails_and_slow_response_is_transient(
 ) -> None:
     with pytest.raises(RuntimeError, match="HTTP 400"):
         await arun_trigger(HttpTrigger(endpoint="bad-request"), timeout=10)
-    monkeypatch.setattr("deferrun.clients.HTTP_TIMEOUT", 0.3)
+    monkeypatch.setattr("deferrun.shared_clients.HTTP_TIMEOUT", 0.3)
     from deferrun.connections import close_shared_clients
 
     await close_shared_clients()

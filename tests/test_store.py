@@ -9,9 +9,9 @@ import pytest
 from userland import DeferOnce, Flaky
 
 from deferrun import serialization
+from deferrun.baseoperator import BaseOperator
 from deferrun.client import build_task
 from deferrun.models import Deferral, TaskState
-from deferrun.operator import BaseOperator
 from deferrun.store import Store
 
 pytestmark = pytest.mark.anyio

@@ -21,9 +21,9 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 from userland import Flaky
 
 from deferrun import serialization
+from deferrun.baseoperator import BaseOperator
 from deferrun.client import build_task
 from deferrun.models import Deferral, TaskState
-from deferrun.operator import BaseOperator
 from deferrun.store import Store, make_store
 
 T = TypeVar("T")

@@ -19,12 +19,12 @@ import pytest
 from conftest import Proc, deferrun_env, wait_until
 
 from deferrun import TaskDeferred, serialization
+from deferrun.baseoperator import BaseOperator
+from deferrun.basetrigger import BaseTrigger
 from deferrun.client import new_task_id
 from deferrun.exceptions import ClassLoadError, ConfigError
 from deferrun.models import Deferral, NewTask, TaskInfo
-from deferrun.operator import BaseOperator
 from deferrun.store import open_store
-from deferrun.trigger import BaseTrigger
 from deferrun.worker import prepare_deferral
 
 GOOD = '''

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import anyio
 import anyio.to_thread
 
-from deferrun.trigger import BaseTrigger, TriggerEvent
+from deferrun.basetrigger import BaseTrigger, TriggerEvent
 
 MAX_PATHS = 1000
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from deferrun.clients import dotted, http_session, join_url
+from deferrun.basetrigger import PollingTrigger, TriggerEvent
 from deferrun.connections import redact
 from deferrun.exceptions import TransientError
-from deferrun.trigger import PollingTrigger, TriggerEvent
+from deferrun.shared_clients import dotted, http_session, join_url
 
 MAX_BODY = 1_000_000
 NOT_YET = {404, 408, 425, 429}

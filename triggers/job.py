@@ -11,9 +11,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from deferrun.clients import aws_client, dotted
+from deferrun.basetrigger import PollingTrigger, TriggerEvent
 from deferrun.exceptions import TransientError
-from deferrun.trigger import PollingTrigger, TriggerEvent
+from deferrun.shared_clients import aws_client, dotted
 from triggers.http import raise_for_auth, request
 from triggers.s3 import classify
 

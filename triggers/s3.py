@@ -8,10 +8,10 @@ from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from typing import Any
 
-from deferrun.clients import aws_client
+from deferrun.basetrigger import PollingTrigger, TriggerEvent
 from deferrun.connections import shared_clients
 from deferrun.exceptions import TransientError
-from deferrun.trigger import PollingTrigger, TriggerEvent
+from deferrun.shared_clients import aws_client
 
 PERMANENT_CODES = {
     "AccessDenied",

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from deferrun.clients import pg_pool
+from deferrun.basetrigger import PollingTrigger, TriggerEvent
 from deferrun.connections import redact
 from deferrun.exceptions import TransientError
-from deferrun.trigger import PollingTrigger, TriggerEvent
+from deferrun.shared_clients import pg_pool
 
 
 class SqlTrigger(PollingTrigger):

@@ -9,7 +9,7 @@ from typing import Any
 
 import anyio
 
-from deferrun.trigger import BaseTrigger, TriggerEvent
+from deferrun.basetrigger import BaseTrigger, TriggerEvent
 
 
 def _aware(moment: datetime) -> datetime:

@@ -10,8 +10,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from deferrun import serialization
+from deferrun.baseoperator import BaseOperator
 from deferrun.models import TaskState
-from deferrun.operator import BaseOperator
 from deferrun.store.machine import (
     EXPIRE_BATCH,
     LIVE_PROCESSES,

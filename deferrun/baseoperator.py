@@ -11,9 +11,9 @@ from typing import Any, ClassVar
 
 import structlog
 
+from deferrun.basetrigger import BaseTrigger, capture_init_kwargs, replayable_kwargs
 from deferrun.exceptions import TaskDeferred, TaskTimeout, TriggerFailed
 from deferrun.serialization import classpath_of
-from deferrun.trigger import BaseTrigger, capture_init_kwargs, replayable_kwargs
 
 Context = dict[str, Any]
 
