@@ -156,6 +156,9 @@ def _prepare(attempt: Attempt) -> Failed | tuple[Callable[..., Any], Any, dict[s
     The constructor is operator code too: whatever it raises fails the task only.
     """
     task = attempt.claimed
+    damage = _damaged(task)
+    if damage:
+        return Failed(f"task {task.id} has a stored row this worker cannot run: {damage}", False)
     try:
         op = serialization.instantiate(
             task.classpath, serialization.loads(task.kwargs), BaseOperator, "operator"
@@ -171,6 +174,10 @@ def _prepare(attempt: Attempt) -> Failed | tuple[Callable[..., Any], Any, dict[s
     if task.next_method is not None:
         try:
             kwargs = serialization.loads(task.next_kwargs) or {}
+            if not isinstance(kwargs, dict):
+                raise SerializationError(
+                    f"its resume kwargs are a {type(kwargs).__name__}, not an object"
+                )
             kwargs["event"] = serialization.loads(task.event)
         except SerializationError as exc:
             return Failed(f"cannot load the stored event of task {task.id}: {exc}", retry=False)
@@ -191,6 +198,31 @@ def _prepare(attempt: Attempt) -> Failed | tuple[Callable[..., Any], Any, dict[s
     except BaseException as exc:  # a property or __getattr__ of the operator raised
         return Failed(f"preparing {task.classpath}.{method_name}:\n{format_error(exc)}", True)
     return fn, context, kwargs, method_name
+
+
+def _damaged(task: Any) -> str | None:
+    """What is wrong with a claimed row's own columns (a forged or corrupted row), if anything.
+
+    Checked before anything runs: such a row must fail its own task, never the worker.
+    """
+    timeout = task.execution_timeout
+    if timeout is not None and not (
+        isinstance(timeout, int | float)
+        and not isinstance(timeout, bool)
+        and math.isfinite(timeout)
+        and timeout >= 0
+    ):
+        return f"execution_timeout {timeout!r} is not a number of seconds"
+    for name in ("try_started_at", "created_at"):
+        value = getattr(task, name)
+        if not (isinstance(value, int | float) and math.isfinite(value)):
+            return f"{name} {value!r} is not a time"
+    for name in ("classpath", "kwargs"):
+        if not isinstance(getattr(task, name), str):
+            return f"{name} is not text"
+    if task.next_method is not None and not isinstance(task.next_method, str):
+        return f"next_method {task.next_method!r} is not a method name"
+    return None
 
 
 def build_context(attempt: Attempt, op: BaseOperator) -> dict[str, Any]:

@@ -6,6 +6,7 @@ be rebuilt on any worker after a deferral, a retry or a crash.
 
 from __future__ import annotations
 
+import math
 from datetime import timedelta
 from typing import Any, ClassVar
 
@@ -20,17 +21,31 @@ Context = dict[str, Any]
 DEFAULT_QUEUE = "default"
 
 
+#: the longest duration accepted anywhere (retry delay, timeouts, intervals): 100 years
+MAX_SECONDS = 100 * 365.25 * 86400
+MAX_RETRIES = 10_000
+
+
 def as_seconds(value: timedelta | float | int | None, name: str) -> float | None:
+    """A duration in seconds, refusing what no clock can wait for (negative, NaN, infinite,
+    or longer than 100 years)."""
     if value is None:
         return None
     if isinstance(value, timedelta):
         seconds = value.total_seconds()
     elif isinstance(value, int | float) and not isinstance(value, bool):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:
+            seconds = math.inf
     else:
         raise TypeError(f"{name} must be a timedelta or a number of seconds, not {value!r}")
-    if seconds < 0:
-        raise ValueError(f"{name} must not be negative, got {value!r}")
+    if math.isnan(seconds) or seconds < 0:
+        raise ValueError(f"{name} must be a non-negative number of seconds, got {value!r}")
+    if seconds > MAX_SECONDS:
+        raise ValueError(
+            f"{name} of {value!r} is longer than 100 years; give a shorter duration or None"
+        )
     return seconds
 
 
@@ -61,10 +76,14 @@ class BaseOperator:
         execution_timeout: timedelta | float | None = None,
         queue: str = DEFAULT_QUEUE,
     ) -> None:
-        if not isinstance(retries, int) or retries < 0:
+        if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
             raise ValueError(f"retries must be a non-negative int, got {retries!r}")
-        if not isinstance(queue, str) or not queue:
-            raise ValueError(f"queue must be a non-empty string, got {queue!r}")
+        if retries > MAX_RETRIES:
+            raise ValueError(f"retries must be at most {MAX_RETRIES:,}, got {retries:,}")
+        if not isinstance(queue, str) or not queue or "\x00" in queue:
+            raise ValueError(f"queue must be a non-empty string without NUL, got {queue!r}")
+        if task_id is not None and (not isinstance(task_id, str) or "\x00" in task_id):
+            raise ValueError(f"task_id must be a string without NUL, got {task_id!r}")
         self.task_id = task_id or type(self).__name__
         self.retries = retries
         self.retry_delay = as_seconds(retry_delay, "retry_delay") or 0.0

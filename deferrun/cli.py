@@ -6,6 +6,7 @@ The read-only views (tasks, task, triggers, logs) live in :mod:`deferrun.views`.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
@@ -224,6 +225,17 @@ async def _submit(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- argument parsing
 
 
+def _seconds(text: str) -> float:
+    """A command-line duration: a finite, non-negative number of seconds (0 = no limit)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number of seconds >= 0")
+    return value
+
+
 def _add_common(parser: argparse.ArgumentParser, suppress: bool) -> None:
     def default(value: Any) -> Any:
         return argparse.SUPPRESS if suppress else value
@@ -323,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--wait",
         nargs="?",
-        type=float,
+        type=_seconds,
         const=0.0,
         default=None,
         metavar="SECONDS",
@@ -378,6 +390,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `deferrun tasks | head`: the reader left, which is fine
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def _first_user_error(group: BaseExceptionGroup[Any]) -> DeferrunError | None:

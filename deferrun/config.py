@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
-from urllib.parse import urlsplit, urlunsplit
+import re
 
 from deferrun.exceptions import ConfigError
 
@@ -15,7 +16,8 @@ def db_url(explicit: str | None = None) -> str:
     return explicit or os.environ.get("DEFERRUN_DB") or DEFAULT_DB
 
 
-def env_float(name: str, default: float) -> float:
+def env_float(name: str, default: float, minimum: float = 0.001) -> float:
+    """A duration from the environment: a finite number of seconds, at least ``minimum``."""
     raw = os.environ.get(name)
     if raw is None or raw == "":
         return default
@@ -23,27 +25,60 @@ def env_float(name: str, default: float) -> float:
         value = float(raw)
     except ValueError:
         raise ConfigError(f"{name}={raw!r} is not a number of seconds")
-    if value <= 0:
-        raise ConfigError(f"{name} must be positive, got {raw!r}")
+    if not math.isfinite(value) or value < minimum or value > 1e9:
+        raise ConfigError(
+            f"{name} must be a number of seconds from {minimum:g} to 1e9, got {raw!r}"
+        )
     return value
 
 
 def dead_after() -> float:
     """Seconds of heartbeat silence after which a worker or triggerer counts as dead."""
-    return env_float("DEFERRUN_DEAD_AFTER", 10.0)
+    # a heartbeat goes out every dead_after/5 (at least every 0.2 s): below 1 s, a busy
+    # process would be declared dead between two beats
+    return env_float("DEFERRUN_DEAD_AFTER", 10.0, minimum=1.0)
+
+
+_SECRET_QUERY = re.compile(
+    r"((?:^|[?&])(?:password|passwd|pass|secret|token|sslpassword|api_key|aws_secret_access_key)"
+    r"=)[^&#]*",
+    re.IGNORECASE,
+)
 
 
 def redact_url(url: str) -> str:
-    """The URL with its password replaced, for log lines and error messages."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable URL>"
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[-1]}"))
+    """The URL with its password (and password-like query values) replaced, for log lines
+    and error messages.
+
+    Parsed by hand, not by urlsplit: a password with an unencoded ``/``, ``#`` or ``?``
+    makes urlsplit put it in the path, where a redaction by parsing would leave it.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return _SECRET_QUERY.sub(r"\1***", url)
+    at = rest.rfind("@")
+    if at >= 0:
+        userinfo, host = rest[:at], rest[at + 1 :]
+        user = userinfo.split(":", 1)[0]
+        rest = f"{user}:***@{host}" if ":" in userinfo else rest
+    return scheme + "://" + _SECRET_QUERY.sub(r"\1***", rest)
+
+
+def scrub(text: str, url: str) -> str:
+    """``text`` (a driver's error, say) with ``url``'s secrets taken out wherever they appear:
+    its password and password-like query values, and the pieces of them a driver that
+    misparsed the URL (an unencoded / # ? in the password) may quote."""
+    _, sep, rest = url.partition("://")
+    secrets: list[str] = []
+    at = rest.rfind("@")
+    if sep and at >= 0 and ":" in rest[:at]:
+        secrets.append(rest[:at].split(":", 1)[1])
+    secrets += [m.group(0).split("=", 1)[1] for m in _SECRET_QUERY.finditer(url)]
+    pieces = [p for s in secrets for p in (s, *re.split(r"[/#?@:&\[\]]", s))]
+    for piece in sorted(pieces, key=len, reverse=True):
+        if len(piece) >= 3:
+            text = text.replace(piece, "***")
+    return redact_url(text) if "://" in text else text
 
 
 def connect_timeout() -> float:

@@ -35,6 +35,11 @@ class StoreUnavailable(DeferrunError):
     itself is bad and retrying it can never succeed."""
 
 
+class StoreGone(ConfigError):
+    """The database this process opened is gone (its file deleted or replaced): fatal, the
+    process must stop rather than write anywhere else."""
+
+
 class TaskNotFound(DeferrunError):
     """No task has this id in the database."""
 

@@ -35,7 +35,14 @@ FINISHED_STATES = frozenset(
 
 
 def ts(value: float | None) -> datetime | None:
-    return None if value is None else datetime.fromtimestamp(value, UTC)
+    """A stored epoch time as a datetime; None for a value no datetime can hold (a NaN, a
+    year past 9999, a string in a forged row), so one odd row never breaks a listing."""
+    if value is None or isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        return datetime.fromtimestamp(value, UTC)
+    except (ValueError, OverflowError, OSError):
+        return None
 
 
 class NewTask(msgspec.Struct, frozen=True):
@@ -100,7 +107,8 @@ class TaskInfo(msgspec.Struct, frozen=True):
     name: str
     classpath: str
     queue: str
-    state: TaskState
+    #: a TaskState; a row written by something else may hold an unknown state, shown as is
+    state: TaskState | str
     try_number: int
     max_tries: int
     result: Any = None

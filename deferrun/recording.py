@@ -20,6 +20,7 @@ from typing import Literal
 import anyio
 import structlog
 
+from deferrun.exceptions import StoreGone
 from deferrun.metrics import Metrics
 from deferrun.models import Deferral
 from deferrun.store.base import Store, is_connection_error
@@ -98,6 +99,9 @@ class Recorder:
                 await self._write(w)
                 return
             except Exception as exc:
+                if isinstance(exc, StoreGone):  # the process is stopping: nothing to retry
+                    self._give_up(w, str(exc))
+                    return
                 if self.closing.is_set() or time.monotonic() + delay > deadline:
                     self._keep(w, exc)
                     return
@@ -168,7 +172,7 @@ class Recorder:
             try:
                 state = await apply(self.store, w)
             except Exception as exc:
-                if is_connection_error(exc):
+                if is_connection_error(exc) or isinstance(exc, StoreGone):
                     raise
                 w, state = await self._refused(w, exc)
             self._count(w, state)

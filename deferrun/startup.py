@@ -10,8 +10,7 @@ from typing import Any
 import structlog
 
 from deferrun import serialization
-from deferrun.exceptions import DeferrunError
-from deferrun.store.sqlite_file import DatabaseFileGone
+from deferrun.exceptions import DeferrunError, StoreGone
 
 log = structlog.get_logger("deferrun.cli")
 
@@ -33,7 +32,7 @@ class FatalGuard:
         async def guarded(*args: Any, **kwargs: Any) -> Any:
             try:
                 return await attr(*args, **kwargs)
-            except DatabaseFileGone as exc:
+            except StoreGone as exc:
                 if self.fatal is None:
                     self.fatal = exc
                     log.error("stopping: the database is gone", error=str(exc))

@@ -240,12 +240,25 @@ class Worker:
         try:
             with attempt.scope:
                 if await self._older_stopped(older):
-                    outcome = await run_attempt(attempt)
+                    try:
+                        outcome = await run_attempt(attempt)
+                    except Exception as exc:  # nothing a row holds may stop the worker
+                        log.error("could not run the attempt", error=format_error(exc))
+                        outcome = Failed(
+                            f"deferrun could not run this attempt:\n{format_error(exc)}", False
+                        )
             if attempt.cancel_reason:
                 outcome = None
             attempt.recording = True
+            try:
+                write = self._to_write(task, outcome)
+            except Exception as exc:
+                log.error("could not prepare the outcome", error=format_error(exc))
+                write = Write(task.id, task.claim_token, task.try_number, "requeue").failure(
+                    f"deferrun could not store this attempt's outcome:\n{format_error(exc)}"
+                )
             with anyio.CancelScope(shield=True):
-                await self.recorder.record(self._to_write(task, outcome))
+                await self.recorder.record(write)
         finally:
             attempt.end_code()
             self.running.pop(attempt.key, None)

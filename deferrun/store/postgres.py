@@ -161,8 +161,8 @@ class PostgresConnector:
                 timeout=config.connect_timeout(),
                 reset=_no_reset,
             )
-        except (OSError, TimeoutError, asyncpg.PostgresError, ValueError) as exc:
-            reason = str(exc) or type(exc).__name__
+        except (OSError, TimeoutError, asyncpg.PostgresError, ValueError, OverflowError) as exc:
+            reason = config.scrub(str(exc) or type(exc).__name__, self.url)
             if isinstance(exc, TimeoutError):
                 reason = (
                     f"the server did not answer within {config.connect_timeout():g}s "

@@ -14,6 +14,9 @@ TASK_INFO_COLUMNS = """t.id, t.name, t.classpath, t.queue, t.state, t.try_number
     t.defer_deadline, t.ready_at, t.created_at, t.started_at, t.updated_at, t.finished_at"""
 
 
+_STATES = {str(s) for s in TaskState}
+
+
 def load_or_raw(text: str | None) -> Any:
     """Decode stored JSON; on failure show the raw text rather than hide the row."""
     if text is None:
@@ -25,7 +28,7 @@ def load_or_raw(text: str | None) -> Any:
 
 
 def task_info(row: Sequence[Any]) -> TaskInfo:
-    state = TaskState(row[4])
+    state: TaskState | str = row[4] if row[4] not in _STATES else TaskState(row[4])
     waiting = state in (TaskState.UP_FOR_RETRY, TaskState.UP_FOR_RESCHEDULE)
     return TaskInfo(
         id=row[0],

@@ -16,7 +16,7 @@ import threading
 import time
 from urllib.parse import quote
 
-from deferrun.exceptions import ConfigError, StoreUnavailable
+from deferrun.exceptions import ConfigError, StoreGone, StoreUnavailable
 
 # Columns every deferrun schema version has had in these tables (named without the deferrun_
 # prefix before version 3); a file whose tables lack them belongs to someone else.
@@ -28,7 +28,7 @@ _PREFIX = "deferrun_"
 CHECK_INTERVAL = 1.0
 
 
-class DatabaseFileGone(ConfigError):
+class DatabaseFileGone(StoreGone):
     """The database file was deleted or replaced while this process had it open (fatal)."""
 
 
