@@ -18,7 +18,6 @@ import inspect
 import math
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -29,7 +28,8 @@ import structlog
 
 from deferrun import serialization
 from deferrun.baseoperator import BaseOperator
-from deferrun.connections import redact
+from deferrun.connections import format_error
+from deferrun.containment import user_code
 from deferrun.exceptions import (
     AttemptCancelled,
     AttemptTimedOut,
@@ -78,11 +78,6 @@ class _Raised:
 
 _TIMED_OUT = "timed out"
 _STOPPED = "stopped"
-
-
-def format_error(exc: BaseException) -> str:
-    """The traceback as stored in the task row, with every known secret redacted."""
-    return redact("".join(traceback.format_exception(exc)).rstrip())
 
 
 class Attempt:
@@ -258,9 +253,10 @@ async def _call_async(
     raw: _Returned | _Raised
     with anyio.CancelScope(deadline=deadline) as limit:
         try:
-            value = await fn(context, **kwargs)
-            if inspect.isawaitable(value):
-                value = await value
+            with user_code(f"operator {attempt.claimed.classpath}"):
+                value = await fn(context, **kwargs)
+                if inspect.isawaitable(value):
+                    value = await value
             raw = _Returned(value)
         except BaseException as exc:  # operator code may raise anything
             if isinstance(exc, asyncio.CancelledError) and (

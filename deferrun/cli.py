@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -135,7 +136,31 @@ async def _run_processes(args: argparse.Namespace, roles: Sequence[str]) -> int:
     finally:
         with anyio.CancelScope(shield=True):
             await store.close()
+        _exit_if_stuck(0 if guard.fatal is None else 2)
     return 0
+
+
+_stuck_exit: threading.Timer | None = None
+STUCK_EXIT_AFTER = 2.0  # everything of ours is stopped and stored by then
+
+
+def _exit_if_stuck(code: int) -> None:
+    """Leave even if user code never ends: the event loop's own shutdown waits for every task,
+    and a trigger's cleanup() or an operator's task that swallows cancellation would hold the
+    process forever after SIGTERM. ``main`` cancels this once the loop has closed."""
+    global _stuck_exit
+
+    def exit_now() -> None:
+        print(
+            f"error: user code ignored cancellation for {STUCK_EXIT_AFTER:g}s after shutdown "
+            "(a trigger's cleanup() or a task that never ends); exiting anyway",
+            file=sys.stderr,
+        )
+        os._exit(code)
+
+    _stuck_exit = threading.Timer(STUCK_EXIT_AFTER, exit_now)
+    _stuck_exit.daemon = True
+    _stuck_exit.start()
 
 
 async def _demo(store: Store) -> None:
@@ -377,7 +402,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "logs": lambda: views.logs(args),
     }
     try:
-        return anyio.run(commands[args.command])
+        return _run(commands[args.command])
     except (DeferrunError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -393,6 +418,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `deferrun tasks | head`: the reader left, which is fine
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+
+
+def _run(command: Any) -> int:
+    try:
+        return int(anyio.run(command))
+    finally:
+        if _stuck_exit is not None:
+            _stuck_exit.cancel()
 
 
 def _first_user_error(group: BaseExceptionGroup[Any]) -> DeferrunError | None:

@@ -15,6 +15,7 @@ import asyncio
 import os
 import re
 import threading
+import traceback
 import weakref
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -49,6 +50,11 @@ def register_secret(value: str | None) -> None:
 def redact(text: str) -> str:
     pattern = _SECRET_RE
     return pattern.sub("***", text) if pattern is not None and text else text
+
+
+def format_error(exc: BaseException) -> str:
+    """The traceback as stored in the task row, with every known secret redacted."""
+    return redact("".join(traceback.format_exception(exc)).rstrip())
 
 
 def _redact_value(value: Any) -> Any:

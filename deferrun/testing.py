@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import anyio
 
-from deferrun import serialization
+from deferrun import containment, serialization
 from deferrun.basetrigger import BaseTrigger, TriggerEvent
 from deferrun.connections import close_shared_clients
 from deferrun.exceptions import TriggerFailed
@@ -43,6 +43,7 @@ async def arun_trigger(
         timeout_in=timeout,
     )
     limits = Limits(max_event_bytes or max_event_bytes_from_env(), cleanup_timeout)
+    containment.install()  # as in the triggerer: the trigger's own tasks cannot stop this one
     try:
         outcome = await run_to_first_event(row, limits)
     finally:

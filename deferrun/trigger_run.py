@@ -24,10 +24,10 @@ import structlog
 from deferrun import serialization
 from deferrun.baseoperator import BaseOperator
 from deferrun.basetrigger import BaseTrigger, TriggerEvent
-from deferrun.connections import redact
+from deferrun.connections import format_error, redact
+from deferrun.containment import user_code
 from deferrun.exceptions import ConfigError
 from deferrun.models import ClaimedTrigger
-from deferrun.worker import format_error
 
 log = structlog.get_logger("deferrun.triggerer")
 
@@ -137,9 +137,9 @@ def load(row: ClaimedTrigger, limits: Limits) -> Loaded | Outcome:
         trigger = serialization.instantiate(classpath, kwargs, BaseTrigger, "trigger")
     except BaseException as exc:  # a constructor may raise anything, even SystemExit
         return failure(row.id, f"cannot load trigger {classpath}: {_describe(exc)}", exc=exc)
-    trigger.trigger_id = row.id
-    trigger.task_id = row.task_id
     try:
+        trigger.trigger_id = row.id
+        trigger.task_id = row.task_id
         timer = trigger.timer()
     except BaseException as exc:
         return failure(row.id, f"{classpath}.timer() raised:\n{format_error(exc)}", exc=exc)
@@ -168,18 +168,21 @@ async def run_until_event(
     """
     started = time.monotonic()
     outcome: Outcome | None = None
-    try:
-        async with asyncio.timeout(timeout_in if timeout_in is None else max(timeout_in, 0)):
-            outcome = await _first_event(loaded, trigger_id, limits)
-    except TimeoutError:  # _first_event turns the trigger's own errors into outcomes
-        outcome = failure(
-            trigger_id,
-            f"deferral timed out: trigger {trigger_id} ({loaded.classpath}) did not fire "
-            f"within its timeout (ran {time.monotonic() - started:.1f}s here)",
-            timeout=True,
-        )
-    finally:
-        await bounded(loaded.trigger.cleanup, limits.cleanup_timeout, loaded.classpath, "cleanup()")
+    with user_code(f"trigger {loaded.classpath}"):
+        try:
+            async with asyncio.timeout(timeout_in if timeout_in is None else max(timeout_in, 0)):
+                outcome = await _first_event(loaded, trigger_id, limits)
+        except TimeoutError:  # _first_event turns the trigger's own errors into outcomes
+            outcome = failure(
+                trigger_id,
+                f"deferral timed out: trigger {trigger_id} ({loaded.classpath}) did not fire "
+                f"within its timeout (ran {time.monotonic() - started:.1f}s here)",
+                timeout=True,
+            )
+        finally:
+            await bounded(
+                loaded.trigger.cleanup, limits.cleanup_timeout, loaded.classpath, "cleanup()"
+            )
     return outcome
 
 
@@ -295,7 +298,11 @@ def _short(value: Any) -> str:
 
 
 def _describe(exc: BaseException) -> str:
-    text = str(exc) or repr(exc)
+    """``exc`` as one line of text, even when its own ``__str__``/``__repr__`` raise."""
+    try:
+        text = str(exc) or repr(exc)
+    except Exception as err:
+        text = f"<str() of the exception raised {type(err).__name__}>"
     return text if type(exc).__name__ in text else f"{type(exc).__name__}: {text}"
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import anyio
 import structlog
 
-from deferrun import config
+from deferrun import config, containment
 from deferrun.connections import close_shared_clients
 from deferrun.event_writer import EventWriter
 from deferrun.liveness import heartbeat_loop, new_process_id
@@ -137,6 +137,7 @@ class Triggerer:
         return failing < self.writer_unhealthy_after, details
 
     async def run(self) -> None:
+        containment.install()  # user code's own tasks must not stop this process
         self._wakeup = await self.store.register_process(
             self.id, "triggerer", self.queues, self.capacity
         )
@@ -223,7 +224,7 @@ class Triggerer:
                 free = self.capacity - len(self.running)
                 if free > 0:
                     for claimed in await self.store.claim_triggers(self.id, self.queues, free):
-                        self._start(claimed)
+                        self._start_one(claimed)
                     if len(self.running) - self._frozen_at >= GC_FREEZE_GROWTH:
                         self._freeze_loaded()
                 if time.monotonic() - last_reconcile >= self.reconcile_interval:
@@ -285,6 +286,28 @@ class Triggerer:
         return {"trigger_id": run.id, "task_id": run.task_id, "trigger": run.classpath}
 
     # -- one trigger --------------------------------------------------------------------------
+
+    def _start_one(self, claimed: ClaimedTrigger) -> None:
+        """Start one claimed trigger; whatever goes wrong fails that trigger alone."""
+        began = time.monotonic()
+        try:
+            self._start(claimed)
+        except Exception as exc:
+            log.error("could not start a trigger", trigger_id=claimed.id, error=repr(exc))
+            self._outcome(
+                failure(claimed.id, f"deferrun could not start this trigger: {exc!r}"),
+                claimed.task_id,
+            )
+        took = time.monotonic() - began
+        if took > self.block_threshold:  # its __init__ or timer() ran on the loop that long
+            log.warning(
+                "a trigger blocked the event loop while it was rebuilt (__init__ or timer()); "
+                "do no blocking work there",
+                trigger_id=claimed.id,
+                task_id=claimed.task_id,
+                trigger=claimed.classpath,
+                seconds=round(took, 2),
+            )
 
     def _start(self, claimed: ClaimedTrigger) -> None:
         tid = claimed.id

@@ -9,7 +9,8 @@ by task id. Should it claim a task again while an older attempt of it still runs
 worker was reaped after a pause or an outage, and the task came back to it), that older attempt
 is stale: it is cancelled, and the new claim waits in its slot for the old code to stop (up to
 ``supersede_wait`` seconds). If the old code will not stop (stuck in a C call), the new claim is
-put back on the queue, fenced on its own token, for a worker that can run it.
+put back on the queue (not before ``2 * supersede_wait`` seconds, so no worker spins on it),
+fenced on its own token, for a worker that can run it.
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ from typing import Any
 import anyio
 import structlog
 
-from deferrun import config, serialization
-from deferrun.attempt import Attempt, Failed, Outcome, Succeeded, format_error, run_attempt
+from deferrun import config, containment, serialization
+from deferrun.attempt import Attempt, Failed, Outcome, Succeeded, run_attempt
 from deferrun.baseoperator import DEFAULT_QUEUE, as_seconds
 from deferrun.basetrigger import BaseTrigger
-from deferrun.connections import close_shared_clients
+from deferrun.connections import close_shared_clients, format_error
 from deferrun.exceptions import SerializationError, SkipTask, TaskDeferred, TaskReschedule
 from deferrun.liveness import heartbeat_loop, new_process_id
 from deferrun.metrics import Metrics
@@ -36,7 +37,7 @@ from deferrun.watchdog import LoopWatchdog
 
 log = structlog.get_logger("deferrun.worker")
 
-__all__ = ["Worker", "format_error", "prepare_deferral"]
+__all__ = ["Worker", "prepare_deferral"]
 
 
 def prepare_deferral(signal: TaskDeferred) -> Deferral:
@@ -93,6 +94,9 @@ class Worker:
         self.poll_interval = poll_interval
         self.grace_period = grace_period
         self.supersede_wait = 5.0
+        self.max_result_bytes = int(
+            config.env_float("DEFERRUN_MAX_RESULT_BYTES", 16 * 2**20, minimum=1)
+        )
         self.id = process_id or new_process_id("worker")
         #: slots in use: attempts by (task id, claim token)
         self.running: dict[tuple[str, int], Attempt] = {}
@@ -116,6 +120,7 @@ class Worker:
             self._wakeup.set()
 
     async def run(self) -> None:
+        containment.install()  # user code's own tasks must not stop this process
         self._wakeup = await self.store.register_process(self.id, "worker", self.queues, self.slots)
         log.info(
             "worker started",
@@ -239,7 +244,11 @@ class Worker:
         outcome: Outcome = None
         try:
             with attempt.scope:
-                if await self._older_stopped(older):
+                if not await self._older_stopped(older):
+                    # back on the queue, not before a while: claiming it again at once would
+                    # only find the old attempt still running here
+                    outcome = TaskReschedule(2 * self.supersede_wait)
+                else:
                     try:
                         outcome = await run_attempt(attempt)
                     except Exception as exc:  # nothing a row holds may stop the worker
@@ -286,6 +295,22 @@ class Worker:
         )
         return False
 
+    def _stored_result(self, value: Any) -> str:
+        """The result's JSON, refused over ``max_result_bytes``: a result is stored in the task
+        row and read by every client that looks at the task; large data belongs elsewhere."""
+        limit = self.max_result_bytes
+        if isinstance(value, str | bytes) and len(value) > limit:  # no need to encode it all
+            size = len(value)
+        else:
+            text = serialization.dumps(value, "return value")
+            size = len(text) if len(text) > limit else len(text.encode())
+            if size <= limit:
+                return text
+        raise SerializationError(
+            f"the return value is {size:,} bytes or more, over the limit of {limit:,} bytes "
+            "(DEFERRUN_MAX_RESULT_BYTES); store large data elsewhere and return a reference"
+        )
+
     def _to_write(self, task: ClaimedTask, outcome: Outcome) -> Write:
         """The store write for an outcome; results and triggers are serialized here."""
         base = Write(task.id, task.claim_token, task.try_number, "requeue")
@@ -293,7 +318,7 @@ class Worker:
             return base
         if isinstance(outcome, Succeeded):
             try:
-                result = serialization.dumps(outcome.result, "return value")
+                result = self._stored_result(outcome.result)
             except Exception as exc:  # msgspec refuses str/int/float subclasses with TypeError
                 why = exc if isinstance(exc, SerializationError) else f"{type(exc).__name__}: {exc}"
                 outcome = Failed(f"task result cannot be stored: {why}", retry=False)

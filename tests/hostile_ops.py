@@ -182,3 +182,26 @@ class WaitFile(BaseOperator):
                 return "done"
             time.sleep(0.05)
         raise RuntimeError(f"{self.path} never appeared")
+
+
+class AsyncBackgroundExit(BaseOperator):
+    """Starts a task of its own that raises SystemExit (nothing awaits it), then succeeds."""
+
+    async def execute(self, context: Context) -> Any:
+        async def boom() -> None:
+            raise SystemExit(9)
+
+        self._task = asyncio.ensure_future(boom())
+        await asyncio.sleep(0.3)
+        return "done despite a background SystemExit"
+
+
+class Big(BaseOperator):
+    """Returns a string of ``size`` characters."""
+
+    def __init__(self, *, size: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.size = size
+
+    def execute(self, context: Context) -> Any:
+        return "x" * self.size

@@ -159,6 +159,54 @@ class BadCleanup(BaseTrigger):
         raise RuntimeError("cleanup exploded")
 
 
+class CleanupIgnoresCancel(BaseTrigger):
+    """Waits forever; its cleanup() swallows every cancellation and never returns."""
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        await anyio.sleep_forever()
+        yield TriggerEvent(None)
+
+    async def cleanup(self) -> None:
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                continue
+
+
+class BackgroundExit(BaseTrigger):
+    """Starts a task of its own that raises SystemExit (nothing awaits it), then fails."""
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        async def boom() -> None:
+            raise SystemExit(9)
+
+        self._task = asyncio.ensure_future(boom())
+        await asyncio.sleep(0.3)
+        raise RuntimeError("failed after a background SystemExit")
+        yield TriggerEvent(None)
+
+
+class _BadStr(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("__str__ of the exception itself raises")
+
+
+class InitBadStr(BaseTrigger):
+    """Its rebuild raises an exception that cannot even be printed."""
+
+    def __init__(self, explode: bool = False) -> None:
+        if explode:
+            raise _BadStr()
+        self.explode = explode
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return "hostile_userland.InitBadStr", {"explode": True}
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        yield TriggerEvent(None)
+
+
 class Placeholder(BaseTrigger):
     """Never fires; tests rewrite its stored row (classpath, kwargs, deadline)."""
 
@@ -180,6 +228,9 @@ def make_trigger(kind: str, at: float) -> BaseTrigger:
         "socket_payload": SocketPayload,
         "oversized": Oversized,
         "init_raises": InitRaises,
+        "init_bad_str": InitBadStr,
+        "background_exit": BackgroundExit,
+        "cleanup_ignores_cancel": CleanupIgnoresCancel,
         "placeholder": Placeholder,
     }
     if kind in simple:

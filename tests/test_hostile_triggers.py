@@ -50,6 +50,8 @@ BAD: dict[str, tuple[float | None, str]] = {
     "timer_str": (None, "timer() must return None or (fire_at"),
     "cleanup_raises": (1.5, "deferral timed out"),
     "cleanup_hangs": (1.5, "deferral timed out"),
+    "background_exit": (None, "failed after a background SystemExit"),
+    "init_bad_str": (None, "cannot load trigger"),
 }
 # placeholders whose stored row the test rewrites before the triggerer starts
 TAMPERED: dict[str, tuple[dict[str, object], str]] = {
@@ -121,8 +123,8 @@ def test_hostile_triggers_fail_alone_and_good_ones_resume_on_time(
             kind: client.submit(HostileDefer(kind=kind, timeout=t)) for kind, (t, _) in BAD.items()
         }
         tampered = {kind: client.submit(HostileDefer(kind="placeholder")) for kind in TAMPERED}
-        # running at SIGTERM: its cleanup() never returns
-        lingering = client.submit(HostileDefer(kind="cleanup_hangs"))
+        # running at SIGTERM: its cleanup() never returns and swallows every cancellation
+        lingering = client.submit(HostileDefer(kind="cleanup_ignores_cancel"))
         every = [*good, *bad.values(), *tampered.values(), lingering]
         wait_until(
             lambda: all(s is TaskState.DEFERRED for s in states(client, every).values()),
