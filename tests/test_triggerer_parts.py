@@ -38,6 +38,8 @@ RAISED_AS_IS = {
     "raise_exception": RuntimeError,
     "init_raises": ValueError,
     "timer_raises": ZeroDivisionError,
+    "background_exit": RuntimeError,
+    "init_bad_str": Exception,  # its own class, which cannot even be printed
 }
 
 
