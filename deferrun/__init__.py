@@ -6,7 +6,14 @@ each task through the queue when its event fires.
 """
 
 from deferrun.baseoperator import BaseOperator, Context
-from deferrun.basetrigger import BaseTrigger, PollingTrigger, TriggerEvent
+from deferrun.basetrigger import (
+    BaseTrigger,
+    PollingTrigger,
+    TaskFailedEvent,
+    TaskSkippedEvent,
+    TaskSuccessEvent,
+    TriggerEvent,
+)
 from deferrun.client import AsyncClient, Client
 from deferrun.exceptions import (
     ConfigError,
@@ -39,9 +46,12 @@ __all__ = [
     "SerializationError",
     "SkipTask",
     "TaskDeferred",
+    "TaskFailedEvent",
     "TaskInfo",
     "TaskNotFound",
+    "TaskSkippedEvent",
     "TaskState",
+    "TaskSuccessEvent",
     "TaskTimeout",
     "TransientError",
     "TriggerEvent",

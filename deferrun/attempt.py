@@ -95,6 +95,10 @@ class Attempt:
         self._in_thread = False
         self._guard = threading.Lock()
         self._thread_ident: int | None = None  # set while sync operator code may be interrupted
+        #: the upstream tasks' states and results (tasks submitted with after=...)
+        self.upstream: dict[str, Any] = {}
+        #: the database URL (sensors that read other tasks open their own client on it)
+        self.db_url: str | None = None
 
     @property
     def key(self) -> tuple[str, int]:
@@ -176,8 +180,14 @@ def _prepare(attempt: Attempt) -> Failed | tuple[Callable[..., Any], Any, dict[s
             kwargs["event"] = serialization.loads(task.event)
         except SerializationError as exc:
             return Failed(f"cannot load the stored event of task {task.id}: {exc}", retry=False)
+    trigger_event: Any = None
+    if method_name == BaseOperator.START_METHOD:  # started from a trigger: execute, with it
+        trigger_event = kwargs.get("event")
+        kwargs = {}
     try:
-        if method_name == BaseOperator.DEFERRAL_TIMEOUT_METHOD:
+        if method_name == BaseOperator.START_METHOD:
+            fn = op.execute
+        elif method_name == BaseOperator.DEFERRAL_TIMEOUT_METHOD:
             fn = op.on_deferral_timeout
         elif method_name == BaseOperator.TRIGGER_FAILED_METHOD:
             fn = op.on_trigger_failed
@@ -190,6 +200,8 @@ def _prepare(attempt: Attempt) -> Failed | tuple[Callable[..., Any], Any, dict[s
                     retry=False,
                 )
         context = build_context(attempt, op)
+        if method_name == BaseOperator.START_METHOD:
+            context["trigger_event"] = trigger_event
     except BaseException as exc:  # a property or __getattr__ of the operator raised
         return Failed(f"preparing {task.classpath}.{method_name}:\n{format_error(exc)}", True)
     return fn, context, kwargs, method_name
@@ -234,6 +246,9 @@ def build_context(attempt: Attempt, op: BaseOperator) -> dict[str, Any]:
         "cancel_event": attempt.cancel_event,
         "operator": op,
         "log": op.log,
+        #: upstream tasks by id (and by name where unique): {"state", "result", ...}
+        "upstream": attempt.upstream,
+        "db": attempt.db_url,
     }
 
 

@@ -61,6 +61,8 @@ class BaseOperator:
     #: internal resume methods used when the wait itself failed
     TRIGGER_FAILED_METHOD: ClassVar[str] = "__trigger_failed__"
     DEFERRAL_TIMEOUT_METHOD: ClassVar[str] = "__deferral_timeout__"
+    #: a task submitted with a start trigger runs ``execute`` once it fires
+    START_METHOD: ClassVar[str] = "__start__"
 
     def __new__(cls, *args: Any, **kwargs: Any) -> BaseOperator:
         self = super().__new__(cls)
@@ -90,7 +92,15 @@ class BaseOperator:
         self.execution_timeout = as_seconds(execution_timeout, "execution_timeout")
         self.queue = queue
 
+    #: start each task of this operator from its start_trigger() (Airflow's start_from_trigger)
+    start_from_trigger: ClassVar[bool] = False
+
     # -- authoring API ----------------------------------------------------------------------
+
+    def start_trigger(self) -> BaseTrigger | None:
+        """The trigger to wait on before the first try when ``start_from_trigger`` is set;
+        ``execute`` then runs with its event as ``context["trigger_event"]``."""
+        return None
 
     def execute(self, context: Context) -> Any:
         raise NotImplementedError(f"{type(self).__qualname__} must implement execute(context)")

@@ -84,6 +84,42 @@ class TriggerEvent:
         return f"TriggerEvent({self.payload!r})"
 
 
+class TaskEndEvent(TriggerEvent):
+    """Yielded by a trigger to end its task itself: no worker resumes it."""
+
+    __slots__ = ("error", "state")
+
+    state: str
+    error: str | None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.payload!r})"
+
+
+class TaskSuccessEvent(TaskEndEvent):
+    """End the task ``success`` with ``result`` (Airflow's name)."""
+
+    def __init__(self, result: Any = None) -> None:
+        super().__init__(result)
+        self.state, self.error = "success", None
+
+
+class TaskFailedEvent(TaskEndEvent):
+    """End the task ``failed`` with ``error``, without retries (Airflow's name)."""
+
+    def __init__(self, error: str = "the trigger ended the task as failed") -> None:
+        super().__init__(None)
+        self.state, self.error = "failed", str(error)
+
+
+class TaskSkippedEvent(TaskEndEvent):
+    """End the task ``skipped`` (Airflow's name)."""
+
+    def __init__(self, reason: str | None = None) -> None:
+        super().__init__(None)
+        self.state, self.error = "skipped", reason
+
+
 class BaseTrigger:
     """Subclass and implement ``async def run(self)`` yielding one :class:`TriggerEvent`.
 
@@ -114,6 +150,14 @@ class BaseTrigger:
 
     async def cleanup(self) -> None:
         """Release what ``run()`` held. Runs on fire, failure, timeout, cancel and shutdown."""
+
+    def watched_task(self) -> str | None:
+        """The id of a task whose end fires this trigger from the store itself, or None.
+
+        The store fires it in the transaction that ends that task, so nothing polls
+        (``triggers.task.TaskStateTrigger``); ``run()`` is then only a fallback.
+        """
+        return None
 
     def timer(self) -> tuple[float, Any] | None:
         """``(fire_at, payload)`` if this trigger does nothing but wait for a moment.

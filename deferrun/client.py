@@ -14,9 +14,12 @@ from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from deferrun import serialization
 from deferrun.baseoperator import BaseOperator
-from deferrun.exceptions import SerializationError, TaskNotFound
+from deferrun.basetrigger import BaseTrigger
+from deferrun.deferral import prepare_deferral
+from deferrun.exceptions import SerializationError, TaskDeferred, TaskNotFound
 from deferrun.models import NewTask, TaskInfo, TaskState, TriggerInfo
 from deferrun.store import Store, make_store
+from deferrun.store.pipelines import TRIGGER_RULES
 
 T = TypeVar("T")
 
@@ -26,10 +29,35 @@ def new_task_id() -> str:
     return f"{int(time.time() * 1000):011x}{uuid.uuid4().hex[:13]}"
 
 
-def build_task(operator: BaseOperator) -> NewTask:
-    """Serialize an operator for submission; refuses what workers could not rebuild."""
+def build_task(
+    operator: BaseOperator,
+    *,
+    after: Sequence[str] = (),
+    trigger_rule: str = "all_success",
+    start_trigger: BaseTrigger | None = None,
+) -> NewTask:
+    """Serialize an operator for submission; refuses what workers could not rebuild.
+
+    ``after``: upstream task ids this task waits on (holding no slot) until ``trigger_rule``
+    holds over their outcomes. ``start_trigger``: a trigger to wait on before the first try
+    (also the operator's own ``start_trigger()`` when its ``start_from_trigger`` is set).
+    """
     if not isinstance(operator, BaseOperator):
         raise TypeError(f"submit() takes a BaseOperator instance, got {operator!r}")
+    if isinstance(after, str):
+        after = [after]
+    if not all(isinstance(a, str) and a for a in after):
+        raise TypeError(f"after= takes task ids (strings), got {after!r}")
+    if trigger_rule not in TRIGGER_RULES:
+        raise ValueError(
+            f"unknown trigger_rule {trigger_rule!r}; use one of {', '.join(TRIGGER_RULES)}"
+        )
+    if start_trigger is None and operator.start_from_trigger:
+        start_trigger = operator.start_trigger()
+    start = None
+    if start_trigger is not None:
+        signal = TaskDeferred(start_trigger, BaseOperator.START_METHOD, None, None)
+        start = prepare_deferral(signal)
     classpath, kwargs = operator.serialize()
     cls = serialization.load_class(classpath, BaseOperator)
     serialization.check_kwargs_fit(cls, kwargs, "operator")
@@ -43,6 +71,9 @@ def build_task(operator: BaseOperator) -> NewTask:
         max_tries=operator.retries + 1,
         retry_delay=operator.retry_delay,
         execution_timeout=operator.execution_timeout,
+        after=tuple(after),
+        trigger_rule=trigger_rule if after else None,
+        start=start,
     )
 
 
@@ -77,8 +108,18 @@ class AsyncClient:
             await self._store.close()
             self._opened = False
 
-    async def submit(self, operator: BaseOperator) -> str:
-        task = build_task(operator)
+    async def submit(
+        self,
+        operator: BaseOperator,
+        *,
+        after: Sequence[str] = (),
+        trigger_rule: str = "all_success",
+        start_trigger: BaseTrigger | None = None,
+    ) -> str:
+        """Submit ``operator``; see :func:`build_task` for ``after`` and ``start_trigger``."""
+        task = build_task(
+            operator, after=after, trigger_rule=trigger_rule, start_trigger=start_trigger
+        )
         await (await self._get_store()).submit(task)
         return task.id
 
@@ -88,7 +129,14 @@ class AsyncClient:
         await (await self._get_store()).submit_many(tasks)
         return [t.id for t in tasks]
 
-    async def submit_classpath(self, classpath: str, kwargs: dict[str, Any] | None = None) -> str:
+    async def submit_classpath(
+        self,
+        classpath: str,
+        kwargs: dict[str, Any] | None = None,
+        *,
+        after: Sequence[str] = (),
+        trigger_rule: str = "all_success",
+    ) -> str:
         """Submit by name (the CLI's path): the class is loaded and checked here first."""
         cls = serialization.load_class(classpath, BaseOperator)
         kwargs = kwargs or {}
@@ -99,7 +147,7 @@ class AsyncClient:
             raise SerializationError(
                 f"the given kwargs do not fit operator {classpath}: {exc}"
             ) from exc
-        return await self.submit(operator)
+        return await self.submit(operator, after=after, trigger_rule=trigger_rule)
 
     async def get(self, task_id: str) -> TaskInfo:
         info = await (await self._get_store()).get_task(task_id)
@@ -129,6 +177,17 @@ class AsyncClient:
         if info is None:
             raise TaskNotFound(f"no task {task_id!r} in this database")
         return info
+
+    async def retry(self, task_id: str, downstream: bool = False) -> list[str]:
+        """Re-run a finished task with a fresh try; ``downstream`` re-arms every task after it.
+
+        Returns the ids put back to run (the task first).
+        """
+        return await (await self._get_store()).retry_task(task_id, downstream=downstream)
+
+    async def dependencies(self, task_id: str) -> tuple[list[str], list[str]]:
+        """(upstream ids, downstream ids) of a task."""
+        return await (await self._get_store()).dependencies(task_id)
 
     async def triggers(self) -> list[TriggerInfo]:
         return await (await self._get_store()).list_triggers()
@@ -179,8 +238,18 @@ class Client:
                 self._portal_cm.__exit__(None, None, None)
                 self._portal_cm = None  # type: ignore[assignment]
 
-    def submit(self, operator: BaseOperator) -> str:
-        task = build_task(operator)  # serialization errors raise in the caller's thread
+    def submit(
+        self,
+        operator: BaseOperator,
+        *,
+        after: Sequence[str] = (),
+        trigger_rule: str = "all_success",
+        start_trigger: BaseTrigger | None = None,
+    ) -> str:
+        """Submit ``operator``; see :func:`build_task` for ``after`` and ``start_trigger``."""
+        task = build_task(  # serialization errors raise in the caller's thread
+            operator, after=after, trigger_rule=trigger_rule, start_trigger=start_trigger
+        )
         return self._call(self._store_submit, task)
 
     async def _store_submit(self, task: NewTask) -> str:
@@ -201,6 +270,13 @@ class Client:
 
     def cancel(self, task_id: str) -> TaskInfo:
         return self._call(self._async.cancel, task_id)
+
+    def retry(self, task_id: str, downstream: bool = False) -> list[str]:
+        """Re-run a finished task with a fresh try; ``downstream`` re-arms every task after it."""
+        return self._call(self._async.retry, task_id, downstream)
+
+    def dependencies(self, task_id: str) -> tuple[list[str], list[str]]:
+        return self._call(self._async.dependencies, task_id)
 
     def triggers(self) -> list[TriggerInfo]:
         return self._call(self._async.triggers)

@@ -17,7 +17,7 @@ import structlog
 
 from deferrun import serialization
 from deferrun.store.base import Store, is_connection_error
-from deferrun.trigger_run import FAILED, Outcome
+from deferrun.trigger_run import ENDED, FAILED, Outcome
 
 log = structlog.get_logger("deferrun.triggerer")
 
@@ -98,9 +98,20 @@ class EventWriter:
 
     async def _write(self, outcomes: list[Outcome]) -> None:
         events = [(o.trigger_id, o.payload) for o in outcomes if o.fired]
-        failures = [(o.trigger_id, o.method, o.payload) for o in outcomes if not o.fired]
+        ended = [
+            (o.trigger_id, o.end_state or "failed", o.payload, o.error)
+            for o in outcomes
+            if o.method == ENDED
+        ]
+        failures = [
+            (o.trigger_id, o.method, o.payload)
+            for o in outcomes
+            if not o.fired and o.method != ENDED
+        ]
         if events:
             await self.store.fire_triggers(events)
+        if ended:
+            await self.store.end_triggers(ended)
         if failures:
             await self.store.fail_triggers(failures)
 

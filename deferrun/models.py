@@ -23,6 +23,8 @@ class TaskState(enum.StrEnum):
     FAILED = "failed"
     SKIPPED = "skipped"
     CANCELLED = "cancelled"
+    #: an upstream failed (or was cancelled) so this task's trigger rule can never hold
+    UPSTREAM_FAILED = "upstream_failed"
 
     @property
     def finished(self) -> bool:
@@ -30,7 +32,13 @@ class TaskState(enum.StrEnum):
 
 
 FINISHED_STATES = frozenset(
-    {TaskState.SUCCESS, TaskState.FAILED, TaskState.SKIPPED, TaskState.CANCELLED}
+    {
+        TaskState.SUCCESS,
+        TaskState.FAILED,
+        TaskState.SKIPPED,
+        TaskState.CANCELLED,
+        TaskState.UPSTREAM_FAILED,
+    }
 )
 
 
@@ -45,6 +53,19 @@ def ts(value: float | None) -> datetime | None:
         return None
 
 
+class Deferral(msgspec.Struct, frozen=True):
+    """Everything persisted, in one transaction, when a running task defers."""
+
+    classpath: str
+    kwargs: str
+    method_name: str
+    method_kwargs: str
+    #: seconds from now (on the database's clock) until the deferral times out
+    timeout: float | None
+    #: a task whose end fires this trigger from the store itself (TaskStateTrigger)
+    watch_task_id: str | None = None
+
+
 class NewTask(msgspec.Struct, frozen=True):
     """A task as submitted: the serialized operator and its scheduling options."""
 
@@ -56,6 +77,11 @@ class NewTask(msgspec.Struct, frozen=True):
     max_tries: int
     retry_delay: float
     execution_timeout: float | None
+    #: upstream task ids this task waits on, and the rule over their outcomes
+    after: tuple[str, ...] = ()
+    trigger_rule: str | None = None
+    #: a trigger to wait on before the first try (start from a trigger)
+    start: Deferral | None = None
 
 
 class ClaimedTask(msgspec.Struct, frozen=True):
@@ -78,6 +104,8 @@ class ClaimedTask(msgspec.Struct, frozen=True):
     #: fencing token of this claim: every write of its outcome is guarded on it, so a stale
     #: attempt (its worker was reaped, the task claimed again) can never record anything
     claim_token: int
+    #: set when the task has upstreams (whose results its context shows)
+    trigger_rule: str | None = None
 
 
 class ClaimedTrigger(msgspec.Struct, frozen=True):
@@ -87,17 +115,6 @@ class ClaimedTrigger(msgspec.Struct, frozen=True):
     kwargs: str
     #: seconds left until the deferral times out, on the database's clock (None: no timeout)
     timeout_in: float | None
-
-
-class Deferral(msgspec.Struct, frozen=True):
-    """Everything persisted, in one transaction, when a running task defers."""
-
-    classpath: str
-    kwargs: str
-    method_name: str
-    method_kwargs: str
-    #: seconds from now (on the database's clock) until the deferral times out
-    timeout: float | None
 
 
 class TaskInfo(msgspec.Struct, frozen=True):

@@ -369,3 +369,58 @@ class JobRunSensor(TriggerSensor):
 
     def on_event(self, payload: Any) -> Any:
         return job_result(payload, f"job run {self.status_endpoint}", self.error_field)
+
+
+class TaskSensor(BaseSensor):
+    """Waits until another task (``external_task_id``) ends in one of ``allowed_states``.
+
+    Fails when it ends in one of ``failed_states`` (or in any other end state), like
+    Airflow's ExternalTaskSensor. Deferrable mode holds no slot and polls nothing: the store
+    wakes it in the transaction that ends the watched task.
+    """
+
+    def __init__(
+        self,
+        *,
+        external_task_id: str,
+        allowed_states: list[str] | None = None,
+        failed_states: list[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        from triggers.task import DEFAULT_FAILED_STATES, check_states
+
+        super().__init__(**kwargs)
+        self.external_task_id = external_task_id
+        self.allowed_states = check_states(allowed_states or ["success"], "allowed_states")
+        self.failed_states = check_states(
+            failed_states or list(DEFAULT_FAILED_STATES), "failed_states"
+        )
+
+    def poke(self, context: Context) -> Any:
+        from deferrun.client import Client
+
+        with Client(context.get("db")) as client:
+            info = client.get(self.external_task_id)
+        if not info.finished:
+            return False
+        return self._judge(str(info.state), info.result)
+
+    def trigger(self) -> BaseTrigger:
+        from triggers.task import TaskStateTrigger
+
+        return TaskStateTrigger(self.external_task_id, self.allowed_states, self.failed_states)
+
+    def execute_complete(self, context: Context, event: Any = None) -> Any:
+        event = event or {}
+        return self._judge(str(event.get("state")), event.get("result"))
+
+    def _judge(self, state: str, result: Any) -> Any:
+        if state in self.allowed_states:
+            return {"task_id": self.external_task_id, "state": state, "result": result}
+        message = (
+            f"task {self.external_task_id} ended {state}, not in allowed_states "
+            f"{self.allowed_states}"
+        )
+        if self.soft_fail:
+            raise SkipTask(message)
+        raise FailTask(message)

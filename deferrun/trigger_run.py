@@ -23,7 +23,7 @@ import structlog
 
 from deferrun import serialization
 from deferrun.baseoperator import BaseOperator
-from deferrun.basetrigger import BaseTrigger, TriggerEvent
+from deferrun.basetrigger import BaseTrigger, TaskEndEvent, TriggerEvent
 from deferrun.connections import format_error, redact
 from deferrun.containment import user_code
 from deferrun.exceptions import ConfigError
@@ -36,6 +36,7 @@ MAX_ERROR_CHARS = 64 * 1024  # a failure message is stored too; a huge one must 
 FIRED = ""  # Outcome.method of an event (the task resumes into its own next_method)
 FAILED = BaseOperator.TRIGGER_FAILED_METHOD
 TIMED_OUT = BaseOperator.DEFERRAL_TIMEOUT_METHOD
+ENDED = "__ended__"  # the trigger ended its task itself (TaskSuccessEvent and friends)
 
 
 def max_event_bytes_from_env() -> int:
@@ -67,6 +68,7 @@ class Outcome:
     payload: str  # JSON: the event payload, or {"error": message}
     error: str | None = None
     exc: BaseException | None = None  # what the trigger raised, for run_trigger's caller
+    end_state: str | None = None  # with ENDED: the state the trigger gave its task
 
     @property
     def fired(self) -> bool:
@@ -202,6 +204,8 @@ async def _first_event(loaded: Loaded, trigger_id: int, limits: Limits) -> Outco
                 "not a TriggerEvent; yield TriggerEvent(payload)"
             )
         payload = event_payload(event.payload, cp, limits.max_event_bytes)
+        if isinstance(event, TaskEndEvent):
+            return Outcome(trigger_id, ENDED, payload, event.error, end_state=event.state)
         del event
         return Outcome(trigger_id, FIRED, payload)
     except Misbehaved as exc:

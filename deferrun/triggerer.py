@@ -29,6 +29,7 @@ from deferrun.models import ClaimedTrigger
 from deferrun.store.base import Store, Wakeup
 from deferrun.timer_heap import Timer, TimerHeap
 from deferrun.trigger_run import (
+    ENDED,
     FIRED,
     TIMED_OUT,
     Limits,
@@ -404,6 +405,10 @@ class Triggerer:
             self.metrics.trigger_events.inc()
             # 100,000 timers may fire in a burst: their line is debug-level
             (log.debug if timer else log.info)("trigger fired", **ids)
+        elif outcome.method == ENDED:
+            self.events_total += 1
+            self.metrics.trigger_events.inc()
+            log.info("trigger ended its task", state=outcome.end_state, **ids)
         elif outcome.method == TIMED_OUT:
             self.timeouts_total += 1
             self.metrics.trigger_timeouts.inc()

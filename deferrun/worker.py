@@ -24,47 +24,20 @@ import structlog
 
 from deferrun import config, containment, serialization
 from deferrun.attempt import Attempt, Failed, Outcome, Succeeded, run_attempt
-from deferrun.baseoperator import DEFAULT_QUEUE, as_seconds
-from deferrun.basetrigger import BaseTrigger
+from deferrun.baseoperator import DEFAULT_QUEUE
 from deferrun.connections import close_shared_clients, format_error
+from deferrun.deferral import prepare_deferral
 from deferrun.exceptions import SerializationError, SkipTask, TaskDeferred, TaskReschedule
 from deferrun.liveness import heartbeat_loop, new_process_id
 from deferrun.metrics import Metrics
-from deferrun.models import ClaimedTask, Deferral
+from deferrun.models import ClaimedTask
 from deferrun.recording import Recorder, Write
 from deferrun.store.base import Store, Wakeup
 from deferrun.watchdog import LoopWatchdog
 
 log = structlog.get_logger("deferrun.worker")
 
-__all__ = ["Worker", "prepare_deferral"]
-
-
-def prepare_deferral(signal: TaskDeferred) -> Deferral:
-    """Serialize a defer signal, refusing triggers the triggerer could not rebuild."""
-    trigger = signal.trigger
-    if not isinstance(trigger, BaseTrigger):
-        raise SerializationError(f"defer() needs a BaseTrigger instance, got {trigger!r}")
-    result = trigger.serialize()
-    if not (isinstance(result, tuple | list) and len(result) == 2):
-        raise SerializationError(
-            f"{type(trigger).__qualname__}.serialize() must return (classpath, kwargs), "
-            f"got {result!r}"
-        )
-    classpath, kwargs = result
-    if not isinstance(kwargs, dict):
-        raise SerializationError(f"{classpath}: serialize() kwargs must be a dict, got {kwargs!r}")
-    cls, classpath = serialization.stored_classpath(classpath, trigger, BaseTrigger)
-    serialization.check_kwargs_fit(cls, kwargs, "trigger")
-    kwargs_json = serialization.dumps(kwargs, f"{cls.__qualname__} kwargs")
-    timeout = as_seconds(signal.timeout, "defer timeout")
-    return Deferral(
-        classpath=classpath,
-        kwargs=kwargs_json,
-        method_name=signal.method_name,
-        method_kwargs=serialization.dumps(signal.kwargs, f"defer(kwargs=...) of {classpath}"),
-        timeout=timeout,
-    )
+__all__ = ["Worker"]
 
 
 class Worker:
@@ -250,6 +223,9 @@ class Worker:
                     outcome = TaskReschedule(2 * self.supersede_wait)
                 else:
                     try:
+                        attempt.db_url = self.store.url
+                        if task.trigger_rule is not None:
+                            attempt.upstream = await self.store.upstream_results(task.id)
                         outcome = await run_attempt(attempt)
                     except Exception as exc:  # nothing a row holds may stop the worker
                         log.error("could not run the attempt", error=format_error(exc))

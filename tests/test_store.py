@@ -249,7 +249,7 @@ async def test_schema_v1_database_is_migrated(db_url: str) -> None:
         await store.append_task_logs([(task_id, 1.0, "worker", "x")], keep=5)
         assert len(await store.task_logs(task_id)) == 1
         assert (await store.get_task(task_id)) is not None  # data kept
-        assert await _schema_version(store) == 3
+        assert await _schema_version(store) == 4
     finally:
         await store.close()
 
@@ -265,6 +265,11 @@ async def _downgrade_to_v1(store: Store) -> None:
         for table in ("tasks", "triggers", "processes"):
             conn.execute(f"ALTER TABLE deferrun_{table} RENAME TO {table}")
         conn.execute("ALTER TABLE tasks DROP COLUMN claim_token")
+        conn.execute("DROP TABLE deferrun_deps")
+        conn.execute("DROP INDEX deferrun_triggers_watch")
+        for column in ("trigger_rule", "has_downstream", "retries"):
+            conn.execute(f"ALTER TABLE tasks DROP COLUMN {column}")
+        conn.execute("ALTER TABLE triggers DROP COLUMN watch_task_id")
         conn.execute("PRAGMA user_version = 1")
     else:
         assert isinstance(store, PostgresStore)
@@ -272,6 +277,10 @@ async def _downgrade_to_v1(store: Store) -> None:
         await pool.execute("DROP TABLE deferrun_task_logs")
         await pool.execute("ALTER TABLE deferrun_tasks DROP COLUMN claim_token")
         await pool.execute("ALTER TABLE deferrun_processes DROP COLUMN wake_port")
+        await pool.execute("DROP TABLE deferrun_deps")
+        for column in ("trigger_rule", "has_downstream", "retries"):
+            await pool.execute(f"ALTER TABLE deferrun_tasks DROP COLUMN {column}")
+        await pool.execute("ALTER TABLE deferrun_triggers DROP COLUMN watch_task_id")
         await pool.execute("DELETE FROM deferrun_schema")
         await pool.execute("INSERT INTO deferrun_schema VALUES (1)")
 

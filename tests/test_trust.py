@@ -22,10 +22,10 @@ from deferrun import TaskDeferred, serialization
 from deferrun.baseoperator import BaseOperator
 from deferrun.basetrigger import BaseTrigger
 from deferrun.client import new_task_id
+from deferrun.deferral import prepare_deferral
 from deferrun.exceptions import ClassLoadError, ConfigError
 from deferrun.models import Deferral, NewTask, TaskInfo
 from deferrun.store import open_store
-from deferrun.worker import prepare_deferral
 
 GOOD = '''
 import os

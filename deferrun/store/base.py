@@ -13,7 +13,7 @@ from __future__ import annotations
 import sqlite3
 import sys
 from collections.abc import Sequence
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import anyio
 import msgspec
@@ -201,6 +201,12 @@ class Runtime(Protocol):
     async def release_triggers(self, triggerer_id: str, ids: Sequence[int] | None = None) -> int:
         """Give up triggers (all, or ``ids``) so another triggerer adopts them at once."""
 
+    async def end_triggers(self, items: Sequence[tuple[int, str, str | None, str | None]]) -> int:
+        """Triggers that ended their own task: (trigger_id, state, result JSON, error)."""
+
+    async def upstream_results(self, task_id: str) -> dict[str, Any]:
+        """``context["upstream"]`` of a task: its upstreams' states and results."""
+
     async def append_task_logs(
         self, rows: Sequence[tuple[str, float, str, str]], keep: int
     ) -> None:
@@ -218,7 +224,14 @@ class Inspection(Protocol):
 
     async def count_tasks(self) -> dict[str, int]: ...
 
-    async def cancel_task(self, task_id: str) -> TaskInfo | None: ...
+    async def cancel_task(self, task_id: str) -> TaskInfo | None:
+        """Cancel an unfinished task; its waiters settle in the same transaction."""
+
+    async def retry_task(self, task_id: str, *, downstream: bool = False) -> list[str]:
+        """Re-run a finished task (and re-arm its downstream); the ids touched."""
+
+    async def dependencies(self, task_id: str) -> tuple[list[str], list[str]]:
+        """(upstream ids, downstream ids) of a task."""
 
     async def list_triggers(self) -> list[TriggerInfo]: ...
 

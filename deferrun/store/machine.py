@@ -14,7 +14,10 @@ attempt's outcome; ``try_number`` grows only when a claim starts a new try.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
+from deferrun.baseoperator import BaseOperator
+from deferrun.exceptions import TaskNotFound
 from deferrun.models import (
     FINISHED_STATES,
     ClaimedTask,
@@ -23,19 +26,16 @@ from deferrun.models import (
     NewTask,
     TaskState,
 )
-from deferrun.store.sql import Notify, Program, Query, Row, run, run_many
+from deferrun.store import pipelines
+from deferrun.store.sql import Notify, Program, Query, Row, run, run_many, states_sql
 
 STALE_UNCLAIMED = 2.0
 #: at most this many deadlines are enforced per maintenance pass (the next pass takes the rest)
 EXPIRE_BATCH = 5000
 
 
-def _states(states: Sequence[TaskState] | frozenset[TaskState]) -> str:
-    return "(" + ", ".join(f"'{s}'" for s in sorted(states)) + ")"
-
-
-FINISHED = _states(FINISHED_STATES)
-RUNNABLE = _states([TaskState.QUEUED, TaskState.UP_FOR_RETRY, TaskState.UP_FOR_RESCHEDULE])
+FINISHED = states_sql(FINISHED_STATES)
+RUNNABLE = states_sql([TaskState.QUEUED, TaskState.UP_FOR_RETRY, TaskState.UP_FOR_RESCHEDULE])
 LIVE_PROCESSES = "SELECT id FROM deferrun_processes WHERE heartbeat_at >= {now} - :dead_after"
 
 # -- the rules --------------------------------------------------------------------------------
@@ -88,7 +88,8 @@ DROP_TRIGGER = Query(
 # -- statements -------------------------------------------------------------------------------
 
 _CLAIMED = """id, name, classpath, kwargs, queue, try_number, max_tries, retry_delay,
-    execution_timeout, next_method, next_kwargs, event, try_started_at, created_at, claim_token"""
+    execution_timeout, next_method, next_kwargs, event, try_started_at, created_at, claim_token,
+    trigger_rule"""
 
 
 def _claim_tasks(name: str, queue_match: str) -> Query:
@@ -112,25 +113,28 @@ CLAIM_QUEUES = _claim_tasks("claim_queues", "queue IN_TEXTS(:queues)")
 INSERT_TASK = Query(
     "insert_task",
     """INSERT INTO deferrun_tasks (id, name, classpath, kwargs, queue, state, max_tries,
-        retry_delay, execution_timeout, ready_at, created_at, updated_at)
-    VALUES (:id, :name, :classpath, :kwargs, :queue, 'queued', :max_tries, :retry_delay,
-        :execution_timeout, {now}, {now}, {now}) {count}""",
+        retry_delay, execution_timeout, ready_at, created_at, updated_at, trigger_rule, retries)
+    VALUES (:id, :name, :classpath, :kwargs, :queue, :state, :max_tries, :retry_delay,
+        :execution_timeout, CASE WHEN :state = 'queued' THEN {now} END, {now}, {now},
+        :trigger_rule, :max_tries - 1) {count}""",
     many=True,
 )
 COMPLETE = Query(
     "complete",
     f"""UPDATE deferrun_tasks SET state = 'success', result = :result, error = NULL,
         worker_id = NULL, updated_at = {{now}}, finished_at = {{now}}
-    WHERE {FENCE} RETURNING id""",
+    WHERE {FENCE} RETURNING id, has_downstream""",
 )
 FAIL = Query(
-    "fail", f"UPDATE deferrun_tasks SET {end_in_failure(':error')} WHERE {FENCE} RETURNING state"
+    "fail",
+    f"UPDATE deferrun_tasks SET {end_in_failure(':error')} WHERE {FENCE} "
+    "RETURNING state, has_downstream",
 )
 SKIP = Query(
     "skip",
     f"""UPDATE deferrun_tasks SET state = 'skipped', error = :reason, worker_id = NULL,
         updated_at = {{now}}, finished_at = {{now}}
-    WHERE {FENCE} RETURNING id""",
+    WHERE {FENCE} RETURNING id, has_downstream""",
 )
 RESCHEDULE = Query(
     "reschedule",
@@ -148,12 +152,14 @@ DEFER_INSERT_TRIGGER = Query(
     "defer_insert_trigger",
     # Locks the task row (PostgreSQL) so a cancel cannot slip between this and DEFER_TASK;
     # "WHERE true" lets SQLite parse an upsert after a SELECT.
-    f"""INSERT INTO deferrun_triggers (task_id, classpath, kwargs, queue, deadline, created_at)
-    SELECT id, :classpath, :kwargs, queue, {{now}} + :timeout, {{now}}
+    f"""INSERT INTO deferrun_triggers (task_id, classpath, kwargs, queue, deadline, created_at,
+        watch_task_id)
+    SELECT id, :classpath, :kwargs, queue, {{now}} + :timeout, {{now}}, :watch_task_id
     FROM deferrun_tasks WHERE {FENCE} AND true {{lock}}
     ON CONFLICT (task_id) DO UPDATE SET classpath = excluded.classpath,
         kwargs = excluded.kwargs, queue = excluded.queue, deadline = excluded.deadline,
-        created_at = excluded.created_at, triggerer_id = NULL
+        created_at = excluded.created_at, triggerer_id = NULL,
+        watch_task_id = excluded.watch_task_id
     RETURNING id""",
 )
 DEFER_TASK = Query(
@@ -168,7 +174,35 @@ CANCEL = Query(
     f"""UPDATE deferrun_tasks SET state = 'cancelled', error = 'cancelled by user',
         worker_id = NULL, trigger_id = NULL, defer_deadline = NULL, ready_at = NULL,
         updated_at = {{now}}, finished_at = {{now}}
-    WHERE id = :task_id AND state NOT IN {FINISHED} RETURNING id""",
+    WHERE id = :task_id AND state NOT IN {FINISHED} RETURNING id, has_downstream""",
+)
+#: a task that starts from a trigger: stored deferred on it before its first try
+START_TRIGGER = Query(
+    "start_trigger",
+    """INSERT INTO deferrun_triggers (task_id, classpath, kwargs, queue, deadline, created_at,
+        watch_task_id)
+    VALUES (:task_id, :classpath, :kwargs, :queue, {now} + :timeout, {now}, :watch_task_id)
+    RETURNING id""",
+)
+START_WAITING = Query(
+    "start_waiting",
+    f"""UPDATE deferrun_tasks SET next_method = '{BaseOperator.START_METHOD}',
+        next_kwargs = '{{{{}}}}', trigger_id = :trigger_id, defer_deadline = {{now}} + :timeout
+    WHERE id = :task_id AND state = 'deferred' RETURNING id""",
+)
+WATCHED = Query(
+    "watched",
+    f"""UPDATE deferrun_tasks SET has_downstream = true WHERE id = :task_id
+    RETURNING state IN {FINISHED}""",
+)
+#: a trigger ended its task itself (TaskSuccessEvent / TaskFailedEvent / TaskSkippedEvent)
+END_FROM_TRIGGER = Query(
+    "end_from_trigger",
+    """UPDATE deferrun_tasks SET state = :state, result = :result, error = :error,
+        trigger_id = NULL, defer_deadline = NULL, updated_at = {now}, finished_at = {now}
+    WHERE id = (SELECT task_id FROM deferrun_triggers WHERE id = :trigger_id)
+      AND state = 'deferred' AND trigger_id = :trigger_id
+    RETURNING id, has_downstream""",
 )
 
 # -- triggers ---------------------------------------------------------------------------------
@@ -228,24 +262,66 @@ def _one(rows: list[Row]) -> bool:
     return len(rows) == 1
 
 
+def _task_params(t: NewTask, state: str = "queued") -> dict[str, Any]:
+    return {
+        "id": t.id,
+        "name": t.name,
+        "classpath": t.classpath,
+        "kwargs": t.kwargs,
+        "queue": t.queue,
+        "max_tries": t.max_tries,
+        "retry_delay": t.retry_delay,
+        "execution_timeout": t.execution_timeout,
+        "state": state,
+        "trigger_rule": None,
+    }
+
+
 def submit(tasks: Sequence[NewTask]) -> Program[None]:
-    yield run_many(
-        INSERT_TASK,
-        [
-            {
-                "id": t.id,
-                "name": t.name,
-                "classpath": t.classpath,
-                "kwargs": t.kwargs,
-                "queue": t.queue,
-                "max_tries": t.max_tries,
-                "retry_delay": t.retry_delay,
-                "execution_timeout": t.execution_timeout,
-            }
-            for t in tasks
-        ],
+    """Insert tasks: plain ones queued at once, the rest waiting on upstreams or a trigger."""
+    plain = [_task_params(t) for t in tasks if not t.after and t.start is None]
+    if plain:
+        yield run_many(INSERT_TASK, plain)
+    for t in tasks:
+        if t.after and t.start is not None:
+            raise ValueError(
+                f"task {t.name}: a task starts either after upstream tasks or from a trigger, "
+                "not both; put the trigger on a task of its own"
+            )
+        if t.after:
+            yield from pipelines.submit_waiting(t, INSERT_TASK, _task_params(t))
+        elif t.start is not None:
+            yield from _submit_started(t, t.start)
+    yield Notify(("tasks", "triggers"))
+
+
+def _submit_started(task: NewTask, start: Deferral) -> Program[None]:
+    """A task that starts from a trigger: deferred on it before its first try."""
+    yield run_many(INSERT_TASK, [_task_params(task, state="deferred")])
+    timeout = None if start.timeout is None else float(start.timeout)
+    params = {"task_id": task.id, "timeout": timeout, "watch_task_id": start.watch_task_id}
+    [(trigger_id,)] = yield run(
+        START_TRIGGER, **params, classpath=start.classpath, kwargs=start.kwargs, queue=task.queue
     )
-    yield Notify(("tasks",))
+    yield run(START_WAITING, task_id=task.id, trigger_id=int(trigger_id), timeout=timeout)
+    yield from _watch(start.watch_task_id)
+
+
+def _watch(watched: str | None) -> Program[None]:
+    """A trigger watches ``watched``: mark it, and fire at once if it already ended."""
+    if watched is not None:
+        rows = yield run(WATCHED, task_id=watched)
+        if not rows:
+            raise TaskNotFound(f"cannot wait on unknown task id {watched}")
+        if rows[0][0]:
+            yield from pipelines.fire_watchers([watched])
+
+
+def _ended(rows: list[Row]) -> Program[None]:
+    """After a statement that ended a task (RETURNING id, has_downstream): settle its waiters."""
+    ended = [r[0] for r in rows if r[1]]
+    if ended:
+        yield from pipelines.settle(ended)
 
 
 def claim_tasks(worker_id: str, queues: Sequence[str], limit: int) -> Program[list[ClaimedTask]]:
@@ -258,6 +334,7 @@ def claim_tasks(worker_id: str, queues: Sequence[str], limit: int) -> Program[li
 
 def complete(task_id: str, claim_token: int, result: str | None) -> Program[bool]:
     rows = yield run(COMPLETE, task_id=task_id, claim_token=claim_token, result=result)
+    yield from _ended(rows)
     return _one(rows)
 
 
@@ -270,11 +347,14 @@ def fail(task_id: str, claim_token: int, error: str, retry: bool) -> Program[Tas
     state = TaskState(rows[0][0])
     if state is TaskState.UP_FOR_RETRY:
         yield Notify(("tasks",))
+    elif rows[0][1]:
+        yield from pipelines.settle([task_id])
     return state
 
 
 def skip(task_id: str, claim_token: int, reason: str | None) -> Program[bool]:
     rows = yield run(SKIP, task_id=task_id, claim_token=claim_token, reason=clean_text(reason))
+    yield from _ended(rows)
     return _one(rows)
 
 
@@ -303,6 +383,7 @@ def defer(task_id: str, claim_token: int, deferral: Deferral) -> Program[int | N
         classpath=deferral.classpath,
         kwargs=deferral.kwargs,
         timeout=timeout,
+        watch_task_id=deferral.watch_task_id,
     )
     if not rows:
         return None
@@ -315,6 +396,7 @@ def defer(task_id: str, claim_token: int, deferral: Deferral) -> Program[int | N
         trigger_id=trigger_id,
         timeout=timeout,
     )
+    yield from _watch(deferral.watch_task_id)
     yield Notify(("triggers",))
     return trigger_id
 
@@ -323,8 +405,25 @@ def cancel(task_id: str) -> Program[bool]:
     rows = yield run(CANCEL, task_id=task_id)
     yield run(DROP_TASK_TRIGGER, task_id=task_id)
     if rows:
+        yield from _ended(rows)  # cancelling propagates in the same transaction
         yield Notify(("tasks", "triggers"))
     return _one(rows)
+
+
+def end_from_triggers(items: Sequence[tuple[int, str, str | None, str | None]]) -> Program[int]:
+    """Triggers that ended their task themselves: (trigger_id, state, result JSON, error)."""
+    ended: list[Row] = []
+    for trigger_id, state, result, error in items:
+        ended += yield run(
+            END_FROM_TRIGGER,
+            trigger_id=trigger_id,
+            state=state,
+            result=result,
+            error=clean_text(error),
+        )
+    yield run_many(DROP_TRIGGER, [{"trigger_id": t} for t, _, _, _ in items])
+    yield from _ended(ended)
+    return len(ended)
 
 
 def resume(items: Sequence[tuple[int, str | None, str]]) -> Program[int]:

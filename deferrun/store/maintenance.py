@@ -12,6 +12,7 @@ from typing import Any
 from deferrun import serialization
 from deferrun.baseoperator import BaseOperator
 from deferrun.models import TaskState
+from deferrun.store import pipelines
 from deferrun.store.machine import (
     EXPIRE_BATCH,
     LIVE_PROCESSES,
@@ -57,7 +58,7 @@ REAP_LOST = Query(
             "THEN 'retrying' ELSE 'no retries left' END"
         )
     }
-    WHERE id IN (SELECT id FROM lost) RETURNING id, state""",
+    WHERE id IN (SELECT id FROM lost) RETURNING id, state, has_downstream""",
 )
 RELEASE_DEAD_TRIGGERERS = Query(
     "release_dead_triggerers",
@@ -124,6 +125,9 @@ def reap(dead_after: float, report: Any) -> Program[Any]:
     )
     report.retried = [r[0] for r in lost if r[1] == TaskState.UP_FOR_RETRY]
     report.failed = [r[0] for r in lost if r[1] == TaskState.FAILED]
+    waited_on = [r[0] for r in lost if r[1] == TaskState.FAILED and r[2]]
+    if waited_on:
+        yield from pipelines.settle(waited_on)
     released = yield run(RELEASE_DEAD_TRIGGERERS, dead_after=dead_after)
     report.released_triggers = len(released)
     expired = yield run(EXPIRED)

@@ -25,7 +25,7 @@ from deferrun.models import (
     TriggerInfo,
     ts,
 )
-from deferrun.store import machine, maintenance
+from deferrun.store import machine, maintenance, pipelines
 from deferrun.store.base import ROLE_CHANNEL, Channel, ReapReport, Role, Wakeup
 from deferrun.store.rows import TASK_INFO_COLUMNS, load_or_raw, task_info
 from deferrun.store.sql import Program, Query, R, Row
@@ -225,6 +225,26 @@ class SqlStore:
     async def owned_claims(self, worker_id: str) -> set[tuple[str, int]]:
         rows = await self.db.fetch(OWNED_CLAIMS, worker_id=worker_id)
         return {(r[0], int(r[1])) for r in rows}
+
+    async def retry_task(self, task_id: str, *, downstream: bool = False) -> list[str]:
+        return await self.db.transact(pipelines.retry(task_id, downstream))
+
+    async def upstream_results(self, task_id: str) -> dict[str, Any]:
+        return pipelines.upstream_results(
+            await self.db.fetch(pipelines.UPSTREAM_RESULTS, task_id=task_id)
+        )
+
+    async def dependencies(self, task_id: str) -> tuple[list[str], list[str]]:
+        """(upstream ids, downstream ids) of a task."""
+        up = await self.db.fetch(pipelines.UPSTREAM_IDS, task_id=task_id)
+        down = await self.db.fetch(pipelines.DOWNSTREAM, ids=[task_id])
+        return [r[0] for r in up], [r[0] for r in down]
+
+    async def end_triggers(self, items: Sequence[tuple[int, str, str | None, str | None]]) -> int:
+        """Triggers that ended their own task: (trigger_id, state, result JSON, error)."""
+        if not items:
+            return 0
+        return await self.db.transact(machine.end_from_triggers(list(items)))
 
     async def cancel_task(self, task_id: str) -> TaskInfo | None:
         await self.db.transact(machine.cancel(task_id))

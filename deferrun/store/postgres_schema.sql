@@ -1,4 +1,4 @@
--- deferrun schema for the PostgreSQL backend. Version 3 (every statement is idempotent: applying this file upgrades any older version).
+-- deferrun schema for the PostgreSQL backend. Version 4 (every statement is idempotent: applying this file upgrades any older version).
 -- Times are double precision epoch seconds, taken from the database server's clock so that
 -- hosts with skewed clocks still agree on heartbeats and due times. JSON is stored as text,
 -- exactly as serialized.
@@ -80,3 +80,18 @@ CREATE INDEX IF NOT EXISTS deferrun_task_logs_task ON deferrun_task_logs (task_i
 -- Version 3: a fencing token per claim (every outcome write is guarded on it).
 ALTER TABLE deferrun_tasks ADD COLUMN IF NOT EXISTS claim_token bigint NOT NULL DEFAULT 0;
 ALTER TABLE deferrun_processes ADD COLUMN IF NOT EXISTS wake_port integer;
+
+-- Version 4: pipelines. A task may wait on upstream tasks (trigger_rule over the deps rows);
+-- a trigger may watch another task (woken by the store when that task finishes).
+ALTER TABLE deferrun_tasks ADD COLUMN IF NOT EXISTS trigger_rule text;
+ALTER TABLE deferrun_tasks ADD COLUMN IF NOT EXISTS has_downstream boolean NOT NULL DEFAULT false;
+ALTER TABLE deferrun_tasks ADD COLUMN IF NOT EXISTS retries integer;
+ALTER TABLE deferrun_triggers ADD COLUMN IF NOT EXISTS watch_task_id text;
+CREATE TABLE IF NOT EXISTS deferrun_deps (
+    task_id     text NOT NULL,
+    upstream_id text NOT NULL,
+    PRIMARY KEY (task_id, upstream_id)
+);
+CREATE INDEX IF NOT EXISTS deferrun_deps_upstream ON deferrun_deps (upstream_id);
+CREATE INDEX IF NOT EXISTS deferrun_triggers_watch ON deferrun_triggers (watch_task_id)
+    WHERE watch_task_id IS NOT NULL;

@@ -57,6 +57,11 @@ class Notify:
 Program = Generator[Run | Notify, list[Row], R]
 
 
+def states_sql(states: Any) -> str:
+    """A set of task states as an SQL list literal: ``('failed', 'success')``."""
+    return "(" + ", ".join(f"'{s}'" for s in sorted(states)) + ")"
+
+
 def run(query: Query, **params: Any) -> Run:
     return Run(query, params)
 

@@ -27,7 +27,7 @@ from deferrun.store.local_notify import UdpListener, UdpSender
 from deferrun.store.manager import SqlStore
 from deferrun.store.sql import Program, Query, Row, Run, SQLiteDialect, drive_sync
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 R = TypeVar("R")
 
 #: sqlite3 errors that say "not now" rather than "this statement is wrong"
@@ -252,6 +252,8 @@ class SQLiteConnector:
                 return
             if 0 < version < 3:
                 self._rename_v2_tables(c)
+            if 0 < version < 4:
+                self._add_v4_columns(c)
             code = "\n".join(
                 line for line in schema.splitlines() if not line.lstrip().startswith("--")
             )
@@ -259,6 +261,18 @@ class SQLiteConnector:
                 if statement.strip():
                     c.execute(statement)
             c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    @staticmethod
+    def _add_v4_columns(c: sqlite3.Connection) -> None:
+        """Version 4: pipelines (SQLite has no ADD COLUMN IF NOT EXISTS)."""
+        for table, column, kind in (
+            ("deferrun_tasks", "trigger_rule", "TEXT"),
+            ("deferrun_tasks", "has_downstream", "INTEGER NOT NULL DEFAULT 0"),
+            ("deferrun_tasks", "retries", "INTEGER"),
+            ("deferrun_triggers", "watch_task_id", "TEXT"),
+        ):
+            if column not in {r[1] for r in c.execute(f"PRAGMA table_info({table})")}:
+                c.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
     @staticmethod
     def _rename_v2_tables(c: sqlite3.Connection) -> None:

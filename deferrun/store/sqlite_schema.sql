@@ -1,4 +1,4 @@
--- deferrun schema for the embedded SQLite backend. Version 3. Every statement is idempotent; versions 1-2 used the
+-- deferrun schema for the embedded SQLite backend. Version 4. Every statement is idempotent; versions 1-2 used the
 -- table names without the deferrun_ prefix and are renamed before this file runs.
 -- Timestamps are REAL epoch seconds (UTC); JSON columns hold msgspec-encoded values.
 
@@ -27,7 +27,10 @@ CREATE TABLE IF NOT EXISTS deferrun_tasks (
     started_at        REAL,
     updated_at        REAL NOT NULL,
     finished_at       REAL,
-    claim_token       INTEGER NOT NULL DEFAULT 0
+    claim_token       INTEGER NOT NULL DEFAULT 0,
+    trigger_rule      TEXT,
+    has_downstream    INTEGER NOT NULL DEFAULT 0,
+    retries           INTEGER
 );
 
 CREATE INDEX IF NOT EXISTS deferrun_tasks_runnable ON deferrun_tasks (queue, ready_at)
@@ -45,7 +48,8 @@ CREATE TABLE IF NOT EXISTS deferrun_triggers (
     queue        TEXT NOT NULL,
     triggerer_id TEXT,
     deadline     REAL,
-    created_at   REAL NOT NULL
+    created_at   REAL NOT NULL,
+    watch_task_id TEXT
 );
 
 CREATE INDEX IF NOT EXISTS deferrun_triggers_unclaimed ON deferrun_triggers (queue, id) WHERE triggerer_id IS NULL;
@@ -80,3 +84,14 @@ CREATE TABLE IF NOT EXISTS deferrun_meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
+
+-- Version 4: pipelines. A task may wait on upstream tasks (trigger_rule over the deps rows);
+-- a trigger may watch another task (woken by the store when that task finishes).
+CREATE TABLE IF NOT EXISTS deferrun_deps (
+    task_id     TEXT NOT NULL,
+    upstream_id TEXT NOT NULL,
+    PRIMARY KEY (task_id, upstream_id)
+);
+CREATE INDEX IF NOT EXISTS deferrun_deps_upstream ON deferrun_deps (upstream_id);
+CREATE INDEX IF NOT EXISTS deferrun_triggers_watch ON deferrun_triggers (watch_task_id)
+    WHERE watch_task_id IS NOT NULL;

@@ -1,0 +1,40 @@
+"""A defer signal as the store keeps it: the trigger serialized and checked, the timeout as a
+duration. Shared by the worker (an operator defers) and the client (a task starts from a
+trigger), so both refuse exactly the same triggers."""
+
+from __future__ import annotations
+
+from deferrun import serialization
+from deferrun.baseoperator import as_seconds
+from deferrun.basetrigger import BaseTrigger
+from deferrun.exceptions import SerializationError, TaskDeferred
+from deferrun.models import Deferral
+
+
+def prepare_deferral(signal: TaskDeferred) -> Deferral:
+    """Serialize a defer signal, refusing triggers the triggerer could not rebuild."""
+    trigger = signal.trigger
+    if not isinstance(trigger, BaseTrigger):
+        raise SerializationError(f"defer() needs a BaseTrigger instance, got {trigger!r}")
+    result = trigger.serialize()
+    if not (isinstance(result, tuple | list) and len(result) == 2):
+        raise SerializationError(
+            f"{type(trigger).__qualname__}.serialize() must return (classpath, kwargs), "
+            f"got {result!r}"
+        )
+    classpath, kwargs = result
+    if not isinstance(kwargs, dict):
+        raise SerializationError(f"{classpath}: serialize() kwargs must be a dict, got {kwargs!r}")
+    cls, classpath = serialization.stored_classpath(classpath, trigger, BaseTrigger)
+    serialization.check_kwargs_fit(cls, kwargs, "trigger")
+    kwargs_json = serialization.dumps(kwargs, f"{cls.__qualname__} kwargs")
+    timeout = as_seconds(signal.timeout, "defer timeout")
+    watched = trigger.watched_task()
+    return Deferral(
+        watch_task_id=watched if isinstance(watched, str) else None,
+        classpath=classpath,
+        kwargs=kwargs_json,
+        method_name=signal.method_name,
+        method_kwargs=serialization.dumps(signal.kwargs, f"defer(kwargs=...) of {classpath}"),
+        timeout=timeout,
+    )

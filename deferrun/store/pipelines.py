@@ -1,0 +1,261 @@
+"""Tasks that wait on other tasks: trigger rules, settled in the transaction that ends a task.
+
+A task submitted ``after`` upstream tasks is stored ``deferred`` with no trigger (it holds no
+slot and nothing polls for it). Every transition that ends a task whose ``has_downstream`` is
+set runs :func:`settle` in the same transaction: waiters whose rule now holds are queued,
+waiters whose rule can no longer hold end ``upstream_failed`` or ``skipped`` (which settles
+their own waiters in turn), and triggers watching the ended task (``TaskStateTrigger``) fire
+with its final state. The rules are Airflow's; they are decided here, once, for both backends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from deferrun import serialization
+from deferrun.exceptions import TaskNotFound
+from deferrun.models import FINISHED_STATES, NewTask, TaskState
+from deferrun.store import machine
+from deferrun.store.sql import Notify, Program, Query, run, run_many, states_sql
+
+FINISHED = states_sql(FINISHED_STATES)
+
+TRIGGER_RULES = (
+    "all_success",
+    "all_failed",
+    "all_done",
+    "one_success",
+    "one_failed",
+    "none_failed",
+)
+#: outcomes an upstream counts as failed for the rules (cancelled is a failure to downstreams)
+_BAD = "('failed', 'upstream_failed', 'cancelled')"
+WAITING = "state = 'deferred' AND trigger_id IS NULL AND trigger_rule IS NOT NULL"
+
+EXISTING = Query("existing", "SELECT id FROM deferrun_tasks WHERE id IN_TEXTS(:ids)")
+INSERT_DEP = Query(
+    "insert_dep",
+    "INSERT INTO deferrun_deps (task_id, upstream_id) VALUES (:task_id, :upstream_id) {count}",
+    many=True,
+)
+MARK_WAITED_ON = Query(
+    "mark_waited_on",
+    "UPDATE deferrun_tasks SET has_downstream = true WHERE id IN_TEXTS(:ids)",
+)
+_WAITER_COUNTS = f"""SELECT d.id, d.trigger_rule, count(*),
+        sum(CASE WHEN u.state = 'success' THEN 1 ELSE 0 END),
+        sum(CASE WHEN u.state IN {_BAD} THEN 1 ELSE 0 END),
+        sum(CASE WHEN u.state = 'skipped' THEN 1 ELSE 0 END)
+    FROM deferrun_tasks d
+    JOIN deferrun_deps x ON x.task_id = d.id
+    JOIN deferrun_tasks u ON u.id = x.upstream_id
+    WHERE d.id IN (SELECT task_id FROM deferrun_deps WHERE {{column}} IN_TEXTS(:ids))
+      AND d.state = 'deferred' AND d.trigger_id IS NULL AND d.trigger_rule IS NOT NULL
+    GROUP BY d.id, d.trigger_rule"""
+# the same counts, for waiters named directly (a task just submitted)
+WAITERS_BY_UPSTREAM = Query(
+    "waiters_by_upstream", _WAITER_COUNTS.replace("{column}", "upstream_id")
+)
+WAITERS_BY_ID = Query("waiters_by_id", _WAITER_COUNTS.replace("{column}", "task_id"))
+RELEASE = Query(
+    "release_waiter",
+    # a re-run (retry --downstream) counts a new try: up_for_retry is what claims count
+    f"""UPDATE deferrun_tasks SET ready_at = {{now}}, updated_at = {{now}},
+        state = CASE WHEN try_number = 0 THEN 'queued' ELSE 'up_for_retry' END
+    WHERE id = :task_id AND {WAITING} {{count}}""",
+    many=True,
+)
+END_WAITER = Query(
+    "end_waiter",
+    f"""UPDATE deferrun_tasks SET state = :state, error = :reason, updated_at = {{now}},
+        finished_at = {{now}}
+    WHERE id = :task_id AND {WAITING} {{count}}""",
+    many=True,
+)
+WATCHERS = Query(
+    "watchers",
+    """SELECT g.id, t.id, t.state, t.result FROM deferrun_triggers g
+    JOIN deferrun_tasks t ON t.id = g.watch_task_id
+    WHERE g.watch_task_id IN_TEXTS(:ids)""",
+)
+UPSTREAM_RESULTS = Query(
+    "upstream_results",
+    """SELECT u.id, u.name, u.state, u.result FROM deferrun_deps x
+    JOIN deferrun_tasks u ON u.id = x.upstream_id WHERE x.task_id = :task_id""",
+)
+
+
+DOWNSTREAM = Query(
+    "downstream", "SELECT task_id FROM deferrun_deps WHERE upstream_id IN_TEXTS(:ids)"
+)
+UPSTREAM_IDS = Query(
+    "upstream_ids", "SELECT upstream_id FROM deferrun_deps WHERE task_id = :task_id"
+)
+_FRESH_TRY = """result = NULL, error = NULL, next_method = NULL, next_kwargs = NULL,
+        event = NULL, finished_at = NULL, worker_id = NULL, updated_at = {now},
+        max_tries = try_number + coalesce(retries, 0) + 1"""
+RETRY = Query(
+    "retry",
+    f"""UPDATE deferrun_tasks SET state = 'up_for_retry', ready_at = {{now}}, {_FRESH_TRY}
+    WHERE id = :task_id AND state IN {FINISHED} RETURNING id""",
+)
+REARM = Query(
+    "rearm",
+    f"""UPDATE deferrun_tasks SET state = 'deferred', ready_at = NULL, trigger_id = NULL,
+        defer_deadline = NULL, {_FRESH_TRY}
+    WHERE id = :task_id AND trigger_rule IS NOT NULL
+      AND (state IN {FINISHED} OR ({WAITING})) {{count}}""",
+    many=True,
+)
+
+
+def verdict(rule: str, total: int, ok: int, bad: int, skipped: int) -> TaskState | None:
+    """What a waiter becomes: QUEUED (run it), an end state, or None (keep waiting)."""
+    done = ok + bad + skipped == total
+    if rule == "all_success":
+        if bad:
+            return TaskState.UPSTREAM_FAILED
+        if skipped:
+            return TaskState.SKIPPED
+        return TaskState.QUEUED if ok == total else None
+    if rule == "all_failed":
+        if ok or skipped:
+            return TaskState.SKIPPED
+        return TaskState.QUEUED if bad == total else None
+    if rule == "all_done":
+        return TaskState.QUEUED if done else None
+    if rule == "one_success":
+        if ok:
+            return TaskState.QUEUED
+        if done:
+            return TaskState.UPSTREAM_FAILED if bad else TaskState.SKIPPED
+        return None
+    if rule == "one_failed":
+        if bad:
+            return TaskState.QUEUED
+        return TaskState.SKIPPED if done else None
+    if rule == "none_failed":
+        if bad:
+            return TaskState.UPSTREAM_FAILED
+        return TaskState.QUEUED if done else None
+    raise ValueError(f"unknown trigger_rule {rule!r}; use one of {', '.join(TRIGGER_RULES)}")
+
+
+def _reason(rule: str, state: TaskState, ok: int, bad: int, skipped: int, total: int) -> str:
+    return (
+        f"trigger_rule {rule} can no longer hold: of {total} upstream tasks {ok} succeeded, "
+        f"{bad} failed or were cancelled, {skipped} were skipped ({state})"
+    )
+
+
+def settle(ended: Sequence[str], *, by_id: bool = False) -> Program[int]:
+    """Resolve everything that waits on the tasks ``ended`` (or, ``by_id``, those waiters).
+
+    Runs inside the transaction that ended them, so a waiter is queued exactly when the
+    upstream that satisfies its rule commits. Returns how many waiters were queued.
+    """
+    queued = 0
+    frontier = list(ended)
+    query = WAITERS_BY_ID if by_id else WAITERS_BY_UPSTREAM
+    while frontier:
+        if not by_id:
+            yield from fire_watchers(frontier)
+        rows = yield run(query, ids=frontier)
+        release: list[dict[str, Any]] = []
+        end: list[dict[str, Any]] = []
+        for task_id, rule, total, ok, bad, skipped in rows:
+            counts = (int(total), int(ok or 0), int(bad or 0), int(skipped or 0))
+            state = verdict(rule, *counts)
+            if state is TaskState.QUEUED:
+                release.append({"task_id": task_id})
+            elif state is not None:
+                reason = _reason(rule, state, counts[1], counts[2], counts[3], counts[0])
+                end.append({"task_id": task_id, "state": str(state), "reason": reason})
+        if release:
+            [(n,)] = yield run_many(RELEASE, release)
+            queued += int(n)
+        if end:
+            yield run_many(END_WAITER, end)
+        frontier = [e["task_id"] for e in end]
+        query = WAITERS_BY_UPSTREAM
+        by_id = False
+    if queued:
+        yield Notify(("tasks",))
+    return queued
+
+
+def fire_watchers(ended: Sequence[str]) -> Program[None]:
+    """Fire every trigger watching one of the ``ended`` tasks with that task's outcome."""
+    rows = yield run(WATCHERS, ids=list(ended))
+    if rows:
+        items = [
+            (
+                int(trigger_id),
+                None,
+                serialization.dumps(
+                    {"task_id": task_id, "state": state, "result": serialization.loads(result)}
+                ),
+            )
+            for trigger_id, task_id, state, result in rows
+        ]
+        yield from machine.resume(items)
+
+
+def submit_waiting(task: NewTask, insert: Query, params: dict[str, Any]) -> Program[None]:
+    """Insert a task that waits on ``task.after``, refusing ids that do not exist."""
+    after = sorted(set(task.after))
+    if task.id in after:
+        raise ValueError(f"task {task.id} cannot wait on itself")
+    rule = task.trigger_rule or "all_success"
+    if rule not in TRIGGER_RULES:
+        raise ValueError(f"unknown trigger_rule {rule!r}; use one of {', '.join(TRIGGER_RULES)}")
+    found = {r[0] for r in (yield run(EXISTING, ids=after))}
+    missing = [i for i in after if i not in found]
+    if missing:
+        raise TaskNotFound(
+            f"cannot submit after unknown task id(s) {', '.join(missing)}; submit the upstream "
+            "tasks first and pass the ids submit() returned"
+        )
+    yield run_many(insert, [{**params, "state": "deferred", "trigger_rule": rule}])
+    yield run_many(INSERT_DEP, [{"task_id": task.id, "upstream_id": u} for u in after])
+    yield run(MARK_WAITED_ON, ids=after)
+    yield from settle([task.id], by_id=True)  # upstreams that already ended count at once
+
+
+def retry(task_id: str, downstream: bool) -> Program[list[str]]:
+    """Put a finished task back with a fresh try; with ``downstream``, re-arm every task
+    downstream of it to wait again (running ones are left alone). Returns the ids touched."""
+    if not (yield run(RETRY, task_id=task_id)):
+        raise ValueError(
+            f"task {task_id} is not finished (or does not exist); only a finished task can be "
+            "retried - cancel it first to stop it"
+        )
+    touched = [task_id]
+    if downstream:
+        seen: set[str] = {task_id}
+        frontier = [task_id]
+        while frontier:
+            rows = yield run(DOWNSTREAM, ids=frontier)
+            frontier = sorted({r[0] for r in rows} - seen)
+            seen.update(frontier)
+            if frontier:
+                yield run_many(REARM, [{"task_id": t} for t in frontier])
+                touched += frontier
+    yield Notify(("tasks",))
+    return touched
+
+
+def upstream_results(rows: Sequence[Any]) -> dict[str, Any]:
+    """``context["upstream"]``: each upstream by task id, and by name where names are unique."""
+    out: dict[str, Any] = {}
+    names: dict[str, int] = {}
+    for task_id, name, state, result in rows:
+        entry = {"task_id": task_id, "name": name, "state": state}
+        entry["result"] = serialization.loads(result) if result is not None else None
+        out[task_id] = entry
+        names[name] = names.get(name, 0) + 1
+    for entry in list(out.values()):
+        if names[entry["name"]] == 1 and entry["name"] not in out:
+            out[entry["name"]] = entry
+    return out

@@ -1,0 +1,144 @@
+"""Pipelines on both backends: tasks that wait on tasks, start from a trigger, pass results,
+end from a trigger, watch other tasks, and re-run with everything after them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anyio
+import pytest
+from pipeline_userland import Ends, Step
+from tests_support import runtime_for
+from userland import EchoTrigger, NeverTrigger
+
+from deferrun import TaskState
+from deferrun.exceptions import TaskNotFound
+from deferrun.sensors import TaskSensor
+from deferrun.store import Store
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_chain_passes_results_and_waits_without_a_slot(store: Store) -> None:
+    async with runtime_for(store, slots=1) as rt:
+        c = rt.client
+        a = await c.submit(Step(task_id="start", value=1))
+        b = await c.submit(Step(task_id="wait", value=2), after=[a])
+        d = await c.submit(Step(task_id="fetch", value=3), after=[b])
+        info = await c.wait(d, timeout=20)
+        b_info = await c.get(b)
+    assert info.state is TaskState.SUCCESS, info.error
+    assert info.result["upstream"] == {b: b_info.result}
+    assert b_info.result["upstream"][a]["value"] == 1
+
+
+# rule -> upstream outcomes -> expected downstream state
+RULES = [
+    ("all_success", ["success", "success"], TaskState.SUCCESS),
+    ("all_success", ["success", "failed"], TaskState.UPSTREAM_FAILED),
+    ("all_success", ["success", "skipped"], TaskState.SKIPPED),
+    ("all_failed", ["failed", "failed"], TaskState.SUCCESS),
+    ("all_failed", ["failed", "success"], TaskState.SKIPPED),
+    ("all_done", ["failed", "skipped"], TaskState.SUCCESS),
+    ("one_success", ["failed", "success"], TaskState.SUCCESS),
+    ("one_success", ["failed", "failed"], TaskState.UPSTREAM_FAILED),
+    ("one_failed", ["success", "failed"], TaskState.SUCCESS),
+    ("one_failed", ["success", "skipped"], TaskState.SKIPPED),
+    ("none_failed", ["success", "skipped"], TaskState.SUCCESS),
+    ("none_failed", ["success", "failed"], TaskState.UPSTREAM_FAILED),
+]
+
+
+async def test_trigger_rules_over_mixed_outcomes(store: Store) -> None:
+    async with runtime_for(store) as rt:
+        c = rt.client
+        cases = []
+        for rule, outcomes, expected in RULES:
+            ups = [await c.submit(Step(outcome=o)) for o in outcomes]
+            down = await c.submit(Step(task_id=rule), after=ups, trigger_rule=rule)
+            cases.append((rule, outcomes, expected, down))
+        for rule, outcomes, expected, down in cases:
+            info = await c.wait(down, timeout=20)
+            assert info.state == expected, (rule, outcomes, info.state, info.error)
+
+
+async def test_fan_out_fan_in_cancel_and_unknown_ids(store: Store) -> None:
+    async with runtime_for(store, worker=False) as rt:
+        c = rt.client
+        up = await c.submit(Step())
+        fan = [await c.submit(Step(), after=[up]) for _ in range(20)]
+        joined = await c.submit(Step(), after=fan, trigger_rule="all_done")
+        with pytest.raises(TaskNotFound, match="unknown task id"):
+            await c.submit(Step(), after=[up, "no-such-task"])
+        assert {(await c.get(t)).state for t in [*fan, joined]} == {TaskState.DEFERRED}
+        await c.cancel(up)  # one transaction: every waiter settles with it
+        states = {(await c.get(t)).state for t in fan}
+        assert states == {TaskState.UPSTREAM_FAILED}
+        assert (await c.get(joined)).state is TaskState.QUEUED  # all_done: released, no worker
+
+
+async def test_start_from_trigger_holds_no_slot_and_sees_the_event(store: Store) -> None:
+    async with runtime_for(store, slots=2) as rt:
+        c = rt.client
+        waiting = [await c.submit(Step(), start_trigger=NeverTrigger()) for _ in range(100)]
+        started = await c.submit(Step(value="go"), start_trigger=EchoTrigger(value={"run": 7}))
+        plain = await c.submit(Step(value="plain"))
+        info = await c.wait(started, timeout=20)
+        assert (await c.wait(plain, timeout=20)).state is TaskState.SUCCESS
+        assert rt.worker is not None and not rt.worker.running
+        assert {(await c.get(t)).state for t in waiting} == {TaskState.DEFERRED}
+    assert info.state is TaskState.SUCCESS, info.error
+    assert info.result["trigger_event"] == {"run": 7}
+
+
+async def test_end_from_trigger_never_reaches_a_worker(store: Store, tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    async with runtime_for(store) as rt:
+        c = rt.client
+        ids = {
+            how: await c.submit(
+                Step(marker=str(marker)), start_trigger=Ends(how=how, value=how, delay=0.1)
+            )
+            for how in ("success", "failed", "skipped")
+        }
+        after = await c.submit(Step(), after=[ids["success"]])
+        infos = {how: await c.wait(t, timeout=20) for how, t in ids.items()}
+        assert (await c.wait(after, timeout=20)).state is TaskState.SUCCESS
+    assert infos["success"].state is TaskState.SUCCESS and infos["success"].result == "success"
+    assert infos["failed"].state is TaskState.FAILED
+    assert "the job said no" in (infos["failed"].error or "")
+    assert infos["skipped"].state is TaskState.SKIPPED
+    assert not marker.exists(), "a worker ran a task its trigger had ended"
+
+
+@pytest.mark.parametrize("mode", ["deferrable", "poke", "reschedule"])
+async def test_task_sensor_in_every_mode(store: Store, mode: str) -> None:
+    async with runtime_for(store) as rt:
+        c = rt.client
+        target = await c.submit(Step(value="watched"), start_trigger=EchoTrigger(value=1, delay=1))
+        doomed = await c.submit(Step(outcome="failed"), start_trigger=EchoTrigger(1, delay=1))
+        kw = {"mode": mode, "poke_interval": 0.2, "timeout": 30}
+        ok = await c.submit(TaskSensor(external_task_id=target, **kw))
+        bad = await c.submit(TaskSensor(external_task_id=doomed, **kw))
+        ok_info = await c.wait(ok, timeout=30)
+        bad_info = await c.wait(bad, timeout=30)
+    assert ok_info.state is TaskState.SUCCESS, ok_info.error
+    assert ok_info.result["result"]["value"] == "watched"
+    assert bad_info.state is TaskState.FAILED and "ended failed" in (bad_info.error or "")
+
+
+async def test_retry_with_and_without_downstream(store: Store, tmp_path: Path) -> None:
+    marker = tmp_path / "runs"
+    async with runtime_for(store) as rt:
+        c = rt.client
+        first = await c.submit(Step(outcome="failed", marker=str(marker)))
+        second = await c.submit(Step(marker=str(marker)), after=[first])
+        assert (await c.wait(second, timeout=20)).state is TaskState.UPSTREAM_FAILED
+        assert await c.retry(first, downstream=True) == [first, second]
+        assert (await c.get(second)).state is TaskState.DEFERRED
+        assert (await c.wait(second, timeout=20)).state is TaskState.UPSTREAM_FAILED
+        again = await c.get(first)
+        assert again.try_number == 2 and again.state is TaskState.FAILED
+        with pytest.raises(ValueError, match="not finished"):
+            await c.retry(await c.submit(Step(), start_trigger=NeverTrigger()))
+    await anyio.sleep(0)
