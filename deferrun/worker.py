@@ -32,7 +32,7 @@ from deferrun.liveness import heartbeat_loop, new_process_id
 from deferrun.metrics import Metrics
 from deferrun.models import ClaimedTask
 from deferrun.recording import Recorder, Write
-from deferrun.store.base import Store, Wakeup
+from deferrun.store.base import Store, Wakeup, is_connection_error
 from deferrun.watchdog import LoopWatchdog
 
 log = structlog.get_logger("deferrun.worker")
@@ -228,10 +228,15 @@ class Worker:
                             attempt.upstream = await self.store.upstream_results(task.id)
                         outcome = await run_attempt(attempt)
                     except Exception as exc:  # nothing a row holds may stop the worker
-                        log.error("could not run the attempt", error=format_error(exc))
-                        outcome = Failed(
-                            f"deferrun could not run this attempt:\n{format_error(exc)}", False
-                        )
+                        if is_connection_error(exc):  # could not read its upstreams: later
+                            log.warning("database unavailable; re-queueing", error=repr(exc))
+                            outcome = None
+                        else:
+                            log.error("could not run the attempt", error=format_error(exc))
+                            outcome = Failed(
+                                f"deferrun could not run this attempt:\n{format_error(exc)}",
+                                False,
+                            )
             if attempt.cancel_reason:
                 outcome = None
             attempt.recording = True
