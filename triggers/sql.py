@@ -101,16 +101,16 @@ class SqlTrigger(PollingTrigger):
         pool, conn = await self._connect()
         try:
             row = await conn.fetchrow(self.sql, *self.parameters)
+        except (ValueError, TypeError) as exc:  # raised by asyncpg's codecs, before sending
+            raise ValueError(
+                f"{self.conn_id!r}: the query's parameters were rejected: {type(exc).__name__}: "
+                f"{redact(str(exc))}"
+            ) from None
         except asyncpg.PostgresError as exc:
             if isinstance(exc, _transient_server_errors()):
                 raise TransientError(f"{self.conn_id!r}: {redact(str(exc))}") from None
             raise RuntimeError(
                 f"SQL error on {self.conn_id!r}: {type(exc).__name__}: {redact(str(exc))}"
-            ) from None
-        except (ValueError, TypeError) as exc:  # asyncpg.DataError: a parameter's type
-            raise ValueError(
-                f"{self.conn_id!r}: the query's parameters were rejected: {type(exc).__name__}: "
-                f"{redact(str(exc))}"
             ) from None
         except (OSError, TimeoutError, asyncpg.InterfaceError) as exc:
             raise TransientError(
