@@ -9,6 +9,7 @@ working unchanged.
 from __future__ import annotations
 
 import inspect
+import math
 import random
 from collections.abc import AsyncIterator
 from typing import Any
@@ -185,13 +186,31 @@ class BaseTrigger:
         return f"{type(self).__qualname__}({args})"
 
 
+MIN_POLL_INTERVAL = 0.01
+
+
+def check_interval(value: Any, name: str = "poll_interval") -> float:
+    """``value`` as seconds if it is a finite number >= MIN_POLL_INTERVAL, else ValueError.
+
+    Zero, negative, NaN or infinite intervals would busy-poll a service or never poll at all.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{name} must be a number of seconds, got {value!r}")
+    if not math.isfinite(value) or value < MIN_POLL_INTERVAL:
+        raise ValueError(
+            f"{name} must be a finite number of seconds >= {MIN_POLL_INTERVAL:g}, got {value!r}"
+        )
+    return float(value)
+
+
 class PollingTrigger(BaseTrigger):
     """A trigger that checks a condition every ``poll_interval`` seconds.
 
     Implement ``async def poll(self) -> TriggerEvent | None``: return an event when the
     condition holds, None while it does not; raise ``TransientError`` for a failure worth
-    retrying (with exponential backoff up to ``max_backoff``), anything else to fail the task.
-    Sensors in poke and reschedule mode call the same ``poll()``, so both paths agree.
+    retrying (with exponential backoff up to ``max_backoff``; a ``retry_after`` on it is a
+    floor for the next wait), anything else to fail the task. Sensors in poke and reschedule
+    mode call the same ``poll()``, so both paths agree.
     """
 
     poll_interval: float = 5.0
@@ -204,24 +223,37 @@ class PollingTrigger(BaseTrigger):
         # +-10 % so a thousand triggers deferred together do not poll in lockstep forever
         return seconds * random.uniform(0.9, 1.1)
 
+    def retry_delay(self, failures: int, retry_after: float | None) -> float:
+        """Seconds to wait after the ``failures``-th transient error in a row (jitter included).
+
+        Exponential from ``poll_interval``; a server's ``retry_after`` is a floor (jitter only
+        adds to it). Both are capped at ``max_backoff`` (or the poll interval, if longer).
+        """
+        cap = max(self.max_backoff, self.poll_interval)
+        delay = min(self.poll_interval * 2 ** min(failures, 16), cap)
+        if retry_after is not None and math.isfinite(retry_after) and retry_after > delay:
+            return min(retry_after, cap) * random.uniform(1.0, 1.1)
+        return self._jittered(delay)
+
     async def run(self) -> AsyncIterator[TriggerEvent]:
+        check_interval(self.poll_interval)
         failures = 0
         while True:
             try:
                 event = await self.poll()
             except TransientError as exc:
                 failures += 1
-                delay = min(
-                    self.poll_interval * 2 ** min(failures, 16),
-                    max(self.max_backoff, self.poll_interval),
-                )
+                retry_after = getattr(exc, "retry_after", None)  # a subclass may skip __init__
+                if not isinstance(retry_after, int | float) or isinstance(retry_after, bool):
+                    retry_after = None
+                delay = self.retry_delay(failures, retry_after)
                 self.log.warning(
                     "poll failed; retrying",
                     error=str(exc),
                     attempt=failures,
                     retry_in=round(delay, 2),
                 )
-                await anyio.sleep(self._jittered(delay))
+                await anyio.sleep(delay)
                 continue
             failures = 0
             if event is not None:

@@ -116,5 +116,11 @@ class TriggerFailed(Exception):
 class TransientError(Exception):
     """Raised by ``PollingTrigger.poll()``: not an answer yet (network, 5xx, throttling).
 
-    The trigger retries with exponential backoff instead of failing its task.
+    The trigger retries with exponential backoff instead of failing its task. ``retry_after``
+    (seconds, e.g. from an HTTP ``Retry-After`` header) makes the next poll wait at least that
+    long, capped at the trigger's ``max_backoff``.
     """
+
+    def __init__(self, *args: object, retry_after: float | None = None) -> None:
+        super().__init__(*args)
+        self.retry_after = retry_after

@@ -106,11 +106,20 @@ class BaseSensor(BaseOperator):
 # --------------------------------------------------------------------------- built-in sensors
 
 
+def check_poke_interval(sensor: BaseSensor) -> None:
+    """Built-in sensors refuse a zero, tiny, NaN or infinite poke_interval (a busy loop or
+    no poke at all); the same rule as the triggers' poll_interval."""
+    from deferrun.basetrigger import check_interval
+
+    check_interval(sensor.poke_interval, "poke_interval")
+
+
 class DateTimeSensor(BaseSensor):
     """Waits until ``target_time`` (tz-aware datetime or ISO string)."""
 
     def __init__(self, *, target_time: datetime | str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        check_poke_interval(self)
         from triggers.time import _aware
 
         if isinstance(target_time, str):
@@ -131,6 +140,7 @@ class TimeDeltaSensor(BaseSensor):
 
     def __init__(self, *, delta: timedelta | float, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        check_poke_interval(self)
         self.delta = timedelta(seconds=as_seconds(delta, "delta") or 0.0)
 
     def _target(self, context: Context) -> datetime:
@@ -155,6 +165,7 @@ class FileSensor(BaseSensor):
 
     def __init__(self, *, filepath: str, recursive: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        check_poke_interval(self)
         self.filepath = filepath
         self.recursive = recursive
 
@@ -234,6 +245,7 @@ class S3KeySensor(TriggerSensor):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        check_poke_interval(self)
         self.bucket_key = bucket_key
         self.bucket_name = bucket_name
         self.wildcard_match = wildcard_match
@@ -266,7 +278,10 @@ class HttpSensor(TriggerSensor):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.endpoint = endpoint
+        check_poke_interval(self)
+        from deferrun.shared_clients import check_endpoint
+
+        self.endpoint = check_endpoint(endpoint)
         self.http_conn_id = http_conn_id
         self.method = method
         self.headers = headers
@@ -299,6 +314,7 @@ class SqlSensor(TriggerSensor):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        check_poke_interval(self)
         self.sql = sql
         self.conn_id = conn_id
         self.parameters = parameters
@@ -348,7 +364,10 @@ class JobRunSensor(TriggerSensor):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.status_endpoint = status_endpoint
+        check_poke_interval(self)
+        from deferrun.shared_clients import check_endpoint
+
+        self.status_endpoint = check_endpoint(status_endpoint, "status_endpoint")
         self.http_conn_id = http_conn_id
         self.status_field = status_field
         self.success_states = success_states

@@ -8,8 +8,10 @@ asyncpg pool per connection. Clients live until the process shuts down.
 from __future__ import annotations
 
 import base64
+import re
 from contextlib import AsyncExitStack
 from typing import Any
+from urllib.parse import unquote
 
 import anyio
 import anyio.to_thread
@@ -115,10 +117,66 @@ async def pg_pool(conn_id: str) -> Any:
     return await shared_clients().get("postgres", conn_id, factory)
 
 
-def join_url(conn: Connection, endpoint: str) -> str:
-    if endpoint.startswith(("http://", "https://")):
-        return endpoint
-    return conn.base_url.rstrip("/") + "/" + endpoint.lstrip("/")
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+
+
+def check_endpoint(endpoint: Any, name: str = "endpoint") -> str:
+    """``endpoint`` if it is a path (and query) under the connection's base path, else ValueError.
+
+    The connection's credentials go with every request, so an endpoint must never pick the
+    host (``http://other/..``, ``//other``) or climb out of the base path (``..``, also
+    percent-encoded): the request always goes to the connection's scheme, host and port.
+    """
+    if not isinstance(endpoint, str):
+        raise ValueError(f"{name} must be a string path such as 'api/status', got {endpoint!r}")
+    shown = repr(endpoint[:200])
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in endpoint):
+        raise ValueError(f"{name} {shown} contains control characters; pass a plain URL path")
+    path = re.split(r"[?#]", endpoint, maxsplit=1)[0]
+    if path.startswith(("//", "\\\\", "/\\", "\\/")) or _SCHEME.match(path):
+        raise ValueError(
+            f"{name} {shown} is a URL, not a path: requests go only to the connection's host "
+            "(its credentials go with them); put the host in the connection and pass a path "
+            "such as 'api/v1/status' (or './a:b' if the first part has a ':')"
+        )
+    decoded = path
+    for _ in range(3):  # "%252e%252e" is ".." to a server that decodes twice
+        decoded = unquote(decoded)
+    # "..;x" is ".." to servers that drop path parameters (Tomcat, some proxies)
+    if any(seg.split(";", 1)[0] == ".." for seg in re.split(r"[/\\]", decoded)):
+        raise ValueError(
+            f"{name} {shown} has a '..' segment, which would leave the connection's base "
+            "path; pass a path below it, or change the connection's base URL"
+        )
+    return endpoint
+
+
+def join_url(conn: Connection, endpoint: str, name: str = "endpoint") -> str:
+    """The connection's base URL + "/" + ``endpoint`` (Airflow HttpHook's rule, not urljoin).
+
+    Refuses (ValueError) an endpoint that is a URL or climbs out of the base path, and checks
+    that the result still points at the connection's scheme, host and port.
+    """
+    import yarl
+
+    check_endpoint(endpoint, name)
+    if not conn.host:
+        from deferrun.exceptions import ConfigError
+
+        raise ConfigError(
+            f"connection {conn.conn_id!r} has no host; set e.g. http://host:port/base"
+        )
+    base = conn.base_url
+    if base.endswith("/") or endpoint.startswith("/") or not endpoint:
+        url = base + endpoint
+    else:
+        url = base + "/" + endpoint
+    if yarl.URL(url).origin() != yarl.URL(base).origin():
+        raise ValueError(
+            f"{name} {endpoint[:200]!r} would send the request away from connection "
+            f"{conn.conn_id!r}'s host; pass a path below its base URL"
+        )
+    return url
 
 
 def dotted(body: Any, path: str) -> Any:

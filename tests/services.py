@@ -200,3 +200,108 @@ def start_moto(port: int) -> Moto:
     return Moto(
         endpoint=endpoint, key=key["AccessKeyId"], secret=key["SecretAccessKey"], server=server
     )
+
+
+@dataclass
+class Hit:
+    at: float  # time.monotonic() when the request arrived
+    path_qs: str
+    authorization: str | None
+
+
+@dataclass
+class HostileApi:
+    """An aiohttp server that misbehaves on demand and records every request it receives.
+
+    Routes (any prefix): ``.../ok``; ``.../429?ra=N&times=K`` (429 with ``Retry-After: N``
+    for the first K hits, then 200; ``ra=date:N`` sends an HTTP-date N s ahead; no ``ra``, no
+    header); ``.../503?ra=N&times=K``; ``.../big?n=BYTES`` (JSON, Content-Length set);
+    ``.../stream?n=BYTES`` (chunked, no Content-Length); ``.../text?n=BYTES``;
+    ``.../echo401`` (401 whose body echoes the Authorization header); ``.../redirect?to=URL``.
+    """
+
+    port: int = 0
+    hits: list[Hit] = field(default_factory=list)
+    _counts: Counter[str] = field(default_factory=Counter)
+    _loop: asyncio.AbstractEventLoop | None = None
+    _thread: threading.Thread | None = None
+
+    def paths(self, suffix: str) -> list[Hit]:
+        return [h for h in self.hits if h.path_qs.split("?")[0].endswith(suffix)]
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        import json
+        import time
+        from email.utils import formatdate
+
+        self.hits.append(
+            Hit(time.monotonic(), request.path_qs, request.headers.get("Authorization"))
+        )
+        path = request.path
+        self._counts[path] += 1
+        q = request.query
+        if path.endswith(("/429", "/503")):
+            status = int(path[-3:])
+            if self._counts[path] <= int(q.get("times", "1000000")):
+                headers = {}
+                ra = q.get("ra")
+                if ra and ra.startswith("date:"):
+                    headers["Retry-After"] = formatdate(time.time() + float(ra[5:]), usegmt=True)
+                elif ra:
+                    headers["Retry-After"] = ra
+                return web.json_response({"error": "slow down"}, status=status, headers=headers)
+            return web.json_response({"status": "SUCCESS", "hits": self._counts[path]})
+        if path.endswith("/big"):
+            pad = max(0, int(q["n"]) - 40)
+            return web.json_response({"status": "SUCCESS", "pad": "x" * pad})
+        if path.endswith("/stream"):
+            resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+            resp.enable_chunked_encoding()
+            await resp.prepare(request)
+            left = int(q["n"])
+            await resp.write(b'{"pad": "')
+            while left > 0:
+                part = min(left, 65536)
+                await resp.write(b"x" * part)
+                left -= part
+            await resp.write(b'"}')
+            await resp.write_eof()
+            return resp
+        if path.endswith("/text"):
+            return web.Response(text="t" * int(q["n"]), content_type="text/plain")
+        if path.endswith("/echo401"):
+            body = {"error": "bad creds", "you_sent": request.headers.get("Authorization")}
+            return web.Response(text=json.dumps(body), status=401)
+        if path.endswith("/redirect"):
+            raise web.HTTPFound(location=q["to"])
+        if path.endswith("/ok"):
+            return web.json_response({"status": "SUCCESS"})
+        return web.json_response({"error": "no such route"}, status=418)
+
+    def start(self) -> None:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        started = threading.Event()
+
+        def serve() -> None:
+            loop = self._loop = asyncio.new_event_loop()
+            runner = web.AppRunner(app, access_log=None)
+            loop.run_until_complete(runner.setup())
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            loop.run_until_complete(site.start())
+            self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            started.set()
+            loop.run_forever()
+            loop.run_until_complete(runner.cleanup())
+            loop.close()
+
+        self._thread = threading.Thread(target=serve, name="hostile-api", daemon=True)
+        self._thread.start()
+        if not started.wait(10):
+            raise RuntimeError("hostile api did not start")
+
+    def stop(self) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread is not None:
+            self._thread.join(10)

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import anyio
 import anyio.to_thread
 
-from deferrun.basetrigger import BaseTrigger, TriggerEvent
+from deferrun.basetrigger import BaseTrigger, TriggerEvent, check_interval
 
 MAX_PATHS = 1000
 
@@ -31,11 +31,9 @@ class FileTrigger(BaseTrigger):
     def __init__(self, filepath: str, recursive: bool = False, poll_interval: float = 5.0) -> None:
         if not isinstance(filepath, str) or not filepath:
             raise ValueError(f"filepath must be a non-empty string, got {filepath!r}")
-        if poll_interval <= 0:
-            raise ValueError(f"poll_interval must be positive, got {poll_interval!r}")
         self.filepath = filepath
         self.recursive = recursive
-        self.poll_interval = poll_interval
+        self.poll_interval = check_interval(poll_interval)
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         while True:

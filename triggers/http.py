@@ -2,15 +2,68 @@
 
 from __future__ import annotations
 
-from typing import Any
+import json
+import time
+from datetime import UTC
+from email.utils import parsedate_to_datetime
+from typing import Any, NamedTuple
 
-from deferrun.basetrigger import PollingTrigger, TriggerEvent
+from deferrun.basetrigger import PollingTrigger, TriggerEvent, check_interval
 from deferrun.connections import redact
 from deferrun.exceptions import TransientError
-from deferrun.shared_clients import dotted, http_session, join_url
+from deferrun.shared_clients import check_endpoint, dotted, http_session, join_url
 
-MAX_BODY = 1_000_000
-NOT_YET = {404, 408, 425, 429}
+MAX_BODY_BYTES = 1_000_000
+NOT_YET = {404, 425}
+RETRY_AFTER_STATUSES = {429, 503}
+
+
+class ResponseTooLarge(ValueError):
+    """A response body is over the trigger's ``max_body_bytes``: fails the task, never
+    truncated (a cut-off JSON body would be stored as a misleading string)."""
+
+
+class Response(NamedTuple):
+    status: int
+    body: Any
+    retry_after: float | None
+    location: str | None = None
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a ``Retry-After`` header (delta-seconds or HTTP-date); None if absent/bad."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        moment = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return max(0.0, moment.timestamp() - time.time())
+
+
+def check_body_limit(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"max_body_bytes must be a whole number of bytes >= 1, got {value!r}")
+    return value
+
+
+def decode_body(raw: bytes, charset: str | None) -> Any:
+    """JSON when the body parses as JSON, else text (undecodable bytes replaced)."""
+    try:
+        text = raw.decode(charset or "utf-8", errors="replace")
+    except LookupError:  # the server named a charset Python does not know
+        text = raw.decode("utf-8", errors="replace")
+    if not text:
+        return None
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return text
 
 
 def check_response(body: Any, check: dict[str, Any] | None) -> bool:
@@ -45,18 +98,19 @@ def validate_check(check: dict[str, Any] | None) -> None:
         raise ValueError(f"response_check has unknown keys {sorted(unknown)}")
 
 
-async def request(
+async def fetch(
     http_conn_id: str,
     method: str,
     endpoint: str,
     headers: dict[str, str] | None,
     data: Any,
     what: str,
-) -> tuple[int, Any]:
-    """One request on the connection's shared session: (status, decoded body).
+    max_body_bytes: int = MAX_BODY_BYTES,
+) -> Response:
+    """One request on the connection's shared session, always to the connection's host.
 
-    Connection errors and timeouts become TransientError; the body is JSON when it parses,
-    text otherwise.
+    Connection errors and timeouts become TransientError; a body over ``max_body_bytes``
+    raises ResponseTooLarge; the body is JSON when it parses, text otherwise.
     """
     import aiohttp
 
@@ -65,36 +119,84 @@ async def request(
     kwargs: dict[str, Any] = {"headers": headers}
     if data is not None:
         kwargs["json" if isinstance(data, dict | list) else "data"] = data
+    too_large = ResponseTooLarge(
+        f"{what}: the response body is over max_body_bytes={max_body_bytes:,} bytes; poll an "
+        "endpoint that returns less, or raise max_body_bytes (the event is stored)"
+    )
     try:
-        async with session.request(method, url, **kwargs) as resp:
-            raw = await resp.content.read(MAX_BODY)
+        async with session.request(method, url, allow_redirects=False, **kwargs) as resp:
             status = resp.status
-            text = raw.decode(resp.charset or "utf-8", errors="replace")
+            retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+            location = resp.headers.get("Location")
+            if (resp.content_length or 0) > max_body_bytes:
+                raise too_large
+            chunks: list[bytes] = []
+            size = 0
+            async for chunk in resp.content.iter_chunked(64 * 1024):
+                size += len(chunk)
+                if size > max_body_bytes:
+                    raise too_large
+                chunks.append(chunk)
+            charset = resp.charset
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
         raise TransientError(f"{what}: {type(exc).__name__}: {redact(str(exc))}") from None
-    try:
-        import json
+    return Response(status, decode_body(b"".join(chunks), charset), retry_after, location)
 
-        body: Any = json.loads(text) if text else None
-    except ValueError:
-        body = text
-    return status, body
+
+async def request(
+    http_conn_id: str,
+    method: str,
+    endpoint: str,
+    headers: dict[str, str] | None,
+    data: Any,
+    what: str,
+    max_body_bytes: int = MAX_BODY_BYTES,
+) -> tuple[int, Any]:
+    """:func:`fetch` as ``(status, body)``."""
+    response = await fetch(http_conn_id, method, endpoint, headers, data, what, max_body_bytes)
+    return response.status, response.body
+
+
+def excerpt(body: Any, limit: int = 300) -> str:
+    """The start of a response body for an error message, secrets redacted."""
+    return redact(str(body)[:limit])
+
+
+def raise_for_redirect(status: int, location: str | None, what: str) -> None:
+    """Redirects are not followed (they could lead away from the connection's host)."""
+    if 300 <= status < 400:
+        raise RuntimeError(
+            f"{what}: HTTP {status} redirect to {redact(str(location))[:300]!r}, which is not "
+            "followed; point the connection and endpoint at the final location"
+        )
+
+
+def raise_transient(status: int, retry_after: float | None, what: str) -> None:
+    """TransientError for 5xx, 408 and 429 (Retry-After honoured on 429 and 503)."""
+    if status >= 500 or status in (408, 429):
+        wait = retry_after if status in RETRY_AFTER_STATUSES else None
+        hint = f"; the server asks to retry after {wait:g}s" if wait is not None else ""
+        raise TransientError(f"{what}: HTTP {status}{hint}", retry_after=wait)
 
 
 def raise_for_auth(status: int, body: Any, conn_id: str, what: str) -> None:
     if status in (401, 403):
         raise PermissionError(
             f"{what}: HTTP {status} {'unauthorized' if status == 401 else 'forbidden'}; check "
-            f"the login/password of connection {conn_id!r}: {str(body)[:200]}"
+            f"the login/password of connection {conn_id!r}: {excerpt(body, 200)}"
         )
 
 
 class HttpTrigger(PollingTrigger):
     """Polls ``endpoint`` on ``http_conn_id`` until it answers 2xx.
 
-    404, 408, 429, 5xx and connection errors mean "not yet" (5xx and network errors back off);
-    401/403 and other 4xx fail the task. ``response_check`` optionally requires a JSON field to
-    match, e.g. ``{"field": "state", "equals": "ready"}``. Event: ``{"status": code, "body": ...}``.
+    ``endpoint`` is a path (and query) joined to the connection's base URL as
+    ``base + "/" + endpoint``; a full URL or a ``..`` segment is refused, so the connection's
+    credentials only ever go to its own host. 404 and 425 mean "not yet"; 408, 429, 5xx and
+    connection errors back off (at least ``Retry-After`` on 429/503); 401/403 and other 4xx
+    fail the task, and so does a body over ``max_body_bytes``. ``response_check`` optionally
+    requires a JSON field to match, e.g. ``{"field": "state", "equals": "ready"}``.
+    Event: ``{"status": code, "body": ...}`` (redirects are not followed).
     """
 
     def __init__(
@@ -106,28 +208,36 @@ class HttpTrigger(PollingTrigger):
         data: Any = None,
         poll_interval: float = 5.0,
         response_check: dict[str, Any] | None = None,
+        max_body_bytes: int = MAX_BODY_BYTES,
     ) -> None:
         validate_check(response_check)
-        self.endpoint = endpoint
+        self.endpoint = check_endpoint(endpoint)
         self.http_conn_id = http_conn_id
         self.method = method.upper()
         self.headers = headers
         self.data = data
-        self.poll_interval = poll_interval
+        self.poll_interval = check_interval(poll_interval)
         self.response_check = response_check
+        self.max_body_bytes = check_body_limit(max_body_bytes)
 
     async def poll(self) -> TriggerEvent | None:
         what = f"{self.method} {self.endpoint} on {self.http_conn_id!r}"
-        status, body = await request(
-            self.http_conn_id, self.method, self.endpoint, self.headers, self.data, what
+        status, body, retry_after, location = await fetch(
+            self.http_conn_id,
+            self.method,
+            self.endpoint,
+            self.headers,
+            self.data,
+            what,
+            self.max_body_bytes,
         )
         raise_for_auth(status, body, self.http_conn_id, what)
-        if status >= 500:
-            raise TransientError(f"{what}: HTTP {status}")
+        raise_transient(status, retry_after, what)
+        raise_for_redirect(status, location, what)
         if status in NOT_YET:
             return None
         if not 200 <= status < 300:
-            raise RuntimeError(f"{what}: HTTP {status}: {str(body)[:300]}")
+            raise RuntimeError(f"{what}: HTTP {status}: {excerpt(body)}")
         if not check_response(body, self.response_check):
             return None
         return TriggerEvent({"status": status, "body": body})

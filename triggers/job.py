@@ -7,14 +7,22 @@ JobRunSensor raise).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from typing import Any
 
-from deferrun.basetrigger import PollingTrigger, TriggerEvent
-from deferrun.exceptions import TransientError
-from deferrun.shared_clients import aws_client, dotted
-from triggers.http import raise_for_auth, request
+from deferrun.basetrigger import PollingTrigger, TriggerEvent, check_interval
+from deferrun.shared_clients import aws_client, check_endpoint, dotted
+from triggers.http import (
+    MAX_BODY_BYTES,
+    check_body_limit,
+    excerpt,
+    fetch,
+    raise_for_auth,
+    raise_for_redirect,
+    raise_transient,
+)
 from triggers.s3 import classify
 
 DEFAULT_SUCCESS_STATES = ("SUCCESS", "SUCCEEDED", "SUCCESSFUL", "COMPLETED", "COMPLETE", "DONE")
@@ -54,7 +62,9 @@ class JobStatusTrigger(PollingTrigger):
     ``status_field`` is a dotted path into the JSON body (``"state.life_cycle_state"`` for
     Databricks, ``"data.status_humanized"`` for dbt Cloud). States compare case-insensitively.
     A 404 is tolerated for ``not_found_grace`` seconds (run ids can take a moment to appear),
-    then fails the task; 401/403 fail at once; 5xx and network errors are retried.
+    then fails the task; 401/403 fail at once; 5xx, 408, 429 and network errors are retried
+    (at least ``Retry-After`` apart on 429/503). ``status_endpoint`` is a path under the
+    connection's base URL (see HttpTrigger); a body over ``max_body_bytes`` fails the task.
     """
 
     def __init__(
@@ -66,34 +76,40 @@ class JobStatusTrigger(PollingTrigger):
         failure_states: Sequence[str] = DEFAULT_FAILURE_STATES,
         poll_interval: float = 10.0,
         not_found_grace: float = 60.0,
+        max_body_bytes: int = MAX_BODY_BYTES,
     ) -> None:
-        self.status_endpoint = status_endpoint
+        self.status_endpoint = check_endpoint(status_endpoint, "status_endpoint")
         self.http_conn_id = http_conn_id
         self.status_field = status_field
         self.success_states = list(success_states)
         self.failure_states = list(failure_states)
-        self.poll_interval = poll_interval
+        self.poll_interval = check_interval(poll_interval)
+        if isinstance(not_found_grace, bool) or not isinstance(not_found_grace, int | float):
+            raise ValueError(f"not_found_grace must be seconds, got {not_found_grace!r}")
+        if not math.isfinite(not_found_grace) or not_found_grace < 0:
+            raise ValueError(f"not_found_grace must be finite and >= 0, got {not_found_grace!r}")
         self.not_found_grace = not_found_grace
+        self.max_body_bytes = check_body_limit(max_body_bytes)
         self._first_poll: float | None = None
 
     async def poll(self) -> TriggerEvent | None:
         what = f"job status {self.status_endpoint} on {self.http_conn_id!r}"
         if self._first_poll is None:
             self._first_poll = time.monotonic()
-        status, body = await request(
-            self.http_conn_id, "GET", self.status_endpoint, None, None, what
+        status, body, retry_after, location = await fetch(
+            self.http_conn_id, "GET", self.status_endpoint, None, None, what, self.max_body_bytes
         )
         raise_for_auth(status, body, self.http_conn_id, what)
+        raise_transient(status, retry_after, what)
+        raise_for_redirect(status, location, what)
         if status == 404:
             if time.monotonic() - self._first_poll > self.not_found_grace:
                 raise LookupError(
                     f"{what}: the job run was not found (HTTP 404 for {self.not_found_grace:g}s)"
                 )
             return None
-        if status >= 500 or status in (408, 429):
-            raise TransientError(f"{what}: HTTP {status}")
         if not 200 <= status < 300:
-            raise RuntimeError(f"{what}: HTTP {status}: {str(body)[:300]}")
+            raise RuntimeError(f"{what}: HTTP {status}: {excerpt(body)}")
         try:
             state = dotted(body, self.status_field)
         except (KeyError, IndexError, TypeError) as exc:
@@ -122,7 +138,7 @@ class GlueJobRunTrigger(PollingTrigger):
         self.job_name = job_name
         self.run_id = run_id
         self.aws_conn_id = aws_conn_id
-        self.poll_interval = poll_interval
+        self.poll_interval = check_interval(poll_interval)
 
     async def poll(self) -> TriggerEvent | None:
         what = f"Glue job {self.job_name!r} run {self.run_id!r}"

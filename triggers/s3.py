@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from typing import Any
 
-from deferrun.basetrigger import PollingTrigger, TriggerEvent
+from deferrun.basetrigger import PollingTrigger, TriggerEvent, check_interval
 from deferrun.connections import shared_clients
 from deferrun.exceptions import TransientError
 from deferrun.shared_clients import aws_client
@@ -90,7 +90,7 @@ class S3KeyTrigger(PollingTrigger):
         self.targets = [split_s3_url(bucket_name, k) for k in keys]
         self.wildcard_match = wildcard_match
         self.aws_conn_id = aws_conn_id
-        self.poll_interval = poll_interval
+        self.poll_interval = check_interval(poll_interval)
 
     async def _check_bucket(self, client: Any, bucket: str) -> None:
         """HEAD the bucket once per process (shared by all triggers): 404 there is final."""

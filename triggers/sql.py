@@ -2,21 +2,46 @@
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Sequence
 from typing import Any
 
-from deferrun.basetrigger import PollingTrigger, TriggerEvent
+from deferrun.basetrigger import PollingTrigger, TriggerEvent, check_interval
 from deferrun.connections import redact
-from deferrun.exceptions import TransientError
+from deferrun.exceptions import ConfigError, TransientError
 from deferrun.shared_clients import pg_pool
+
+# Raised before any byte reaches the server, by options in the connection's URI (asyncpg's
+# ClientConfigurationError is also a ValueError) or a certificate/key file it names: retrying
+# cannot help.
+CONFIG_ERRORS = (
+    ValueError,
+    TypeError,
+    FileNotFoundError,
+    IsADirectoryError,
+    NotADirectoryError,
+)
+
+
+def _transient_server_errors() -> tuple[type[BaseException], ...]:
+    import asyncpg
+
+    return (
+        asyncpg.PostgresConnectionError,
+        asyncpg.CannotConnectNowError,
+        asyncpg.TooManyConnectionsError,
+        asyncpg.AdminShutdownError,
+        asyncpg.CrashShutdownError,
+    )
 
 
 class SqlTrigger(PollingTrigger):
     """Runs ``sql`` (PostgreSQL, asyncpg) every ``poll_interval`` seconds.
 
     ``parameters`` are bound as ``$1, $2, ...`` - never formatted into the SQL. Fires with the
-    first row (as a dict) when its first cell is truthy. A SQL error or bad credentials fail
-    the task with the database's message; lost connections are retried with backoff.
+    first row (as a dict) when its first cell is truthy. A SQL error, bad credentials or a
+    connection misconfigured on our side (bad ``sslmode``, unknown option, missing certificate
+    file) fail the task with a clear message; only lost or refused connections are retried.
     """
 
     def __init__(
@@ -33,14 +58,15 @@ class SqlTrigger(PollingTrigger):
         self.sql = sql
         self.conn_id = conn_id
         self.parameters = list(parameters or [])
-        self.poll_interval = poll_interval
+        self.poll_interval = check_interval(poll_interval)
 
-    async def poll(self) -> TriggerEvent | None:
+    async def _connect(self) -> tuple[Any, Any]:
+        """(pool, connection); classifies what can go wrong before the query is sent."""
         import asyncpg
 
         try:
             pool = await pg_pool(self.conn_id)
-            row = await pool.fetchrow(self.sql, *self.parameters)
+            return pool, await pool.acquire()
         except (
             asyncpg.InvalidPasswordError,
             asyncpg.InvalidAuthorizationSpecificationError,
@@ -48,16 +74,50 @@ class SqlTrigger(PollingTrigger):
             raise PermissionError(
                 f"connection {self.conn_id!r} was refused by the database: {redact(str(exc))}"
             ) from None
+        except CONFIG_ERRORS as exc:
+            raise ConfigError(
+                f"connection {self.conn_id!r} is misconfigured: {type(exc).__name__}: "
+                f"{redact(str(exc))}; fix the options in its URI (DEFERRUN_CONN_...)"
+            ) from None
+        except ssl.SSLCertVerificationError as exc:
+            raise PermissionError(
+                f"connection {self.conn_id!r}: the server's TLS certificate was not trusted "
+                f"({redact(str(exc))}); fix sslmode/sslrootcert in its URI"
+            ) from None
         except asyncpg.PostgresError as exc:
-            if isinstance(exc, asyncpg.PostgresConnectionError | asyncpg.CannotConnectNowError):
-                raise TransientError(f"{self.conn_id!r}: {exc}") from None
+            if isinstance(exc, _transient_server_errors()):
+                raise TransientError(f"{self.conn_id!r}: {redact(str(exc))}") from None
             raise RuntimeError(
-                f"SQL error on {self.conn_id!r}: {type(exc).__name__}: {exc}"
+                f"connecting with {self.conn_id!r} failed: {type(exc).__name__}: {redact(str(exc))}"
             ) from None
         except (OSError, TimeoutError, asyncpg.InterfaceError) as exc:
             raise TransientError(
                 f"{self.conn_id!r}: {type(exc).__name__}: {redact(str(exc))}"
             ) from None
+
+    async def poll(self) -> TriggerEvent | None:
+        import asyncpg
+
+        pool, conn = await self._connect()
+        try:
+            row = await conn.fetchrow(self.sql, *self.parameters)
+        except (ValueError, TypeError) as exc:  # raised by asyncpg's codecs, before sending
+            raise ValueError(
+                f"{self.conn_id!r}: the query's parameters were rejected: {type(exc).__name__}: "
+                f"{redact(str(exc))}"
+            ) from None
+        except asyncpg.PostgresError as exc:
+            if isinstance(exc, _transient_server_errors()):
+                raise TransientError(f"{self.conn_id!r}: {redact(str(exc))}") from None
+            raise RuntimeError(
+                f"SQL error on {self.conn_id!r}: {type(exc).__name__}: {redact(str(exc))}"
+            ) from None
+        except (OSError, TimeoutError, asyncpg.InterfaceError) as exc:
+            raise TransientError(
+                f"{self.conn_id!r}: {type(exc).__name__}: {redact(str(exc))}"
+            ) from None
+        finally:
+            await pool.release(conn)
         if row is None or not row[0]:
             return None
         return TriggerEvent(dict(row.items()))
