@@ -68,14 +68,14 @@ async def cancel(args: argparse.Namespace) -> int:
                 f"task {args.task_id} already ended {before.state}; nothing to cancel "
                 "(use `deferrun retry` to run it again)"
             )
+        downstream = await _all_downstream(client, args.task_id)
+        open_before = [d for d in downstream if not (await client.get(d)).finished]
         info = await client.cancel(args.task_id)
         if info.state is not TaskState.CANCELLED:  # it ended on its own meanwhile
             raise views.UsageError(
                 f"task {args.task_id} ended {info.state} before it could be cancelled"
             )
-        ended = [
-            d for d in await _all_downstream(client, args.task_id) if (await client.get(d)).finished
-        ]
+        ended = [d for d in open_before if (await client.get(d)).finished]
     print(f"{args.task_id} cancelled", flush=True)
     if ended:
         print(f"{len(ended)} downstream task(s) ended with it: {' '.join(ended)}", flush=True)

@@ -22,6 +22,7 @@ BENCHMARKS = [
     "benchmarks.triggerer_scale",
     "benchmarks.sensor_slots",
     "benchmarks.builtin_triggers",
+    "benchmarks.pipelines",
 ]
 
 
@@ -177,3 +178,31 @@ def test_builtin_triggers_smoke(tmp_path: Path) -> None:
     assert "S3KeyTrigger" in out and "HttpTrigger" in out
     data = json.loads((tmp_path / "builtin_triggers.json").read_text())
     assert data["http"]["requests_per_poll_interval"] > 0
+
+
+@pytest.mark.e2e
+def test_pipelines_smoke(tmp_path: Path) -> None:
+    out = run_benchmark(
+        "benchmarks.pipelines",
+        "--out",
+        str(tmp_path),
+        "--backends",
+        "sqlite",
+        "--fanout",
+        "300",
+        "--chain",
+        "20",
+        "--repeat",
+        "1",
+        "--window",
+        "1",
+    )
+    assert "link overhead p50 / p95" in out and "all queued" in out
+    data = json.loads((tmp_path / "pipelines.json").read_text())
+    [fan] = data["backends"]["sqlite"]["fanout_runs"]
+    [chain] = data["backends"]["sqlite"]["chain_runs"]
+    assert fan["n"] == 300 and fan["observed_ms"] >= fan["in_database_ms"] >= 0
+    # the waiters cost no store calls: both windows see the same idle loops (heartbeats and
+    # claims tick on timers, so allow one tick each way)
+    assert abs(fan["store_calls_waiting_total"] - fan["store_calls_idle_total"]) <= 4
+    assert chain["n"] == 20 and chain["link_p50_ms"] > 0
