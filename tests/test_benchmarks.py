@@ -202,7 +202,7 @@ def test_pipelines_smoke(tmp_path: Path) -> None:
     [fan] = data["backends"]["sqlite"]["fanout_runs"]
     [chain] = data["backends"]["sqlite"]["chain_runs"]
     assert fan["n"] == 300 and fan["observed_ms"] >= fan["in_database_ms"] >= 0
-    # the waiters cost no store calls: both windows see the same idle loops (heartbeats and
-    # claims tick on timers, so allow one tick each way)
-    assert abs(fan["store_calls_waiting_total"] - fan["store_calls_idle_total"]) <= 4
+    # the 300 waiters cost no store calls: both 1 s windows see the same timer-driven loops
+    # (heartbeats, claims, a reap or reconcile may fall in one window only), far below 1 each
+    assert fan["store_calls_waiting_total"] - fan["store_calls_idle_total"] <= 10
     assert chain["n"] == 20 and chain["link_p50_ms"] > 0
