@@ -109,3 +109,10 @@ class Compute(BaseOperator):
         start = time.time()
         time.sleep(self.seconds)
         _record(self.log_path, "compute", start)
+
+
+class Nop(BaseOperator):
+    """Does nothing: what is measured is everything around it."""
+
+    def execute(self, context: Context) -> Any:
+        return None

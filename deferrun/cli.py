@@ -6,27 +6,23 @@ The read-only views (tasks, task, triggers, logs) live in :mod:`deferrun.views`.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import signal
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import anyio
 import anyio.abc
 import structlog
 
-from deferrun import config, serialization, views
-from deferrun.client import AsyncClient
+from deferrun import actions, config, views
 from deferrun.exceptions import DeferrunError
 from deferrun.log import configure_logging
 from deferrun.metrics import CountingStore, Metrics, loop_and_db_health, serve
-from deferrun.models import FINISHED_STATES, TaskState
+from deferrun.models import TaskState
 from deferrun.startup import FatalGuard, configure_trust
 from deferrun.store import Store, make_store
 from deferrun.tasklogs import TaskLogSink
@@ -123,7 +119,9 @@ async def _run_processes(args: argparse.Namespace, roles: Sequence[str]) -> int:
         if getattr(args, "demo", False):
 
             async def after() -> None:
-                await _demo(store)
+                from deferrun.demo import run_demo
+
+                await run_demo(store)
 
         try:
             await _serve(store, components, args, after)
@@ -163,102 +161,7 @@ def _exit_if_stuck(code: int) -> None:
     _stuck_exit.start()
 
 
-async def _demo(store: Store) -> None:
-    from deferrun.demo import AsyncHello, Countdown, WriteFileLater
-    from deferrun.sensors import DateTimeSensor, FileSensor, TimeDeltaSensor
-
-    workdir = tempfile.mkdtemp(prefix="deferrun-demo-")
-    path = os.path.join(workdir, "landing", "data.csv")
-    client = AsyncClient(store=store)
-    now = datetime.now(UTC)
-    ops = [
-        Countdown(task_id="countdown", rounds=3, seconds=1.0),
-        TimeDeltaSensor(task_id="wait-3s", delta=3, mode="deferrable", poke_interval=1),
-        WriteFileLater(task_id="land-file", path=path, delay=2.0),
-        FileSensor(
-            task_id="wait-for-file",
-            filepath=os.path.join(workdir, "landing", "*.csv"),
-            mode="deferrable",
-            poke_interval=0.5,
-        ),
-        DateTimeSensor(
-            task_id="until-t+4s",
-            target_time=now + timedelta(seconds=4),
-            mode="reschedule",
-            poke_interval=1,
-        ),
-        AsyncHello(task_id="async-hello", name="deferrun"),
-    ]
-    ids = {await client.submit(op): op.task_id for op in ops}
-    print(
-        f"demo: submitted {len(ids)} tasks to {config.redact_url(store.url)}; the worker "
-        "has 2 slots, yet all of them wait at once\n",
-        flush=True,
-    )
-    start = time.monotonic()
-    last: dict[str, str] = {}
-    with anyio.fail_after(60):
-        while True:
-            infos = {tid: await client.get(tid) for tid in ids}
-            for tid, info in infos.items():
-                if last.get(tid) != info.state:
-                    last[tid] = info.state
-                    extra = f"  ({info.trigger_classpath})" if info.state == "deferred" else ""
-                    print(
-                        f"  t+{time.monotonic() - start:4.1f}s  {ids[tid]:<14} {info.state}{extra}",
-                        flush=True,
-                    )
-            if all(i.state in FINISHED_STATES for i in infos.values()):
-                break
-            await anyio.sleep(0.1)
-    print()
-    rows = []
-    for tid, info in infos.items():
-        outcome = info.result if info.state == TaskState.SUCCESS else info.error
-        rows.append([ids[tid], info.state, str(outcome)[:70]])
-    print(views.table(["task", "state", "result"], rows))
-    print(f"\ndemo finished in {time.monotonic() - start:.1f}s", flush=True)
-
-
-# --------------------------------------------------------------------------- client commands
-
-
-async def _submit(args: argparse.Namespace) -> int:
-    try:
-        kwargs = serialization.loads(args.kwargs) if args.kwargs else {}
-    except DeferrunError as exc:
-        raise UsageError(f"--kwargs is not valid JSON: {exc}") from None
-    if not isinstance(kwargs, dict):
-        raise UsageError(f"--kwargs must be a JSON object, got {args.kwargs}")
-    if args.queue:
-        kwargs["queue"] = args.queue
-    async with AsyncClient(args.db) as client:
-        task_id = await client.submit_classpath(args.classpath, kwargs)
-        print(task_id, flush=True)
-        if args.wait is None:
-            return 0
-        timeout = None if args.wait == 0 else args.wait
-        try:
-            info = await client.wait(task_id, timeout=timeout)
-        except TimeoutError:
-            print(f"task {task_id} did not finish within {args.wait:g}s", file=sys.stderr)
-            return 3
-        views.print_task(info, args)
-        return 0 if info.state in (TaskState.SUCCESS, TaskState.SKIPPED) else 1
-
-
 # --------------------------------------------------------------------------- argument parsing
-
-
-def _seconds(text: str) -> float:
-    """A command-line duration: a finite, non-negative number of seconds (0 = no limit)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number of seconds >= 0")
-    return value
 
 
 def _add_common(parser: argparse.ArgumentParser, suppress: bool) -> None:
@@ -353,19 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_metrics(p)
     _add_imports(p)
 
-    p = sub.add_parser("submit", parents=[common], help="submit an operator by classpath")
-    p.add_argument("classpath", help="e.g. deferrun.sensors.TimeDeltaSensor")
-    p.add_argument("--kwargs", help="constructor keyword arguments as a JSON object")
-    p.add_argument("--queue")
-    p.add_argument(
-        "--wait",
-        nargs="?",
-        type=_seconds,
-        const=0.0,
-        default=None,
-        metavar="SECONDS",
-        help="wait for the task to finish (optionally at most SECONDS)",
-    )
+    actions.add_parsers(sub, common)
 
     p = sub.add_parser("tasks", parents=[common], help="list tasks")
     p.add_argument("--state", choices=[s.value for s in TaskState])
@@ -395,7 +286,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "standalone": lambda: _run_processes(args, ["triggerer", "worker"]),
         "triggerer": lambda: _run_processes(args, ["triggerer"]),
         "worker": lambda: _run_processes(args, ["worker"]),
-        "submit": lambda: _submit(args),
+        "submit": lambda: actions.submit(args),
+        "cancel": lambda: actions.cancel(args),
+        "retry": lambda: actions.retry(args),
         "tasks": lambda: views.tasks(args),
         "task": lambda: views.task(args),
         "triggers": lambda: views.triggers(args),

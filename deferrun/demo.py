@@ -1,13 +1,28 @@
-"""Operators for ``deferrun standalone --demo``: each waits without holding a slot."""
+"""``deferrun standalone --demo``: tasks that wait without holding a slot, and a pipeline.
+
+The pipeline is the seed-style ``start run >> wait >> fetch result``: three tasks whose middle
+one holds no worker slot (it waits on its upstream, then on a trigger that ends it).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
-from datetime import timedelta
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import anyio
+
+from deferrun import config, views
 from deferrun.baseoperator import BaseOperator, Context
+from deferrun.basetrigger import BaseTrigger, TaskSuccessEvent, TriggerEvent
+from deferrun.client import AsyncClient
+from deferrun.models import FINISHED_STATES, TaskState
+from deferrun.store import Store
 from triggers.time import TimeDeltaTrigger
 
 
@@ -69,3 +84,154 @@ class AsyncHello(BaseOperator):
 
     async def greet(self, context: Context, event: Any = None) -> str:
         return f"hello, {self.name} (resumed after the trigger fired at {event:%H:%M:%S})"
+
+
+# --------------------------------------------------------------------------- the pipeline
+
+
+class StartJobRun(BaseOperator):
+    """Starts a (simulated, local) external job run and returns its run id at once, as
+    ``RunJobOperator`` does against a job API: the run's status lives in a JSON file."""
+
+    def __init__(self, *, runs_dir: str, seconds: float = 2.0, rows: int = 3, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.runs_dir = runs_dir
+        self.seconds = seconds
+        self.rows = rows
+
+    def execute(self, context: Context) -> Any:
+        run_id = f"run-{context['task_id'][-8:]}"
+        path = os.path.join(self.runs_dir, f"{run_id}.json")
+        os.makedirs(self.runs_dir, exist_ok=True)
+        status = {
+            "run_id": run_id,
+            "finishes_at": time.time() + self.seconds,
+            "rows": [{"id": i, "value": i * i} for i in range(self.rows)],
+        }
+        with open(path, "w") as f:
+            json.dump(status, f)
+        return {"run_id": run_id, "status_path": path}
+
+
+class RunFinishedTrigger(BaseTrigger):
+    """Polls a run's status file; ends its task itself (TaskSuccessEvent) when the run ends."""
+
+    def __init__(self, status_path: str, poll_interval: float = 0.25) -> None:
+        self.status_path = status_path
+        self.poll_interval = poll_interval
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        while True:
+            status = json.loads(await anyio.Path(self.status_path).read_text())
+            if time.time() >= status["finishes_at"]:
+                yield TaskSuccessEvent(
+                    {"run_id": status["run_id"], "state": "success", "path": self.status_path}
+                )
+                return
+            await anyio.sleep(self.poll_interval)
+
+
+class WaitForRun(BaseOperator):
+    """Waits for the run its upstream started, holding no slot: it is submitted ``after`` the
+    start task, reads the run id from ``context["upstream"]`` and defers on a trigger that
+    finishes this task without a worker ever resuming it."""
+
+    def __init__(self, *, start_task: str = "start-run", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.start_task = start_task
+
+    def execute(self, context: Context) -> Any:
+        started = context["upstream"][self.start_task]["result"]
+        self.log.info("waiting for job run", run_id=started["run_id"])
+        self.defer(trigger=RunFinishedTrigger(started["status_path"]), method_name="done")
+
+    def done(self, context: Context, event: Any = None) -> Any:
+        return event  # not reached: the trigger ends the task itself
+
+
+class FetchResult(BaseOperator):
+    """Reads the finished run's output, named by the upstream wait's result."""
+
+    def __init__(self, *, wait_task: str = "wait-for-run", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.wait_task = wait_task
+
+    def execute(self, context: Context) -> Any:
+        run = context["upstream"][self.wait_task]["result"]
+        with open(run["path"]) as f:
+            rows = json.load(f)["rows"]
+        return f"{run['run_id']}: {len(rows)} rows, sum of values {sum(r['value'] for r in rows)}"
+
+
+# --------------------------------------------------------------------------- the demo itself
+
+
+async def run_demo(store: Store) -> None:
+    """Submit the demo tasks, print each state change, and return when all have ended."""
+    from deferrun.sensors import DateTimeSensor, FileSensor, TimeDeltaSensor
+
+    workdir = tempfile.mkdtemp(prefix="deferrun-demo-")
+    path = os.path.join(workdir, "landing", "data.csv")
+    client = AsyncClient(store=store)
+    now = datetime.now(UTC)
+    ops = [
+        Countdown(task_id="countdown", rounds=3, seconds=1.0),
+        TimeDeltaSensor(task_id="wait-3s", delta=3, mode="deferrable", poke_interval=1),
+        WriteFileLater(task_id="land-file", path=path, delay=2.0),
+        FileSensor(
+            task_id="wait-for-file",
+            filepath=os.path.join(workdir, "landing", "*.csv"),
+            mode="deferrable",
+            poke_interval=0.5,
+        ),
+        DateTimeSensor(
+            task_id="until-t+4s",
+            target_time=now + timedelta(seconds=4),
+            mode="reschedule",
+            poke_interval=1,
+        ),
+        AsyncHello(task_id="async-hello", name="deferrun"),
+    ]
+    ids = {await client.submit(op): op.task_id for op in ops}
+    start_run = await client.submit(
+        StartJobRun(task_id="start-run", runs_dir=os.path.join(workdir, "runs"))
+    )
+    wait_run = await client.submit(WaitForRun(task_id="wait-for-run"), after=[start_run])
+    fetch = await client.submit(FetchResult(task_id="fetch-result"), after=[wait_run])
+    ids.update({start_run: "start-run", wait_run: "wait-for-run", fetch: "fetch-result"})
+    print(
+        f"demo: submitted {len(ids)} tasks to {config.redact_url(store.url)}; the worker "
+        "has 2 slots, yet all of them wait at once\n"
+        "      (start-run >> wait-for-run >> fetch-result is a pipeline: submit(after=...))\n",
+        flush=True,
+    )
+    start = time.monotonic()
+    last: dict[str, str] = {}
+    with anyio.fail_after(60):
+        while True:
+            infos = {tid: await client.get(tid) for tid in ids}
+            waits = await views.upstream_waits(
+                store, [t for t, i in infos.items() if views.waits_upstream(i)]
+            )
+            for tid, info in infos.items():
+                extra = ""
+                if tid in waits and views.waits_upstream(info):
+                    extra = f"  ({waits[tid]}: no trigger, no slot)"
+                elif info.state == "deferred":
+                    extra = f"  ({info.trigger_classpath})"
+                if last.get(tid) != f"{info.state}{extra}":
+                    last[tid] = f"{info.state}{extra}"
+                    print(
+                        f"  t+{time.monotonic() - start:4.1f}s  {ids[tid]:<14} {info.state}{extra}",
+                        flush=True,
+                    )
+            if all(i.state in FINISHED_STATES for i in infos.values()):
+                break
+            await anyio.sleep(0.1)
+    print()
+    rows = []
+    for tid, info in infos.items():
+        outcome = info.result if info.state == TaskState.SUCCESS else info.error
+        rows.append([ids[tid], info.state, str(outcome)[:70]])
+    print(views.table(["task", "state", "result"], rows))
+    print(f"\ndemo finished in {time.monotonic() - start:.1f}s", flush=True)

@@ -16,12 +16,57 @@ import msgspec
 
 from deferrun.client import AsyncClient
 from deferrun.exceptions import DeferrunError
-from deferrun.models import TaskInfo, TaskState
-from deferrun.store import open_store
+from deferrun.models import FINISHED_STATES, TaskInfo, TaskState
+from deferrun.store import Store, open_store
+from deferrun.store.sql import Query, states_sql
 
 
 class UsageError(DeferrunError):
     pass
+
+
+#: for tasks waiting on upstreams: their rule, how many upstreams, how many of those ended
+UPSTREAM_WAITS = Query(
+    "view_upstream_waits",
+    f"""SELECT x.task_id, t.trigger_rule, count(*),
+        sum(CASE WHEN u.state IN {states_sql(FINISHED_STATES)} THEN 1 ELSE 0 END)
+    FROM deferrun_deps x
+    JOIN deferrun_tasks t ON t.id = x.task_id
+    JOIN deferrun_tasks u ON u.id = x.upstream_id
+    WHERE x.task_id IN_TEXTS(:ids)
+    GROUP BY x.task_id, t.trigger_rule""",
+)
+
+
+class Wait(msgspec.Struct, frozen=True):
+    """What a task with upstreams waits for: its rule, how many upstreams, how many ended."""
+
+    trigger_rule: str
+    upstream: int
+    ended: int
+
+    def __str__(self) -> str:
+        return f"waits on {self.upstream} upstream ({self.trigger_rule}), {self.ended} ended"
+
+
+async def upstream_waits(store: Store, ids: Sequence[str]) -> dict[str, Wait]:
+    """The :class:`Wait` of each task in ``ids`` that has upstreams. The store protocol has no
+    call for a rule, so this reads the dependency table through the store's connector (one
+    statement)."""
+    while not hasattr(store, "db") and hasattr(store, "_store"):  # metric/guard wrappers
+        store = store._store
+    if not ids:
+        return {}
+    rows = await store.db.fetch(UPSTREAM_WAITS, ids=list(ids))  # type: ignore[attr-defined]
+    return {
+        task_id: Wait(rule or "all_success", int(total), int(ended or 0))
+        for task_id, rule, total, ended in rows
+    }
+
+
+def waits_upstream(info: TaskInfo) -> bool:
+    """Deferred with no trigger: the task waits on upstream tasks, not on a trigger."""
+    return info.state is TaskState.DEFERRED and info.trigger_id is None
 
 
 def _age(moment: datetime | None) -> str:
@@ -58,9 +103,11 @@ def to_json(value: Any) -> str:
     return msgspec.json.encode(value, enc_hook=repr).decode()
 
 
-def _task_line(info: TaskInfo) -> list[Any]:
+def _task_line(info: TaskInfo, waits: dict[str, Wait]) -> list[Any]:
     owner, due, detail = "-", "-", ""
-    if info.state is TaskState.DEFERRED:
+    if waits_upstream(info):
+        detail = str(waits.get(info.id, "waits on upstream tasks"))
+    elif info.state is TaskState.DEFERRED:
         owner = info.triggerer_id or "(unclaimed)"
         due = f"timeout {_until(info.defer_deadline)}" if info.defer_deadline else "-"
         detail = f"trigger {info.trigger_id} {info.trigger_classpath or ''}".strip()
@@ -82,9 +129,46 @@ def _task_line(info: TaskInfo) -> list[Any]:
     ]
 
 
-def print_task(info: TaskInfo, args: argparse.Namespace) -> None:
+class Neighbour(msgspec.Struct, frozen=True):
+    """An upstream or downstream task as ``deferrun task`` shows it."""
+
+    id: str
+    name: str
+    state: str
+
+
+class Dependencies(msgspec.Struct, frozen=True):
+    trigger_rule: str | None
+    waiting: str | None
+    upstream: list[Neighbour]
+    downstream: list[Neighbour]
+
+
+async def dependencies(client: AsyncClient, store: Store, info: TaskInfo) -> Dependencies:
+    up_ids, down_ids = await client.dependencies(info.id)
+
+    async def neighbours(ids: list[str]) -> list[Neighbour]:
+        out = []
+        for task_id in ids:
+            other = await client.get(task_id)
+            out.append(Neighbour(task_id, other.name, str(other.state)))
+        return out
+
+    wait = (await upstream_waits(store, [info.id])).get(info.id) if up_ids else None
+    return Dependencies(
+        trigger_rule=wait.trigger_rule if wait else None,
+        waiting=str(wait) if wait and waits_upstream(info) else None,
+        upstream=await neighbours(up_ids),
+        downstream=await neighbours(down_ids),
+    )
+
+
+def print_task(info: TaskInfo, args: argparse.Namespace, deps: Dependencies | None = None) -> None:
     if getattr(args, "json", False):
-        print(to_json(info))
+        shown = msgspec.to_builtins(info, enc_hook=repr)
+        if deps is not None:
+            shown.update(msgspec.to_builtins(deps))
+        print(to_json(shown))
         return
     fields = [
         ("id", info.id),
@@ -98,7 +182,11 @@ def print_task(info: TaskInfo, args: argparse.Namespace) -> None:
         ("updated", info.updated_at),
         ("finished", info.finished_at),
     ]
-    if info.state is TaskState.DEFERRED:
+    if deps is not None and deps.trigger_rule is not None:
+        fields.append(("trigger rule", deps.trigger_rule))
+    if deps is not None and deps.waiting is not None:
+        fields.append(("waiting", deps.waiting.replace("waits on ", "on ", 1)))
+    elif info.state is TaskState.DEFERRED:
         fields += [
             ("trigger", f"{info.trigger_id} {info.trigger_classpath}"),
             ("triggerer", info.triggerer_id or "(unclaimed)"),
@@ -117,18 +205,27 @@ def print_task(info: TaskInfo, args: argparse.Namespace) -> None:
             print(f"{key.ljust(width)}  {value}")
     if info.error:
         print(f"{'error'.ljust(width)}  " + info.error.replace("\n", "\n" + " " * (width + 2)))
+    for title, group in (
+        (("upstream", deps.upstream), ("downstream", deps.downstream)) if deps else ()
+    ):
+        if group:
+            print(f"\n{title} ({len(group)}):")
+            print(table(["id", "name", "state"], [[n.id, n.name, n.state] for n in group]))
 
 
-async def _reader(args: argparse.Namespace) -> AsyncClient:
-    return AsyncClient(store=await open_store(args.db, create=False), owns_store=True)
+async def _reader(args: argparse.Namespace) -> tuple[AsyncClient, Store]:
+    store = await open_store(args.db, create=False)
+    return AsyncClient(store=store, owns_store=True), store
 
 
 async def tasks(args: argparse.Namespace) -> int:
-    async with await _reader(args) as client:
+    client, store = await _reader(args)
+    async with client:
         infos = await client.list(args.state, limit=args.limit)
         counts = await client.counts()
+        waits = await upstream_waits(store, [i.id for i in infos if waits_upstream(i)])
     if args.json:
-        print(to_json({"counts": counts, "tasks": infos}))
+        print(to_json({"counts": counts, "tasks": infos, "waiting_on_upstream": waits}))
         return 0
     summary = ", ".join(f"{state}={counts[state]}" for state in TaskState if state in counts)
     print(f"tasks: {summary or 'none'}")
@@ -136,15 +233,17 @@ async def tasks(args: argparse.Namespace) -> int:
         print(
             table(
                 ["id", "name", "state", "try", "age", "owner", "next", "detail"],
-                [_task_line(i) for i in infos],
+                [_task_line(i, waits) for i in infos],
             )
         )
     return 0
 
 
 async def task(args: argparse.Namespace) -> int:
-    async with await _reader(args) as client:
-        print_task(await client.get(args.task_id), args)
+    client, store = await _reader(args)
+    async with client:
+        info = await client.get(args.task_id)
+        print_task(info, args, await dependencies(client, store, info))
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -22,20 +23,33 @@ from deferrun import (
 
 
 class Step(BaseOperator):
-    """Ends as told (``success`` returns ``value``); returns what it saw upstream."""
+    """Ends as told (``success`` returns ``value``); returns what it saw upstream.
+
+    ``marker``: a file each run appends "task_id try pid" to; ``sleep_first``: seconds the
+    first try sleeps in its slot after that (long enough to be killed mid-run).
+    """
 
     def __init__(
-        self, *, outcome: str = "success", value: Any = None, marker: str | None = None, **kw: Any
+        self,
+        *,
+        outcome: str = "success",
+        value: Any = None,
+        marker: str | None = None,
+        sleep_first: float = 0.0,
+        **kw: Any,
     ) -> None:
         super().__init__(**kw)
         self.outcome = outcome
         self.value = value
         self.marker = marker
+        self.sleep_first = sleep_first
 
     def execute(self, context: Context) -> Any:
         if self.marker:
             with open(self.marker, "a") as f:
                 f.write(f"{context['task_id']} {context['try_number']} {os.getpid()}\n")
+        if self.sleep_first and context["try_number"] == 1:
+            time.sleep(self.sleep_first)
         if self.outcome == "failed":
             raise FailTask("told to fail")
         if self.outcome == "skipped":

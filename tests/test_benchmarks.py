@@ -22,6 +22,7 @@ BENCHMARKS = [
     "benchmarks.triggerer_scale",
     "benchmarks.sensor_slots",
     "benchmarks.builtin_triggers",
+    "benchmarks.pipelines",
 ]
 
 
@@ -177,3 +178,31 @@ def test_builtin_triggers_smoke(tmp_path: Path) -> None:
     assert "S3KeyTrigger" in out and "HttpTrigger" in out
     data = json.loads((tmp_path / "builtin_triggers.json").read_text())
     assert data["http"]["requests_per_poll_interval"] > 0
+
+
+@pytest.mark.e2e
+def test_pipelines_smoke(tmp_path: Path) -> None:
+    out = run_benchmark(
+        "benchmarks.pipelines",
+        "--out",
+        str(tmp_path),
+        "--backends",
+        "sqlite",
+        "--fanout",
+        "300",
+        "--chain",
+        "20",
+        "--repeat",
+        "1",
+        "--window",
+        "1",
+    )
+    assert "link overhead p50 / p95" in out and "all queued" in out
+    data = json.loads((tmp_path / "pipelines.json").read_text())
+    [fan] = data["backends"]["sqlite"]["fanout_runs"]
+    [chain] = data["backends"]["sqlite"]["chain_runs"]
+    assert fan["n"] == 300 and fan["observed_ms"] >= fan["in_database_ms"] >= 0
+    # the 300 waiters cost no store calls: both 1 s windows see the same timer-driven loops
+    # (heartbeats, claims, a reap or reconcile may fall in one window only), far below 1 each
+    assert fan["store_calls_waiting_total"] - fan["store_calls_idle_total"] <= 10
+    assert chain["n"] == 20 and chain["link_p50_ms"] > 0

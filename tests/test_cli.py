@@ -41,7 +41,10 @@ def test_demo_runs_to_completion(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "demo finished" in done.stdout
     table = done.stdout.split("task ")[-1]
-    assert table.count("success") == 6, done.stdout
+    states = [ln.split()[1] for ln in table.split("demo finished")[0].splitlines()[2:] if ln]
+    assert states == ["success"] * 9, done.stdout
+    assert "fetch-result   success  run-" in done.stdout  # read context["upstream"]
+    assert "wait-for-run   deferred  (waits on 1 upstream (all_success)" in done.stdout
 
 
 def test_submit_wait_and_inspect(
