@@ -109,16 +109,11 @@ async def retry(args: argparse.Namespace) -> int:
                 f"task {args.task_id} is {info.state}, not finished; only a finished task can "
                 "be retried (cancel it first to stop it)"
             )
-        rearmable: set[str] = set()
-        if args.downstream:  # a downstream task still queued or running is left alone
-            for down in await _all_downstream(client, args.task_id):
-                other = await client.get(down)
-                if other.finished or views.waits_upstream(other):
-                    rearmable.add(down)
+        # the ids put back: the task, then (with --downstream) every task after it that had
+        # ended or still waited; a queued or running one is left alone and not listed
         ids = await client.retry(args.task_id, downstream=args.downstream)
     for task_id in ids:
-        if task_id == args.task_id or task_id in rearmable:
-            print(task_id)
+        print(task_id)
     return 0
 
 

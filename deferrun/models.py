@@ -168,3 +168,14 @@ class ProcessInfo(msgspec.Struct, frozen=True):
     started_at: datetime | None
     heartbeat_at: datetime | None
     alive: bool
+
+
+class UpstreamWait(msgspec.Struct, frozen=True):
+    """What a task with upstreams waits for: its rule, how many upstreams, how many ended."""
+
+    trigger_rule: str
+    upstream: int
+    ended: int
+
+    def __str__(self) -> str:
+        return f"waits on {self.upstream} upstream ({self.trigger_rule}), {self.ended} ended"

@@ -16,9 +16,8 @@ import msgspec
 
 from deferrun.client import AsyncClient
 from deferrun.exceptions import DeferrunError
-from deferrun.models import FINISHED_STATES, TaskInfo, TaskState
+from deferrun.models import TaskInfo, TaskState, UpstreamWait
 from deferrun.store import Store, open_store
-from deferrun.store.sql import Query, states_sql
 
 
 class UsageError(DeferrunError):
@@ -26,42 +25,9 @@ class UsageError(DeferrunError):
 
 
 #: for tasks waiting on upstreams: their rule, how many upstreams, how many of those ended
-UPSTREAM_WAITS = Query(
-    "view_upstream_waits",
-    f"""SELECT x.task_id, t.trigger_rule, count(*),
-        sum(CASE WHEN u.state IN {states_sql(FINISHED_STATES)} THEN 1 ELSE 0 END)
-    FROM deferrun_deps x
-    JOIN deferrun_tasks t ON t.id = x.task_id
-    JOIN deferrun_tasks u ON u.id = x.upstream_id
-    WHERE x.task_id IN_TEXTS(:ids)
-    GROUP BY x.task_id, t.trigger_rule""",
-)
-
-
-class Wait(msgspec.Struct, frozen=True):
-    """What a task with upstreams waits for: its rule, how many upstreams, how many ended."""
-
-    trigger_rule: str
-    upstream: int
-    ended: int
-
-    def __str__(self) -> str:
-        return f"waits on {self.upstream} upstream ({self.trigger_rule}), {self.ended} ended"
-
-
-async def upstream_waits(store: Store, ids: Sequence[str]) -> dict[str, Wait]:
-    """The :class:`Wait` of each task in ``ids`` that has upstreams. The store protocol has no
-    call for a rule, so this reads the dependency table through the store's connector (one
-    statement)."""
-    while not hasattr(store, "db") and hasattr(store, "_store"):  # metric/guard wrappers
-        store = store._store
-    if not ids:
-        return {}
-    rows = await store.db.fetch(UPSTREAM_WAITS, ids=list(ids))  # type: ignore[attr-defined]
-    return {
-        task_id: Wait(rule or "all_success", int(total), int(ended or 0))
-        for task_id, rule, total, ended in rows
-    }
+async def upstream_waits(store: Store, ids: Sequence[str]) -> dict[str, UpstreamWait]:
+    """The :class:`UpstreamWait` of each task in ``ids`` that has upstreams."""
+    return await store.upstream_waits(list(ids)) if ids else {}
 
 
 def waits_upstream(info: TaskInfo) -> bool:
@@ -103,7 +69,7 @@ def to_json(value: Any) -> str:
     return msgspec.json.encode(value, enc_hook=repr).decode()
 
 
-def _task_line(info: TaskInfo, waits: dict[str, Wait]) -> list[Any]:
+def _task_line(info: TaskInfo, waits: dict[str, UpstreamWait]) -> list[Any]:
     owner, due, detail = "-", "-", ""
     if waits_upstream(info):
         detail = str(waits.get(info.id, "waits on upstream tasks"))

@@ -28,6 +28,7 @@ from deferrun.models import (
     TaskInfo,
     TaskState,
     TriggerInfo,
+    UpstreamWait,
 )
 from deferrun.store.sql import Channel
 
@@ -232,6 +233,9 @@ class Inspection(Protocol):
 
     async def dependencies(self, task_id: str) -> tuple[list[str], list[str]]:
         """(upstream ids, downstream ids) of a task."""
+
+    async def upstream_waits(self, ids: Sequence[str]) -> dict[str, UpstreamWait]:
+        """What each task in ``ids`` that has upstreams waits for."""
 
     async def list_triggers(self) -> list[TriggerInfo]: ...
 

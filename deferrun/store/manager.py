@@ -23,6 +23,7 @@ from deferrun.models import (
     TaskInfo,
     TaskState,
     TriggerInfo,
+    UpstreamWait,
     ts,
 )
 from deferrun.store import machine, maintenance, pipelines
@@ -239,6 +240,13 @@ class SqlStore:
         up = await self.db.fetch(pipelines.UPSTREAM_IDS, task_id=task_id)
         down = await self.db.fetch(pipelines.DOWNSTREAM, ids=[task_id])
         return [r[0] for r in up], [r[0] for r in down]
+
+    async def upstream_waits(self, ids: Sequence[str]) -> dict[str, UpstreamWait]:
+        rows = await self.db.fetch(pipelines.UPSTREAM_WAITS, ids=list(ids))
+        return {
+            task_id: UpstreamWait(rule or "all_success", int(total), int(ended or 0))
+            for task_id, rule, total, ended in rows
+        }
 
     async def end_triggers(self, items: Sequence[tuple[int, str, str | None, str | None]]) -> int:
         """Triggers that ended their own task: (trigger_id, state, result JSON, error)."""

@@ -100,6 +100,11 @@ RETRY = Query(
     f"""UPDATE deferrun_tasks SET state = 'up_for_retry', ready_at = {{now}}, {_FRESH_TRY}
     WHERE id = :task_id AND state IN {FINISHED} RETURNING id""",
 )
+REARMABLE = Query(
+    "rearmable",
+    f"""SELECT id FROM deferrun_tasks WHERE id IN_TEXTS(:ids) AND trigger_rule IS NOT NULL
+      AND (state IN {FINISHED} OR ({WAITING}))""",
+)
 REARM = Query(
     "rearm",
     f"""UPDATE deferrun_tasks SET state = 'deferred', ready_at = NULL, trigger_id = NULL,
@@ -107,6 +112,18 @@ REARM = Query(
     WHERE id = :task_id AND trigger_rule IS NOT NULL
       AND (state IN {FINISHED} OR ({WAITING})) {{count}}""",
     many=True,
+)
+
+
+UPSTREAM_WAITS = Query(
+    "upstream_waits",
+    f"""SELECT x.task_id, t.trigger_rule, count(*),
+        sum(CASE WHEN u.state IN {FINISHED} THEN 1 ELSE 0 END)
+    FROM deferrun_deps x
+    JOIN deferrun_tasks t ON t.id = x.task_id
+    JOIN deferrun_tasks u ON u.id = x.upstream_id
+    WHERE x.task_id IN_TEXTS(:ids)
+    GROUP BY x.task_id, t.trigger_rule""",
 )
 
 
@@ -202,25 +219,40 @@ def fire_watchers(ended: Sequence[str]) -> Program[None]:
         yield from machine.resume(items)
 
 
-def submit_waiting(task: NewTask, insert: Query, params: dict[str, Any]) -> Program[None]:
-    """Insert a task that waits on ``task.after``, refusing ids that do not exist."""
-    after = sorted(set(task.after))
-    if task.id in after:
-        raise ValueError(f"task {task.id} cannot wait on itself")
-    rule = task.trigger_rule or "all_success"
-    if rule not in TRIGGER_RULES:
-        raise ValueError(f"unknown trigger_rule {rule!r}; use one of {', '.join(TRIGGER_RULES)}")
-    found = {r[0] for r in (yield run(EXISTING, ids=after))}
-    missing = [i for i in after if i not in found]
+def submit_waiting(
+    tasks: Sequence[NewTask], insert: Query, params: Sequence[dict[str, Any]]
+) -> Program[None]:
+    """Insert tasks that wait on their ``after`` ids, refusing ids that do not exist.
+
+    One statement of each kind for the whole batch (10,000 waiters are one transaction of a
+    handful of statements), and an upstream may be another task of the same batch.
+    """
+    rows = []
+    for task, p in zip(tasks, params, strict=True):
+        if task.id in task.after:
+            raise ValueError(f"task {task.id} cannot wait on itself")
+        rule = task.trigger_rule or "all_success"
+        if rule not in TRIGGER_RULES:
+            raise ValueError(
+                f"unknown trigger_rule {rule!r}; use one of {', '.join(TRIGGER_RULES)}"
+            )
+        rows.append({**p, "state": "deferred", "trigger_rule": rule})
+    yield run_many(insert, rows)
+    upstream = sorted({u for t in tasks for u in t.after})
+    found = {r[0] for r in (yield run(EXISTING, ids=upstream))}
+    missing = [i for i in upstream if i not in found]
     if missing:
-        raise TaskNotFound(
-            f"cannot submit after unknown task id(s) {', '.join(missing)}; submit the upstream "
-            "tasks first and pass the ids submit() returned"
+        shown = ", ".join(missing[:5]) + (
+            f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         )
-    yield run_many(insert, [{**params, "state": "deferred", "trigger_rule": rule}])
-    yield run_many(INSERT_DEP, [{"task_id": task.id, "upstream_id": u} for u in after])
-    yield run(MARK_WAITED_ON, ids=after)
-    yield from settle([task.id], by_id=True)  # upstreams that already ended count at once
+        raise TaskNotFound(
+            f"cannot submit after unknown task id(s) {shown}; submit the upstream tasks "
+            "first and pass the ids submit() returned"
+        )
+    deps = [{"task_id": t.id, "upstream_id": u} for t in tasks for u in sorted(set(t.after))]
+    yield run_many(INSERT_DEP, deps)
+    yield run(MARK_WAITED_ON, ids=upstream)
+    yield from settle([t.id for t in tasks], by_id=True)  # upstreams already ended count now
 
 
 def retry(task_id: str, downstream: bool) -> Program[list[str]]:
@@ -240,8 +272,11 @@ def retry(task_id: str, downstream: bool) -> Program[list[str]]:
             frontier = sorted({r[0] for r in rows} - seen)
             seen.update(frontier)
             if frontier:
-                yield run_many(REARM, [{"task_id": t} for t in frontier])
-                touched += frontier
+                # only what has ended or still waits: a queued or running task is left alone
+                ready = [r[0] for r in (yield run(REARMABLE, ids=frontier))]
+                if ready:
+                    yield run_many(REARM, [{"task_id": t} for t in ready])
+                    touched += sorted(ready)
     yield Notify(("tasks",))
     return touched
 
