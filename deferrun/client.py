@@ -44,10 +44,14 @@ def build_task(
     """
     if not isinstance(operator, BaseOperator):
         raise TypeError(f"submit() takes a BaseOperator instance, got {operator!r}")
-    if isinstance(after, str):
-        after = [after]
-    if not all(isinstance(a, str) and a for a in after):
-        raise TypeError(f"after= takes task ids (strings), got {after!r}")
+    after = [after] if isinstance(after, str) else list(after)  # a generator is read once
+    for upstream in after:
+        if type(upstream) is not str or not upstream or "\x00" in upstream:
+            raise TypeError(f"after= takes task ids as returned by submit(), got {upstream!r}")
+        try:
+            upstream.encode()
+        except UnicodeEncodeError:
+            raise TypeError(f"after= takes task ids as returned by submit(), got {upstream!r}")
     if trigger_rule not in TRIGGER_RULES:
         raise ValueError(
             f"unknown trigger_rule {trigger_rule!r}; use one of {', '.join(TRIGGER_RULES)}"

@@ -80,3 +80,12 @@ class Ends(BaseTrigger):
             yield TaskSkippedEvent("nothing to do")
         else:
             yield TriggerEvent(self.value)
+
+
+class WatchSelf(BaseOperator):
+    """Defers on a TaskStateTrigger watching its own task (must be refused)."""
+
+    def execute(self, context: Context) -> Any:
+        from triggers.task import TaskStateTrigger
+
+        self.defer(trigger=TaskStateTrigger(context["task_id"]))

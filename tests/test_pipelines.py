@@ -142,3 +142,101 @@ async def test_retry_with_and_without_downstream(store: Store, tmp_path: Path) -
         with pytest.raises(ValueError, match="not finished"):
             await c.retry(await c.submit(Step(), start_trigger=NeverTrigger()))
     await anyio.sleep(0)
+
+
+# -- breaks found by attacking pipelines, kept as tests -------------------------------------
+
+
+async def test_ending_a_task_and_settling_its_waiters_commit_together(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection lost between an upstream's end and its waiters' settle once left the
+    waiters deferred forever on PostgreSQL (the end committed alone)."""
+    from deferrun.client import build_task
+    from deferrun.exceptions import StoreUnavailable
+
+    up = build_task(Step())
+    await store.submit(up)
+    down = build_task(Step(), after=[up.id])
+    await store.submit(down)
+    [claim] = await store.claim_tasks("w1", ["default"], 1)
+    connector = store.db  # type: ignore[attr-defined]
+    real = type(connector)._execute if hasattr(type(connector), "_execute") else None
+    assert real is not None
+
+    def dropping(self: object, *args: object) -> object:
+        step = args[-1]
+        if getattr(step, "query", None) is not None and step.query.name == "waiters_by_upstream":
+            raise OSError("connection dropped mid-transaction")
+        return real(self, *args)  # type: ignore[misc]
+
+    monkeypatch.setattr(type(connector), "_execute", dropping)
+    with pytest.raises((StoreUnavailable, OSError)):
+        await store.complete_task(up.id, claim.claim_token, '"done"')
+    monkeypatch.setattr(type(connector), "_execute", real)
+    assert (await store.get_task(up.id)).state is TaskState.RUNNING  # type: ignore[union-attr]
+    assert await store.complete_task(up.id, claim.claim_token, '"done"')
+    assert (await store.get_task(down.id)).state is TaskState.QUEUED  # type: ignore[union-attr]
+
+
+async def test_after_as_a_generator_keeps_every_dependency(store: Store) -> None:
+    async with runtime_for(store, worker=False) as rt:
+        up = await rt.client.submit(Step())
+        down = await rt.client.submit(Step(), after=(i for i in [up]))
+        assert (await rt.client.dependencies(down))[0] == [up]
+        assert (await rt.client.get(down)).state is TaskState.DEFERRED
+        with pytest.raises(TypeError, match="task ids"):
+            await rt.client.submit(Step(), after=[up + "\x00"])
+
+
+async def test_retry_rearms_queued_downstream_and_respects_rules(store: Store) -> None:
+    async with runtime_for(store, worker=False) as rt:
+        c = rt.client
+        up = await c.submit(Step())
+        down = await c.submit(Step(), after=[up])
+        await c.cancel(up)
+        assert (await c.get(down)).state is TaskState.UPSTREAM_FAILED
+        # a waiter retried on its own waits on its rule again: its upstream is still cancelled
+        assert await c.retry(down) == [down]
+        assert (await c.get(down)).state is TaskState.UPSTREAM_FAILED
+        # retried with its downstream: the upstream is queued again, the waiter waits again
+        assert await c.retry(up, downstream=True) == [up, down]
+        assert (await c.get(down)).state is TaskState.DEFERRED
+    async with runtime_for(store) as rt:
+        assert (await rt.client.wait(down, timeout=20)).state is TaskState.SUCCESS
+
+
+async def test_retry_of_a_started_task_waits_on_its_trigger_again(store: Store) -> None:
+    async with runtime_for(store) as rt:
+        c = rt.client
+        task = await c.submit(Step(), start_trigger=EchoTrigger(value={"n": 1}, delay=0.1))
+        first = await c.wait(task, timeout=20)
+        assert await c.retry(task) == [task]
+        assert (await c.get(task)).state is TaskState.DEFERRED
+        second = await c.wait(task, timeout=20)
+    assert first.result["trigger_event"] == second.result["trigger_event"] == {"n": 1}
+    assert second.try_number == 2
+
+
+async def test_retry_after_cancelling_a_running_task_waits_for_it_to_stop(store: Store) -> None:
+    from deferrun.client import build_task
+
+    task = build_task(Step())
+    await store.submit(task)
+    await store.claim_tasks("w1", ["default"], 1)
+    await store.cancel_task(task.id)
+    assert await store.retry_task(task.id) == [task.id]
+    info = await store.get_task(task.id)
+    assert info is not None and info.state is TaskState.UP_FOR_RETRY
+    assert info.not_before is not None and info.not_before > info.updated_at  # type: ignore[operator]
+    with pytest.raises(TaskNotFound):
+        await store.retry_task("no-such-task")
+
+
+async def test_a_task_cannot_watch_itself(store: Store) -> None:
+    from pipeline_userland import WatchSelf
+
+    async with runtime_for(store) as rt:
+        info = await rt.run_to_end(WatchSelf())
+    assert info.state is TaskState.FAILED
+    assert "cannot wait on its own end" in (info.error or ""), info.error

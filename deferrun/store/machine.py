@@ -16,6 +16,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import msgspec
+
+from deferrun import serialization
 from deferrun.baseoperator import BaseOperator
 from deferrun.exceptions import TaskNotFound
 from deferrun.models import (
@@ -30,6 +33,8 @@ from deferrun.store import pipelines
 from deferrun.store.sql import Notify, Program, Query, Row, run, run_many, states_sql
 
 STALE_UNCLAIMED = 2.0
+#: an error text kept in a task row is cut to this many characters (its head and its tail)
+MAX_ERROR_CHARS = 65536
 #: at most this many deadlines are enforced per maintenance pass (the next pass takes the rest)
 EXPIRE_BATCH = 5000
 
@@ -43,9 +48,11 @@ LIVE_PROCESSES = "SELECT id FROM deferrun_processes WHERE heartbeat_at >= {now} 
 #: Only the attempt that holds the task may write its outcome.
 FENCE = "id = :task_id AND state = 'running' AND claim_token = :claim_token"
 
-#: A claim starts a new try when the task is new or was up for retry; resumes and
-#: reschedules continue the same try.
-_NEW_TRY = "(state = 'up_for_retry' OR try_number = 0)"
+#: A claim starts a new try when the task is new, was up for retry, or starts (again) from its
+#: start trigger; resumes and reschedules continue the same try.
+_NEW_TRY = (
+    f"(state = 'up_for_retry' OR try_number = 0 OR next_method = '{BaseOperator.START_METHOD}')"
+)
 CLAIM = f"""
     state = 'running', worker_id = :worker_id, ready_at = NULL, updated_at = {{now}},
     try_number = CASE WHEN {_NEW_TRY} THEN try_number + 1 ELSE try_number END,
@@ -113,10 +120,11 @@ CLAIM_QUEUES = _claim_tasks("claim_queues", "queue IN_TEXTS(:queues)")
 INSERT_TASK = Query(
     "insert_task",
     """INSERT INTO deferrun_tasks (id, name, classpath, kwargs, queue, state, max_tries,
-        retry_delay, execution_timeout, ready_at, created_at, updated_at, trigger_rule, retries)
+        retry_delay, execution_timeout, ready_at, created_at, updated_at, trigger_rule, retries,
+        start_trigger)
     VALUES (:id, :name, :classpath, :kwargs, :queue, :state, :max_tries, :retry_delay,
         :execution_timeout, CASE WHEN :state = 'queued' THEN {now} END, {now}, {now},
-        :trigger_rule, :max_tries - 1) {count}""",
+        :trigger_rule, :max_tries - 1, :start_trigger) {count}""",
     many=True,
 )
 COMPLETE = Query(
@@ -171,8 +179,11 @@ DEFER_TASK = Query(
 )
 CANCEL = Query(
     "cancel",
+    # worker_id stays on a running task: its attempt may run on until that worker notices,
+    # and a retry waits for that (pipelines.RETRY)
     f"""UPDATE deferrun_tasks SET state = 'cancelled', error = 'cancelled by user',
-        worker_id = NULL, trigger_id = NULL, defer_deadline = NULL, ready_at = NULL,
+        worker_id = CASE WHEN state = 'running' THEN worker_id END,
+        trigger_id = NULL, defer_deadline = NULL, ready_at = NULL,
         updated_at = {{now}}, finished_at = {{now}}
     WHERE id = :task_id AND state NOT IN {FINISHED} RETURNING id, has_downstream""",
 )
@@ -181,7 +192,8 @@ START_TRIGGER = Query(
     "start_trigger",
     """INSERT INTO deferrun_triggers (task_id, classpath, kwargs, queue, deadline, created_at,
         watch_task_id)
-    VALUES (:task_id, :classpath, :kwargs, :queue, {now} + :timeout, {now}, :watch_task_id)
+    SELECT id, :classpath, :kwargs, queue, {now} + :timeout, {now}, :watch_task_id
+    FROM deferrun_tasks WHERE id = :task_id
     RETURNING id""",
 )
 START_WAITING = Query(
@@ -262,7 +274,9 @@ def _one(rows: list[Row]) -> bool:
     return len(rows) == 1
 
 
-def _task_params(t: NewTask, state: str = "queued") -> dict[str, Any]:
+def _task_params(
+    t: NewTask, state: str = "queued", start_trigger: str | None = None
+) -> dict[str, Any]:
     return {
         "id": t.id,
         "name": t.name,
@@ -274,6 +288,7 @@ def _task_params(t: NewTask, state: str = "queued") -> dict[str, Any]:
         "execution_timeout": t.execution_timeout,
         "state": state,
         "trigger_rule": None,
+        "start_trigger": start_trigger,
     }
 
 
@@ -300,13 +315,19 @@ def submit(tasks: Sequence[NewTask]) -> Program[None]:
 
 def _submit_started(task: NewTask, start: Deferral) -> Program[None]:
     """A task that starts from a trigger: deferred on it before its first try."""
-    yield run_many(INSERT_TASK, [_task_params(task, state="deferred")])
+    spec = serialization.dumps(msgspec.structs.asdict(start))
+    yield run_many(INSERT_TASK, [_task_params(task, state="deferred", start_trigger=spec)])
+    yield from start_from(task.id, start)
+
+
+def start_from(task_id: str, start: Deferral) -> Program[None]:
+    """Put a deferred task on its start trigger (at submit, and again on a re-run)."""
     timeout = None if start.timeout is None else float(start.timeout)
-    params = {"task_id": task.id, "timeout": timeout, "watch_task_id": start.watch_task_id}
+    params = {"task_id": task_id, "timeout": timeout, "watch_task_id": start.watch_task_id}
     [(trigger_id,)] = yield run(
-        START_TRIGGER, **params, classpath=start.classpath, kwargs=start.kwargs, queue=task.queue
+        START_TRIGGER, **params, classpath=start.classpath, kwargs=start.kwargs
     )
-    yield run(START_WAITING, task_id=task.id, trigger_id=int(trigger_id), timeout=timeout)
+    yield run(START_WAITING, task_id=task_id, trigger_id=int(trigger_id), timeout=timeout)
     yield from _watch(start.watch_task_id)
 
 
@@ -378,6 +399,8 @@ def requeue(task_id: str, claim_token: int) -> Program[bool]:
 
 
 def defer(task_id: str, claim_token: int, deferral: Deferral) -> Program[int | None]:
+    if deferral.watch_task_id == task_id:
+        raise ValueError(f"task {task_id} cannot wait on its own end (TaskStateTrigger on itself)")
     fence = {"task_id": task_id, "claim_token": claim_token}
     timeout = None if deferral.timeout is None else float(deferral.timeout)
     rows = yield run(
@@ -417,6 +440,8 @@ def end_from_triggers(items: Sequence[tuple[int, str, str | None, str | None]]) 
     """Triggers that ended their task themselves: (trigger_id, state, result JSON, error)."""
     ended: list[Row] = []
     for trigger_id, state, result, error in items:
+        if error is not None and len(error) > MAX_ERROR_CHARS:
+            error = error[: MAX_ERROR_CHARS // 2] + "\n...[truncated]...\n" + error[-4096:]
         ended += yield run(
             END_FROM_TRIGGER,
             trigger_id=trigger_id,

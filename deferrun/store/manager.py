@@ -202,17 +202,16 @@ class SqlStore:
         return time.time() + float(rows[0][0])
 
     async def complete_task(self, task_id: str, claim_token: int, result: str | None) -> bool:
-        return await self.db.transact(machine.complete(task_id, claim_token, result), atomic=False)
+        # atomic: ending a task and settling what waits on it must commit together
+        return await self.db.transact(machine.complete(task_id, claim_token, result))
 
     async def fail_task(
         self, task_id: str, claim_token: int, error: str, *, retry: bool
     ) -> TaskState | None:
-        return await self.db.transact(
-            machine.fail(task_id, claim_token, error, retry), atomic=False
-        )
+        return await self.db.transact(machine.fail(task_id, claim_token, error, retry))
 
     async def skip_task(self, task_id: str, claim_token: int, reason: str | None) -> bool:
-        return await self.db.transact(machine.skip(task_id, claim_token, reason), atomic=False)
+        return await self.db.transact(machine.skip(task_id, claim_token, reason))
 
     async def reschedule_task(self, task_id: str, claim_token: int, delay: float) -> bool:
         return await self.db.transact(machine.reschedule(task_id, claim_token, delay), atomic=False)
@@ -228,7 +227,11 @@ class SqlStore:
         return {(r[0], int(r[1])) for r in rows}
 
     async def retry_task(self, task_id: str, *, downstream: bool = False) -> list[str]:
-        return await self.db.transact(pipelines.retry(task_id, downstream))
+        # a task cancelled while it ran may still run on its worker until that worker's next
+        # ownership check (a heartbeat): its new try waits that long
+        return await self.db.transact(
+            pipelines.retry(task_id, downstream, stop_delay=self.dead_after / 2)
+        )
 
     async def upstream_results(self, task_id: str) -> dict[str, Any]:
         return pipelines.upstream_results(

@@ -15,7 +15,7 @@ from typing import Any
 
 from deferrun import serialization
 from deferrun.exceptions import TaskNotFound
-from deferrun.models import FINISHED_STATES, NewTask, TaskState
+from deferrun.models import FINISHED_STATES, Deferral, NewTask, TaskState
 from deferrun.store import machine
 from deferrun.store.sql import Notify, Program, Query, run, run_many, states_sql
 
@@ -54,6 +54,16 @@ _WAITER_COUNTS = f"""SELECT d.id, d.trigger_rule, count(*),
       AND d.state = 'deferred' AND d.trigger_id IS NULL AND d.trigger_rule IS NOT NULL
     GROUP BY d.id, d.trigger_rule"""
 # the same counts, for waiters named directly (a task just submitted)
+# Locks the waiters first (PostgreSQL; in id order, so two settles never deadlock): an upstream
+# ending in another transaction at the same moment then waits for this one to commit, and its
+# own count, taken after, sees this upstream's end. Without it, two last upstreams ending
+# together each counted the other as still running and the waiter was never released.
+_LOCK_WAITERS = f"""SELECT id FROM deferrun_tasks
+    WHERE id IN (SELECT task_id FROM deferrun_deps WHERE {{column}} IN_TEXTS(:ids))
+      AND {WAITING}
+    ORDER BY id {{lock}}"""
+LOCK_BY_UPSTREAM = Query("lock_by_upstream", _LOCK_WAITERS.replace("{column}", "upstream_id"))
+LOCK_BY_ID = Query("lock_by_id", _LOCK_WAITERS.replace("{column}", "task_id"))
 WAITERS_BY_UPSTREAM = Query(
     "waiters_by_upstream", _WAITER_COUNTS.replace("{column}", "upstream_id")
 )
@@ -95,22 +105,36 @@ UPSTREAM_IDS = Query(
 _FRESH_TRY = """result = NULL, error = NULL, next_method = NULL, next_kwargs = NULL,
         event = NULL, finished_at = NULL, worker_id = NULL, updated_at = {now},
         max_tries = try_number + coalesce(retries, 0) + 1"""
+RETRY_INFO = Query(
+    "retry_info",
+    "SELECT state, trigger_rule, start_trigger, worker_id FROM deferrun_tasks WHERE id = :task_id",
+)
 RETRY = Query(
     "retry",
-    f"""UPDATE deferrun_tasks SET state = 'up_for_retry', ready_at = {{now}}, {_FRESH_TRY}
+    f"""UPDATE deferrun_tasks SET state = 'up_for_retry', {_FRESH_TRY},
+        ready_at = {{now}} + CASE WHEN worker_id IS NULL THEN 0 ELSE :stop_delay END
     WHERE id = :task_id AND state IN {FINISHED} RETURNING id""",
 )
+#: what a re-run may re-arm: ended, still waiting, or queued but not started (never running)
+_REARMABLE = f"""(state IN {FINISHED} OR ({WAITING})
+        OR state IN ('queued', 'up_for_retry', 'up_for_reschedule'))"""
 REARMABLE = Query(
     "rearmable",
     f"""SELECT id FROM deferrun_tasks WHERE id IN_TEXTS(:ids) AND trigger_rule IS NOT NULL
-      AND (state IN {FINISHED} OR ({WAITING}))""",
+      AND {_REARMABLE}""",
+)
+REARM_STARTED = Query(
+    "rearm_started",
+    f"""UPDATE deferrun_tasks SET state = 'deferred', ready_at = NULL, trigger_id = NULL,
+        defer_deadline = NULL, {_FRESH_TRY}
+    WHERE id = :task_id AND state IN {FINISHED} {{count}}""",
+    many=True,
 )
 REARM = Query(
     "rearm",
     f"""UPDATE deferrun_tasks SET state = 'deferred', ready_at = NULL, trigger_id = NULL,
         defer_deadline = NULL, {_FRESH_TRY}
-    WHERE id = :task_id AND trigger_rule IS NOT NULL
-      AND (state IN {FINISHED} OR ({WAITING})) {{count}}""",
+    WHERE id = :task_id AND {_REARMABLE} {{count}}""",
     many=True,
 )
 
@@ -175,9 +199,11 @@ def settle(ended: Sequence[str], *, by_id: bool = False) -> Program[int]:
     queued = 0
     frontier = list(ended)
     query = WAITERS_BY_ID if by_id else WAITERS_BY_UPSTREAM
+    lock = LOCK_BY_ID if by_id else LOCK_BY_UPSTREAM
     while frontier:
         if not by_id:
             yield from fire_watchers(frontier)
+        yield run(lock, ids=frontier)
         rows = yield run(query, ids=frontier)
         release: list[dict[str, Any]] = []
         end: list[dict[str, Any]] = []
@@ -195,7 +221,7 @@ def settle(ended: Sequence[str], *, by_id: bool = False) -> Program[int]:
         if end:
             yield run_many(END_WAITER, end)
         frontier = [e["task_id"] for e in end]
-        query = WAITERS_BY_UPSTREAM
+        query, lock = WAITERS_BY_UPSTREAM, LOCK_BY_UPSTREAM
         by_id = False
     if queued:
         yield Notify(("tasks",))
@@ -207,16 +233,24 @@ def fire_watchers(ended: Sequence[str]) -> Program[None]:
     rows = yield run(WATCHERS, ids=list(ended))
     if rows:
         items = [
-            (
-                int(trigger_id),
-                None,
-                serialization.dumps(
-                    {"task_id": task_id, "state": state, "result": serialization.loads(result)}
-                ),
-            )
+            (int(trigger_id), None, _watch_event(task_id, state, result))
             for trigger_id, task_id, state, result in rows
         ]
         yield from machine.resume(items)
+
+
+#: a watcher's event carries the watched result up to this size (each watcher gets a copy)
+MAX_WATCHED_RESULT = 65536
+
+
+def _watch_event(task_id: str, state: str, result: str | None) -> str:
+    event: dict[str, Any] = {"task_id": task_id, "state": state}
+    if result is None or len(result) <= MAX_WATCHED_RESULT:
+        event["result"] = serialization.loads(result)
+    else:  # read it from the task itself if needed: copying it to every watcher costs GBs
+        event["result"] = None
+        event["result_omitted"] = f"{len(result):,} bytes, over {MAX_WATCHED_RESULT:,}"
+    return serialization.dumps(event)
 
 
 def submit_waiting(
@@ -255,29 +289,45 @@ def submit_waiting(
     yield from settle([t.id for t in tasks], by_id=True)  # upstreams already ended count now
 
 
-def retry(task_id: str, downstream: bool) -> Program[list[str]]:
-    """Put a finished task back with a fresh try; with ``downstream``, re-arm every task
-    downstream of it to wait again (running ones are left alone). Returns the ids touched."""
-    if not (yield run(RETRY, task_id=task_id)):
+def retry(task_id: str, downstream: bool, stop_delay: float) -> Program[list[str]]:
+    """Re-run a finished task with a fresh try, the way it first ran: a plain task is queued
+    (after ``stop_delay`` if it was cancelled while running, so its old attempt has stopped),
+    a task with upstreams waits on them again, a task that starts from a trigger waits on
+    that trigger again. With ``downstream``, every task downstream of it that has ended,
+    still waits or has not started is re-armed to wait again; a running one is left alone.
+    Returns the ids put back, the task first."""
+    rows = yield run(RETRY_INFO, task_id=task_id)
+    if not rows:
+        raise TaskNotFound(f"no task {task_id!r} in this database")
+    state, rule, start, _ = rows[0]
+    if state not in {str(s) for s in FINISHED_STATES}:
         raise ValueError(
-            f"task {task_id} is not finished (or does not exist); only a finished task can be "
-            "retried - cancel it first to stop it"
+            f"task {task_id} is {state}, not finished; only a finished task can be retried "
+            "(cancel it first to stop it)"
         )
+    if rule is not None:
+        yield run_many(REARM, [{"task_id": task_id}])
+    elif start is not None:
+        yield run_many(REARM_STARTED, [{"task_id": task_id}])
+        yield from machine.start_from(task_id, Deferral(**serialization.loads(start)))
+    else:
+        yield run(RETRY, task_id=task_id, stop_delay=stop_delay)
     touched = [task_id]
     if downstream:
         seen: set[str] = {task_id}
         frontier = [task_id]
         while frontier:
-            rows = yield run(DOWNSTREAM, ids=frontier)
-            frontier = sorted({r[0] for r in rows} - seen)
+            down = yield run(DOWNSTREAM, ids=frontier)
+            frontier = sorted({r[0] for r in down} - seen)
             seen.update(frontier)
             if frontier:
-                # only what has ended or still waits: a queued or running task is left alone
                 ready = [r[0] for r in (yield run(REARMABLE, ids=frontier))]
                 if ready:
                     yield run_many(REARM, [{"task_id": t} for t in ready])
                     touched += sorted(ready)
-    yield Notify(("tasks",))
+    if rule is not None:
+        yield from settle([task_id], by_id=True)  # its upstreams may all have ended
+    yield Notify(("tasks", "triggers"))
     return touched
 
 

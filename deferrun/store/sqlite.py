@@ -269,6 +269,7 @@ class SQLiteConnector:
             ("deferrun_tasks", "trigger_rule", "TEXT"),
             ("deferrun_tasks", "has_downstream", "INTEGER NOT NULL DEFAULT 0"),
             ("deferrun_tasks", "retries", "INTEGER"),
+            ("deferrun_tasks", "start_trigger", "TEXT"),
             ("deferrun_triggers", "watch_task_id", "TEXT"),
         ):
             if column not in {r[1] for r in c.execute(f"PRAGMA table_info({table})")}:

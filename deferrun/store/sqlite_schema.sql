@@ -30,7 +30,8 @@ CREATE TABLE IF NOT EXISTS deferrun_tasks (
     claim_token       INTEGER NOT NULL DEFAULT 0,
     trigger_rule      TEXT,
     has_downstream    INTEGER NOT NULL DEFAULT 0,
-    retries           INTEGER
+    retries           INTEGER,
+    start_trigger     TEXT
 );
 
 CREATE INDEX IF NOT EXISTS deferrun_tasks_runnable ON deferrun_tasks (queue, ready_at)
