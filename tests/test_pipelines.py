@@ -240,3 +240,16 @@ async def test_a_task_cannot_watch_itself(store: Store) -> None:
         info = await rt.run_to_end(WatchSelf())
     assert info.state is TaskState.FAILED
     assert "cannot wait on its own end" in (info.error or ""), info.error
+
+
+async def test_one_batch_may_hold_a_chain(store: Store) -> None:
+    """submit_many with tasks after other tasks of the same batch, a started one first."""
+    from deferrun.client import build_task
+
+    first = build_task(Step(), start_trigger=EchoTrigger(value=1))
+    second = build_task(Step(), after=[first.id])
+    third = build_task(Step(), after=[second.id])
+    await store.submit_many([third, second, first])
+    assert (await store.dependencies(third.id))[0] == [second.id]
+    async with runtime_for(store) as rt:
+        assert (await rt.client.wait(third.id, timeout=20)).state is TaskState.SUCCESS

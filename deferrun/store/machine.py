@@ -303,13 +303,13 @@ def submit(tasks: Sequence[NewTask]) -> Program[None]:
                 f"task {t.name}: a task starts either after upstream tasks or from a trigger, "
                 "not both; put the trigger on a task of its own"
             )
+    for t in tasks:  # before the waiters: a waiter of this batch may name one as upstream
+        if t.start is not None:
+            yield from _submit_started(t, t.start)
     waiting = [t for t in tasks if t.after]
     if waiting:
         params = [_task_params(t) for t in waiting]
         yield from pipelines.submit_waiting(waiting, INSERT_TASK, params)
-    for t in tasks:
-        if t.start is not None:
-            yield from _submit_started(t, t.start)
     yield Notify(("tasks", "triggers"))
 
 
