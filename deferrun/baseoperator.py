@@ -40,8 +40,8 @@ def as_seconds(value: timedelta | float | int | None, name: str) -> float | None
             seconds = math.inf
     else:
         raise TypeError(f"{name} must be a timedelta or a number of seconds, not {value!r}")
-    if math.isnan(seconds) or seconds < 0:
-        raise ValueError(f"{name} must be a non-negative number of seconds, got {value!r}")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"{name} must be a finite, non-negative number of seconds, got {value!r}")
     if seconds > MAX_SECONDS:
         raise ValueError(
             f"{name} of {value!r} is longer than 100 years; give a shorter duration or None"
