@@ -84,16 +84,19 @@ class SqlTrigger(PollingTrigger):
                 f"connection {self.conn_id!r}: the server's TLS certificate was not trusted "
                 f"({redact(str(exc))}); fix sslmode/sslrootcert in its URI"
             ) from None
-        except asyncpg.PostgresError as exc:
-            if isinstance(exc, _transient_server_errors()):
-                raise TransientError(f"{self.conn_id!r}: {redact(str(exc))}") from None
-            raise RuntimeError(
-                f"connecting with {self.conn_id!r} failed: {type(exc).__name__}: {redact(str(exc))}"
-            ) from None
-        except (OSError, TimeoutError, asyncpg.InterfaceError) as exc:
-            raise TransientError(
-                f"{self.conn_id!r}: {type(exc).__name__}: {redact(str(exc))}"
-            ) from None
+        except (asyncpg.PostgresError, OSError, TimeoutError, asyncpg.InterfaceError) as exc:
+            raise self._classified(exc, f"connecting with {self.conn_id!r} failed") from None
+
+    def _classified(self, exc: BaseException, what: str) -> Exception:
+        """A server error worth retrying (or the connection lost) is transient; any other
+        server error fails the task, with every secret redacted."""
+        import asyncpg
+
+        if isinstance(exc, asyncpg.PostgresError) and not isinstance(
+            exc, _transient_server_errors()
+        ):
+            return RuntimeError(f"{what}: {type(exc).__name__}: {redact(str(exc))}")
+        return TransientError(f"{self.conn_id!r}: {type(exc).__name__}: {redact(str(exc))}")
 
     async def poll(self) -> TriggerEvent | None:
         import asyncpg
@@ -106,16 +109,8 @@ class SqlTrigger(PollingTrigger):
                 f"{self.conn_id!r}: the query's parameters were rejected: {type(exc).__name__}: "
                 f"{redact(str(exc))}"
             ) from None
-        except asyncpg.PostgresError as exc:
-            if isinstance(exc, _transient_server_errors()):
-                raise TransientError(f"{self.conn_id!r}: {redact(str(exc))}") from None
-            raise RuntimeError(
-                f"SQL error on {self.conn_id!r}: {type(exc).__name__}: {redact(str(exc))}"
-            ) from None
-        except (OSError, TimeoutError, asyncpg.InterfaceError) as exc:
-            raise TransientError(
-                f"{self.conn_id!r}: {type(exc).__name__}: {redact(str(exc))}"
-            ) from None
+        except (asyncpg.PostgresError, OSError, TimeoutError, asyncpg.InterfaceError) as exc:
+            raise self._classified(exc, f"SQL error on {self.conn_id!r}") from None
         finally:
             await pool.release(conn)
         if row is None or not row[0]:
