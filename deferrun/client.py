@@ -46,12 +46,10 @@ def build_task(
         raise TypeError(f"submit() takes a BaseOperator instance, got {operator!r}")
     after = [after] if isinstance(after, str) else list(after)  # a generator is read once
     for upstream in after:
-        if type(upstream) is not str or not upstream or "\x00" in upstream:
+        if type(upstream) is not str:
             raise TypeError(f"after= takes task ids as returned by submit(), got {upstream!r}")
-        try:
-            upstream.encode()
-        except UnicodeEncodeError:
-            raise TypeError(f"after= takes task ids as returned by submit(), got {upstream!r}")
+        if not upstream or "\x00" in upstream or not upstream.isprintable():
+            raise ValueError(f"after= takes task ids as returned by submit(), got {upstream!r}")
     if trigger_rule not in TRIGGER_RULES:
         raise ValueError(
             f"unknown trigger_rule {trigger_rule!r}; use one of {', '.join(TRIGGER_RULES)}"

@@ -65,6 +65,7 @@ def test_submit_after_views_cancel_and_retry(
     refused(cli("cancel", "no-such-id", **kw), "no task 'no-such-id'")
     refused(cli("submit", step, "--after", "no-such-id", **kw), "unknown task id(s) no-such-id")
     refused(cli("submit", step, "--trigger-rule", "all_done", **kw), "needs at least one --after")
+    refused(cli("submit", step, "--after", "", **kw), "after= takes task ids")
 
     # cancelling a settles everything after it in one go: b, c upstream_failed, d runs (all_done)
     cancelled = ok(cli("cancel", a, **kw))

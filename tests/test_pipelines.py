@@ -185,8 +185,12 @@ async def test_after_as_a_generator_keeps_every_dependency(store: Store) -> None
         down = await rt.client.submit(Step(), after=(i for i in [up]))
         assert (await rt.client.dependencies(down))[0] == [up]
         assert (await rt.client.get(down)).state is TaskState.DEFERRED
-        with pytest.raises(TypeError, match="task ids"):
+        with pytest.raises(ValueError, match="task ids"):
             await rt.client.submit(Step(), after=[up + "\x00"])
+        with pytest.raises(ValueError, match="task ids"):
+            await rt.client.submit(Step(), after=[""])
+        with pytest.raises(TypeError, match="task ids"):
+            await rt.client.submit(Step(), after=[7])  # type: ignore[list-item]
 
 
 async def test_retry_rearms_queued_downstream_and_respects_rules(store: Store) -> None:
@@ -253,3 +257,50 @@ async def test_one_batch_may_hold_a_chain(store: Store) -> None:
     assert (await store.dependencies(third.id))[0] == [second.id]
     async with runtime_for(store) as rt:
         assert (await rt.client.wait(third.id, timeout=20)).state is TaskState.SUCCESS
+
+
+@pytest.mark.parametrize("kind", ["waiter", "started"])
+async def test_a_retried_task_cancelled_while_running_waits_for_its_old_attempt(
+    store: Store, kind: str
+) -> None:
+    """A waiter or a started task cancelled mid-run and retried at once was released at once:
+    its old attempt still ran beside the new try (found by the second attack)."""
+    from deferrun.client import build_task
+
+    if kind == "waiter":
+        up = build_task(Step())
+        await store.submit(up)
+        task = build_task(Step(), after=[up.id])
+        await store.submit(task)
+        [c] = await store.claim_tasks("w1", ["default"], 1)
+        assert await store.complete_task(up.id, c.claim_token, '"up"')
+    else:
+        task = build_task(Step(), start_trigger=EchoTrigger(value=1))
+        await store.submit(task)
+        [trig] = await store.claim_triggers("t1", [], 10)
+        assert await store.fire_triggers([(trig.id, '"go"')]) == 1
+    [running] = await store.claim_tasks("w1", ["default"], 1)
+    assert running.id == task.id
+    await store.cancel_task(task.id)
+    assert await store.retry_task(task.id) == [task.id]
+    if kind == "started":
+        [trig] = await store.claim_triggers("t1", [], 10)
+        assert await store.fire_triggers([(trig.id, '"again"')]) == 1
+    assert await store.claim_tasks("w2", ["default"], 1) == []  # held back: dead_after / 2
+    with anyio.fail_after(10):  # then it runs
+        while not (claimed := await store.claim_tasks("w2", ["default"], 1)):
+            await anyio.sleep(0.1)
+    assert claimed[0].id == task.id and claimed[0].try_number == 2
+
+
+async def test_a_batch_waiting_on_itself_in_a_cycle_is_refused(store: Store) -> None:
+    from msgspec.structs import replace
+
+    from deferrun.client import build_task
+
+    x, y = build_task(Step()), build_task(Step())
+    x = replace(x, after=(y.id,), trigger_rule="all_success")
+    y = replace(y, after=(x.id,), trigger_rule="all_success")
+    with pytest.raises(ValueError, match="cycle"):
+        await store.submit_many([x, y])
+    assert await store.get_task(x.id) is None and await store.get_task(y.id) is None

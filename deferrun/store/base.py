@@ -60,6 +60,8 @@ def is_connection_error(exc: BaseException) -> bool:
         asyncpg.TooManyConnectionsError,
         asyncpg.exceptions.OperatorInterventionError,
         asyncpg.exceptions.InsufficientResourcesError,
+        asyncpg.exceptions.DeadlockDetectedError,
+        asyncpg.exceptions.SerializationError,
     )
     # InterfaceError: "connection is closed", "pool is closing"; but DataError (a bad
     # argument, also an InterfaceError) is the write's own fault

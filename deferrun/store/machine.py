@@ -76,16 +76,20 @@ def end_in_failure(error: str) -> str:
 #: Back on the queue, same try (the worker stopped before the attempt ended).
 REQUEUE = "state = 'queued', ready_at = {now}, worker_id = NULL, updated_at = {now}"
 
+#: When a task becomes runnable from waiting: now, unless a retry holds it back until an
+#: attempt cancelled while it ran has surely stopped (hold_until).
+READY_NOW = "CASE WHEN hold_until > {now} THEN hold_until ELSE {now} END"
+
 #: A deferred task resumes exactly once: only while it still waits on this very trigger.
 #: ``:method`` NULL keeps the operator's resume method and kwargs; otherwise the wait failed.
 RESUME = Query(
     "resume",
-    """UPDATE deferrun_tasks SET state = 'queued', event = :event, ready_at = {now},
-        trigger_id = NULL, defer_deadline = NULL, updated_at = {now},
+    f"""UPDATE deferrun_tasks SET state = 'queued', event = :event, ready_at = {READY_NOW},
+        trigger_id = NULL, defer_deadline = NULL, updated_at = {{now}},
         next_method = coalesce(:method, next_method),
         next_kwargs = CASE WHEN :method IS NULL THEN next_kwargs END
     WHERE id = (SELECT task_id FROM deferrun_triggers WHERE id = :trigger_id)
-      AND state = 'deferred' AND trigger_id = :trigger_id {count}""",
+      AND state = 'deferred' AND trigger_id = :trigger_id {{count}}""",
     many=True,
 )
 DROP_TRIGGER = Query(

@@ -71,7 +71,7 @@ WAITERS_BY_ID = Query("waiters_by_id", _WAITER_COUNTS.replace("{column}", "task_
 RELEASE = Query(
     "release_waiter",
     # a re-run (retry --downstream) counts a new try: up_for_retry is what claims count
-    f"""UPDATE deferrun_tasks SET ready_at = {{now}}, updated_at = {{now}},
+    f"""UPDATE deferrun_tasks SET ready_at = {machine.READY_NOW}, updated_at = {{now}},
         state = CASE WHEN try_number = 0 THEN 'queued' ELSE 'up_for_retry' END
     WHERE id = :task_id AND {WAITING} {{count}}""",
     many=True,
@@ -102,9 +102,12 @@ DOWNSTREAM = Query(
 UPSTREAM_IDS = Query(
     "upstream_ids", "SELECT upstream_id FROM deferrun_deps WHERE task_id = :task_id"
 )
+# worker_id is still set on a task cancelled while it ran: its attempt may run on until that
+# worker notices, so the new try is held back until then (hold_until, read by READY_NOW)
 _FRESH_TRY = """result = NULL, error = NULL, next_method = NULL, next_kwargs = NULL,
         event = NULL, finished_at = NULL, worker_id = NULL, updated_at = {now},
-        max_tries = try_number + coalesce(retries, 0) + 1"""
+        max_tries = try_number + coalesce(retries, 0) + 1,
+        hold_until = CASE WHEN worker_id IS NULL THEN NULL ELSE {now} + :stop_delay END"""
 RETRY_INFO = Query(
     "retry_info",
     "SELECT state, trigger_rule, start_trigger, worker_id FROM deferrun_tasks WHERE id = :task_id",
@@ -121,7 +124,7 @@ _REARMABLE = f"""(state IN {FINISHED} OR ({WAITING})
 REARMABLE = Query(
     "rearmable",
     f"""SELECT id FROM deferrun_tasks WHERE id IN_TEXTS(:ids) AND trigger_rule IS NOT NULL
-      AND {_REARMABLE}""",
+      AND {_REARMABLE} ORDER BY id {{lock}}""",
 )
 REARM_STARTED = Query(
     "rearm_started",
@@ -253,6 +256,32 @@ def _watch_event(task_id: str, state: str, result: str | None) -> str:
     return serialization.dumps(event)
 
 
+def _refuse_cycles(tasks: Sequence[NewTask]) -> None:
+    """A batch whose tasks wait on each other in a circle would wait forever: refuse it.
+
+    Only a batch can hold a cycle: every other upstream already exists, and no existing task
+    can come to wait on a new one.
+    """
+    inside = {t.id: [u for u in t.after] for t in tasks}
+    waiting_on = {tid: {u for u in ups if u in inside} for tid, ups in inside.items()}
+    ready = [tid for tid, ups in waiting_on.items() if not ups]
+    done = 0
+    while ready:
+        tid = ready.pop()
+        done += 1
+        for other, ups in waiting_on.items():
+            if tid in ups:
+                ups.discard(tid)
+                if not ups:
+                    ready.append(other)
+    if done < len(waiting_on):
+        circle = sorted(tid for tid, ups in waiting_on.items() if ups)
+        raise ValueError(
+            f"these tasks wait on each other in a cycle and could never run: "
+            f"{', '.join(circle[:5])}; a task can only wait on tasks submitted before it"
+        )
+
+
 def submit_waiting(
     tasks: Sequence[NewTask], insert: Query, params: Sequence[dict[str, Any]]
 ) -> Program[None]:
@@ -271,6 +300,7 @@ def submit_waiting(
                 f"unknown trigger_rule {rule!r}; use one of {', '.join(TRIGGER_RULES)}"
             )
         rows.append({**p, "state": "deferred", "trigger_rule": rule})
+    _refuse_cycles(tasks)
     yield run_many(insert, rows)
     upstream = sorted({u for t in tasks for u in t.after})
     found = {r[0] for r in (yield run(EXISTING, ids=upstream))}
@@ -305,10 +335,11 @@ def retry(task_id: str, downstream: bool, stop_delay: float) -> Program[list[str
             f"task {task_id} is {state}, not finished; only a finished task can be retried "
             "(cancel it first to stop it)"
         )
+    held = {"task_id": task_id, "stop_delay": stop_delay}
     if rule is not None:
-        yield run_many(REARM, [{"task_id": task_id}])
+        yield run_many(REARM, [held])
     elif start is not None:
-        yield run_many(REARM_STARTED, [{"task_id": task_id}])
+        yield run_many(REARM_STARTED, [held])
         yield from machine.start_from(task_id, Deferral(**serialization.loads(start)))
     else:
         yield run(RETRY, task_id=task_id, stop_delay=stop_delay)
@@ -316,15 +347,17 @@ def retry(task_id: str, downstream: bool, stop_delay: float) -> Program[list[str
     if downstream:
         seen: set[str] = {task_id}
         frontier = [task_id]
-        while frontier:
+        while frontier:  # everything downstream, read first
             down = yield run(DOWNSTREAM, ids=frontier)
             frontier = sorted({r[0] for r in down} - seen)
             seen.update(frontier)
-            if frontier:
-                ready = [r[0] for r in (yield run(REARMABLE, ids=frontier))]
-                if ready:
-                    yield run_many(REARM, [{"task_id": t} for t in ready])
-                    touched += sorted(ready)
+        below = sorted(seen - {task_id})
+        if below:
+            # locked in id order, as settle() locks waiters: the two can never deadlock
+            ready = [r[0] for r in (yield run(REARMABLE, ids=below))]
+            if ready:
+                yield run_many(REARM, [{"task_id": t, "stop_delay": stop_delay} for t in ready])
+                touched += ready
     if rule is not None:
         yield from settle([task_id], by_id=True)  # its upstreams may all have ended
     yield Notify(("tasks", "triggers"))

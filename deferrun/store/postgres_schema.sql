@@ -87,6 +87,7 @@ ALTER TABLE deferrun_tasks ADD COLUMN IF NOT EXISTS trigger_rule text;
 ALTER TABLE deferrun_tasks ADD COLUMN IF NOT EXISTS has_downstream boolean NOT NULL DEFAULT false;
 ALTER TABLE deferrun_tasks ADD COLUMN IF NOT EXISTS retries integer;
 ALTER TABLE deferrun_tasks ADD COLUMN IF NOT EXISTS start_trigger text;
+ALTER TABLE deferrun_tasks ADD COLUMN IF NOT EXISTS hold_until double precision;
 ALTER TABLE deferrun_triggers ADD COLUMN IF NOT EXISTS watch_task_id text;
 CREATE TABLE IF NOT EXISTS deferrun_deps (
     task_id     text NOT NULL,

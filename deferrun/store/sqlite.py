@@ -270,6 +270,7 @@ class SQLiteConnector:
             ("deferrun_tasks", "has_downstream", "INTEGER NOT NULL DEFAULT 0"),
             ("deferrun_tasks", "retries", "INTEGER"),
             ("deferrun_tasks", "start_trigger", "TEXT"),
+            ("deferrun_tasks", "hold_until", "REAL"),
             ("deferrun_triggers", "watch_task_id", "TEXT"),
         ):
             if column not in {r[1] for r in c.execute(f"PRAGMA table_info({table})")}:

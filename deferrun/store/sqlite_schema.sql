@@ -31,7 +31,8 @@ CREATE TABLE IF NOT EXISTS deferrun_tasks (
     trigger_rule      TEXT,
     has_downstream    INTEGER NOT NULL DEFAULT 0,
     retries           INTEGER,
-    start_trigger     TEXT
+    start_trigger     TEXT,
+    hold_until        REAL
 );
 
 CREATE INDEX IF NOT EXISTS deferrun_tasks_runnable ON deferrun_tasks (queue, ready_at)
