@@ -15,24 +15,18 @@ from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 import pytest
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 from pipeline_userland import Step
+from tests_support import run_model, wipe
 
 from deferrun.client import build_task
 from deferrun.models import TaskState
 from deferrun.store import Store, make_store
 from deferrun.store.pipelines import TRIGGER_RULES, verdict
-from deferrun.store.sql import Query, run
 
 T = TypeVar("T")
-TABLES = ("deferrun_deps", "deferrun_triggers", "deferrun_tasks", "deferrun_processes")
 _BAD = {TaskState.FAILED, TaskState.UPSTREAM_FAILED, TaskState.CANCELLED}
-
-
-def _wipe(table: str) -> Any:
-    yield run(Query(f"wipe_{table}", f"DELETE FROM {table}"))
 
 
 class PipelineModel(RuleBasedStateMachine):
@@ -43,8 +37,7 @@ class PipelineModel(RuleBasedStateMachine):
         self.runner = asyncio.Runner()
         self.store: Store = make_store(self.url, dead_after=60.0)
         self.call(self.store.open())
-        for table in TABLES:
-            self.call(self.store.db.transact(_wipe(table)))  # type: ignore[attr-defined]
+        self.call(wipe(self.store))
         self.ids: list[str] = []
         self.ups: dict[str, list[str]] = {}
         self.rules: dict[str, str] = {}
@@ -148,15 +141,4 @@ class PipelineModel(RuleBasedStateMachine):
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
 def test_pipelines_match_reference_model(backend: str, request: pytest.FixtureRequest) -> None:
-    if backend == "sqlite":
-        url = f"sqlite:///{request.getfixturevalue('tmp_path') / 'model.db'}"
-    else:
-        url = request.getfixturevalue("pg_url")
-    machine = type("Model", (PipelineModel,), {"url": url})
-    machine.TestCase.settings = settings(
-        max_examples=30,
-        stateful_step_count=15,
-        deadline=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-    )
-    machine.TestCase().runTest()
+    run_model(PipelineModel, backend, request, examples=30, steps=15)

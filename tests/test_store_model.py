@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import pytest
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+from tests_support import run_model, wipe
 from userland import Flaky
 
 from deferrun import serialization
@@ -28,7 +28,6 @@ from deferrun.store import Store, make_store
 
 T = TypeVar("T")
 LIVE, DEAD = "w-live", "w-dead"  # w-dead never heartbeats: reap treats it as gone
-TABLES = ("deferrun_task_logs", "deferrun_triggers", "deferrun_tasks", "deferrun_processes")
 
 
 @dataclass
@@ -61,10 +60,8 @@ class StoreModel(RuleBasedStateMachine):
         return self.runner.run(coro)
 
     async def _reset(self) -> None:
-        from deferrun.store.sql import Query
 
-        for table in TABLES:
-            await self.store.db.transact(_exec(Query(f"wipe_{table}", f"DELETE FROM {table}")))
+        await wipe(self.store)
         await self.store.register_process(LIVE, "worker", ["default"], 100)
 
     def teardown(self) -> None:
@@ -255,23 +252,6 @@ def _pick(data: st.DataObject, items: list[T]) -> T | None:
     return items[index % len(items)] if items else None
 
 
-def _exec(query: Any) -> Any:
-    from deferrun.store.sql import run
-
-    yield run(query)
-
-
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
 def test_store_matches_reference_model(backend: str, request: pytest.FixtureRequest) -> None:
-    if backend == "sqlite":
-        url = f"sqlite:///{request.getfixturevalue('tmp_path') / 'model.db'}"
-    else:
-        url = request.getfixturevalue("pg_url")
-    machine = type("Model", (StoreModel,), {"url": url})
-    machine.TestCase.settings = settings(
-        max_examples=40,
-        stateful_step_count=30,
-        deadline=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-    )
-    machine.TestCase().runTest()
+    run_model(StoreModel, backend, request, examples=40, steps=30)

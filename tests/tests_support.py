@@ -73,3 +73,42 @@ def install_user_module(tmp_path: Path, monkeypatch: Any, name: str, source: str
     monkeypatch.syspath_prepend(str(moddir))
     monkeypatch.delitem(sys.modules, name, raising=False)
     return moddir
+
+
+#: every table a model test empties between examples
+TABLES = (
+    "deferrun_task_logs",
+    "deferrun_deps",
+    "deferrun_triggers",
+    "deferrun_tasks",
+    "deferrun_processes",
+)
+
+
+async def wipe(store: Store) -> None:
+    """Empty every deferrun table (a model test starts each example from nothing)."""
+    from deferrun.store.sql import Query, run
+
+    def program(table: str) -> Any:
+        yield run(Query(f"wipe_{table}", f"DELETE FROM {table}"))
+
+    for table in TABLES:
+        await store.db.transact(program(table))  # type: ignore[attr-defined]
+
+
+def run_model(base: type, backend: str, request: Any, *, examples: int, steps: int) -> None:
+    """Run the Hypothesis state machine ``base`` against a fresh database of ``backend``."""
+    from hypothesis import HealthCheck, settings
+
+    if backend == "sqlite":
+        url = f"sqlite:///{request.getfixturevalue('tmp_path') / 'model.db'}"
+    else:
+        url = request.getfixturevalue("pg_url")
+    machine = type("Model", (base,), {"url": url})
+    machine.TestCase.settings = settings(  # type: ignore[attr-defined]
+        max_examples=examples,
+        stateful_step_count=steps,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+    )
+    machine.TestCase().runTest()  # type: ignore[attr-defined]
