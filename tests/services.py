@@ -23,17 +23,49 @@ class Run:
 
 
 @dataclass
-class FakeServices:
-    """Behaves like a small HTTP API and a job service (dbt Cloud / Databricks-shaped)."""
+class ThreadedApp:
+    """An aiohttp app served on a loopback port from a thread of its own, for tests."""
 
     port: int = 0
+    _loop: asyncio.AbstractEventLoop | None = None
+    _thread: threading.Thread | None = None
+
+    def _serve(self, app: web.Application, name: str) -> None:
+        started = threading.Event()
+
+        def serve() -> None:
+            loop = self._loop = asyncio.new_event_loop()
+            runner = web.AppRunner(app, access_log=None)
+            loop.run_until_complete(runner.setup())
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            loop.run_until_complete(site.start())
+            self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            started.set()
+            loop.run_forever()
+            loop.run_until_complete(runner.cleanup())
+            loop.close()
+
+        self._thread = threading.Thread(target=serve, name=name, daemon=True)
+        self._thread.start()
+        if not started.wait(10):
+            raise RuntimeError(f"{name} did not start")
+
+    def stop(self) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread is not None:
+            self._thread.join(10)
+
+
+@dataclass
+class FakeServices(ThreadedApp):
+    """Behaves like a small HTTP API and a job service (dbt Cloud / Databricks-shaped)."""
+
     ready: dict[str, Any] = field(default_factory=dict)
     flaky_failures: dict[str, int] = field(default_factory=dict)
     requests: Counter[str] = field(default_factory=Counter)
     runs: dict[str, Run] = field(default_factory=dict)
     _ids: Any = field(default_factory=lambda: itertools.count(1))
-    _loop: asyncio.AbstractEventLoop | None = None
-    _thread: threading.Thread | None = None
 
     def _authorized(self, request: web.Request) -> bool:
         header = request.headers.get("Authorization", "")
@@ -114,30 +146,7 @@ class FakeServices:
         app.router.add_get("/bad-request", self.bad_request)
         app.router.add_post("/api/runs", self.submit_run)
         app.router.add_get("/api/runs/{run_id}", self.run_status)
-        started = threading.Event()
-
-        def serve() -> None:
-            loop = self._loop = asyncio.new_event_loop()
-            runner = web.AppRunner(app, access_log=None)
-            loop.run_until_complete(runner.setup())
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            loop.run_until_complete(site.start())
-            self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-            started.set()
-            loop.run_forever()
-            loop.run_until_complete(runner.cleanup())
-            loop.close()
-
-        self._thread = threading.Thread(target=serve, name="fake-services", daemon=True)
-        self._thread.start()
-        if not started.wait(10):
-            raise RuntimeError("fake services did not start")
-
-    def stop(self) -> None:
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-        if self._thread is not None:
-            self._thread.join(10)
+        self._serve(app, "fake-services")
 
     def uri(self, user: str = USER, password: str = PASSWORD) -> str:
         return f"http://{user}:{password}@127.0.0.1:{self.port}"
@@ -210,7 +219,7 @@ class Hit:
 
 
 @dataclass
-class HostileApi:
+class HostileApi(ThreadedApp):
     """An aiohttp server that misbehaves on demand and records every request it receives.
 
     Routes (any prefix): ``.../ok``; ``.../429?ra=N&times=K`` (429 with ``Retry-After: N``
@@ -220,11 +229,8 @@ class HostileApi:
     ``.../echo401`` (401 whose body echoes the Authorization header); ``.../redirect?to=URL``.
     """
 
-    port: int = 0
     hits: list[Hit] = field(default_factory=list)
     _counts: Counter[str] = field(default_factory=Counter)
-    _loop: asyncio.AbstractEventLoop | None = None
-    _thread: threading.Thread | None = None
 
     def paths(self, suffix: str) -> list[Hit]:
         return [h for h in self.hits if h.path_qs.split("?")[0].endswith(suffix)]
@@ -281,27 +287,4 @@ class HostileApi:
     def start(self) -> None:
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self.handle)
-        started = threading.Event()
-
-        def serve() -> None:
-            loop = self._loop = asyncio.new_event_loop()
-            runner = web.AppRunner(app, access_log=None)
-            loop.run_until_complete(runner.setup())
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            loop.run_until_complete(site.start())
-            self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-            started.set()
-            loop.run_forever()
-            loop.run_until_complete(runner.cleanup())
-            loop.close()
-
-        self._thread = threading.Thread(target=serve, name="hostile-api", daemon=True)
-        self._thread.start()
-        if not started.wait(10):
-            raise RuntimeError("hostile api did not start")
-
-    def stop(self) -> None:
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-        if self._thread is not None:
-            self._thread.join(10)
+        self._serve(app, "hostile-api")
