@@ -17,7 +17,7 @@ import structlog
 
 from deferrun import config
 from deferrun.exceptions import ConfigError, StoreUnavailable
-from deferrun.store.base import Channel, Wakeup
+from deferrun.store.base import Channel, Wakeup, is_connection_error
 from deferrun.store.manager import SqlStore
 from deferrun.store.sql import Notify, PostgresDialect, Program, Query, Row, Run
 
@@ -27,20 +27,6 @@ SCHEMA_VERSION = 4
 MIGRATION_LOCK = 0x64656672  # "defr": one advisory lock id for schema changes
 CHANNELS: dict[str, str] = {"tasks": "deferrun_tasks", "triggers": "deferrun_triggers"}
 R = TypeVar("R")
-
-#: errors that mean "the server or the connection is gone", not "this statement is wrong"
-_UNAVAILABLE: tuple[type[BaseException], ...] = (
-    OSError,
-    TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.AdminShutdownError,
-    asyncpg.CrashShutdownError,
-    # a transaction that lost a conflict: nothing of it was written, running it again works
-    asyncpg.exceptions.DeadlockDetectedError,
-    asyncpg.exceptions.SerializationError,
-)
 
 
 async def _no_reset(_conn: asyncpg.Connection) -> None:
@@ -85,7 +71,11 @@ class PostgresConnector:
                     return await self._drive(conn, program, notify_after=True)
                 async with conn.transaction():
                     return await self._drive(conn, program, notify_after=False)
-        except _UNAVAILABLE as exc:
+        except Exception as exc:
+            # one list for the whole runtime of what means "the server or the connection
+            # is gone": anything else is the statement's own error and propagates as is
+            if isinstance(exc, StoreUnavailable) or not is_connection_error(exc):
+                raise
             raise StoreUnavailable(f"PostgreSQL unavailable: {exc!r}") from exc
 
     async def _drive(self, conn: asyncpg.Connection, program: Program[R], notify_after: bool) -> R:
@@ -116,7 +106,11 @@ class PostgresConnector:
         try:
             async with self.pool.acquire() as conn:
                 return await self._execute(conn, Run(query, params))
-        except _UNAVAILABLE as exc:
+        except Exception as exc:
+            # one list for the whole runtime of what means "the server or the connection
+            # is gone": anything else is the statement's own error and propagates as is
+            if isinstance(exc, StoreUnavailable) or not is_connection_error(exc):
+                raise
             raise StoreUnavailable(f"PostgreSQL unavailable: {exc!r}") from exc
 
     async def listen(self, process_id: str, channel: Channel) -> tuple[Wakeup, int | None]:
