@@ -219,6 +219,22 @@ class PollingTrigger(BaseTrigger):
     async def poll(self) -> TriggerEvent | None:
         raise NotImplementedError(f"{type(self).__qualname__} must implement async def poll()")
 
+    def shared_poll_key(self) -> str | None:
+        """What this trigger polls, when one request can answer several triggers (e.g. one
+        listing for many keys under a prefix); None (the default) polls alone. Triggers in
+        one process with the same class (owner of ``poll_many``) and key share one poll loop
+        (``deferrun.shared_polls``); the key is shown by ``deferrun triggers``: no secrets."""
+        return None
+
+    @classmethod
+    async def poll_many(cls, triggers: list[Any]) -> list[TriggerEvent | BaseException | None]:
+        """Answer every trigger of one shared poll with one request: a result per trigger, in
+        order (an event, None for "not yet", or an exception that fails that trigger).
+        Raise ``TransientError`` to back off all of them, anything else to fail all."""
+        raise NotImplementedError(
+            f"{cls.__qualname__} has a shared_poll_key() but no classmethod poll_many()"
+        )
+
     def _jittered(self, seconds: float) -> float:
         # +-10 % so a thousand triggers deferred together do not poll in lockstep forever
         return seconds * random.uniform(0.9, 1.1)
@@ -237,6 +253,12 @@ class PollingTrigger(BaseTrigger):
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         check_interval(self.poll_interval)
+        key = self.shared_poll_key()
+        if key is not None:
+            from deferrun import shared_polls
+
+            yield await shared_polls.join(self, key)
+            return
         failures = 0
         while True:
             try:

@@ -4,7 +4,7 @@ trigger), so both refuse exactly the same triggers."""
 
 from __future__ import annotations
 
-from deferrun import serialization
+from deferrun import serialization, sharing
 from deferrun.baseoperator import as_seconds
 from deferrun.basetrigger import BaseTrigger
 from deferrun.exceptions import SerializationError, TaskDeferred
@@ -30,7 +30,13 @@ def prepare_deferral(signal: TaskDeferred) -> Deferral:
     kwargs_json = serialization.dumps(kwargs, f"{cls.__qualname__} kwargs")
     timeout = as_seconds(signal.timeout, "defer timeout")
     watched = trigger.watched_task()
+    try:
+        poll_key = sharing.poll_key_of(trigger)
+    except Exception as exc:
+        raise SerializationError(f"{classpath}.shared_poll_key() raised {exc!r}") from exc
     return Deferral(
+        affinity=sharing.affinity_key(classpath, kwargs_json) if sharing.shareable(cls) else None,
+        poll_key=poll_key if isinstance(poll_key, str) else None,
         watch_task_id=watched if isinstance(watched, str) else None,
         classpath=classpath,
         kwargs=kwargs_json,

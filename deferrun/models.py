@@ -64,6 +64,10 @@ class Deferral(msgspec.Struct, frozen=True):
     timeout: float | None
     #: a task whose end fires this trigger from the store itself (TaskStateTrigger)
     watch_task_id: str | None = None
+    #: hash of classpath + kwargs: identical triggers run once, claimed together (shared_runs)
+    affinity: str | None = None
+    #: the shared poll this trigger joins, for ``deferrun triggers`` (shared_polls)
+    poll_key: str | None = None
 
 
 class NewTask(msgspec.Struct, frozen=True):

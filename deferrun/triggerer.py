@@ -26,6 +26,7 @@ from deferrun.event_writer import EventWriter
 from deferrun.liveness import heartbeat_loop, new_process_id
 from deferrun.metrics import Metrics
 from deferrun.models import ClaimedTrigger
+from deferrun.shared_runs import Member, SharedRuns
 from deferrun.store.base import Store, Wakeup
 from deferrun.timer_heap import Timer, TimerHeap
 from deferrun.trigger_run import (
@@ -100,9 +101,10 @@ class Triggerer:
             cleanup_timeout=cleanup_timeout,
         )
         self.id = process_id or new_process_id("triggerer")
-        self.running: dict[int, _Running | Timer] = {}
+        self.running: dict[int, _Running | Timer | Member] = {}
         self.timers = TimerHeap()
         self.writer = EventWriter(store)
+        self.shared = SharedRuns(self.running, self._outcome, self.limits, lambda: self.watchdog)
         self.writer_unhealthy_after = WRITER_UNHEALTHY_AFTER
         self._last_unfreeze = time.monotonic()
         self._frozen_at = 0
@@ -155,11 +157,13 @@ class Triggerer:
                 tg.start_soon(self._heartbeat_loop, name="triggerer-heartbeat")
                 watchdog = LoopWatchdog.for_current_loop(self.block_threshold)
                 watchdog.describers.append(self._describe_task)
+                watchdog.describers.append(self.shared.describe)
                 watchdog.metrics = watchdog.metrics or self.metrics
                 self.watchdog = watchdog
                 tg.start_soon(watchdog.run, name="loop-watchdog")
                 tg.start_soon(self.writer.run, name="event-writer")
                 tg.start_soon(self._timer_loop, name="timers")
+                tg.start_soon(self.shared.run_deadlines, name="shared-run-deadlines")
                 try:
                     await self._main_loop()
                 finally:
@@ -192,6 +196,7 @@ class Triggerer:
             self._cancel(run, "shutdown")
             if isinstance(run, _Running) and run.task is not None:
                 tasks.append(run.task)
+        tasks += self.shared.tasks
         if tasks:
             wait = min(self.cleanup_timeout + 1.0, max(self.grace_period - 1.0, 0.1))
             _, stuck = await asyncio.wait(tasks, timeout=wait)
@@ -326,6 +331,9 @@ class Triggerer:
         if loaded.timer is not None:
             self._start_timer(claimed, loaded)
             return
+        if self.shared.accepts(loaded):  # identical triggers share one run()
+            self.running[tid] = self.shared.join(claimed, loaded)
+            return
         run = _Running(tid, claimed.task_id, loaded.classpath)
         self.running[tid] = run
         run.task = asyncio.get_running_loop().create_task(
@@ -387,7 +395,10 @@ class Triggerer:
             wait = min(due - time.time(), 1.0) if due is not None else 1.0
             await self.timers.wakeup.wait(wait)
 
-    def _cancel(self, run: _Running | Timer, reason: str) -> None:
+    def _cancel(self, run: _Running | Timer | Member, reason: str) -> None:
+        if isinstance(run, Member):
+            self.shared.leave(run)
+            return
         if isinstance(run, Timer):
             self.timers.remove(run.id)
             self.running.pop(run.id, None)

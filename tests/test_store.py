@@ -249,7 +249,7 @@ async def test_schema_v1_database_is_migrated(db_url: str) -> None:
         await store.append_task_logs([(task_id, 1.0, "worker", "x")], keep=5)
         assert len(await store.task_logs(task_id)) == 1
         assert (await store.get_task(task_id)) is not None  # data kept
-        assert await _schema_version(store) == 4
+        assert await _schema_version(store) == 5
     finally:
         await store.close()
 
@@ -267,6 +267,9 @@ async def _downgrade_to_v1(store: Store) -> None:
         conn.execute("ALTER TABLE tasks DROP COLUMN claim_token")
         conn.execute("DROP TABLE deferrun_deps")
         conn.execute("DROP INDEX deferrun_triggers_watch")
+        conn.execute("DROP INDEX deferrun_triggers_affinity")
+        for column in ("affinity", "poll_key"):
+            conn.execute(f"ALTER TABLE triggers DROP COLUMN {column}")
         for column in ("trigger_rule", "has_downstream", "retries"):
             conn.execute(f"ALTER TABLE tasks DROP COLUMN {column}")
         conn.execute("ALTER TABLE triggers DROP COLUMN watch_task_id")
@@ -281,6 +284,8 @@ async def _downgrade_to_v1(store: Store) -> None:
         for column in ("trigger_rule", "has_downstream", "retries"):
             await pool.execute(f"ALTER TABLE deferrun_tasks DROP COLUMN {column}")
         await pool.execute("ALTER TABLE deferrun_triggers DROP COLUMN watch_task_id")
+        for column in ("affinity", "poll_key"):  # version 5
+            await pool.execute(f"ALTER TABLE deferrun_triggers DROP COLUMN {column}")
         await pool.execute("DELETE FROM deferrun_schema")
         await pool.execute("INSERT INTO deferrun_schema VALUES (1)")
 

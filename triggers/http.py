@@ -12,6 +12,7 @@ from deferrun.basetrigger import PollingTrigger, TriggerEvent, check_interval
 from deferrun.connections import redact
 from deferrun.exceptions import TransientError
 from deferrun.shared_clients import check_endpoint, dotted, http_session, join_url
+from deferrun.sharing import digest
 
 MAX_BODY_BYTES = 1_000_000
 NOT_YET = {404, 425}
@@ -220,24 +221,61 @@ class HttpTrigger(PollingTrigger):
         self.response_check = response_check
         self.max_body_bytes = check_body_limit(max_body_bytes)
 
-    async def poll(self) -> TriggerEvent | None:
-        what = f"{self.method} {self.endpoint} on {self.http_conn_id!r}"
-        status, body, retry_after, location = await fetch(
+    def shared_poll_key(self) -> str:
+        """Identical requests (connection, method, endpoint, headers, body) share one."""
+        return request_key(
             self.http_conn_id,
             self.method,
             self.endpoint,
             self.headers,
             self.data,
-            what,
             self.max_body_bytes,
         )
-        raise_for_auth(status, body, self.http_conn_id, what)
+
+    async def poll(self) -> TriggerEvent | None:
+        return answer_of(await type(self).poll_many([self]))
+
+    @classmethod
+    async def poll_many(cls, triggers: list[Any]) -> list[TriggerEvent | BaseException | None]:
+        """One request for every trigger of a shared poll; each checks the response itself."""
+        first = triggers[0]
+        what = f"{first.method} {first.endpoint} on {first.http_conn_id!r}"
+        status, body, retry_after, location = await fetch(
+            first.http_conn_id,
+            first.method,
+            first.endpoint,
+            first.headers,
+            first.data,
+            what,
+            first.max_body_bytes,
+        )
+        raise_for_auth(status, body, first.http_conn_id, what)
         raise_transient(status, retry_after, what)
         raise_for_redirect(status, location, what)
         if status in NOT_YET:
-            return None
+            return [None] * len(triggers)
         if not 200 <= status < 300:
             raise RuntimeError(f"{what}: HTTP {status}: {excerpt(body)}")
-        if not check_response(body, self.response_check):
-            return None
-        return TriggerEvent({"status": status, "body": body})
+        return [
+            TriggerEvent({"status": status, "body": body})
+            if check_response(body, t.response_check)
+            else None
+            for t in triggers
+        ]
+
+
+def request_key(
+    conn_id: str, method: str, endpoint: str, headers: Any, data: Any, max_body: int
+) -> str:
+    """The shared-poll key of one HTTP request; headers and body only as a digest."""
+    extra = f" h={digest(headers)}" if headers else ""
+    extra += f" b={digest(data)}" if data is not None else ""
+    return f"{conn_id} {method} /{endpoint}{extra} max={max_body}"
+
+
+def answer_of(results: list[TriggerEvent | BaseException | None]) -> TriggerEvent | None:
+    """The one result of ``poll_many([self])`` as ``poll()`` returns it."""
+    [result] = results
+    if isinstance(result, BaseException):
+        raise result
+    return result

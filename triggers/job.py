@@ -16,12 +16,14 @@ from deferrun.basetrigger import PollingTrigger, TriggerEvent, check_interval
 from deferrun.shared_clients import aws_client, check_endpoint, dotted
 from triggers.http import (
     MAX_BODY_BYTES,
+    answer_of,
     check_body_limit,
     excerpt,
     fetch,
     raise_for_auth,
     raise_for_redirect,
     raise_transient,
+    request_key,
 )
 from triggers.s3 import classify
 
@@ -92,24 +94,52 @@ class JobStatusTrigger(PollingTrigger):
         self.max_body_bytes = check_body_limit(max_body_bytes)
         self._first_poll: float | None = None
 
-    async def poll(self) -> TriggerEvent | None:
-        what = f"job status {self.status_endpoint} on {self.http_conn_id!r}"
-        if self._first_poll is None:
-            self._first_poll = time.monotonic()
-        status, body, retry_after, location = await fetch(
-            self.http_conn_id, "GET", self.status_endpoint, None, None, what, self.max_body_bytes
+    def shared_poll_key(self) -> str:
+        """Tasks waiting on one run share one status request."""
+        return request_key(
+            self.http_conn_id, "GET", self.status_endpoint, None, None, self.max_body_bytes
         )
-        raise_for_auth(status, body, self.http_conn_id, what)
+
+    async def poll(self) -> TriggerEvent | None:
+        return answer_of(await type(self).poll_many([self]))
+
+    @classmethod
+    async def poll_many(cls, triggers: list[Any]) -> list[TriggerEvent | BaseException | None]:
+        """One status request for every trigger of a shared poll; each reads its own field
+        and states from the shared body."""
+        first = triggers[0]
+        what = f"job status {first.status_endpoint} on {first.http_conn_id!r}"
+        now = time.monotonic()
+        for t in triggers:
+            if t._first_poll is None:
+                t._first_poll = now
+        status, body, retry_after, location = await fetch(
+            first.http_conn_id, "GET", first.status_endpoint, None, None, what, first.max_body_bytes
+        )
+        raise_for_auth(status, body, first.http_conn_id, what)
         raise_transient(status, retry_after, what)
         raise_for_redirect(status, location, what)
         if status == 404:
-            if time.monotonic() - self._first_poll > self.not_found_grace:
-                raise LookupError(
-                    f"{what}: the job run was not found (HTTP 404 for {self.not_found_grace:g}s)"
-                )
-            return None
+            return [t._not_found(what, now) for t in triggers]
         if not 200 <= status < 300:
             raise RuntimeError(f"{what}: HTTP {status}: {excerpt(body)}")
+        results: list[TriggerEvent | BaseException | None] = []
+        for t in triggers:
+            try:
+                results.append(t._terminal(body, what))
+            except ValueError as exc:
+                results.append(exc)
+        return results
+
+    def _not_found(self, what: str, now: float) -> LookupError | None:
+        assert self._first_poll is not None
+        if now - self._first_poll > self.not_found_grace:
+            return LookupError(
+                f"{what}: the job run was not found (HTTP 404 for {self.not_found_grace:g}s)"
+            )
+        return None
+
+    def _terminal(self, body: Any, what: str) -> TriggerEvent | None:
         try:
             state = dotted(body, self.status_field)
         except (KeyError, IndexError, TypeError) as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import os
 import re
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
@@ -139,11 +140,14 @@ class S3KeyTrigger(PollingTrigger):
             raise classify(exc, f"listing s3://{bucket}/{literal_prefix(pattern)}") from exc
         return found
 
-    async def poll(self) -> TriggerEvent | None:
+    async def _client(self) -> Any:
         try:
-            client = await aws_client("s3", self.aws_conn_id)
+            return await aws_client("s3", self.aws_conn_id)
         except Exception as exc:
             raise classify(exc, f"creating an S3 client for {self.aws_conn_id!r}") from exc
+
+    async def poll(self) -> TriggerEvent | None:
+        client = await self._client()
         keys: list[str] = []
         for bucket, key in self.targets:
             await self._check_bucket(client, bucket)
@@ -157,3 +161,18 @@ class S3KeyTrigger(PollingTrigger):
                     return None
                 keys.append(key)
         return TriggerEvent({"status": "success", "keys": keys})
+
+    def shared_poll_key(self) -> str | None:
+        """Keys in one bucket share a poll of their common folder prefix (see s3_shared)."""
+        if len({bucket for bucket, _ in self.targets}) != 1:
+            return None  # rare: keys across buckets poll alone
+        prefixes = [literal_prefix(key) if self.wildcard_match else key for _, key in self.targets]
+        folder = os.path.commonprefix(prefixes)  # noqa: RUF071 - cut at "/" below
+        folder = folder[: folder.rfind("/") + 1]
+        return f"{self.aws_conn_id} s3://{self.targets[0][0]}/{folder}"
+
+    @classmethod
+    async def poll_many(cls, triggers: list[Any]) -> list[TriggerEvent | BaseException | None]:
+        from triggers.s3_shared import poll_shared
+
+        return await poll_shared(triggers)

@@ -10,6 +10,7 @@ from deferrun.basetrigger import PollingTrigger, TriggerEvent, check_interval
 from deferrun.connections import redact
 from deferrun.exceptions import ConfigError, TransientError
 from deferrun.shared_clients import pg_pool
+from deferrun.sharing import digest
 
 # Raised before any byte reaches the server, by options in the connection's URI (asyncpg's
 # ClientConfigurationError is also a ValueError) or a certificate/key file it names: retrying
@@ -98,7 +99,23 @@ class SqlTrigger(PollingTrigger):
             return RuntimeError(f"{what}: {type(exc).__name__}: {redact(str(exc))}")
         return TransientError(f"{self.conn_id!r}: {type(exc).__name__}: {redact(str(exc))}")
 
+    def shared_poll_key(self) -> str:
+        """The same SQL and parameters on one connection share one query."""
+        return f"{self.conn_id} sql={digest(self.sql)} params={digest(self.parameters)}"
+
     async def poll(self) -> TriggerEvent | None:
+        [result] = await type(self).poll_many([self])
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    @classmethod
+    async def poll_many(cls, triggers: list[Any]) -> list[TriggerEvent | BaseException | None]:
+        """One query answers every trigger of a shared poll (they run the same SQL)."""
+        event = await triggers[0]._query()
+        return [event] * len(triggers)
+
+    async def _query(self) -> TriggerEvent | None:
         import asyncpg
 
         pool, conn = await self._connect()

@@ -165,13 +165,15 @@ DEFER_INSERT_TRIGGER = Query(
     # Locks the task row (PostgreSQL) so a cancel cannot slip between this and DEFER_TASK;
     # "WHERE true" lets SQLite parse an upsert after a SELECT.
     f"""INSERT INTO deferrun_triggers (task_id, classpath, kwargs, queue, deadline, created_at,
-        watch_task_id)
-    SELECT id, :classpath, :kwargs, queue, {{now}} + :timeout, {{now}}, :watch_task_id
+        watch_task_id, affinity, poll_key)
+    SELECT id, :classpath, :kwargs, queue, {{now}} + :timeout, {{now}}, :watch_task_id,
+        :affinity, :poll_key
     FROM deferrun_tasks WHERE {FENCE} AND true {{lock}}
     ON CONFLICT (task_id) DO UPDATE SET classpath = excluded.classpath,
         kwargs = excluded.kwargs, queue = excluded.queue, deadline = excluded.deadline,
         created_at = excluded.created_at, triggerer_id = NULL,
-        watch_task_id = excluded.watch_task_id
+        watch_task_id = excluded.watch_task_id, affinity = excluded.affinity,
+        poll_key = excluded.poll_key
     RETURNING id""",
 )
 DEFER_TASK = Query(
@@ -195,8 +197,9 @@ CANCEL = Query(
 START_TRIGGER = Query(
     "start_trigger",
     """INSERT INTO deferrun_triggers (task_id, classpath, kwargs, queue, deadline, created_at,
-        watch_task_id)
-    SELECT id, :classpath, :kwargs, queue, {now} + :timeout, {now}, :watch_task_id
+        watch_task_id, affinity, poll_key)
+    SELECT id, :classpath, :kwargs, queue, {now} + :timeout, {now}, :watch_task_id,
+        :affinity, :poll_key
     FROM deferrun_tasks WHERE id = :task_id
     RETURNING id""",
 )
@@ -231,12 +234,23 @@ TRIGGER_DEMAND = Query(
 )
 
 
-def _claim_triggers(name: str, queue_match: str) -> Query:
+#: no other triggerer holds a trigger identical to this one (its affinity group)
+_NOT_HELD_ELSEWHERE = """AND (affinity IS NULL OR NOT EXISTS (SELECT 1 FROM deferrun_triggers o
+                WHERE o.affinity = deferrun_triggers.affinity AND o.triggerer_id IS NOT NULL
+                AND o.triggerer_id <> :triggerer_id))"""
+#: this triggerer holds a trigger identical to this one: it joins that group
+_HELD_HERE = """AND affinity IS NOT NULL AND EXISTS (SELECT 1 FROM deferrun_triggers o
+                WHERE o.affinity = deferrun_triggers.affinity
+                AND o.triggerer_id = :triggerer_id)"""
+
+
+def _claim_triggers(name: str, queue_match: str, match: str = "") -> Query:
     return Query(
         name,
         f"""WITH picked AS (
             SELECT id FROM deferrun_triggers
             WHERE triggerer_id IS NULL {queue_match} AND created_at <= {{now}} - :min_age
+            {match}
             ORDER BY id LIMIT :limit {{skip_locked}})
         UPDATE deferrun_triggers SET triggerer_id = :triggerer_id
         WHERE id IN (SELECT id FROM picked)
@@ -244,8 +258,14 @@ def _claim_triggers(name: str, queue_match: str) -> Query:
     )
 
 
+_QUEUES = "AND queue IN_TEXTS(:queues)"
 CLAIM_TRIGGERS_ANY = _claim_triggers("claim_triggers_any", "")
-CLAIM_TRIGGERS_QUEUES = _claim_triggers("claim_triggers_queues", "AND queue IN_TEXTS(:queues)")
+CLAIM_TRIGGERS_QUEUES = _claim_triggers("claim_triggers_queues", _QUEUES)
+CLAIM_UNSHARED_ANY = _claim_triggers("claim_unshared_any", "", _NOT_HELD_ELSEWHERE)
+CLAIM_UNSHARED_QUEUES = _claim_triggers("claim_unshared_queues", _QUEUES, _NOT_HELD_ELSEWHERE)
+CLAIM_GROUPS_ANY = _claim_triggers("claim_groups_any", "", _HELD_HERE)
+CLAIM_GROUPS_QUEUES = _claim_triggers("claim_groups_queues", _QUEUES, _HELD_HERE)
+CLAIM_LOCK = Query("claim_lock", "{claim_lock}")
 
 RELEASE_ALL_TRIGGERS = Query(
     "release_all_triggers",
@@ -327,7 +347,13 @@ def _submit_started(task: NewTask, start: Deferral) -> Program[None]:
 def start_from(task_id: str, start: Deferral) -> Program[None]:
     """Put a deferred task on its start trigger (at submit, and again on a re-run)."""
     timeout = None if start.timeout is None else float(start.timeout)
-    params = {"task_id": task_id, "timeout": timeout, "watch_task_id": start.watch_task_id}
+    params = {
+        "task_id": task_id,
+        "timeout": timeout,
+        "watch_task_id": start.watch_task_id,
+        "affinity": start.affinity,
+        "poll_key": start.poll_key,
+    }
     [(trigger_id,)] = yield run(
         START_TRIGGER, **params, classpath=start.classpath, kwargs=start.kwargs
     )
@@ -414,6 +440,8 @@ def defer(task_id: str, claim_token: int, deferral: Deferral) -> Program[int | N
         kwargs=deferral.kwargs,
         timeout=timeout,
         watch_task_id=deferral.watch_task_id,
+        affinity=deferral.affinity,
+        poll_key=deferral.poll_key,
     )
     if not rows:
         return None
@@ -474,19 +502,31 @@ def claim_triggers(
     """Take this triggerer's fair share of new triggers, then any left waiting too long.
 
     New arrivals are split evenly over the live triggerers so a burst spreads over all of
-    them; nothing is taken from a live triggerer, so nothing bounces.
+    them; nothing is taken from a live triggerer, so nothing bounces. Identical triggers
+    (one affinity key) stay together: a trigger whose twin another triggerer holds is left
+    to that one, and every unclaimed twin of what this one holds (just claimed, or adopted
+    after a failover) comes along, so a group runs as one ``run()`` (shared_runs). Only the
+    2 s fallback for triggers nobody took ignores groups.
     """
+    yield run(CLAIM_LOCK)
     [(unclaimed, live)] = yield run(TRIGGER_DEMAND, dead_after=dead_after)
     fair = fair_share(limit, int(unclaimed), int(live))
-    query, extra = CLAIM_TRIGGERS_ANY, {}
-    if queues:
-        query, extra = CLAIM_TRIGGERS_QUEUES, {"queues": list(queues)}
+    extra: dict[str, Any] = {"queues": list(queues)} if queues else {}
+    unshared, groups, stale = (
+        (CLAIM_UNSHARED_QUEUES, CLAIM_GROUPS_QUEUES, CLAIM_TRIGGERS_QUEUES)
+        if queues
+        else (CLAIM_UNSHARED_ANY, CLAIM_GROUPS_ANY, CLAIM_TRIGGERS_ANY)
+    )
     claimed: list[Row] = []
     if fair > 0:
-        claimed += yield run(query, triggerer_id=triggerer_id, limit=fair, min_age=-1e9, **extra)
+        claimed += yield run(unshared, triggerer_id=triggerer_id, limit=fair, min_age=-1e9, **extra)
+    if len(claimed) < limit and int(unclaimed) > len(claimed):
+        claimed += yield run(
+            groups, triggerer_id=triggerer_id, limit=limit - len(claimed), min_age=-1e9, **extra
+        )
     if len(claimed) < limit:
         claimed += yield run(
-            query,
+            stale,
             triggerer_id=triggerer_id,
             limit=limit - len(claimed),
             min_age=STALE_UNCLAIMED,

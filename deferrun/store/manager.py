@@ -285,7 +285,8 @@ class SqlStore:
         if limit <= 0:
             return []
         return await self.db.transact(
-            machine.claim_triggers(triggerer_id, queues, limit, self.dead_after), atomic=False
+            # one transaction: its claim lock keeps groups of identical triggers together
+            machine.claim_triggers(triggerer_id, queues, limit, self.dead_after)
         )
 
     async def owned_trigger_ids(self, triggerer_id: str) -> set[int]:

@@ -1,4 +1,4 @@
--- deferrun schema for the PostgreSQL backend. Version 4 (every statement is idempotent: applying this file upgrades any older version).
+-- deferrun schema for the PostgreSQL backend. Version 5 (every statement is idempotent: applying this file upgrades any older version).
 -- Times are double precision epoch seconds, taken from the database server's clock so that
 -- hosts with skewed clocks still agree on heartbeats and due times. JSON is stored as text,
 -- exactly as serialized.
@@ -97,3 +97,10 @@ CREATE TABLE IF NOT EXISTS deferrun_deps (
 CREATE INDEX IF NOT EXISTS deferrun_deps_upstream ON deferrun_deps (upstream_id);
 CREATE INDEX IF NOT EXISTS deferrun_triggers_watch ON deferrun_triggers (watch_task_id)
     WHERE watch_task_id IS NOT NULL;
+
+-- version 5 (issue 12): shared polls. Identical triggers (classpath + kwargs) share an affinity
+-- key so claims keep them on one triggerer; poll_key names the shared poll a trigger joins.
+ALTER TABLE deferrun_triggers ADD COLUMN IF NOT EXISTS affinity text;
+ALTER TABLE deferrun_triggers ADD COLUMN IF NOT EXISTS poll_key text;
+CREATE INDEX IF NOT EXISTS deferrun_triggers_affinity ON deferrun_triggers (affinity, triggerer_id)
+    WHERE affinity IS NOT NULL;

@@ -9,7 +9,8 @@ handling and how they deliver wake-ups; no rule of the state machine lives in a 
 
 Statements are written in a neutral dialect: ``:name`` parameters, ``{now}`` for the
 database's clock in epoch seconds, ``{skip_locked}`` where PostgreSQL must not wait for rows
-another claimer holds, ``{lock}`` to hold a row until the transaction ends, ``IN_TEXTS(:p)``
+another claimer holds, ``{claim_lock}`` to serialize trigger claims, ``{lock}`` to hold a row
+until the transaction ends, ``IN_TEXTS(:p)``
 and ``IN_INTS(:p)`` to match a list parameter, and ``{count}`` after a statement run once per
 item (``many``) whose affected rows are counted.
 """
@@ -90,6 +91,7 @@ class Dialect:
     skip_locked: str
     lock: str
     count: str
+    claim_lock: str
 
     def __init__(self) -> None:
         self._cache: dict[str, Rendered] = {}
@@ -98,7 +100,11 @@ class Dialect:
         hit = self._cache.get(query.name)
         if hit is None:
             text = query.text.format(
-                now=self.now, skip_locked=self.skip_locked, lock=self.lock, count=self.count
+                now=self.now,
+                skip_locked=self.skip_locked,
+                lock=self.lock,
+                count=self.count,
+                claim_lock=self.claim_lock,
             )
             text = _IN_LIST.sub(lambda m: self.in_list(m.group(2), m.group(1) == "INTS"), text)
             hit = self._cache[query.name] = self._params(text, query.many)
@@ -122,6 +128,7 @@ class SQLiteDialect(Dialect):
     skip_locked = ""  # BEGIN IMMEDIATE already serializes writers
     lock = ""
     count = ""  # executemany reports its rowcount; RETURNING would zero it
+    claim_lock = "SELECT 1"  # BEGIN IMMEDIATE already serializes claims
 
     def _params(self, text: str, many: bool) -> Rendered:
         return Rendered(text, (), many)
@@ -138,6 +145,9 @@ class PostgresDialect(Dialect):
     skip_locked = "FOR UPDATE SKIP LOCKED"
     lock = "FOR UPDATE"
     count = "RETURNING 1"  # fetchmany returns a row per affected row
+    #: one trigger claim at a time across triggerers, so a group of identical triggers is
+    #: never split by two claims racing (held to the end of the claim's transaction)
+    claim_lock = "SELECT pg_advisory_xact_lock(7212012)"
 
     def in_list(self, param: str, ints: bool) -> str:
         return f"= ANY(:{param}::{'bigint' if ints else 'text'}[])"

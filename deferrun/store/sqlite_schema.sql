@@ -51,7 +51,9 @@ CREATE TABLE IF NOT EXISTS deferrun_triggers (
     triggerer_id TEXT,
     deadline     REAL,
     created_at   REAL NOT NULL,
-    watch_task_id TEXT
+    watch_task_id TEXT,
+    affinity     TEXT,
+    poll_key     TEXT
 );
 
 CREATE INDEX IF NOT EXISTS deferrun_triggers_unclaimed ON deferrun_triggers (queue, id) WHERE triggerer_id IS NULL;
@@ -97,3 +99,6 @@ CREATE TABLE IF NOT EXISTS deferrun_deps (
 CREATE INDEX IF NOT EXISTS deferrun_deps_upstream ON deferrun_deps (upstream_id);
 CREATE INDEX IF NOT EXISTS deferrun_triggers_watch ON deferrun_triggers (watch_task_id)
     WHERE watch_task_id IS NOT NULL;
+-- version 5 (issue 12): identical triggers share an affinity key (claimed together)
+CREATE INDEX IF NOT EXISTS deferrun_triggers_affinity ON deferrun_triggers (affinity, triggerer_id)
+    WHERE affinity IS NOT NULL;

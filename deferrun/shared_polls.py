@@ -1,0 +1,228 @@
+"""Shared polls: every live PollingTrigger with the same shared-poll key is answered by one
+batch poll per interval.
+
+A trigger opts in with ``shared_poll_key()`` (a string; None keeps polling alone) and a
+classmethod ``poll_many(triggers)`` returning one result per trigger: a ``TriggerEvent``
+(fires that trigger), None (not yet) or an exception (fails that trigger). Its ``run()`` then
+joins the :class:`SharedPoll` of its key in this event loop instead of polling itself. One
+loop per key polls at the smallest interval among its members; a ``TransientError`` from
+``poll_many`` backs off once for all of them; any other error fails every member with the
+same error. A trigger that joins while a poll is in flight is answered by the next one; one
+that leaves (fired elsewhere, cancelled, timed out) is dropped from the next batch, and the
+loop ends when no member is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import copy
+import time
+import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import structlog
+
+from deferrun.exceptions import TransientError
+
+if TYPE_CHECKING:
+    from deferrun.basetrigger import PollingTrigger, TriggerEvent
+
+log = structlog.get_logger("deferrun.shared_polls")
+
+#: how many tasks a trigger object's run() serves (set by the triggerer's shared runs)
+TASKS_SERVED: weakref.WeakKeyDictionary[Any, Callable[[], int]] = weakref.WeakKeyDictionary()
+_POLLS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[type, str], SharedPoll]]
+_POLLS = weakref.WeakKeyDictionary()
+
+
+def polls() -> dict[tuple[type, str], SharedPoll]:
+    """The shared polls running in this event loop."""
+    loop = asyncio.get_running_loop()
+    found = _POLLS.get(loop)
+    if found is None:
+        found = _POLLS[loop] = {}
+    return found
+
+
+def snapshot(loop: asyncio.AbstractEventLoop) -> list[tuple[str, int, int]]:
+    """``(name, triggers, tasks)`` per shared poll running in ``loop`` (metrics, logs)."""
+    return [(p.name, len(p.members), p.tasks()) for p in list(_POLLS.get(loop, {}).values())]
+
+
+async def join(trigger: PollingTrigger, key: str) -> TriggerEvent:
+    """Wait in the shared poll of ``key`` until it answers ``trigger`` with an event."""
+    owner = _batch_owner(type(trigger))
+    registry = polls()
+    poll = registry.get((owner, key))
+    if poll is None:
+        poll = registry[(owner, key)] = SharedPoll(owner, key, registry)
+    return await poll.wait(trigger)
+
+
+def _batch_owner(cls: type) -> type:
+    """The class whose ``poll_many`` answers ``cls``: triggers of two classes sharing one
+    inherited batch poll (and key) share one loop."""
+    for klass in cls.__mro__:
+        if "poll_many" in vars(klass):
+            return klass
+    return cls
+
+
+class SharedPoll:
+    """One poll loop for every member trigger with the same owner class and key."""
+
+    def __init__(self, owner: type, key: str, registry: dict[tuple[type, str], SharedPoll]):
+        self.owner = owner
+        self.key = key
+        self.name = f"{owner.__qualname__} {key}"
+        self.registry = registry
+        self.members: dict[PollingTrigger, asyncio.Future[TriggerEvent]] = {}
+        self.polls = 0
+        self.failures = 0
+        self._next_due = 0.0  # monotonic; 0: poll at once
+        self._changed = anyio.Event()
+        # a fresh context: the loop's log lines must not carry the first member's task id
+        self._task = asyncio.get_running_loop().create_task(
+            self._loop(), name=f"shared-poll:{self.name}"[:200], context=contextvars.Context()
+        )
+
+    def tasks(self) -> int:
+        return sum(TASKS_SERVED.get(t, _one)() for t in list(self.members))
+
+    async def wait(self, trigger: PollingTrigger) -> TriggerEvent:
+        future: asyncio.Future[TriggerEvent] = asyncio.get_running_loop().create_future()
+        self.members[trigger] = future
+        self._changed.set()  # a shorter interval may bring the next poll forward
+        try:
+            return await future
+        finally:
+            if self.members.get(trigger) is future:
+                del self.members[trigger]
+            if not self.members:
+                self._stop()
+
+    def _stop(self) -> None:
+        if self.registry.get((self.owner, self.key)) is self:
+            del self.registry[(self.owner, self.key)]
+        if not self._task.done():
+            self._task.cancel()
+
+    def _interval(self) -> float:
+        return min(t.poll_interval for t in self.members)
+
+    async def _loop(self) -> None:
+        try:
+            while self.members:
+                wait = self._next_due - time.monotonic()
+                if wait > 0:
+                    self._changed = anyio.Event()
+                    with anyio.move_on_after(wait):
+                        await self._changed.wait()
+                    if self._changed.is_set() and self.failures == 0:
+                        # a member joined: its interval may be shorter than the one waited for
+                        self._next_due = min(self._next_due, self._last + self._interval())
+                    continue
+                await self._poll_once()
+        finally:
+            if self.registry.get((self.owner, self.key)) is self:
+                del self.registry[(self.owner, self.key)]
+            for future in self.members.values():  # only on our own failure: never leave waiters
+                if not future.done():
+                    future.set_exception(RuntimeError(f"shared poll {self.name} stopped"))
+
+    _last = 0.0
+
+    async def _poll_once(self) -> None:
+        batch = list(self.members)
+        lead = min(batch, key=lambda t: t.poll_interval)
+        self._last = time.monotonic()
+        self.polls += 1
+        try:
+            results = list(await self.owner.poll_many(batch))  # type: ignore[attr-defined]
+        except TransientError as exc:
+            self.failures += 1
+            retry_after = getattr(exc, "retry_after", None)
+            if not isinstance(retry_after, int | float) or isinstance(retry_after, bool):
+                retry_after = None
+            delay = lead.retry_delay(self.failures, retry_after)
+            log.warning(
+                "shared poll failed; every member retries together",
+                poll=self.name,
+                members=len(batch),
+                error=str(exc),
+                attempt=self.failures,
+                retry_in=round(delay, 2),
+            )
+            self._next_due = time.monotonic() + delay
+            return
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # a permanent error: every member fails with it
+            self._fail(batch, exc)
+            self._next_due = time.monotonic() + lead.poll_interval
+            return
+        self.failures = 0
+        if len(results) != len(batch):
+            error = RuntimeError(
+                f"{self.owner.__qualname__}.poll_many() returned {len(results)} results for "
+                f"{len(batch)} triggers; return one result per trigger, in order"
+            )
+            self._fail(batch, error)
+            self._next_due = time.monotonic() + lead.poll_interval
+            return
+        self._answer(batch, results)
+        self._next_due = self._last + lead._jittered(self._interval() if self.members else 1.0)
+
+    def _answer(self, batch: list[PollingTrigger], results: list[Any]) -> None:
+        from deferrun.basetrigger import TriggerEvent
+
+        for trigger, result in zip(batch, results, strict=True):
+            future = self.members.get(trigger)
+            if future is None or future.done():
+                continue  # left while the poll was in flight
+            if isinstance(result, TriggerEvent):
+                del self.members[trigger]  # answered: out of the next batch at once
+                future.set_result(result)
+            elif isinstance(result, TransientError):
+                log.warning("shared poll: retrying one member", poll=self.name, error=str(result))
+            elif isinstance(result, BaseException):
+                del self.members[trigger]
+                future.set_exception(result)
+            elif result is not None:
+                del self.members[trigger]
+                future.set_exception(
+                    RuntimeError(
+                        f"{self.owner.__qualname__}.poll_many() gave {type(result).__name__} "
+                        "for a trigger; give a TriggerEvent, None or an exception"
+                    )
+                )
+
+    def _fail(self, batch: list[PollingTrigger], exc: BaseException) -> None:
+        log.warning(
+            "shared poll failed; failing every member",
+            poll=self.name,
+            members=len(batch),
+            error=repr(exc),
+        )
+        for trigger in batch:
+            future = self.members.get(trigger)
+            if future is not None and not future.done():
+                del self.members[trigger]
+                future.set_exception(_copy(exc))
+
+
+def _copy(exc: BaseException) -> BaseException:
+    """One exception object per member (each raise extends its own traceback)."""
+    try:
+        twin = copy.copy(exc)
+    except Exception:
+        return exc
+    twin.__cause__, twin.__context__ = exc.__cause__, exc.__context__
+    return twin.with_traceback(exc.__traceback__)
+
+
+def _one() -> int:
+    return 1

@@ -1,0 +1,216 @@
+"""Identical triggers run once: one ``run()`` per affinity key in a triggerer.
+
+Tasks that defer on the same trigger (same classpath and kwargs, see ``sharing``) wait on the
+same thing, so the triggerer runs that trigger's ``run()`` once for all of them. Each trigger
+row is a :class:`Member` in ``Triggerer.running`` (so claims, reconcile, capacity and release
+treat it like any trigger); the shared run is a :class:`Group` with one asyncio task. Its first
+event (or failure) becomes one outcome per member still waiting, all queued in the same step,
+so the event writer stores them in one batch (one transaction). A member that leaves (its
+row removed, its deadline passed, shutdown) leaves the rest waiting; the run is cancelled only
+when no member is left. A class that sets ``shareable = False`` never groups.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import structlog
+
+from deferrun import shared_polls, sharing
+from deferrun.models import ClaimedTrigger
+from deferrun.trigger_run import Limits, Loaded, Outcome, failure, run_until_event
+from deferrun.watchdog import LoopWatchdog, timed_steps
+
+log = structlog.get_logger("deferrun.triggerer")
+
+#: where outcomes go: ``Triggerer._outcome(outcome, task_id)``
+Emit = Callable[[Outcome, str], None]
+
+
+@dataclass(slots=True, eq=False)
+class Member:
+    """One trigger row served by a shared run."""
+
+    id: int
+    task_id: str
+    classpath: str
+    group: Group
+    started: float  # monotonic
+
+
+@dataclass(slots=True, eq=False)
+class Group:
+    """One ``run()`` shared by every member with the same affinity key."""
+
+    key: str
+    loaded: Loaded
+    lead: Member  # the trigger whose object runs: log lines carry its ids
+    members: dict[int, Member] = field(default_factory=dict)
+    task: asyncio.Task[None] | None = None
+
+
+class SharedRuns:
+    """The groups of one triggerer, and the deadlines of their members."""
+
+    def __init__(
+        self,
+        running: dict[int, Any],
+        emit: Emit,
+        limits: Limits,
+        watchdog: Callable[[], LoopWatchdog | None],
+    ) -> None:
+        self.running = running
+        self.emit = emit
+        self.limits = limits
+        self.watchdog = watchdog
+        self.groups: dict[str, Group] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+        self._deadlines: list[tuple[float, int, Member]] = []
+        self._seq = itertools.count()
+        self._deadline_changed = anyio.Event()
+
+    @staticmethod
+    def accepts(loaded: Loaded) -> bool:
+        return sharing.shareable(type(loaded.trigger))
+
+    def join(self, claimed: ClaimedTrigger, loaded: Loaded) -> Member:
+        """Put ``claimed`` in the group of its identical triggers (a new one if none runs)."""
+        key = sharing.affinity_key(loaded.classpath, claimed.kwargs)
+        group = self.groups.get(key)
+        if group is None:
+            lead = Member(claimed.id, claimed.task_id, loaded.classpath, None, time.monotonic())  # type: ignore[arg-type]
+            group = lead.group = Group(key, loaded, lead)
+            self.groups[key] = group
+            group.members[lead.id] = lead
+            members = group.members  # not the group: the entry must not keep the trigger alive
+            shared_polls.TASKS_SERVED[loaded.trigger] = lambda: len(members)
+            task = asyncio.get_running_loop().create_task(
+                self._drive(group), name=f"trigger:{claimed.id}"
+            )
+            group.task = task
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+            member = lead
+        else:
+            member = Member(claimed.id, claimed.task_id, loaded.classpath, group, time.monotonic())
+            group.members[member.id] = member
+            log.debug(
+                "trigger joined an identical running trigger",
+                trigger_id=claimed.id,
+                lead=group.lead.id,
+                members=len(group.members),
+            )
+        if claimed.timeout_in is not None:
+            due = time.monotonic() + max(float(claimed.timeout_in), 0.0)
+            if not self._deadlines or due < self._deadlines[0][0]:
+                self._deadline_changed.set()
+            heapq.heappush(self._deadlines, (due, next(self._seq), member))
+        return member
+
+    def leave(self, member: Member) -> None:
+        """``member`` stops waiting (removed, shutdown); the run stops once nobody waits."""
+        group = member.group
+        if group.members.pop(member.id, None) is None:
+            return
+        if self.running.get(member.id) is member:
+            del self.running[member.id]
+        if not group.members:
+            self._close(group)
+
+    def size(self, trigger_id: int) -> int:
+        """How many tasks the run that serves ``trigger_id`` waits for (1 when not shared)."""
+        member = self.running.get(trigger_id)
+        return len(member.group.members) if isinstance(member, Member) else 1
+
+    def describe(self, name: str) -> dict[str, Any]:
+        """Watchdog describer: the trigger behind a shared run's task ``trigger:<lead>``."""
+        if not name.startswith("trigger:"):
+            return {}
+        for group in self.groups.values():
+            if group.task is not None and group.task.get_name() == name:
+                lead = group.lead
+                return {
+                    "trigger_id": lead.id,
+                    "task_id": lead.task_id,
+                    "trigger": lead.classpath,
+                    "tasks_waiting": len(group.members),
+                }
+        return {}
+
+    def _close(self, group: Group) -> None:
+        if self.groups.get(group.key) is group:
+            del self.groups[group.key]
+        if group.task is not None and not group.task.done():
+            group.task.cancel()
+
+    async def _drive(self, group: Group) -> None:
+        lead = group.lead
+        structlog.contextvars.bind_contextvars(trigger_id=lead.id, task_id=lead.task_id)
+        try:
+            outcome: Outcome | None = await timed_steps(
+                run_until_event(group.loaded, lead.id, self.limits, None),
+                self.watchdog(),
+                self.describe,
+            )
+        except asyncio.CancelledError:
+            log.info("trigger cancelled: no task waits on it any more")
+            outcome = None
+        except BaseException as exc:  # run_until_event handles the trigger's own errors
+            log.exception("internal error running a trigger")
+            error = f"triggerer internal error running {lead.classpath}: {exc!r}"
+            outcome = failure(lead.id, error)
+        finally:
+            shared_polls.TASKS_SERVED.pop(group.loaded.trigger, None)
+            if self.groups.get(group.key) is group:
+                del self.groups[group.key]
+        if outcome is None:
+            return
+        members = list(group.members.values())
+        group.members.clear()
+        if len(members) > 1:
+            log.info(
+                "shared trigger run ended; every waiting task gets its outcome", tasks=len(members)
+            )
+        for member in members:  # one step: the writer stores them in one batch
+            if self.running.get(member.id) is member:
+                del self.running[member.id]
+                self.emit(_for(outcome, member.id), member.task_id)
+
+    async def run_deadlines(self) -> None:
+        """Time out members whose deferral deadline passed; the others keep waiting."""
+        while True:
+            now = time.monotonic()
+            while self._deadlines and self._deadlines[0][0] <= now:
+                _, _, member = heapq.heappop(self._deadlines)
+                if self.running.get(member.id) is not member:
+                    continue  # fired, left or replaced meanwhile
+                self.leave(member)
+                self.emit(
+                    failure(
+                        member.id,
+                        f"deferral timed out: trigger {member.id} ({member.classpath}) did not "
+                        f"fire within its timeout (ran {now - member.started:.1f}s here)",
+                        timeout=True,
+                    ),
+                    member.task_id,
+                )
+            wait = min(self._deadlines[0][0] - now, 1.0) if self._deadlines else 1.0
+            self._deadline_changed = anyio.Event()
+            with anyio.move_on_after(max(wait, 0.0)):
+                await self._deadline_changed.wait()
+
+
+def _for(outcome: Outcome, trigger_id: int) -> Outcome:
+    """``outcome`` addressed to another member of the same group."""
+    if outcome.trigger_id == trigger_id:
+        return outcome
+    return Outcome(
+        trigger_id, outcome.method, outcome.payload, outcome.error, None, outcome.end_state
+    )
