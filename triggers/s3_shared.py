@@ -22,6 +22,7 @@ from deferrun.basetrigger import TriggerEvent
 #: pages a listing of (conn, bucket, prefix) needed last time (a floor when abandoned)
 LISTING_PAGES: dict[tuple[str, str, str], int] = {}
 HEAD_CONCURRENCY = 16
+PAGE_SIZE = 1000  # S3's own maximum keys per ListObjectsV2 page
 #: what the last poll of each prefix did, for tests and the benchmark: "list" or "head"
 LAST_MODE: dict[tuple[str, str, str], str] = {}
 
@@ -59,7 +60,9 @@ async def _list(
     pages = 0
     try:
         paginator = client.get_paginator("list_objects_v2")
-        async for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+        async for page in paginator.paginate(
+            Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": PAGE_SIZE}
+        ):
             pages += 1
             if max_pages is not None and pages > max(max_pages, 1):
                 LISTING_PAGES[where] = pages
