@@ -41,6 +41,7 @@ class Metrics:
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
+        self._shared_polls: _SharedPollCollector | None = None
         #: more checks /healthz runs besides loop and database (e.g. the triggerer's writes)
         self.health_checks: list[HealthCheck] = []
         self.triggers_running = Gauge(
@@ -112,8 +113,33 @@ class Metrics:
             "deferrun_database_healthy", "1 while heartbeats reach the database", registry=r
         )
 
+    def watch_shared_polls(self, source: Callable[[], list[tuple[str, int, int]]]) -> None:
+        """Export ``deferrun_shared_poll_members{poll}``: tasks each running shared poll
+        serves, read from ``source()`` (name, triggers, tasks) at every scrape."""
+        if self._shared_polls is None:
+            self._shared_polls = _SharedPollCollector(source)
+            self.registry.register(self._shared_polls)
+        self._shared_polls.source = source
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _SharedPollCollector:
+    def __init__(self, source: Callable[[], list[tuple[str, int, int]]]) -> None:
+        self.source = source
+
+    def collect(self) -> Any:
+        from prometheus_client.core import GaugeMetricFamily
+
+        family = GaugeMetricFamily(
+            "deferrun_shared_poll_members",
+            "Tasks served by each running shared poll of this triggerer",
+            labels=["poll"],
+        )
+        for name, _, tasks in self.source():
+            family.add_metric([name], tasks)
+        yield family
 
 
 class CountingStore:

@@ -160,6 +160,10 @@ class TriggerInfo(msgspec.Struct, frozen=True):
     triggerer_id: str | None
     created_at: datetime | None
     deadline: datetime | None
+    #: identical triggers share it (one run() per triggerer); None for unshareable classes
+    affinity: str | None = None
+    #: the shared poll the trigger joins, as ``Class key`` (None: polls alone)
+    poll_key: str | None = None
 
 
 class ProcessInfo(msgspec.Struct, frozen=True):

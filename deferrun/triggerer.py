@@ -20,7 +20,7 @@ from typing import Any
 import anyio
 import structlog
 
-from deferrun import config, containment
+from deferrun import config, containment, shared_polls
 from deferrun.connections import close_shared_clients
 from deferrun.event_writer import EventWriter
 from deferrun.liveness import heartbeat_loop, new_process_id
@@ -160,6 +160,8 @@ class Triggerer:
                 watchdog.describers.append(self.shared.describe)
                 watchdog.metrics = watchdog.metrics or self.metrics
                 self.watchdog = watchdog
+                loop = asyncio.get_running_loop()
+                self.metrics.watch_shared_polls(lambda: shared_polls.snapshot(loop))
                 tg.start_soon(watchdog.run, name="loop-watchdog")
                 tg.start_soon(self.writer.run, name="event-writer")
                 tg.start_soon(self._timer_loop, name="timers")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -16,7 +17,7 @@ import msgspec
 
 from deferrun.client import AsyncClient
 from deferrun.exceptions import DeferrunError
-from deferrun.models import TaskInfo, TaskState, UpstreamWait
+from deferrun.models import TaskInfo, TaskState, TriggerInfo, UpstreamWait
 from deferrun.store import Store, open_store
 
 
@@ -250,7 +251,33 @@ async def triggers(args: argparse.Namespace) -> int:
                 ],
             )
         )
+    polls = shared_poll_rows(triggers)
+    if polls:
+        print(f"shared polls: {len(polls)}")
+        print(table(["poll", "owner", "tasks", "distinct triggers"], polls))
     return 0
+
+
+def shared_poll_rows(triggers: Sequence[TriggerInfo]) -> list[list[Any]]:
+    """Per triggerer, each shared poll (or run of identical triggers) with its tasks.
+
+    A poll key joins triggers into one poll; without one, identical triggers (one affinity
+    key) still share one run() when two or more wait.
+    """
+    tasks: Counter[tuple[str, str]] = Counter()
+    distinct: dict[tuple[str, str], set[str | None]] = {}
+    for t in triggers:
+        name = t.poll_key or (f"{t.classpath} (identical)" if t.affinity else None)
+        if name is None:
+            continue
+        where = (name, t.triggerer_id or "(unclaimed)")
+        tasks[where] += 1
+        distinct.setdefault(where, set()).add(t.affinity or str(t.id))
+    return [
+        [name, owner, count, len(distinct[(name, owner)])]
+        for (name, owner), count in sorted(tasks.items())
+        if count > 1 or not name.endswith("(identical)")
+    ]
 
 
 _LOG_META = {"timestamp", "level", "event", "task_id", "pid"}

@@ -4,6 +4,7 @@ and two real triggerer processes on PostgreSQL for failover."""
 from __future__ import annotations
 
 import signal
+import sys
 import time
 import uuid
 from collections import Counter
@@ -41,7 +42,7 @@ def resumes(log: Path) -> Counter[str]:
 
 
 async def test_one_event_resumes_every_waiting_task_once(
-    store: Store, api: FakeServices, tmp_path: Path
+    store: Store, db_url: str, api: FakeServices, tmp_path: Path
 ) -> None:
     name = f"fan-{uuid.uuid4().hex[:8]}"
     log = tmp_path / "resumes.log"
@@ -58,6 +59,14 @@ async def test_one_event_resumes_every_waiting_task_once(
         await anyio.sleep(1.0)
         per_second = api.requests[f"/health/{name}"] - before
         assert per_second <= 7, per_second  # one request per 0.2 s interval, not 40
+        poll = f"HttpTrigger http_default GET /health/{name} max=1000000"
+        metrics = rt.triggerer.metrics.render().decode()
+        assert f'deferrun_shared_poll_members{{poll="{poll}"}} 40.0' in metrics
+        shown = await anyio.run_process(
+            [sys.executable, "-m", "deferrun", "triggers", "--db", db_url], check=True
+        )
+        [row] = [line for line in shown.stdout.decode().splitlines() if line.startswith(poll)]
+        assert row.split()[-2:] == ["40", "1"], row  # 40 tasks, 1 distinct trigger
         api.ready[name] = {"state": "green"}
         infos = [await rt.client.wait(i, timeout=30) for i in ids]
     assert [i.state for i in infos] == [TaskState.SUCCESS] * 40, {i.error for i in infos}

@@ -61,8 +61,8 @@ OWNED_TRIGGERS = Query(
 )
 LIST_TRIGGERS = Query(
     "list_triggers",
-    "SELECT id, task_id, classpath, kwargs, queue, triggerer_id, created_at, deadline "
-    "FROM deferrun_triggers ORDER BY id",
+    "SELECT id, task_id, classpath, kwargs, queue, triggerer_id, created_at, deadline, "
+    "affinity, poll_key FROM deferrun_triggers ORDER BY id",
 )
 LIST_PROCESSES = Query(
     "list_processes",
@@ -317,6 +317,8 @@ class SqlStore:
                 triggerer_id=r[5],
                 created_at=ts(r[6]),
                 deadline=ts(r[7]),
+                affinity=r[8],
+                poll_key=r[9],
             )
             for r in await self.db.fetch(LIST_TRIGGERS)
         ]
