@@ -116,3 +116,24 @@ class Nop(BaseOperator):
 
     def execute(self, context: Context) -> Any:
         return None
+
+
+class WaitOn(BaseOperator):
+    """Defers on ``trigger`` (classpath, kwargs); each resume appends the task id to ``log``."""
+
+    def __init__(self, *, trigger: str, trigger_kwargs: dict[str, Any], log: str, **kw: Any):
+        super().__init__(**kw)
+        self.trigger = trigger
+        self.trigger_kwargs = trigger_kwargs
+        self.log_path = log
+
+    def execute(self, context: Context) -> Any:
+        from deferrun.serialization import instantiate
+
+        trigger = instantiate(self.trigger, self.trigger_kwargs, BaseTrigger, "trigger")
+        self.defer(trigger=trigger, method_name="resume")
+
+    def resume(self, context: Context, event: Any = None) -> Any:
+        with open(self.log_path, "a") as f:
+            f.write(f"{context['task_id']}\n")
+        return None
