@@ -23,6 +23,7 @@ BENCHMARKS = [
     "benchmarks.sensor_slots",
     "benchmarks.builtin_triggers",
     "benchmarks.pipelines",
+    "benchmarks.shared_polls",
 ]
 
 
@@ -206,3 +207,23 @@ def test_pipelines_smoke(tmp_path: Path) -> None:
     # (heartbeats, claims, a reap or reconcile may fall in one window only), far below 1 each
     assert fan["store_calls_waiting_total"] - fan["store_calls_idle_total"] <= 10
     assert chain["n"] == 20 and chain["link_p50_ms"] > 0
+
+
+@pytest.mark.e2e
+def test_shared_polls_smoke(tmp_path: Path) -> None:
+    out = run_benchmark(
+        "benchmarks.shared_polls",
+        "--out",
+        str(tmp_path),
+        "--tasks",
+        "20",
+        "--poll-interval",
+        "0.5",
+        "--intervals",
+        "2",
+    )
+    assert "resumed once / twice / lost" in out
+    data = json.loads((tmp_path / "shared_polls.json").read_text())
+    for case in ("s3", "job", "http"):
+        assert data[case]["resumed_once"] == 20 and data[case]["lost"] == 0, data[case]
+        assert data[case]["requests_per_poll_interval"] <= 3, data[case]
