@@ -65,6 +65,7 @@ class JobStatusTrigger(PollingTrigger):
     then fails the task; 401/403 fail at once; 5xx, 408, 429 and network errors are retried
     (at least ``Retry-After`` apart on 429/503). ``status_endpoint`` is a path under the
     connection's base URL (see HttpTrigger); a body over ``max_body_bytes`` fails the task.
+    ``headers`` go with every poll, beside the connection's auth and ``?header.*`` headers.
     """
 
     def __init__(
@@ -77,6 +78,7 @@ class JobStatusTrigger(PollingTrigger):
         poll_interval: float = 10.0,
         not_found_grace: float = 60.0,
         max_body_bytes: int = MAX_BODY_BYTES,
+        headers: dict[str, str] | None = None,
     ) -> None:
         self.status_endpoint = check_endpoint(status_endpoint, "status_endpoint")
         self.http_conn_id = http_conn_id
@@ -90,6 +92,7 @@ class JobStatusTrigger(PollingTrigger):
             raise ValueError(f"not_found_grace must be finite and >= 0, got {not_found_grace!r}")
         self.not_found_grace = not_found_grace
         self.max_body_bytes = check_body_limit(max_body_bytes)
+        self.headers = headers
         self._first_poll: float | None = None
 
     async def poll(self) -> TriggerEvent | None:
@@ -97,7 +100,13 @@ class JobStatusTrigger(PollingTrigger):
         if self._first_poll is None:
             self._first_poll = time.monotonic()
         status, body, retry_after, location = await fetch(
-            self.http_conn_id, "GET", self.status_endpoint, None, None, what, self.max_body_bytes
+            self.http_conn_id,
+            "GET",
+            self.status_endpoint,
+            self.headers,
+            None,
+            what,
+            self.max_body_bytes,
         )
         raise_for_auth(status, body, self.http_conn_id, what)
         raise_transient(status, retry_after, what)
