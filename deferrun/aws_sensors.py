@@ -107,3 +107,81 @@ class BatchJobSensor(AwsWaiterSensor):
 
     def waiter_args(self) -> dict[str, Any]:
         return {"jobs": [self.job_id]}
+
+
+def airflow_filter(
+    message_filtering: str | None, values: list[Any] | None, config: str | None
+) -> dict[str, Any] | None:
+    """Airflow's SqsSensor filtering keywords as an SqsTrigger ``message_filter``."""
+    if message_filtering is None:
+        return None
+    if message_filtering == "literal":
+        return {"literal": True, "in": list(values or [])}
+    if message_filtering == "jsonpath":
+        if not config:
+            raise ValueError("message_filtering='jsonpath' needs message_filtering_config")
+        field = config.removeprefix("$").lstrip(".")
+        return {"field": field, "in": list(values)} if values else {"field": field, "exists": True}
+    raise ValueError(
+        f"message_filtering must be None, 'literal' or 'jsonpath', got {message_filtering!r}"
+    )
+
+
+class SqsSensor(TriggerSensor):
+    """Waits for messages on ``sqs_queue`` (Airflow's keywords); result ``{"messages": [...]}``.
+
+    Deferrable: one shared long-poll loop per queue in the triggerer, messages deleted only
+    after the event is stored. Poke/reschedule: one receive per poke in the worker, matching
+    messages deleted on reception (``delete_message_on_reception``), as Airflow does.
+    """
+
+    def __init__(
+        self,
+        *,
+        sqs_queue: str,
+        aws_conn_id: str = "aws_default",
+        max_messages: int = 5,
+        wait_time_seconds: int = 1,
+        message_filtering: str | None = None,
+        message_filtering_match_values: list[Any] | None = None,
+        message_filtering_config: str | None = None,
+        delete_message_on_reception: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        check_poke_interval(self)
+        self.sqs_queue = sqs_queue
+        self.aws_conn_id = aws_conn_id
+        self.max_messages = max_messages
+        self.wait_time_seconds = wait_time_seconds
+        self.message_filter = airflow_filter(
+            message_filtering, message_filtering_match_values, message_filtering_config
+        )
+        self.delete_message_on_reception = delete_message_on_reception
+        self.trigger()  # validates the arguments at submit time
+
+    def trigger(self) -> BaseTrigger:
+        from triggers.sqs import SqsTrigger
+
+        return SqsTrigger(
+            queue_url=self.sqs_queue,
+            max_messages=self.max_messages,
+            message_filter=self.message_filter,
+            delete_on_event=self.delete_message_on_reception,
+            aws_conn_id=self.aws_conn_id,
+            wait_time_seconds=self.wait_time_seconds,
+        )
+
+    def poke(self, context: Any) -> Any:
+        from triggers.sqs import receive_once
+
+        messages = self._portal.call(
+            receive_once,
+            self.aws_conn_id,
+            self.sqs_queue,
+            self.max_messages,
+            self.wait_time_seconds,
+            self.message_filter,
+            self.delete_message_on_reception,
+        )
+        return {"messages": messages} if messages else False
