@@ -206,3 +206,22 @@ def test_triggerer_killed_before_storing_redelivers_once(
         (message,) = client.get(done[0]).result["messages"]
     assert json.loads(message["Body"]) == {"only": 1}
     assert message["Attributes"]["ApproximateReceiveCount"] == "2"  # received, lost, received
+
+
+@pytest.mark.anyio
+async def test_message_released_at_once_when_a_failure_is_stored(store: Store, aws: Moto) -> None:
+    """An event too large to store becomes the task's failure; its message is offered again
+    at once (not after the 30 s visibility timeout) and not deleted."""
+    url = new_queue(aws, visibility=30)
+    async with runtime_for(store, max_event_bytes=2000) as rt:
+        task_id = await rt.client.submit(
+            SqsSensor(sqs_queue=url, max_messages=1, mode="deferrable", timeout=30)
+        )
+        await anyio.to_thread.run_sync(send, aws, url, ["x" * 5000])
+        info = await rt.client.wait(task_id, timeout=30)
+        assert info.state is TaskState.FAILED and "bytes" in (info.error or ""), info.error
+
+    def visible() -> bool:
+        return bool(aws.boto("sqs").receive_message(QueueUrl=url).get("Messages"))
+
+    await anyio.to_thread.run_sync(lambda: wait_until(visible, 10, message="the message back"))
