@@ -31,6 +31,7 @@ log = structlog.get_logger("deferrun.sqs")
 #: counts for tests and benchmarks: received, delivered, released, deleted, receive_calls
 STATS: Counter[str] = Counter()
 MAX_BATCH = 10  # SQS's limit for receive, delete and change-visibility batches
+BURST = 4  # extra short-poll receivers while a backlog drains
 FILTER_KEYS = {"field", "attribute", "literal", "equals", "in", "exists"}
 
 
@@ -105,6 +106,7 @@ class QueueLoop:
         self._to_delete: list[str] = []
         self._to_release: list[str] = []
         self._work = asyncio.Event()
+        self._bursts = 0
 
     def _spawn(self, coro: Any, name: str) -> asyncio.Task[None]:
         # an empty context: the loop serves every trigger, not the one that started it
@@ -136,22 +138,32 @@ class QueueLoop:
         if self._janitor is None or self._janitor.done():
             self._janitor = self._spawn(self._janitor_loop(), f"sqs-janitor:{self.queue_url}")
 
+    async def _receive(self, wait: int) -> int:
+        """One receive call; hands its messages out and returns how many came."""
+        wanted = sum(w.max_messages for w in self.waiters)
+        if any(w.filter for w in self.waiters):
+            wanted = MAX_BATCH  # a filtered waiter's message may be behind others
+        client = await aws_client("sqs", self.conn_id)
+        STATS["receive_calls"] += 1
+        response = await client.receive_message(
+            QueueUrl=self.queue_url,
+            MaxNumberOfMessages=max(1, min(MAX_BATCH, wanted)),
+            WaitTimeSeconds=wait,
+            AttributeNames=["All"],
+            MessageAttributeNames=["All"],
+        )
+        messages = response.get("Messages") or []
+        STATS["received"] += len(messages)
+        self._hand_out(messages)
+        return len(messages)
+
     async def _receive_loop(self) -> None:
+        """The long poll. A full batch with more waiters left starts up to BURST short-poll
+        receivers beside it, so a backlog drains at several batches per round trip."""
         failures = 0
         while self.waiters:
-            wanted = sum(w.max_messages for w in self.waiters)
-            if any(w.filter for w in self.waiters):
-                wanted = MAX_BATCH  # a filtered waiter's message may be behind others
             try:
-                client = await aws_client("sqs", self.conn_id)
-                STATS["receive_calls"] += 1
-                response = await client.receive_message(
-                    QueueUrl=self.queue_url,
-                    MaxNumberOfMessages=max(1, min(MAX_BATCH, wanted)),
-                    WaitTimeSeconds=min(w.wait_time for w in self.waiters),
-                    AttributeNames=["All"],
-                    MessageAttributeNames=["All"],
-                )
+                got = await self._receive(min(w.wait_time for w in self.waiters))
             except Exception as exc:
                 error = classify(exc, f"receiving from {self.queue_url}")
                 if not isinstance(error, TransientError):
@@ -166,9 +178,19 @@ class QueueLoop:
                 await asyncio.sleep(delay)
                 continue
             failures = 0
-            messages = response.get("Messages") or []
-            STATS["received"] += len(messages)
-            self._hand_out(messages)
+            if got == MAX_BATCH and len(self.waiters) > MAX_BATCH:
+                while self._bursts < BURST:
+                    self._bursts += 1
+                    self._spawn(self._burst(), f"sqs-burst:{self.queue_url}")
+
+    async def _burst(self) -> None:
+        try:
+            while len(self.waiters) > MAX_BATCH and await self._receive(0) == MAX_BATCH:
+                pass
+        except Exception as exc:  # the long poll goes on and reports lasting errors
+            log.info("SQS burst receiver stopped", error=repr(exc))
+        finally:
+            self._bursts -= 1
 
     def _hand_out(self, messages: list[dict[str, Any]]) -> None:
         taken: dict[int, list[dict[str, Any]]] = {}
@@ -196,21 +218,25 @@ class QueueLoop:
             self.release_later(unwanted)
 
     async def _janitor_loop(self) -> None:
-        """Deletes and releases in batches of 10; retries transient failures."""
+        """Deletes and releases in batches of 10, a few calls at once; retries failures."""
         while self._to_delete or self._to_release:
             self._work.clear()
             try:
                 client = await aws_client("sqs", self.conn_id)
-                while self._to_delete:
-                    batch = self._to_delete[:MAX_BATCH]
-                    await self._batch(client.delete_message_batch, batch, "deleted")
-                    del self._to_delete[: len(batch)]
-                while self._to_release:
-                    batch = self._to_release[:MAX_BATCH]
-                    await self._batch(
-                        client.change_message_visibility_batch, batch, "released", timeout=0
-                    )
-                    del self._to_release[: len(batch)]
+                work = (
+                    (self._to_delete, client.delete_message_batch, "deleted", None),
+                    (self._to_release, client.change_message_visibility_batch, "released", 0),
+                )
+                for pending, call, stat, timeout in work:
+                    while pending:  # up to BURST batch calls at once
+                        chunk = pending[: MAX_BATCH * BURST]
+                        await asyncio.gather(
+                            *(
+                                self._batch(call, chunk[i : i + MAX_BATCH], stat, timeout)
+                                for i in range(0, len(chunk), MAX_BATCH)
+                            )
+                        )
+                        del pending[: len(chunk)]
             except Exception as exc:
                 log.warning(
                     "deleting or releasing SQS messages failed; retrying (a message not deleted "
