@@ -36,6 +36,35 @@ from deferrun.aws_sensors import EmrStepSensor, SqsSensor
 from deferrun.sensors import S3KeySensor
 
 
+def moto_baseline(sqs: Any, n: int) -> dict[str, float]:
+    """The same 1,000 messages sent, received and deleted by one plain boto3 client: what the
+    moto server itself costs on this machine, for scale."""
+    url = sqs.create_queue(QueueName="baseline")["QueueUrl"]
+    start = time.perf_counter()
+    for i in range(0, n, 10):
+        entries = [{"Id": str(j), "MessageBody": str(i + j)} for j in range(10)]
+        sqs.send_message_batch(QueueUrl=url, Entries=entries)
+    sent = time.perf_counter() - start
+    start, got = time.perf_counter(), 0
+    for _ in range(n):  # bounded: at most one call per message
+        messages = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10).get("Messages", [])
+        if messages:
+            sqs.delete_message_batch(
+                QueueUrl=url,
+                Entries=[
+                    {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]}
+                    for i, m in enumerate(messages)
+                ],
+            )
+        got += len(messages)
+        if got >= n:
+            break
+    return {
+        "moto_send_s": round(sent, 2),
+        "moto_receive_delete_s": round(time.perf_counter() - start, 2),
+    }
+
+
 def sqs_run(n: int, aws_uri: str, moto_port: int, proxy: Any, workdir: Path) -> dict[str, Any]:
     import boto3
 
@@ -114,6 +143,7 @@ def sqs_run(n: int, aws_uri: str, moto_port: int, proxy: Any, workdir: Path) -> 
         deleted = time.perf_counter() - start
         return {
             "tasks": n,
+            **moto_baseline(sqs, n),
             **idle,
             "send_s": round(sent, 2),
             "events_stored_s": round(stored, 2),
