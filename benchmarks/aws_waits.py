@@ -65,7 +65,9 @@ def moto_baseline(sqs: Any, n: int) -> dict[str, float]:
     }
 
 
-def sqs_run(n: int, aws_uri: str, moto_port: int, proxy: Any, workdir: Path) -> dict[str, Any]:
+def sqs_run(
+    n: int, aws_uri: str, moto_port: int, proxy: Any, workdir: Path, idle_s: float = 20.0
+) -> dict[str, Any]:
     import boto3
 
     sqs = boto3.client(
@@ -112,10 +114,11 @@ def sqs_run(n: int, aws_uri: str, moto_port: int, proxy: Any, workdir: Path) -> 
         wait_for(lambda: metric(port, "deferrun_triggers_running") == n, 300, 0.5)
         time.sleep(3)  # first receive, client creation
         c0, cpu0, t0 = proxy.count, triggerer.cpu_seconds(), time.perf_counter()
-        time.sleep(20)
+        time.sleep(idle_s)
         c1, cpu1, t1 = proxy.count, triggerer.cpu_seconds(), time.perf_counter()
         idle = {
-            "receive_requests_per_20s": c1 - c0,
+            "idle_window_s": idle_s,
+            "receive_requests_in_idle_window": c1 - c0,
             "triggerer_cpu_pct_idle": round((cpu1 - cpu0) / (t1 - t0) * 100, 2),
         }
         events0 = metric(port, "deferrun_trigger_events_total") or 0.0
@@ -159,6 +162,7 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=1000)
     parser.add_argument("--poll-interval", type=float, default=5.0)
     parser.add_argument("--intervals", type=int, default=3)
+    parser.add_argument("--idle-seconds", type=float, default=20.0)
     add_out_argument(parser)
     args = parser.parse_args()
     out_dir = prepare_out(args.out)
@@ -198,7 +202,7 @@ def main() -> None:
             * 100,
         )["StepIds"]
     try:
-        sqs_result = sqs_run(n, aws_uri, moto_port, proxy, workdir)
+        sqs_result = sqs_run(n, aws_uri, moto_port, proxy, workdir, args.idle_seconds)
         env = {"DEFERRUN_CONN_AWS_DEFAULT": aws_uri}
         waiter = measure(
             "waiter",

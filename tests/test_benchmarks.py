@@ -23,6 +23,7 @@ BENCHMARKS = [
     "benchmarks.sensor_slots",
     "benchmarks.builtin_triggers",
     "benchmarks.pipelines",
+    "benchmarks.aws_waits",
 ]
 
 
@@ -206,3 +207,23 @@ def test_pipelines_smoke(tmp_path: Path) -> None:
     # (heartbeats, claims, a reap or reconcile may fall in one window only), far below 1 each
     assert fan["store_calls_waiting_total"] - fan["store_calls_idle_total"] <= 10
     assert chain["n"] == 20 and chain["link_p50_ms"] > 0
+
+
+@pytest.mark.e2e
+def test_aws_waits_smoke(tmp_path: Path) -> None:
+    out = run_benchmark(
+        "benchmarks.aws_waits",
+        "--out",
+        str(tmp_path),
+        "--tasks",
+        "20",
+        "--poll-interval",
+        "0.5",
+        "--intervals",
+        "1",
+        "--idle-seconds",
+        "2",
+    )
+    assert "AwsWaiterTrigger" in out and "S3KeyTrigger" in out
+    data = json.loads((tmp_path / "aws_waits.json").read_text())
+    assert data["sqs"]["all_deleted_s"] > 0 and data["waiter"]["requests_per_poll_interval"] > 0
