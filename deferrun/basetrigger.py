@@ -152,6 +152,15 @@ class BaseTrigger:
     async def cleanup(self) -> None:
         """Release what ``run()`` held. Runs on fire, failure, timeout, cancel and shutdown."""
 
+    async def on_task_cancelled(self) -> None:
+        """Called after ``cleanup()`` only when a user cancelled the waiting task.
+
+        Never on a triggerer's shutdown, restart or failover (another triggerer takes the
+        trigger over), nor on fire, failure or timeout: the place to cancel an external job run
+        that the task started. Bounded like ``cleanup()``; runs if the triggerer running the
+        trigger is alive when the cancel happens (it notices within its reconcile interval).
+        """
+
     def watched_task(self) -> str | None:
         """The id of a task whose end fires this trigger from the store itself, or None.
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 
 import anyio
 import structlog
@@ -23,6 +24,16 @@ log = structlog.get_logger("deferrun.triggerer")
 
 BATCH = 2000
 MAX_BACKOFF = 5.0
+
+#: trigger_id -> callback(event_stored) run once that trigger's outcome is written (triggers
+#: that must act only after their event is durable, e.g. delete the SQS message it carries)
+_AFTER_WRITE: dict[int, Callable[[bool], None]] = {}
+
+
+def after_write(trigger_id: int, callback: Callable[[bool], None]) -> None:
+    """Call ``callback(True)`` once the event of ``trigger_id`` is stored, ``callback(False)``
+    if a failure is stored instead. Never called if the process dies first."""
+    _AFTER_WRITE[trigger_id] = callback
 
 
 class EventWriter:
@@ -159,12 +170,19 @@ class EventWriter:
                 trigger_id=tid,
                 error=repr(second),
             )
+        self.pending[tid] = replacement  # so a post-write callback sees "not stored"
         self._done([tid])
         return True
 
     def _done(self, ids: list[int]) -> None:
         for tid in ids:
-            self.pending.pop(tid, None)
+            outcome = self.pending.pop(tid, None)
+            callback = _AFTER_WRITE.pop(tid, None) if _AFTER_WRITE else None
+            if callback is not None:
+                try:
+                    callback(outcome is not None and outcome.fired)
+                except Exception as exc:
+                    log.error("a post-write callback failed", trigger_id=tid, error=repr(exc))
         self.written += len(ids)
 
     def _failed(self, exc: Exception, pending: int) -> None:

@@ -9,7 +9,9 @@ from deferrun.exceptions import FailTask
 from deferrun.sensors import JobRunFailed, job_result
 from deferrun.shared_clients import dotted
 
-__all__ = ["JobRunFailed", "RunJobOperator"]
+__all__ = ["DbtCloudRunJobOperator", "JobRunFailed", "RunJobOperator"]
+
+SUBMIT_ATTEMPTS = 5  # 429/5xx answers to a run submission, each honouring Retry-After
 
 
 class RunJobOperator(BaseOperator):
@@ -18,7 +20,8 @@ class RunJobOperator(BaseOperator):
     The run id is read from the response at ``run_id_field`` (dotted path) and substituted into
     ``status_endpoint`` (``"runs/{run_id}"``). The task's result is the final status body; a
     failed run raises JobRunFailed with its state and error (retries re-submit the job).
-    Bad credentials fail at once without retrying.
+    Bad credentials fail at once without retrying. ``headers`` go with the submit and every
+    status poll; the connection's auth scheme (``?auth=token|bearer|basic``) applies to both.
     """
 
     def __init__(
@@ -36,6 +39,7 @@ class RunJobOperator(BaseOperator):
         error_field: str | None = "error",
         poll_interval: float = 10.0,
         deferral_timeout: float | None = None,
+        headers: dict[str, str] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -53,6 +57,7 @@ class RunJobOperator(BaseOperator):
         self.error_field = error_field
         self.poll_interval = poll_interval
         self.deferral_timeout = deferral_timeout
+        self.headers = headers
 
     async def execute(self, context: Context) -> Any:
         from triggers.http import raise_for_auth, request
@@ -63,7 +68,7 @@ class RunJobOperator(BaseOperator):
             self.http_conn_id,
             self.submit_method,
             self.submit_endpoint,
-            None,
+            self.headers,
             self.submit_json,
             what,
         )
@@ -89,6 +94,7 @@ class RunJobOperator(BaseOperator):
                 success_states=self.success_states or DEFAULT_SUCCESS_STATES,
                 failure_states=self.failure_states or DEFAULT_FAILURE_STATES,
                 poll_interval=self.poll_interval,
+                headers=self.headers,
             ),
             method_name="execute_complete",
             kwargs={"run_id": run_id},
@@ -99,3 +105,104 @@ class RunJobOperator(BaseOperator):
         result = job_result(event, f"job run {run_id}", self.error_field)
         self.log.info("job run succeeded", run_id=run_id, state=event.get("state"))
         return result
+
+
+class DbtCloudRunJobOperator(BaseOperator):
+    """Trigger a dbt Cloud job run (API v2) and wait for it deferred.
+
+    Connection: ``DEFERRUN_CONN_DBT_CLOUD_DEFAULT='https://ACCOUNT:TOKEN@cloud.getdbt.com?auth=token'``.
+    The result is ``{"run_id": ..., "status": 10, "status_humanized": "success", ...}``; an
+    errored or cancelled run raises JobRunFailed naming the run and its state. ``timeout`` is
+    how long to wait for the run (seconds). Cancelling the task cancels the run; a triggerer
+    restart or failover does not. A 429 or 5xx on submission is retried after Retry-After.
+    """
+
+    def __init__(
+        self,
+        *,
+        job_id: int | str,
+        account_id: int | str,
+        conn_id: str = "dbt_cloud_default",
+        check_interval: float = 10.0,
+        timeout: float = 300.0,
+        steps_override: list[str] | None = None,
+        cause: str = "Triggered by deferrun",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        from deferrun.basetrigger import check_interval as checked
+
+        self.job_id = job_id
+        self.account_id = account_id
+        self.conn_id = conn_id
+        self.check_interval = checked(check_interval, "check_interval")
+        self.timeout = timeout
+        self.steps_override = steps_override
+        self.cause = cause
+
+    async def _submit(self) -> Any:
+        import anyio
+
+        from deferrun.exceptions import TransientError
+        from triggers.http import fetch, raise_for_auth, raise_transient
+
+        endpoint = f"api/v2/accounts/{self.account_id}/jobs/{self.job_id}/run/"
+        what = f"starting dbt Cloud job {self.job_id} on {self.conn_id!r}"
+        body: dict[str, Any] = {"cause": self.cause}
+        if self.steps_override is not None:
+            body["steps_override"] = list(self.steps_override)
+        for attempt in range(1, SUBMIT_ATTEMPTS + 1):
+            status, answer, retry_after, _ = await fetch(
+                self.conn_id, "POST", endpoint, None, body, what
+            )
+            try:
+                raise_for_auth(status, answer, self.conn_id, what)
+            except PermissionError as exc:
+                raise FailTask(str(exc)) from None
+            try:
+                raise_transient(status, retry_after, what)
+            except TransientError as exc:
+                if attempt == SUBMIT_ATTEMPTS:
+                    raise
+                wait = exc.retry_after if exc.retry_after is not None else 2.0**attempt
+                self.log.warning("dbt Cloud asks to retry", error=str(exc), retry_in=wait)
+                await anyio.sleep(min(wait, 300.0))
+                continue
+            if not 200 <= status < 300:
+                raise RuntimeError(f"{what}: HTTP {status}: {str(answer)[:300]}")
+            try:
+                return dotted(answer, "data.id")
+            except (KeyError, IndexError, TypeError) as exc:
+                raise FailTask(f"{what}: no run id at data.id in the response ({exc})") from None
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def execute(self, context: Context) -> Any:
+        from triggers.dbt import DbtCloudRunTrigger
+
+        run_id = await self._submit()
+        self.log.info("dbt Cloud run started", run_id=run_id, job_id=self.job_id)
+        self.defer(
+            trigger=DbtCloudRunTrigger(
+                account_id=self.account_id,
+                run_id=run_id,
+                conn_id=self.conn_id,
+                poll_interval=self.check_interval,
+            ),
+            method_name="execute_complete",
+            kwargs={"run_id": run_id},
+            timeout=self.timeout,
+        )
+
+    def execute_complete(self, context: Context, event: Any = None, run_id: Any = None) -> Any:
+        from triggers.dbt import status_name
+
+        body = event.get("body") if isinstance(event, dict) else None
+        if not isinstance(event, dict) or event.get("status") != "success":
+            state = event.get("state") if isinstance(event, dict) else None
+            message = (body or {}).get("status_message") if isinstance(body, dict) else None
+            raise JobRunFailed(
+                f"dbt Cloud run {run_id} (job {self.job_id}) ended {status_name(state)} "
+                f"(status {state}){': ' + str(message) if message else ''}"
+            )
+        self.log.info("dbt Cloud run succeeded", run_id=run_id)
+        return body

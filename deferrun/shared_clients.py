@@ -71,8 +71,57 @@ async def aws_client(service: str, conn_id: str) -> Any:
     return await shared_clients().get(f"aws:{service}", conn_id, factory)
 
 
+AUTH_SCHEMES = ("basic", "token", "bearer")
+#: header names whose values are registered as secrets (redacted from logs and errors)
+_SECRET_HEADER = re.compile(r"key|token|secret|auth|password|session|cookie", re.IGNORECASE)
+
+
+def auth_scheme(conn: Connection) -> str:
+    """The connection's ``?auth=`` scheme: basic (the default), token or bearer."""
+    scheme = conn.extra.get("auth", "basic").strip().lower() or "basic"
+    if scheme not in AUTH_SCHEMES:
+        from deferrun.exceptions import ConfigError
+
+        raise ConfigError(
+            f"connection {conn.conn_id!r}: auth={scheme!r} is not supported; use "
+            "auth=basic (login:password), auth=token or auth=bearer (the password is the token)"
+        )
+    return scheme
+
+
+def http_headers(conn: Connection) -> dict[str, str]:
+    """Default headers for ``conn``: its ``Authorization`` and every ``?header.X-Name=value``.
+
+    The secret is always the URI's password: ``Token <password>``, ``Bearer <password>``, or
+    Basic of ``login:password``. Values of secret-looking headers are registered for redaction.
+    """
+    headers: dict[str, str] = {}
+    for key, value in conn.extra.items():
+        if key.startswith("header.") and len(key) > len("header."):
+            name = key[len("header.") :]
+            headers[name] = value
+            if _SECRET_HEADER.search(name):
+                register_secret(value)
+    scheme = auth_scheme(conn)
+    if scheme == "basic":
+        if conn.login:
+            token = base64.b64encode(f"{conn.login}:{conn.password or ''}".encode()).decode()
+            headers["Authorization"] = f"Basic {token}"
+            register_secret(token)
+    elif not conn.password:
+        from deferrun.exceptions import ConfigError
+
+        raise ConfigError(
+            f"connection {conn.conn_id!r} uses auth={scheme} but has no password: put the token "
+            "in the URI's password field, e.g. https://ACCOUNT:TOKEN@host?auth=" + scheme
+        )
+    else:
+        headers["Authorization"] = f"{scheme.capitalize()} {conn.password}"
+    return headers
+
+
 async def http_session(conn_id: str) -> tuple[Any, Connection]:
-    """The shared aiohttp session for ``conn_id`` (Basic auth when it has a login)."""
+    """The shared aiohttp session for ``conn_id``, sending the connection's auth and headers."""
     import aiohttp
 
     conn = get_connection(conn_id)
@@ -80,13 +129,9 @@ async def http_session(conn_id: str) -> tuple[Any, Connection]:
         from deferrun.exceptions import ConfigError
 
         raise ConfigError(f"connection {conn_id!r} is {conn.conn_type}://, not http(s)://")
+    headers = http_headers(conn)
 
     async def factory(stack: AsyncExitStack) -> Any:
-        headers = {}
-        if conn.login:
-            token = base64.b64encode(f"{conn.login}:{conn.password or ''}".encode()).decode()
-            headers["Authorization"] = f"Basic {token}"
-            register_secret(token)
         session = aiohttp.ClientSession(
             headers=headers,
             timeout=aiohttp.ClientTimeout(total=HTTP_TIMEOUT),

@@ -14,8 +14,15 @@ MAX_POLL_KEY_CHARS = 300
 def shareable(cls: type) -> bool:
     """False when the class sets ``shareable = False``: its run() is not a pure function of
     its kwargs (it reads a clock, counts its own polls, holds per-task state), so two tasks
-    with identical triggers must each get their own run()."""
-    return bool(getattr(cls, "shareable", True))
+    with identical triggers must each get their own run(). A class with an
+    ``on_task_cancelled`` hook acts for one task when that task is cancelled, so it never
+    shares a run() either (its polls may still share a request)."""
+    if not getattr(cls, "shareable", True):
+        return False
+    from deferrun.basetrigger import BaseTrigger
+
+    hook = getattr(cls, "on_task_cancelled", None)
+    return hook is getattr(BaseTrigger, "on_task_cancelled", None)
 
 
 def affinity_key(classpath: str, kwargs_json: str) -> str:

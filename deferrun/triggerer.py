@@ -21,11 +21,12 @@ import anyio
 import structlog
 
 from deferrun import config, containment, shared_polls
+from deferrun.basetrigger import BaseTrigger
 from deferrun.connections import close_shared_clients
 from deferrun.event_writer import EventWriter
 from deferrun.liveness import heartbeat_loop, new_process_id
 from deferrun.metrics import Metrics
-from deferrun.models import ClaimedTrigger
+from deferrun.models import ClaimedTrigger, TaskState
 from deferrun.shared_runs import Member, SharedRuns
 from deferrun.store.base import Store, Wakeup
 from deferrun.timer_heap import Timer, TimerHeap
@@ -36,6 +37,7 @@ from deferrun.trigger_run import (
     Limits,
     Loaded,
     Outcome,
+    bounded,
     failure,
     load,
     max_event_bytes_from_env,
@@ -59,6 +61,12 @@ class _Running:
     classpath: str
     task: asyncio.Task[None] | None = None
     cancel_reason: str | None = None
+    #: the trigger's own on_task_cancelled(), when it overrides BaseTrigger's (else None)
+    on_task_cancelled: Any = None
+
+
+#: the reason a trigger is cancelled when a user cancelled its task (not shutdown or failover)
+TASK_CANCELLED = "task cancelled"
 
 
 class Triggerer:
@@ -255,11 +263,20 @@ class Triggerer:
         for trigger_id, run in list(self.running.items()):
             if trigger_id not in owned:
                 log.info("trigger no longer assigned here; cancelling it", trigger_id=trigger_id)
-                self._cancel(run, "removed")
+                self._cancel(run, await self._removal_reason(run))
         strays = [tid for tid in owned if tid not in self.running and tid not in self.writer]
         if strays:
             log.info("releasing triggers assigned here but not running", count=len(strays))
             await self.store.release_triggers(self.id, strays)
+
+    async def _removal_reason(self, run: _Running | Timer) -> str:
+        """TASK_CANCELLED if a user cancelled the task (asked only of triggers with the hook)."""
+        if not isinstance(run, _Running) or run.on_task_cancelled is None:
+            return "removed"
+        info = await self.store.get_task(run.task_id)
+        return (
+            TASK_CANCELLED if info is not None and info.state is TaskState.CANCELLED else "removed"
+        )
 
     async def _heartbeat_loop(self) -> None:
         await heartbeat_loop(self.store, self.id, self.dead_after, None, self.health)
@@ -337,6 +354,8 @@ class Triggerer:
             self.running[tid] = self.shared.join(claimed, loaded)
             return
         run = _Running(tid, claimed.task_id, loaded.classpath)
+        if type(loaded.trigger).on_task_cancelled is not BaseTrigger.on_task_cancelled:
+            run.on_task_cancelled = loaded.trigger.on_task_cancelled
         self.running[tid] = run
         run.task = asyncio.get_running_loop().create_task(
             self._drive(run, loaded, claimed.timeout_in), name=f"trigger:{tid}"
@@ -364,6 +383,13 @@ class Triggerer:
         except asyncio.CancelledError:
             log.info("trigger cancelled", reason=run.cancel_reason)
             outcome = None
+            if run.cancel_reason == TASK_CANCELLED and run.on_task_cancelled is not None:
+                await bounded(
+                    run.on_task_cancelled,
+                    self.cleanup_timeout,
+                    run.classpath,
+                    "on_task_cancelled()",
+                )
         except BaseException as exc:  # run_until_event handles the trigger's own errors
             log.exception("internal error running a trigger")
             outcome = failure(run.id, f"triggerer internal error running {run.classpath}: {exc!r}")

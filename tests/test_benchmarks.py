@@ -24,6 +24,7 @@ BENCHMARKS = [
     "benchmarks.builtin_triggers",
     "benchmarks.pipelines",
     "benchmarks.shared_polls",
+    "benchmarks.aws_waits",
 ]
 
 
@@ -227,3 +228,23 @@ def test_shared_polls_smoke(tmp_path: Path) -> None:
     for case in ("s3", "job", "http"):
         assert data[case]["resumed_once"] == 20 and data[case]["lost"] == 0, data[case]
         assert data[case]["requests_per_poll_interval"] <= 3, data[case]
+
+
+@pytest.mark.e2e
+def test_aws_waits_smoke(tmp_path: Path) -> None:
+    out = run_benchmark(
+        "benchmarks.aws_waits",
+        "--out",
+        str(tmp_path),
+        "--tasks",
+        "20",
+        "--poll-interval",
+        "0.5",
+        "--intervals",
+        "1",
+        "--idle-seconds",
+        "2",
+    )
+    assert "AwsWaiterTrigger" in out and "S3KeyTrigger" in out
+    data = json.loads((tmp_path / "aws_waits.json").read_text())
+    assert data["sqs"]["all_deleted_s"] > 0 and data["waiter"]["requests_per_poll_interval"] > 0

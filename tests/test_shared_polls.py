@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -234,12 +235,16 @@ async def test_s3_keys_under_one_prefix_share_one_listing(aws: Moto, bucket: str
         for k in keys:
             await anyio.to_thread.run_sync(lambda k=k: s3.put_object(Bucket=bucket, Key=k))
 
+    started = time.monotonic()
     async with anyio.create_task_group() as tg:
         tg.start_soon(land)
         results = await run_all(triggers)
+    intervals = (time.monotonic() - started) / 0.2
     assert [r.payload["keys"] for r in results] == [[k] for k in keys]
     assert counts.get("HeadObject", 0) == 0
-    assert counts["ListObjectsV2"] <= 8, counts  # 40 HEADs per interval when polling alone
+    # one listing per interval (however slow the machine makes the landing), where polling
+    # alone costs 40 HEADs per interval
+    assert counts["ListObjectsV2"] <= intervals / 0.9 + 2, (counts, intervals)
     assert s3_shared.LAST_MODE[("aws_default", bucket, "day=1/")] == "list"
 
 

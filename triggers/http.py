@@ -9,9 +9,15 @@ from email.utils import parsedate_to_datetime
 from typing import Any, NamedTuple
 
 from deferrun.basetrigger import PollingTrigger, TriggerEvent, check_interval
-from deferrun.connections import redact
+from deferrun.connections import get_connection, redact
 from deferrun.exceptions import TransientError
-from deferrun.shared_clients import check_endpoint, dotted, http_session, join_url
+from deferrun.shared_clients import (
+    auth_scheme,
+    check_endpoint,
+    dotted,
+    http_session,
+    join_url,
+)
 from deferrun.sharing import digest
 
 MAX_BODY_BYTES = 1_000_000
@@ -183,9 +189,32 @@ def raise_transient(status: int, retry_after: float | None, what: str) -> None:
 def raise_for_auth(status: int, body: Any, conn_id: str, what: str) -> None:
     if status in (401, 403):
         raise PermissionError(
-            f"{what}: HTTP {status} {'unauthorized' if status == 401 else 'forbidden'}; check "
-            f"the login/password of connection {conn_id!r}: {excerpt(body, 200)}"
+            f"{what}: HTTP {status} {'unauthorized' if status == 401 else 'forbidden'}; "
+            f"{describe_auth(conn_id)}: {excerpt(body, 200)}"
         )
+
+
+def describe_auth(conn_id: str) -> str:
+    """What a 401 should tell: which auth scheme was sent and which URI field to check."""
+    try:
+        conn = get_connection(conn_id)
+        scheme = auth_scheme(conn)
+    except Exception as exc:  # the request was made, so this is unlikely; say so, don't hide it
+        return f"check connection {conn_id!r} ({type(exc).__name__}: {redact(str(exc))})"
+    if scheme == "basic":
+        if not conn.login:
+            return (
+                f"connection {conn_id!r} sent no credentials (no login); add login:password, "
+                "or the token as password with ?auth=token or ?auth=bearer"
+            )
+        return (
+            f"connection {conn_id!r} sent Basic auth; check its login/password, or set "
+            "?auth=token or ?auth=bearer if the API expects a token"
+        )
+    return (
+        f"connection {conn_id!r} sent 'Authorization: {scheme.capitalize()} ***' (auth={scheme}); "
+        "check the token in its password field, or the auth scheme"
+    )
 
 
 class HttpTrigger(PollingTrigger):

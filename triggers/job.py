@@ -67,6 +67,7 @@ class JobStatusTrigger(PollingTrigger):
     then fails the task; 401/403 fail at once; 5xx, 408, 429 and network errors are retried
     (at least ``Retry-After`` apart on 429/503). ``status_endpoint`` is a path under the
     connection's base URL (see HttpTrigger); a body over ``max_body_bytes`` fails the task.
+    ``headers`` go with every poll, beside the connection's auth and ``?header.*`` headers.
     """
 
     def __init__(
@@ -79,6 +80,7 @@ class JobStatusTrigger(PollingTrigger):
         poll_interval: float = 10.0,
         not_found_grace: float = 60.0,
         max_body_bytes: int = MAX_BODY_BYTES,
+        headers: dict[str, str] | None = None,
     ) -> None:
         self.status_endpoint = check_endpoint(status_endpoint, "status_endpoint")
         self.http_conn_id = http_conn_id
@@ -92,12 +94,13 @@ class JobStatusTrigger(PollingTrigger):
             raise ValueError(f"not_found_grace must be finite and >= 0, got {not_found_grace!r}")
         self.not_found_grace = not_found_grace
         self.max_body_bytes = check_body_limit(max_body_bytes)
+        self.headers = headers
         self._first_poll: float | None = None
 
     def shared_poll_key(self) -> str:
         """Tasks waiting on one run share one status request."""
         return request_key(
-            self.http_conn_id, "GET", self.status_endpoint, None, None, self.max_body_bytes
+            self.http_conn_id, "GET", self.status_endpoint, self.headers, None, self.max_body_bytes
         )
 
     async def poll(self) -> TriggerEvent | None:
@@ -114,7 +117,13 @@ class JobStatusTrigger(PollingTrigger):
             if t._first_poll is None:
                 t._first_poll = now
         status, body, retry_after, location = await fetch(
-            first.http_conn_id, "GET", first.status_endpoint, None, None, what, first.max_body_bytes
+            first.http_conn_id,
+            "GET",
+            first.status_endpoint,
+            first.headers,
+            None,
+            what,
+            first.max_body_bytes,
         )
         raise_for_auth(status, body, first.http_conn_id, what)
         raise_transient(status, retry_after, what)

@@ -1,0 +1,138 @@
+"""An aiohttp server shaped like dbt Cloud's API v2, accepting only ``Authorization: Token``."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from services import ThreadedApp
+
+DBT_TOKEN = "dbtc-T0ken-9f8e7d6c"
+ACCOUNT = 4321
+
+
+@dataclass
+class DbtRun:
+    id: int
+    job_id: int
+    outcome: int  # 10, 20 or 30
+    polls_to_finish: int
+    cause: str = ""
+    steps: list[str] | None = None
+    polls: int = 0
+    status: int = 1
+    cancels: int = 0
+
+
+@dataclass
+class FakeDbtCloud(ThreadedApp):
+    """Jobs: ``job_id % 100`` picks the outcome (10 success, 20 error, 30 cancelled, 99 never
+    ends until cancelled); ``throttle_polls`` answers that many run polls with 429 +
+    Retry-After ``retry_after`` s first; ``throttle_submits`` does the same for submissions."""
+
+    throttle_polls: int = 0
+    throttle_submits: int = 0
+    retry_after: int = 1
+    runs: dict[int, DbtRun] = field(default_factory=dict)
+    poll_times: list[float] = field(default_factory=list)
+    submit_times: list[float] = field(default_factory=list)
+    seen_auth: list[str] = field(default_factory=list)
+    seen_headers: list[dict[str, str]] = field(default_factory=list)
+    _ids: Any = field(default_factory=lambda: itertools.count(70001))
+
+    def _denied(self, request: web.Request) -> web.Response | None:
+        header = request.headers.get("Authorization", "")
+        self.seen_auth.append(header.split(" ", 1)[0])
+        self.seen_headers.append(dict(request.headers))
+        if header != f"Token {DBT_TOKEN}":
+            return web.json_response(
+                {"status": {"code": 401, "is_success": False, "user_message": "Invalid token."}},
+                status=401,
+            )
+        if int(request.match_info["account"]) != ACCOUNT:
+            return web.json_response({"status": {"code": 404}}, status=404)
+        return None
+
+    def _throttled(self) -> web.Response:
+        return web.json_response(
+            {"status": {"code": 429, "user_message": "Too many requests"}},
+            status=429,
+            headers={"Retry-After": str(self.retry_after)},
+        )
+
+    async def trigger_run(self, request: web.Request) -> web.Response:
+        if (denied := self._denied(request)) is not None:
+            return denied
+        self.submit_times.append(time.monotonic())
+        if self.throttle_submits > 0:
+            self.throttle_submits -= 1
+            return self._throttled()
+        body = await request.json()
+        job_id = int(request.match_info["job"])
+        outcome = job_id % 100
+        run = DbtRun(
+            id=next(self._ids),
+            job_id=job_id,
+            outcome=outcome if outcome in (10, 20, 30) else 0,
+            polls_to_finish=2,
+            cause=body.get("cause", ""),
+            steps=body.get("steps_override"),
+        )
+        self.runs[run.id] = run
+        return web.json_response({"data": {"id": run.id, "status": 1, "job_id": job_id}})
+
+    async def get_run(self, request: web.Request) -> web.Response:
+        if (denied := self._denied(request)) is not None:
+            return denied
+        self.poll_times.append(time.monotonic())
+        if self.throttle_polls > 0:
+            self.throttle_polls -= 1
+            return self._throttled()
+        run = self.runs.get(int(request.match_info["run"]))
+        if run is None:
+            return web.json_response({"status": {"code": 404}}, status=404)
+        run.polls += 1
+        if run.status < 10:
+            if run.polls > run.polls_to_finish and run.outcome:
+                run.status = run.outcome
+            else:
+                run.status = min(3, run.polls)
+        message = {20: "Database Error in model orders", 30: "Cancelled by user"}.get(run.status)
+        return web.json_response(
+            {
+                "data": {
+                    "id": run.id,
+                    "status": run.status,
+                    "status_message": message,
+                    "href": f"https://cloud.example/runs/{run.id}",
+                }
+            }
+        )
+
+    async def cancel_run(self, request: web.Request) -> web.Response:
+        if (denied := self._denied(request)) is not None:
+            return denied
+        run = self.runs.get(int(request.match_info["run"]))
+        if run is None:
+            return web.json_response({"status": {"code": 404}}, status=404)
+        run.cancels += 1
+        if run.status < 10:
+            run.status = 30
+        return web.json_response({"data": {"id": run.id, "status": run.status}})
+
+    def start(self) -> None:
+        app = web.Application()
+        base = "/api/v2/accounts/{account}"
+        app.router.add_post(base + "/jobs/{job}/run/", self.trigger_run)
+        app.router.add_get(base + "/runs/{run}/", self.get_run)
+        app.router.add_post(base + "/runs/{run}/cancel/", self.cancel_run)
+        self._serve(app, "fake-dbt-cloud")
+
+    def uri(self, token: str = DBT_TOKEN, auth: str | None = "token", extra: str = "") -> str:
+        query = f"?auth={auth}" if auth else ""
+        if extra:
+            query += ("&" if query else "?") + extra
+        return f"http://{ACCOUNT}:{token}@127.0.0.1:{self.port}{query}"
