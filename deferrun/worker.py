@@ -26,6 +26,7 @@ from deferrun import config, containment, serialization
 from deferrun.attempt import Attempt, Failed, Outcome, Succeeded, run_attempt
 from deferrun.baseoperator import DEFAULT_QUEUE
 from deferrun.connections import close_shared_clients, format_error
+from deferrun.context import load_xcoms, write_xcoms
 from deferrun.deferral import prepare_deferral
 from deferrun.exceptions import SerializationError, SkipTask, TaskDeferred, TaskReschedule
 from deferrun.liveness import heartbeat_loop, new_process_id
@@ -226,7 +227,10 @@ class Worker:
                         attempt.db_url = self.store.url
                         if task.trigger_rule is not None:
                             attempt.upstream = await self.store.upstream_results(task.id)
+                        await load_xcoms(self.store, attempt)
                         outcome = await run_attempt(attempt)
+                        if outcome is not None and not attempt.cancel_reason:
+                            await write_xcoms(self.store, attempt)
                     except Exception as exc:  # nothing a row holds may stop the worker
                         if is_connection_error(exc):  # could not read its upstreams: later
                             log.warning("database unavailable; re-queueing", error=repr(exc))

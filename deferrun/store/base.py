@@ -210,6 +210,14 @@ class Runtime(Protocol):
     async def upstream_results(self, task_id: str) -> dict[str, Any]:
         """``context["upstream"]`` of a task: its upstreams' states and results."""
 
+    async def load_xcoms(self, task_id: str) -> dict[str, dict[str, str]]:
+        """XCom JSON by task id and key: the task's own and its upstream tasks'."""
+
+    async def write_xcoms(
+        self, task_id: str, claim_token: int, values: dict[str, str], *, clear: bool
+    ) -> bool:
+        """Store an attempt's pushed XComs, fenced on its claim; False if it lost the task."""
+
     async def append_task_logs(
         self, rows: Sequence[tuple[str, float, str, str]], keep: int
     ) -> None:

@@ -26,7 +26,7 @@ from deferrun.models import (
     UpstreamWait,
     ts,
 )
-from deferrun.store import machine, maintenance, pipelines
+from deferrun.store import machine, maintenance, pipelines, xcom
 from deferrun.store.base import ROLE_CHANNEL, Channel, ReapReport, Role, Wakeup
 from deferrun.store.rows import TASK_INFO_COLUMNS, load_or_raw, task_info
 from deferrun.store.sql import Program, Query, R, Row
@@ -237,6 +237,19 @@ class SqlStore:
         return pipelines.upstream_results(
             await self.db.fetch(pipelines.UPSTREAM_RESULTS, task_id=task_id)
         )
+
+    async def load_xcoms(self, task_id: str) -> dict[str, dict[str, str]]:
+        """XCom JSON by task id and key: the task's own and its upstream tasks'."""
+        out: dict[str, dict[str, str]] = {}
+        for owner, key, value in await self.db.fetch(xcom.LOAD, task_id=task_id):
+            out.setdefault(owner, {})[key] = value
+        return out
+
+    async def write_xcoms(
+        self, task_id: str, claim_token: int, values: dict[str, str], *, clear: bool
+    ) -> bool:
+        """Store an attempt's pushed XComs, fenced on its claim; False if it lost the task."""
+        return await self.db.transact(xcom.write(task_id, claim_token, values, clear))
 
     async def dependencies(self, task_id: str) -> tuple[list[str], list[str]]:
         """(upstream ids, downstream ids) of a task."""

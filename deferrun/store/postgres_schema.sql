@@ -97,3 +97,11 @@ CREATE TABLE IF NOT EXISTS deferrun_deps (
 CREATE INDEX IF NOT EXISTS deferrun_deps_upstream ON deferrun_deps (upstream_id);
 CREATE INDEX IF NOT EXISTS deferrun_triggers_watch ON deferrun_triggers (watch_task_id)
     WHERE watch_task_id IS NOT NULL;
+
+-- version 6 (issue 16): XCom values a task pushed (ti.xcom_push), JSON, one row per key.
+CREATE TABLE IF NOT EXISTS deferrun_xcom (
+    task_id  text NOT NULL,
+    xcom_key text NOT NULL,
+    value    text NOT NULL,
+    PRIMARY KEY (task_id, xcom_key)
+);

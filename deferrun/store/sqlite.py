@@ -27,7 +27,7 @@ from deferrun.store.local_notify import UdpListener, UdpSender
 from deferrun.store.manager import SqlStore
 from deferrun.store.sql import Program, Query, Row, Run, SQLiteDialect, drive_sync
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 6
 R = TypeVar("R")
 
 #: sqlite3 errors that say "not now" rather than "this statement is wrong"
@@ -254,6 +254,8 @@ class SQLiteConnector:
                 self._rename_v2_tables(c)
             if 0 < version < 4:
                 self._add_v4_columns(c)
+            if 0 < version < 6:
+                self._add_v6_xcom(c)
             code = "\n".join(
                 line for line in schema.splitlines() if not line.lstrip().startswith("--")
             )
@@ -275,6 +277,14 @@ class SQLiteConnector:
         ):
             if column not in {r[1] for r in c.execute(f"PRAGMA table_info({table})")}:
                 c.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+
+    @staticmethod
+    def _add_v6_xcom(c: sqlite3.Connection) -> None:
+        """Version 6: XCom values pushed by tasks (issue 16)."""
+        c.execute(
+            "CREATE TABLE IF NOT EXISTS deferrun_xcom (task_id TEXT NOT NULL, xcom_key TEXT "
+            "NOT NULL, value TEXT NOT NULL, PRIMARY KEY (task_id, xcom_key))"
+        )
 
     @staticmethod
     def _rename_v2_tables(c: sqlite3.Connection) -> None:

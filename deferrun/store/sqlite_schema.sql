@@ -97,3 +97,11 @@ CREATE TABLE IF NOT EXISTS deferrun_deps (
 CREATE INDEX IF NOT EXISTS deferrun_deps_upstream ON deferrun_deps (upstream_id);
 CREATE INDEX IF NOT EXISTS deferrun_triggers_watch ON deferrun_triggers (watch_task_id)
     WHERE watch_task_id IS NOT NULL;
+
+-- Version 6 (issue 16): XCom values a task pushed (ti.xcom_push), JSON, one row per key.
+CREATE TABLE IF NOT EXISTS deferrun_xcom (
+    task_id  TEXT NOT NULL,
+    xcom_key TEXT NOT NULL,
+    value    TEXT NOT NULL,
+    PRIMARY KEY (task_id, xcom_key)
+);
