@@ -26,6 +26,7 @@ from deferrun.compat.airflow import (
     BaseTrigger,
     Context,
     PokeReturnValue,
+    StartTriggerArgs,
     TaskDeferralError,
     TriggerEvent,
     conf,
@@ -305,3 +306,21 @@ class FlagSensor(BaseSensorOperator):
             raise RuntimeError("flaky check")
         path = Path(self.path)
         return PokeReturnValue(path.exists(), path.read_text() if path.exists() else None)
+
+
+class WaitThenRun(BaseOperator):
+    """Airflow's start_from_trigger: no slot until the trigger fires, then ``next_method``."""
+
+    start_from_trigger = True
+    start_trigger_args = StartTriggerArgs(
+        trigger_cls="triggers.time.TimeDeltaTrigger",
+        trigger_kwargs={"delta": 0.2},
+        next_method="after_wait",
+        next_kwargs={"tag": "from-start-args"},
+    )
+
+    def execute(self, context: Context) -> str:
+        raise AirflowFailException("execute must not run for a task started from a trigger")
+
+    def after_wait(self, context: Context, event: Any, tag: str) -> dict[str, Any]:
+        return {"tag": tag, "fired": event is not None, "try": context["ti"].try_number}

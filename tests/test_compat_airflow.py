@@ -235,3 +235,12 @@ def test_upstream_classpath_never_imports_an_installed_airflow(
     deferral = prepare_deferral(TaskDeferred(trigger=trigger))
     assert deferral.classpath == "airflow_style.DbtCloudRunJobTrigger"
     assert not (tmp_path / "imported").exists()
+
+
+def test_operator_trigger_rule_applies_when_submitted_after_upstreams() -> None:
+    op = DbtCloudRunJobOperator(task_id="t", job_id=1, trigger_rule="all_done")
+    assert build_task(op, after=["up-1"]).trigger_rule == "all_done"
+    assert build_task(op, after=["up-1"], trigger_rule="one_failed").trigger_rule == "one_failed"
+    assert build_task(op).trigger_rule is None  # no upstreams: no rule
+    plain = build_task(DeferBadTrigger(task_id="p", marker="m"), after=["up-1"])
+    assert plain.trigger_rule == "all_success"

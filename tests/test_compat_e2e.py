@@ -8,7 +8,14 @@ from pathlib import Path
 
 import anyio
 import pytest
-from airflow_style import DbtCloudRunJobOperator, DeferBadTrigger, FlagSensor, Priority, ReportRun
+from airflow_style import (
+    DbtCloudRunJobOperator,
+    DeferBadTrigger,
+    FlagSensor,
+    Priority,
+    ReportRun,
+    WaitThenRun,
+)
 from conftest import TESTS_DIR, Proc, deferrun_env
 from dbt_service import ACCOUNT, TOKEN, DbtCloudService
 from test_cli import _create_database
@@ -99,14 +106,18 @@ def test_deferrable_run_job_operator_and_xcom_downstream(
     assert TOKEN not in (err_info.error or "") + (cxl_info.error or "")
 
 
-def test_defer_error_comes_from_the_defer_call_and_is_not_retried(
+def test_defer_error_at_the_call_and_start_trigger_args(
     db_url: str, tmp_path: Path, dbt: DbtCloudService, procs: Callable[..., Proc]
 ) -> None:
     marker = tmp_path / "bad.txt"
     _start(db_url, dbt, procs)
     with Client(db_url) as client:
         bad = client.submit(DeferBadTrigger(task_id="bad", marker=str(marker), retries=2))
+        waits = client.submit(WaitThenRun(task_id="waits"))
         info = client.wait(bad, timeout=60)
+        waited = client.wait(waits, timeout=60)
+    assert waited.state is TaskState.SUCCESS, waited.error
+    assert waited.result == {"tag": "from-start-args", "fired": True, "try": 1}
     assert info.state is TaskState.FAILED and info.try_number == 1
     assert "TaskDeferralError" in (info.error or "") and "NotStorable" in (info.error or "")
     assert marker.read_text() == "started\nundone: TaskDeferralError\n"
