@@ -28,6 +28,7 @@ from deferrun.compat.airflow import (
     PokeReturnValue,
     StartTriggerArgs,
     TaskDeferralError,
+    TaskSuccessEvent,
     TriggerEvent,
     conf,
     timezone,
@@ -324,3 +325,25 @@ class WaitThenRun(BaseOperator):
 
     def after_wait(self, context: Context, event: Any, tag: str) -> dict[str, Any]:
         return {"tag": tag, "fired": event is not None, "try": context["ti"].try_number}
+
+
+class EndsItself(BaseTrigger):
+    """Ends its task from the triggerer (Airflow 3's end_from_trigger)."""
+
+    def __init__(self, rows: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.rows = rows
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return ("airflow.providers.example.triggers.EndsItself", {"rows": self.rows})
+
+    async def run(self):  # type: ignore[no-untyped-def]
+        yield TaskSuccessEvent(xcoms={"return_value": {"rows": self.rows}})
+
+
+class DeferToEnd(BaseOperator):
+    def execute(self, context: Context) -> None:
+        self.defer(trigger=EndsItself(rows=3), method_name="execute_complete")
+
+    def execute_complete(self, context: Context, event: Any = None) -> None:
+        raise AirflowFailException("no worker resumes a task its trigger ended")

@@ -11,6 +11,7 @@ import pytest
 from airflow_style import (
     DbtCloudRunJobOperator,
     DeferBadTrigger,
+    DeferToEnd,
     FlagSensor,
     Priority,
     ReportRun,
@@ -114,9 +115,13 @@ def test_defer_error_at_the_call_and_start_trigger_args(
     with Client(db_url) as client:
         bad = client.submit(DeferBadTrigger(task_id="bad", marker=str(marker), retries=2))
         waits = client.submit(WaitThenRun(task_id="waits"))
+        ends = client.submit(DeferToEnd(task_id="ends"))
+        ended = client.wait(ends, timeout=60)
         info = client.wait(bad, timeout=60)
         waited = client.wait(waits, timeout=60)
     assert waited.state is TaskState.SUCCESS, waited.error
+    # TaskSuccessEvent(xcoms={"return_value": ...}) ends the task with that result
+    assert ended.state is TaskState.SUCCESS and ended.result == {"rows": 3}, ended.error
     assert waited.result == {"tag": "from-start-args", "fired": True, "try": 1}
     assert info.state is TaskState.FAILED and info.try_number == 1
     assert "TaskDeferralError" in (info.error or "") and "NotStorable" in (info.error or "")

@@ -12,7 +12,12 @@ What each name maps to, and what has no effect, is in README "Porting from Airfl
 
 from __future__ import annotations
 
-from deferrun.basetrigger import TaskFailedEvent, TaskSkippedEvent, TaskSuccessEvent, TriggerEvent
+from typing import Any
+
+import structlog
+
+from deferrun import basetrigger
+from deferrun.basetrigger import TriggerEvent
 from deferrun.compat import _timezone as timezone
 from deferrun.compat._conf import conf
 from deferrun.compat._exceptions import (
@@ -61,6 +66,48 @@ Context = dict
 
 Operator = BaseOperator
 BaseSensor = BaseSensorOperator
+
+
+def _result_of(kind: str, xcoms: dict[str, Any] | None) -> Any:
+    """Airflow's end events carry XComs; the ``return_value`` one becomes the result."""
+    if not xcoms:
+        return None
+    others = sorted(k for k in xcoms if k != XCOM_RETURN_KEY)
+    if others:
+        structlog.get_logger("deferrun.compat").warning(
+            f"{kind}(xcoms=...): only 'return_value' is kept (as the task's result); push "
+            "other values from the operator instead",
+            dropped=others,
+        )
+    return xcoms.get(XCOM_RETURN_KEY)
+
+
+class TaskSuccessEvent(basetrigger.TaskSuccessEvent):
+    """Ends the task ``success`` from the trigger; ``xcoms["return_value"]`` is its result."""
+
+    def __init__(self, result: Any = None, *, xcoms: dict[str, Any] | None = None) -> None:
+        super().__init__(result if xcoms is None else _result_of("TaskSuccessEvent", xcoms))
+
+
+class TaskFailedEvent(basetrigger.TaskFailedEvent):
+    """Ends the task ``failed`` (no retry) from the trigger."""
+
+    def __init__(
+        self,
+        error: str = "the trigger ended the task as failed",
+        *,
+        xcoms: dict[str, Any] | None = None,
+    ) -> None:
+        _result_of("TaskFailedEvent", xcoms)
+        super().__init__(error)
+
+
+class TaskSkippedEvent(basetrigger.TaskSkippedEvent):
+    """Ends the task ``skipped`` from the trigger."""
+
+    def __init__(self, reason: str | None = None, *, xcoms: dict[str, Any] | None = None) -> None:
+        _result_of("TaskSkippedEvent", xcoms)
+        super().__init__(reason)
 
 
 def get_base_airflow_version_tuple() -> tuple[int, int, int]:
