@@ -27,6 +27,7 @@ DEFAULT_DAG_ID = "deferrun"
 MAX_XCOM_BYTES = int(os.environ.get("DEFERRUN_MAX_XCOM_BYTES", "65536"))
 #: most keys one task may push
 MAX_XCOM_KEYS = 1000
+_HOSTNAME = os.uname().nodename
 
 
 class XComError(SerializationError):
@@ -77,7 +78,7 @@ class TaskInstance:
         self.queue: str = task.queue
         self.pool = getattr(op, "pool", None)
         self.state = "running"
-        self.hostname = os.uname().nodename
+        self.hostname = _HOSTNAME
         self.deferrun_task_id: str = task.id
 
     def xcom_push(self, key: str, value: Any, *_: Any, **__: Any) -> None:
@@ -161,6 +162,9 @@ def airflow_context(attempt: Attempt, op: Any) -> dict[str, Any]:
     ti = TaskInstance(attempt, op, dag_id, run_id)
     ti._dag_run = dag_run
     params = getattr(op, "params", None)
+    ts = logical.isoformat()
+    ds = ts[:10]
+    ds_nodash = ds.replace("-", "")
     return {
         "ti": ti,
         "task_instance": ti,
@@ -173,11 +177,11 @@ def airflow_context(attempt: Attempt, op: Any) -> dict[str, Any]:
         "execution_date": logical,
         "data_interval_start": logical,
         "data_interval_end": logical,
-        "ds": logical.strftime("%Y-%m-%d"),
-        "ds_nodash": logical.strftime("%Y%m%d"),
-        "ts": logical.isoformat(),
-        "ts_nodash": logical.strftime("%Y%m%dT%H%M%S"),
-        "task_instance_key_str": f"{dag_id}__{op.task_id}__{logical.strftime('%Y%m%d')}",
+        "ds": ds,
+        "ds_nodash": ds_nodash,
+        "ts": ts,
+        "ts_nodash": ds_nodash + "T" + ts[11:19].replace(":", ""),
+        "task_instance_key_str": f"{dag_id}__{op.task_id}__{ds_nodash}",
         "map_index_template": None,
         "expanded_ti_count": None,
     }
