@@ -102,6 +102,8 @@ class Attempt:
         self.db_url: str | None = None
         #: XCom values this attempt may pull, and those it pushed (deferrun.context)
         self.xcom = XComState()
+        #: the operator once built (for on_kill when a user cancels the task)
+        self.operator: Any = None
 
     @property
     def key(self) -> tuple[str, int]:
@@ -171,6 +173,7 @@ def _prepare(attempt: Attempt) -> Failed | tuple[Callable[..., Any], Any, dict[s
         return Failed(
             f"constructing operator {task.classpath} raised:\n{format_error(exc)}", retry=True
         )
+    attempt.operator = op
     method_name = task.next_method or "execute"
     kwargs: dict[str, Any] = {}
     if task.next_method is not None:

@@ -10,13 +10,18 @@ the database. A task's ``return_value`` is its stored result.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+import structlog
+
 from deferrun import serialization
+from deferrun.connections import format_error
 from deferrun.exceptions import SerializationError
+from deferrun.models import TaskState
 
 if TYPE_CHECKING:
     from deferrun.attempt import Attempt
@@ -225,3 +230,26 @@ async def write_xcoms(store: Any, attempt: Attempt) -> None:
     clear = is_fresh(task.next_method) and task.try_number > 1
     if attempt.xcom.pushed or clear:
         await store.write_xcoms(task.id, task.claim_token, dict(attempt.xcom.pushed), clear=clear)
+
+
+async def kill_if_cancelled(store: Any, attempt: Attempt) -> None:
+    """Airflow's ``on_kill``: called (on a thread of its own) when a user cancelled the running
+    task; never on timeouts, reassignment or shutdown."""
+    on_kill = getattr(attempt.operator, "on_kill", None)
+    if not callable(on_kill):
+        return
+    info = await store.get_task(attempt.claimed.id)
+    if info is None or info.state != TaskState.CANCELLED:
+        return
+
+    def call() -> None:
+        try:
+            on_kill()
+        except BaseException as exc:  # operator code: report it, never let it escape
+            structlog.get_logger("deferrun.worker").warning(
+                "on_kill raised", task_id=attempt.claimed.id, error=format_error(exc)
+            )
+
+    threading.Thread(
+        target=call, name=f"deferrun-on-kill-{attempt.claimed.id}", daemon=True
+    ).start()

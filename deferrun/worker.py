@@ -26,7 +26,7 @@ from deferrun import config, containment, serialization
 from deferrun.attempt import Attempt, Failed, Outcome, Succeeded, run_attempt
 from deferrun.baseoperator import DEFAULT_QUEUE
 from deferrun.connections import close_shared_clients, format_error
-from deferrun.context import load_xcoms, write_xcoms
+from deferrun.context import kill_if_cancelled, load_xcoms, write_xcoms
 from deferrun.deferral import prepare_deferral
 from deferrun.exceptions import SerializationError, SkipTask, TaskDeferred, TaskReschedule
 from deferrun.liveness import heartbeat_loop, new_process_id
@@ -207,6 +207,10 @@ class Worker:
                     try_number=attempt.claimed.try_number,
                 )
                 attempt.cancel("lost")
+                try:
+                    await kill_if_cancelled(self.store, attempt)
+                except Exception as exc:
+                    log.warning("could not check for on_kill", error=repr(exc))
 
     # -- one slot -----------------------------------------------------------------------------
 

@@ -347,3 +347,22 @@ class DeferToEnd(BaseOperator):
 
     def execute_complete(self, context: Context, event: Any = None) -> None:
         raise AirflowFailException("no worker resumes a task its trigger ended")
+
+
+class KillMe(BaseOperator):
+    """Runs until stopped; ``on_kill`` cancels its (pretend) external job."""
+
+    def __init__(self, *, marker: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.marker = marker
+
+    def execute(self, context: Context) -> None:
+        with open(self.marker, "a") as out:
+            out.write("started\n")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def on_kill(self) -> None:
+        with open(self.marker, "a") as out:
+            out.write("killed\n")

@@ -13,11 +13,12 @@ from airflow_style import (
     DeferBadTrigger,
     DeferToEnd,
     FlagSensor,
+    KillMe,
     Priority,
     ReportRun,
     WaitThenRun,
 )
-from conftest import TESTS_DIR, Proc, deferrun_env
+from conftest import TESTS_DIR, Proc, deferrun_env, wait_until
 from dbt_service import ACCOUNT, TOKEN, DbtCloudService
 from test_cli import _create_database
 
@@ -158,3 +159,22 @@ def test_sensors_map_airflow_outcomes(
     assert "AirflowSensorTimeout" in (got["silent"].error or "")
     # an ordinary error in poke uses the task's retries, as in Airflow
     assert got["loud"].state is TaskState.FAILED and got["loud"].try_number == 3
+
+
+def test_on_kill_runs_on_user_cancel_only(
+    db_url: str, tmp_path: Path, dbt: DbtCloudService, procs: Callable[..., Proc]
+) -> None:
+    cancelled, timed_out = tmp_path / "cancelled.txt", tmp_path / "timed_out.txt"
+    _start(db_url, dbt, procs)
+    with Client(db_url) as client:
+        victim = client.submit(KillMe(task_id="victim", marker=str(cancelled)))
+        slow = client.submit(KillMe(task_id="slow", marker=str(timed_out), execution_timeout=0.5))
+        wait_until(lambda: cancelled.exists(), 30, message="the task to start")
+        client.cancel(victim)
+        wait_until(
+            lambda: "killed" in cancelled.read_text(), 30, message="on_kill after the cancel"
+        )
+        slow_info = client.wait(slow, timeout=60)
+    assert cancelled.read_text() == "started\nkilled\n"
+    assert slow_info.state is TaskState.FAILED and "execution_timeout" in (slow_info.error or "")
+    assert timed_out.read_text() == "started\n"  # a timeout is not a kill
