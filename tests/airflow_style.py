@@ -366,3 +366,21 @@ class KillMe(BaseOperator):
     def on_kill(self) -> None:
         with open(self.marker, "a") as out:
             out.write("killed\n")
+
+
+class PushThenFail(BaseOperator):
+    """Try 1 pushes and fails; try 2 defers, and on resuming must not see try 1's value (a
+    fresh try starts without the earlier try's values)."""
+
+    def execute(self, context: Context) -> Any:
+        ti = context["ti"]
+        if ti.try_number == 1:
+            ti.xcom_push(key="attempt_note", value="from try 1")
+            raise AirflowException("first try fails")
+        from triggers.time import TimeDeltaTrigger
+
+        self.defer(trigger=TimeDeltaTrigger(delta=0.05), method_name="execute_complete")
+
+    def execute_complete(self, context: Context, event: Any = None) -> Any:
+        ti = context["ti"]
+        return {"try": ti.try_number, "seen": ti.xcom_pull(key="attempt_note", default="none")}

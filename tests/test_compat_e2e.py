@@ -15,6 +15,7 @@ from airflow_style import (
     FlagSensor,
     KillMe,
     Priority,
+    PushThenFail,
     ReportRun,
     WaitThenRun,
 )
@@ -117,12 +118,15 @@ def test_defer_error_at_the_call_and_start_trigger_args(
         bad = client.submit(DeferBadTrigger(task_id="bad", marker=str(marker), retries=2))
         waits = client.submit(WaitThenRun(task_id="waits"))
         ends = client.submit(DeferToEnd(task_id="ends"))
+        retried = client.submit(PushThenFail(task_id="retried", retries=1, retry_delay=0))
+        retried_info = client.wait(retried, timeout=60)
         ended = client.wait(ends, timeout=60)
         info = client.wait(bad, timeout=60)
         waited = client.wait(waits, timeout=60)
     assert waited.state is TaskState.SUCCESS, waited.error
     # TaskSuccessEvent(xcoms={"return_value": ...}) ends the task with that result
     assert ended.state is TaskState.SUCCESS and ended.result == {"rows": 3}, ended.error
+    assert retried_info.result == {"try": 2, "seen": "none"}, retried_info.error
     assert waited.result == {"tag": "from-start-args", "fired": True, "try": 1}
     assert info.state is TaskState.FAILED and info.try_number == 1
     assert "TaskDeferralError" in (info.error or "") and "NotStorable" in (info.error or "")
