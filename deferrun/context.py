@@ -3,8 +3,8 @@
 
 XCom values live with the task (``deferrun_xcom``). The worker loads a task's own values
 (when it resumes) and its upstreams' values before the attempt, and writes what the attempt
-pushed when it ends, fenced on its claim like the outcome; ``xcom_pull`` then never touches
-the database. A task's ``return_value`` is its stored result.
+pushed in its outcome's transaction (kept with it through an outage); ``xcom_pull`` then never
+touches the database. A task's ``return_value`` is its stored result.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from deferrun import serialization
 from deferrun.connections import format_error
 from deferrun.exceptions import SerializationError
 from deferrun.models import TaskState
+from deferrun.store.xcom import XComWrite
 
 if TYPE_CHECKING:
     from deferrun.attempt import Attempt
@@ -224,12 +225,14 @@ async def load_xcoms(store: Any, attempt: Attempt) -> None:
     attempt.xcom.stored = stored
 
 
-async def write_xcoms(store: Any, attempt: Attempt) -> None:
-    """Store what the attempt pushed (a fresh retry also drops the earlier try's values)."""
+def xcom_write(attempt: Attempt) -> XComWrite | None:
+    """What the attempt pushed, to be written with its outcome (a fresh retry also drops the
+    earlier try's values); None when there is nothing to write."""
     task = attempt.claimed
     clear = is_fresh(task.next_method) and task.try_number > 1
     if attempt.xcom.pushed or clear:
-        await store.write_xcoms(task.id, task.claim_token, dict(attempt.xcom.pushed), clear=clear)
+        return XComWrite(dict(attempt.xcom.pushed), clear)
+    return None
 
 
 async def kill_if_cancelled(store: Any, attempt: Attempt) -> None:

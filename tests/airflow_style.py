@@ -384,3 +384,31 @@ class PushThenFail(BaseOperator):
     def execute_complete(self, context: Context, event: Any = None) -> Any:
         ti = context["ti"]
         return {"try": ti.try_number, "seen": ti.xcom_pull(key="attempt_note", default="none")}
+
+
+class PushWhenFlagged(BaseOperator):
+    """Counts each run of execute in ``marker``, waits for ``flag``, pushes an XCom, then
+    ends the way ``how`` says (return / defer / fail): the outcome and the push meet the
+    database together."""
+
+    def __init__(self, *, marker: str, flag: str, how: str = "return", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.marker, self.flag, self.how = marker, flag, how
+
+    def execute(self, context: Context) -> Any:
+        with open(self.marker, "a") as f:
+            f.write("run\n")
+        deadline = time.monotonic() + 60
+        while not Path(self.flag).exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        context["ti"].xcom_push(key="pushed", value=self.how)
+        if self.how == "defer":
+            from triggers.time import TimeDeltaTrigger
+
+            self.defer(trigger=TimeDeltaTrigger(delta=0.05), method_name="execute_complete")
+        if self.how == "fail":
+            raise AirflowFailException("fails after pushing")
+        return "done"
+
+    def execute_complete(self, context: Context, event: Any = None) -> Any:
+        return context["ti"].xcom_pull(key="pushed", default="missing")

@@ -8,9 +8,10 @@ A task reads its own values and its upstream tasks' values (through ``deferrun_d
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from deferrun.store.machine import FENCE
-from deferrun.store.sql import Program, Query, run, run_many
+from deferrun.store.sql import Program, Query, R, run, run_many
 
 LOAD = Query(
     "xcom_load",
@@ -27,6 +28,25 @@ _PUT = Query(
     ON CONFLICT (task_id, xcom_key) DO UPDATE SET value = excluded.value {count}""",
     many=True,
 )
+
+
+@dataclass(frozen=True)
+class XComWrite:
+    """What an attempt pushed (key -> JSON), written with its outcome in one transaction;
+    ``clear`` (a fresh retry) drops the earlier try's values first."""
+
+    values: Mapping[str, str] = field(default_factory=dict)
+    clear: bool = False
+
+
+def with_xcoms(
+    task_id: str, claim_token: int, xcoms: XComWrite | None, outcome: Program[R]
+) -> Program[R]:
+    """``outcome`` preceded by the attempt's XCom writes, so both commit or neither does (an
+    outcome kept through an outage keeps its XComs). Both are fenced on the same claim."""
+    if xcoms is not None and (xcoms.values or xcoms.clear):
+        yield from write(task_id, claim_token, xcoms.values, xcoms.clear)
+    return (yield from outcome)
 
 
 def write(task_id: str, claim_token: int, values: Mapping[str, str], clear: bool) -> Program[bool]:
