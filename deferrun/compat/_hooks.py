@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from typing import Any
 
 import anyio
@@ -14,9 +13,6 @@ import structlog
 from deferrun import connections
 from deferrun.compat._exceptions import AirflowNotFoundException
 from deferrun.exceptions import ConfigError
-
-#: extras whose values are secrets (registered for redaction like the password)
-_SECRET_EXTRA = re.compile(r"password|secret|token|api_?key|private_key|passphrase", re.I)
 
 
 class Connection:
@@ -45,9 +41,7 @@ class Connection:
         self.port = port
         self.extra = json.dumps(extra) if isinstance(extra, dict) else extra
         connections.register_secret(password)
-        for key, value in self.extra_dejson.items():
-            if _SECRET_EXTRA.search(key) and isinstance(value, str):
-                connections.register_secret(value)
+        connections.register_extra_secrets(self.extra_dejson)
 
     @property
     def extra_dejson(self) -> dict[str, Any]:
