@@ -412,3 +412,17 @@ class PushWhenFlagged(BaseOperator):
 
     def execute_complete(self, context: Context, event: Any = None) -> Any:
         return context["ti"].xcom_pull(key="pushed", default="missing")
+
+
+class LeakConnection(BaseOperator):
+    """Does everything careless code does with a connection: logs it, fails quoting it."""
+
+    def __init__(self, *, conn_id: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.conn_id = conn_id
+
+    def execute(self, context: Context) -> Any:
+        conn = BaseHook.get_connection(self.conn_id)
+        self.log.info("connection", password=conn.password, extra=conn.extra_dejson)
+        self.log.info(f"inline {conn.password} {conn.extra}")
+        raise AirflowFailException(f"failed with {conn.password} {conn.extra}")
