@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from airflow_style import (
@@ -192,6 +193,32 @@ def test_defer_fails_fast_at_the_call(tmp_path: Path) -> None:
         op.defer(trigger=LeakyTrigger(handle=NotStorable()), method_name="execute_complete")
     with pytest.raises(TaskDeferralError, match="no method 'nope'"):
         op.defer(trigger=LeakyTrigger(handle=1), method_name="nope")
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"kwargs": {1: "x"}}, "argument names"),
+        ({"kwargs": {"not an id": 1}}, "argument names"),
+        ({"kwargs": {"context": 1}}, "cannot hold 'context'"),
+        ({"kwargs": [1, 2]}, "must be a dict"),
+        ({"method_name": None}, "method_name must be"),
+        ({"method_name": 5}, "method_name must be"),
+    ],
+)
+def test_defer_refuses_what_cannot_resume_at_the_call(
+    tmp_path: Path, changes: dict[str, Any], match: str
+) -> None:
+    """Resume kwargs or a method name that would only fail after the wait (and be retried,
+    running execute again) are refused by defer() itself."""
+    from deferrun.compat.airflow import TaskDeferralError
+
+    op = DeferBadTrigger(task_id="bad", marker=str(tmp_path / "m"))
+    args: dict[str, Any] = {"trigger": LeakyTrigger(handle=1), "method_name": "execute_complete"}
+    with pytest.raises(TaskDeferralError, match=match):
+        op.defer(**{**args, **changes})
+    with pytest.raises(TaskDeferred):  # an 'event' key is allowed: the trigger's event wins
+        op.defer(**args, kwargs={"event": "replaced", "extra": 1})
 
 
 def test_trigger_hash_and_kwargs_init() -> None:

@@ -149,8 +149,11 @@ def _check_trigger(operator: Any, trigger: Any, method_name: str, signal: TaskDe
     from deferrun.deferral import prepare_deferral
 
     what = f"{type(operator).__qualname__} cannot defer"
+    if not isinstance(method_name, str) or not method_name:
+        raise TaskDeferralError(f"{what}: method_name must be a method's name, got {method_name!r}")
     if not callable(getattr(operator, method_name, None)) or method_name.startswith("_"):
         raise TaskDeferralError(f"{what}: it has no method {method_name!r} to resume with")
+    _check_resume_kwargs(what, method_name, signal.kwargs)
     try:
         prepare_deferral(signal)
     except Exception as exc:
@@ -158,6 +161,27 @@ def _check_trigger(operator: Any, trigger: Any, method_name: str, signal: TaskDe
             f"{what} on {type(trigger).__qualname__}: {exc}; fix the trigger's serialize() "
             "(its classpath and kwargs must rebuild it in the triggerer)"
         ) from exc
+
+
+def _check_resume_kwargs(what: str, method_name: str, kwargs: Any) -> None:
+    """The method resumes as ``method(context, event=..., **kwargs)``: kwargs that cannot be
+    passed that way would fail only after the wait, and the retry would run execute again.
+    An ``event`` key is allowed: the trigger's event replaces it, as in Airflow."""
+    if not isinstance(kwargs, Mapping):
+        raise TaskDeferralError(
+            f"{what}: kwargs must be a dict of keyword arguments for {method_name}(), "
+            f"got {type(kwargs).__name__}"
+        )
+    for key in kwargs:
+        if not isinstance(key, str) or not key.isidentifier():
+            raise TaskDeferralError(
+                f"{what}: kwargs keys must be argument names for {method_name}(), got {key!r}"
+            )
+        if key == "context":
+            raise TaskDeferralError(
+                f"{what}: kwargs cannot hold 'context': {method_name}() gets the task's "
+                "context as its first argument; pass the value under another name"
+            )
 
 
 class BaseOperator(baseoperator.BaseOperator):
@@ -238,6 +262,10 @@ class BaseOperator(baseoperator.BaseOperator):
         at once if the trigger could not be stored or rebuilt."""
         if not isinstance(trigger, basetrigger.BaseTrigger):
             raise TaskDeferralError(f"defer(trigger=...) needs a BaseTrigger, got {trigger!r}")
+        if kwargs is not None and not isinstance(kwargs, Mapping):
+            raise TaskDeferralError(
+                f"defer(kwargs=...) must be a dict of keyword arguments, got {kwargs!r}"
+            )
         signal = TaskDeferred(
             trigger=trigger, method_name=method_name, kwargs=kwargs, timeout=timeout
         )
