@@ -127,6 +127,8 @@ def to_jsonable(value: Any, path: str = "value") -> Any:
     if isinstance(value, datetime):
         naive = value.replace(tzinfo=None)
         tagged = {TAG: "datetime", "v": naive.isoformat(), "tz": _tz_to_json(value.tzinfo, value)}
+        if value.fold:  # the repeated hour of a DST change: without it, an hour early
+            tagged["fold"] = 1
         if _is_pendulum(value):
             tagged["pendulum"] = True
         return tagged
@@ -158,7 +160,9 @@ def _from_tagged(obj: dict[str, Any]) -> Any:
     v = obj.get("v")
     match tag:
         case "datetime":
-            moment = datetime.fromisoformat(v).replace(tzinfo=_tz_from_json(obj.get("tz")))
+            moment = datetime.fromisoformat(v).replace(
+                tzinfo=_tz_from_json(obj.get("tz")), fold=1 if obj.get("fold") else 0
+            )
             return _pendulum(moment) if obj.get("pendulum") else moment
         case "date":
             return date.fromisoformat(v)

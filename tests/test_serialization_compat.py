@@ -4,7 +4,8 @@ with int keys, pendulum datetimes."""
 from __future__ import annotations
 
 import enum
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 import pendulum
 import pytest
@@ -67,3 +68,20 @@ def test_pendulum_datetime_comes_back_as_pendulum() -> None:
     assert back.timezone_name == "Europe/Berlin"
     plain = loads(dumps(datetime(2026, 1, 1, tzinfo=UTC)))
     assert type(plain) is datetime
+
+
+def test_repeated_dst_hour_keeps_its_fold() -> None:
+    """01:30 on the night clocks go back happens twice; the second (fold=1) must not come
+    back as the first, an hour early (a DateTimeTrigger would fire an hour early)."""
+    zone = ZoneInfo("America/New_York")
+    for moment in (
+        datetime(2024, 11, 3, 1, 30, tzinfo=zone, fold=1),
+        pendulum.datetime(2024, 11, 3, 1, 30, tz="America/New_York", fold=1),
+        datetime(2024, 11, 3, 1, 30, tzinfo=zone),  # the first 01:30
+    ):
+        back = loads(dumps(moment))
+        assert back.timestamp() == moment.timestamp() and back.fold == moment.fold
+        assert type(back) is type(moment)
+    # the stored form before the fold was kept still loads (as fold=0)
+    old = '{"__deferrun__":"datetime","v":"2024-11-03T01:30:00","tz":"America/New_York"}'
+    assert loads(old).utcoffset() == timedelta(hours=-4)
