@@ -426,3 +426,31 @@ class LeakConnection(BaseOperator):
         self.log.info("connection", password=conn.password, extra=conn.extra_dejson)
         self.log.info(f"inline {conn.password} {conn.extra}")
         raise AirflowFailException(f"failed with {conn.password} {conn.extra}")
+
+
+class SurrogateTrigger(BaseTrigger):
+    """Raises with a lone surrogate in its message (text decoded with surrogateescape)."""
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return ("airflow.providers.example.triggers.SurrogateTrigger", {})
+
+    async def run(self) -> Any:
+        raise AirflowException("boom \udcff from the trigger")
+        yield  # pragma: no cover
+
+
+class SurrogateText(BaseOperator):
+    """Logs a lone surrogate (``how='log'``) or defers on a trigger that raises one."""
+
+    def __init__(self, *, how: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.how = how
+
+    def execute(self, context: Context) -> Any:
+        if self.how == "defer":
+            self.defer(trigger=SurrogateTrigger(), method_name="execute_complete")
+        self.log.info("log \udcff line", value="v\udcfe")
+        return {"try": context["ti"].try_number}
+
+    def execute_complete(self, context: Context, event: Any = None) -> Any:
+        return event
