@@ -40,6 +40,14 @@ class XComError(SerializationError):
     """A value cannot be pushed (too large, not storable, a bad key)."""
 
 
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 @dataclass
 class XComState:
     """One attempt's XCom: values stored before it (task id -> key -> JSON) and its pushes."""
@@ -91,12 +99,23 @@ class TaskInstance:
         """Store ``value`` (plain data, up to DEFERRUN_MAX_XCOM_BYTES as JSON) under ``key``."""
         if not isinstance(key, str) or not key or "\x00" in key or len(key) > 512:
             raise XComError(f"xcom_push key must be a non-empty string (<= 512 chars), got {key!r}")
+        if not _utf8(key):
+            raise XComError(
+                f"xcom_push key {key!r} is not valid UTF-8 text (a lone surrogate, as bytes "
+                "decoded with surrogateescape give); decode the bytes with errors='replace'"
+            )
         if key == XCOM_RETURN_KEY:
             raise XComError(
                 "xcom_push(key='return_value') is reserved: return the value from the method "
                 "instead (it is stored as the task's result)"
             )
-        text = serialization.dumps(value, f"xcom_push({key!r}) value")
+        try:
+            text = serialization.dumps(value, f"xcom_push({key!r}) value")
+        except UnicodeEncodeError:
+            raise XComError(
+                f"xcom_push({key!r}): the value holds text that is not valid UTF-8 (a lone "
+                "surrogate); decode its bytes with errors='replace' or push the bytes"
+            ) from None
         size = len(text.encode())
         if size > MAX_XCOM_BYTES:
             raise XComError(

@@ -53,3 +53,15 @@ def test_push_checks_and_own_pull() -> None:
         ti.xcom_push("", 1)
     with pytest.raises(Exception, match="cannot be stored"):
         ti.xcom_push("obj", object())
+
+
+def test_push_refuses_text_utf8_cannot_hold_at_the_call() -> None:
+    """A key or value with a lone surrogate used to pass the checks and then fail the whole
+    attempt when the worker wrote it; it is refused by xcom_push itself."""
+    ti = _ti()
+    with pytest.raises(XComError, match="not valid UTF-8"):
+        ti.xcom_push("key\udcff", 1)
+    with pytest.raises(XComError, match="not valid UTF-8"):
+        ti.xcom_push("k", {"nested": ["x\udcff"]})
+    ti.xcom_push("ok", "ünï ✓ 🚀")
+    assert ti.xcom_pull(key="ok") == "ünï ✓ 🚀"
