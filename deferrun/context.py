@@ -87,7 +87,8 @@ class TaskInstance:
         self.dag_id = dag_id
         self.run_id = run_id
         self.try_number: int = task.try_number
-        self.max_tries: int = task.max_tries
+        #: Airflow's max_tries is the number of retries (deferrun's max_tries counts the first)
+        self.max_tries: int = task.max_tries - 1
         self.map_index = -1
         self.queue: str = task.queue
         self.pool = getattr(op, "pool", None)

@@ -65,3 +65,10 @@ def test_push_refuses_text_utf8_cannot_hold_at_the_call() -> None:
         ti.xcom_push("k", {"nested": ["x\udcff"]})
     ti.xcom_push("ok", "ünï ✓ 🚀")
     assert ti.xcom_pull(key="ok") == "ünï ✓ 🚀"
+
+
+def test_ti_max_tries_is_the_retries_as_in_airflow() -> None:
+    op = SimpleNamespace(task_id="t")
+    claimed = SimpleNamespace(id="t-1", try_number=1, max_tries=3, queue="default")  # retries=2
+    attempt = SimpleNamespace(claimed=claimed, xcom=XComState(), upstream={})
+    assert TaskInstance(attempt, op, "dag", "t-1").max_tries == 2  # type: ignore[arg-type]
