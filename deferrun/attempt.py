@@ -30,6 +30,7 @@ from deferrun import serialization
 from deferrun.baseoperator import BaseOperator
 from deferrun.connections import format_error
 from deferrun.containment import user_code
+from deferrun.context import XComState, airflow_context, start_call
 from deferrun.exceptions import (
     AttemptCancelled,
     AttemptTimedOut,
@@ -99,6 +100,10 @@ class Attempt:
         self.upstream: dict[str, Any] = {}
         #: the database URL (sensors that read other tasks open their own client on it)
         self.db_url: str | None = None
+        #: XCom values this attempt may pull, and those it pushed (deferrun.context)
+        self.xcom = XComState()
+        #: the operator once built (for on_kill when a user cancels the task)
+        self.operator: Any = None
 
     @property
     def key(self) -> tuple[str, int]:
@@ -168,6 +173,7 @@ def _prepare(attempt: Attempt) -> Failed | tuple[Callable[..., Any], Any, dict[s
         return Failed(
             f"constructing operator {task.classpath} raised:\n{format_error(exc)}", retry=True
         )
+    attempt.operator = op
     method_name = task.next_method or "execute"
     kwargs: dict[str, Any] = {}
     if task.next_method is not None:
@@ -186,7 +192,7 @@ def _prepare(attempt: Attempt) -> Failed | tuple[Callable[..., Any], Any, dict[s
         kwargs = {}
     try:
         if method_name == BaseOperator.START_METHOD:
-            fn = op.execute
+            fn, kwargs = start_call(op, trigger_event)
         elif method_name == BaseOperator.DEFERRAL_TIMEOUT_METHOD:
             fn = op.on_deferral_timeout
         elif method_name == BaseOperator.TRIGGER_FAILED_METHOD:
@@ -234,7 +240,7 @@ def _damaged(task: Any) -> str | None:
 
 def build_context(attempt: Attempt, op: BaseOperator) -> dict[str, Any]:
     task = attempt.claimed
-    return {
+    return airflow_context(attempt, op) | {
         "task_id": task.id,
         "task_name": task.name,
         "try_number": task.try_number,

@@ -33,14 +33,16 @@ def build_task(
     operator: BaseOperator,
     *,
     after: Sequence[str] = (),
-    trigger_rule: str = "all_success",
+    trigger_rule: str | None = None,
     start_trigger: BaseTrigger | None = None,
 ) -> NewTask:
     """Serialize an operator for submission; refuses what workers could not rebuild.
 
     ``after``: upstream task ids this task waits on (holding no slot) until ``trigger_rule``
-    holds over their outcomes. ``start_trigger``: a trigger to wait on before the first try
-    (also the operator's own ``start_trigger()`` when its ``start_from_trigger`` is set).
+    holds over their outcomes (when not given: the operator's ``trigger_rule`` attribute, as
+    Airflow-style operators have, else ``all_success``). ``start_trigger``: a trigger to wait
+    on before the first try (also the operator's own ``start_trigger()`` when its
+    ``start_from_trigger`` is set).
     """
     if not isinstance(operator, BaseOperator):
         raise TypeError(f"submit() takes a BaseOperator instance, got {operator!r}")
@@ -50,6 +52,9 @@ def build_task(
             raise TypeError(f"after= takes task ids as returned by submit(), got {upstream!r}")
         if not upstream or "\x00" in upstream or not upstream.isprintable():
             raise ValueError(f"after= takes task ids as returned by submit(), got {upstream!r}")
+    if trigger_rule is None:  # the operator's own (Airflow's trigger_rule=), else all_success
+        own = getattr(operator, "trigger_rule", None) if after else None
+        trigger_rule = own if isinstance(own, str) else "all_success"
     if trigger_rule not in TRIGGER_RULES:
         raise ValueError(
             f"unknown trigger_rule {trigger_rule!r}; use one of {', '.join(TRIGGER_RULES)}"
@@ -115,7 +120,7 @@ class AsyncClient:
         operator: BaseOperator,
         *,
         after: Sequence[str] = (),
-        trigger_rule: str = "all_success",
+        trigger_rule: str | None = None,
         start_trigger: BaseTrigger | None = None,
     ) -> str:
         """Submit ``operator``; see :func:`build_task` for ``after`` and ``start_trigger``."""
@@ -137,7 +142,7 @@ class AsyncClient:
         kwargs: dict[str, Any] | None = None,
         *,
         after: Sequence[str] = (),
-        trigger_rule: str = "all_success",
+        trigger_rule: str | None = None,
     ) -> str:
         """Submit by name (the CLI's path): the class is loaded and checked here first."""
         cls = serialization.load_class(classpath, BaseOperator)
@@ -245,7 +250,7 @@ class Client:
         operator: BaseOperator,
         *,
         after: Sequence[str] = (),
-        trigger_rule: str = "all_success",
+        trigger_rule: str | None = None,
         start_trigger: BaseTrigger | None = None,
     ) -> str:
         """Submit ``operator``; see :func:`build_task` for ``after`` and ``start_trigger``."""

@@ -74,6 +74,53 @@ def redact_processor(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, A
     return {k: _redact_value(v) for k, v in event_dict.items()}
 
 
+#: extra names whose values are secrets, matched with '-' read as '_' (x-api-key, api_key...)
+_SECRET_NAME = re.compile(
+    r"(^|_)pass(word|wd|phrase)?($|_)|password|secret|token|api_?key|private_?key|credential|"
+    r"cookie|authorization|session_?id|signature"
+)
+#: names that describe a secret rather than hold one (token_type=bearer, token_url=...)
+_NOT_SECRET = ("_type", "_url", "_uri", "_path", "_file", "_endpoint", "_expires", "_name")
+
+
+def _secret_name(name: str) -> bool:
+    name = name.replace("-", "_").lower()
+    if name.startswith("header."):  # an HTTP header passed as an extra
+        name = name[len("header.") :]
+    return bool(_SECRET_NAME.search(name)) and not name.endswith(_NOT_SECRET)
+
+
+def register_extra_secrets(extra: Any, secret: bool = False) -> None:
+    """Register the values of secret-named extras, walking nested dicts and lists (an
+    Airflow ``__extra__`` JSON); everything under a secret-named key counts as secret. A
+    ``Bearer <token>`` style value also registers its token on its own."""
+    if isinstance(extra, dict):
+        for key, value in extra.items():
+            register_extra_secrets(value, secret or (isinstance(key, str) and _secret_name(key)))
+    elif isinstance(extra, list | tuple):
+        for value in extra:
+            register_extra_secrets(value, secret)
+    elif secret and isinstance(extra, str):
+        register_secret(extra)
+        _, _, credential = extra.strip().partition(" ")
+        if credential:
+            register_secret(credential.strip())
+
+
+def _register_unparsed(uri: str) -> None:
+    """A URI urllib cannot parse may still hold a password (with an unencoded '/', '#' or '?'):
+    register whatever looks like one, and its pieces, before reporting the error."""
+    _, sep, rest = uri.partition("://")
+    if not sep or "@" not in rest:
+        return
+    userinfo = rest.rsplit("@", 1)[0]
+    _, colon, password = userinfo.partition(":")
+    if not colon:
+        return
+    for candidate in (password, unquote(password), *re.split(r"[/#?:]", password)):
+        register_secret(candidate)
+
+
 class Connection(msgspec.Struct, frozen=True):
     """A parsed connection URI: ``scheme://login:password@host:port/path?extra=...``."""
 
@@ -91,10 +138,13 @@ class Connection(msgspec.Struct, frozen=True):
         try:
             parts = urlsplit(uri)
             port = parts.port
-        except ValueError as exc:
+        except ValueError:  # urllib's message quotes parts of the URI: the password, maybe
+            _register_unparsed(uri)
             raise ConfigError(
-                f"connection {conn_id!r}: not a valid URI ({exc}); expected e.g. "
-                "http://login:password@host:port/base"
+                f"connection {conn_id!r}: {env_var(conn_id)} is not a valid URI (a port that "
+                "is not a number, or a '/', '#', '?' or '@' left unencoded in the login or "
+                "password); percent-encode the login and password "
+                "(urllib.parse.quote(password, safe='')), e.g. http://login:password@host:port/base"
             ) from None
         if not parts.scheme:
             raise ConfigError(
@@ -105,8 +155,7 @@ class Connection(msgspec.Struct, frozen=True):
         password = unquote(parts.password) if parts.password else None
         register_secret(password)
         extra = dict(parse_qsl(parts.query))
-        for key in ("aws_secret_access_key", "password", "token", "aws_session_token"):
-            register_secret(extra.get(key))
+        register_extra_secrets(extra)
         return cls(
             conn_id=conn_id,
             conn_type=parts.scheme.lower(),

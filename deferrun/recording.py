@@ -24,6 +24,7 @@ from deferrun.exceptions import StoreGone
 from deferrun.metrics import Metrics
 from deferrun.models import Deferral
 from deferrun.store.base import Store, is_connection_error
+from deferrun.store.xcom import XComWrite
 
 log = structlog.get_logger("deferrun.worker")
 
@@ -43,6 +44,8 @@ class Write:
     retry: bool = False
     delay: float = 0.0
     deferral: Deferral | None = None
+    #: what the attempt pushed: written in the outcome's transaction, kept with it
+    xcoms: XComWrite | None = None
 
     @property
     def key(self) -> tuple[str, int]:
@@ -51,25 +54,28 @@ class Write:
     def failure(self, error: str, retry: bool = False) -> Write:
         return replace(self, kind="fail", error=error, retry=retry, result=None, deferral=None)
 
+    def without_xcoms(self) -> Write:
+        return replace(self, xcoms=None)
+
 
 async def apply(store: Store, w: Write) -> str | None:
     """Perform one write; returns the task's new state, or None if the claim was fenced off."""
-    t, token = w.task_id, w.claim_token
+    t, token, x = w.task_id, w.claim_token, w.xcoms
     match w.kind:
         case "complete":
-            return "success" if await store.complete_task(t, token, w.result) else None
+            return "success" if await store.complete_task(t, token, w.result, x) else None
         case "fail":
-            state = await store.fail_task(t, token, w.error, retry=w.retry)
+            state = await store.fail_task(t, token, w.error, retry=w.retry, xcoms=x)
             return None if state is None else str(state)
         case "skip":
             reason = w.error or None
-            return "skipped" if await store.skip_task(t, token, reason) else None
+            return "skipped" if await store.skip_task(t, token, reason, x) else None
         case "reschedule":
-            ok = await store.reschedule_task(t, token, w.delay)
+            ok = await store.reschedule_task(t, token, w.delay, x)
             return "up_for_reschedule" if ok else None
         case "defer":
             assert w.deferral is not None
-            return "deferred" if await store.defer_task(t, token, w.deferral) else None
+            return "deferred" if await store.defer_task(t, token, w.deferral, x) else None
         case "requeue":
             return "queued" if await store.requeue_task(t, token) else None
 
@@ -183,6 +189,7 @@ class Recorder:
         )
         why = f"{type(exc).__name__}: {exc}"
         fallback = w.failure(f"the outcome of this attempt ({w.kind}) could not be stored: {why}")
+        fallback = fallback.without_xcoms()  # the refused value may be one of them
         try:
             return fallback, await apply(self.store, fallback)
         except Exception as again:

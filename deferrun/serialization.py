@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import decimal
+import enum
 import functools
 import importlib
 import inspect
@@ -32,9 +33,24 @@ _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder()
 
 ALLOWED_TYPES_HINT = (
-    "str, int, float, bool, None, list, tuple, set, dict with str keys, datetime, date, time, "
-    "timedelta, UUID, bytes, Decimal, pathlib paths"
+    "str, int, float, bool, None, list, tuple, set, dict, datetime, date, time, "
+    "timedelta, UUID, bytes, Decimal, pathlib paths, Enum members of importable classes"
 )
+
+_PLAIN = frozenset({str, int, bool, type(None)})
+
+
+def _is_pendulum(value: datetime) -> bool:
+    return type(value).__module__.startswith("pendulum")
+
+
+def _pendulum(value: datetime) -> datetime:
+    """``value`` as a pendulum DateTime when pendulum is installed here, else as it is."""
+    try:
+        import pendulum
+    except ImportError:
+        return value
+    return pendulum.instance(value)
 
 
 def _tz_to_json(tz: tzinfo | None, dt: datetime | time) -> Any:
@@ -67,7 +83,16 @@ def to_jsonable(value: Any, path: str = "value") -> Any:
     ``path`` names the value in errors (``kwargs['client']``), so a user sees which argument
     cannot be stored.
     """
-    if isinstance(value, bool | int | str) or value is None:
+    if type(value) in _PLAIN:
+        return value
+    if isinstance(value, enum.Enum):
+        # by class path and value: IntEnum / StrEnum would otherwise come back as plain data
+        return {
+            TAG: "enum",
+            "cls": classpath_of(type(value)),
+            "v": to_jsonable(value.value, f"{path}.value"),
+        }
+    if isinstance(value, bool | int | str):
         return value
     if isinstance(value, float):
         if value != value or value in (float("inf"), float("-inf")):
@@ -76,11 +101,14 @@ def to_jsonable(value: Any, path: str = "value") -> Any:
     if isinstance(value, dict):
         out: dict[str, Any] = {}
         for key, item in value.items():
-            if not isinstance(key, str):
-                raise SerializationError(
-                    f"{path} has a key of type {type(key).__name__} ({key!r}); only str keys "
-                    "can be stored"
-                )
+            if type(key) is not str:  # int (or other) keys: stored as [key, value] pairs
+                return {
+                    TAG: "pairs",
+                    "v": [
+                        [to_jsonable(k, f"{path} key {k!r}"), to_jsonable(x, f"{path}[{k!r}]")]
+                        for k, x in value.items()
+                    ],
+                }
             out[key] = to_jsonable(item, f"{path}[{key!r}]")
         if TAG in out:
             return {TAG: "dict", "v": out}
@@ -98,7 +126,12 @@ def to_jsonable(value: Any, path: str = "value") -> Any:
         return {TAG: "frozenset" if isinstance(value, frozenset) else "set", "v": items}
     if isinstance(value, datetime):
         naive = value.replace(tzinfo=None)
-        return {TAG: "datetime", "v": naive.isoformat(), "tz": _tz_to_json(value.tzinfo, value)}
+        tagged = {TAG: "datetime", "v": naive.isoformat(), "tz": _tz_to_json(value.tzinfo, value)}
+        if value.fold:  # the repeated hour of a DST change: without it, an hour early
+            tagged["fold"] = 1
+        if _is_pendulum(value):
+            tagged["pendulum"] = True
+        return tagged
     if isinstance(value, date):
         return {TAG: "date", "v": value.isoformat()}
     if isinstance(value, time):
@@ -127,7 +160,10 @@ def _from_tagged(obj: dict[str, Any]) -> Any:
     v = obj.get("v")
     match tag:
         case "datetime":
-            return datetime.fromisoformat(v).replace(tzinfo=_tz_from_json(obj.get("tz")))
+            moment = datetime.fromisoformat(v).replace(
+                tzinfo=_tz_from_json(obj.get("tz")), fold=1 if obj.get("fold") else 0
+            )
+            return _pendulum(moment) if obj.get("pendulum") else moment
         case "date":
             return date.fromisoformat(v)
         case "time":
@@ -154,9 +190,24 @@ def _from_tagged(obj: dict[str, Any]) -> Any:
             return frozenset(from_jsonable(x) for x in v)
         case "dict":
             return {k: from_jsonable(x) for k, x in v.items()}
+        case "pairs":
+            return {from_jsonable(k): from_jsonable(x) for k, x in v}
+        case "enum":
+            return _load_enum(obj.get("cls"), from_jsonable(v))
     raise SerializationError(
         f"unknown stored type tag {tag!r}; was the row written by a newer deferrun?"
     )
+
+
+def _load_enum(classpath: Any, value: Any) -> enum.Enum:
+    """An Enum member by class path and value, loaded under the same trust rules as classes."""
+    cls = load_class(classpath, enum.Enum)
+    try:
+        return cls(value)
+    except ValueError as exc:
+        raise SerializationError(
+            f"stored enum value {value!r} is not a member of {classpath}"
+        ) from exc
 
 
 def from_jsonable(value: Any) -> Any:
@@ -275,13 +326,25 @@ def load_class(classpath: str, base: type[T]) -> type[T]:
     return _load_class_cached(classpath, base)
 
 
+#: root packages of the code Airflow users port: a hard-coded classpath there means "this class"
+UPSTREAM_ROOTS = frozenset({"airflow", "astronomer"})
+
+
 def stored_classpath(classpath: str, obj: object, base: type[T]) -> tuple[type[T], str]:
     """The class a hard-coded ``serialize()`` path names, and the path to store for it.
 
     Airflow-style triggers return a fixed path ('airflow.providers.x.MyTrigger') or an alias
     re-exported elsewhere; storing the class's real module + qualname lets an ``--import``
-    triggerer load it. When the fixed path cannot be loaded here, ``obj``'s own class is used.
+    triggerer load it. A path under an upstream package (``airflow``, ``astronomer``) names
+    the code the user ported, never what to run: ``obj``'s own class is used without importing
+    anything. When any other fixed path cannot be loaded here, ``obj``'s own class is used too.
     """
+    if classpath.split(".", 1)[0] in UPSTREAM_ROOTS:
+        if not isinstance(obj, base):
+            raise ClassLoadError(
+                f"{classpath!r} names upstream code and {obj!r} is not a {base.__name__}"
+            )
+        return type(obj), classpath_of(type(obj))
     try:
         cls = load_class(classpath, base)
     except NotASubclass:

@@ -8,6 +8,7 @@ shows a task's worker and trigger lines in order from any host that shares the d
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections import deque
@@ -34,6 +35,19 @@ def tap(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
     return event_dict
 
 
+def _encode_line(event_dict: dict[str, Any]) -> str:
+    """The event as a JSON line. A log call must never fail the task: text UTF-8 cannot hold
+    (a lone surrogate from a bytes decode) is escaped instead of raising into user code."""
+    try:
+        return _encoder.encode(event_dict).decode()
+    except (TypeError, ValueError, msgspec.EncodeError):  # UnicodeEncodeError is a ValueError
+        pass
+    try:
+        return json.dumps(event_dict, default=repr)  # ASCII: surrogates become \udcff escapes
+    except (TypeError, ValueError):
+        return repr(event_dict)
+
+
 class TaskLogSink:
     def __init__(
         self,
@@ -56,10 +70,7 @@ class TaskLogSink:
         if len(self._buffer) == self._buffer.maxlen:
             self.dropped += 1  # the database is far behind; keep the process healthy
         source = "trigger" if event_dict.get("trigger_id") is not None else self.source
-        try:
-            line = _encoder.encode(event_dict).decode()
-        except (TypeError, msgspec.EncodeError):
-            line = repr(event_dict)
+        line = _encode_line(event_dict)
         if len(line) > self.max_line:
             line = line[: self.max_line] + "...(truncated)"
         self._buffer.append((str(event_dict["task_id"]), time.time(), source, line))

@@ -28,6 +28,7 @@ from deferrun.connections import format_error, redact
 from deferrun.containment import user_code
 from deferrun.exceptions import ConfigError
 from deferrun.models import ClaimedTrigger
+from deferrun.store.machine import clean_text
 
 log = structlog.get_logger("deferrun.triggerer")
 
@@ -91,7 +92,7 @@ class Misbehaved(Exception):
 def failure(
     trigger_id: int, error: str, *, timeout: bool = False, exc: BaseException | None = None
 ) -> Outcome:
-    error = redact(error)
+    error = clean_text(redact(error)) or ""  # a lone surrogate in a message must not lose it
     if len(error) > MAX_ERROR_CHARS:
         error = error[: MAX_ERROR_CHARS // 2] + "\n...[truncated]...\n" + error[-4096:]
     payload = serialization.dumps({"error": error})

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import anyio
@@ -26,6 +27,7 @@ from deferrun import config, containment, serialization
 from deferrun.attempt import Attempt, Failed, Outcome, Succeeded, run_attempt
 from deferrun.baseoperator import DEFAULT_QUEUE
 from deferrun.connections import close_shared_clients, format_error
+from deferrun.context import kill_if_cancelled, load_xcoms, xcom_write
 from deferrun.deferral import prepare_deferral
 from deferrun.exceptions import SerializationError, SkipTask, TaskDeferred, TaskReschedule
 from deferrun.liveness import heartbeat_loop, new_process_id
@@ -206,6 +208,10 @@ class Worker:
                     try_number=attempt.claimed.try_number,
                 )
                 attempt.cancel("lost")
+                try:
+                    await kill_if_cancelled(self.store, attempt)
+                except Exception as exc:
+                    log.warning("could not check for on_kill", error=repr(exc))
 
     # -- one slot -----------------------------------------------------------------------------
 
@@ -226,6 +232,7 @@ class Worker:
                         attempt.db_url = self.store.url
                         if task.trigger_rule is not None:
                             attempt.upstream = await self.store.upstream_results(task.id)
+                        await load_xcoms(self.store, attempt)
                         outcome = await run_attempt(attempt)
                     except Exception as exc:  # nothing a row holds may stop the worker
                         if is_connection_error(exc):  # could not read its upstreams: later
@@ -242,6 +249,8 @@ class Worker:
             attempt.recording = True
             try:
                 write = self._to_write(task, outcome)
+                if outcome is not None:
+                    write = replace(write, xcoms=xcom_write(attempt))
             except Exception as exc:
                 log.error("could not prepare the outcome", error=format_error(exc))
                 write = Write(task.id, task.claim_token, task.try_number, "requeue").failure(

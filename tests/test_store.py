@@ -249,7 +249,10 @@ async def test_schema_v1_database_is_migrated(db_url: str) -> None:
         await store.append_task_logs([(task_id, 1.0, "worker", "x")], keep=5)
         assert len(await store.task_logs(task_id)) == 1
         assert (await store.get_task(task_id)) is not None  # data kept
-        assert await _schema_version(store) == 5
+        from deferrun.store.sqlite import SCHEMA_VERSION
+
+        assert await _schema_version(store) == SCHEMA_VERSION
+        assert await store.load_xcoms(task_id) == {}  # the v6 xcom table exists again
     finally:
         await store.close()
 
@@ -262,6 +265,7 @@ async def _downgrade_to_v1(store: Store) -> None:
         # Version 1 had no logs table, no claim tokens and no deferrun_ prefix on SQLite.
         conn = store.connector.conn
         conn.execute("DROP TABLE deferrun_task_logs")
+        conn.execute("DROP TABLE deferrun_xcom")
         for table in ("tasks", "triggers", "processes"):
             conn.execute(f"ALTER TABLE deferrun_{table} RENAME TO {table}")
         conn.execute("ALTER TABLE tasks DROP COLUMN claim_token")
@@ -278,6 +282,7 @@ async def _downgrade_to_v1(store: Store) -> None:
         assert isinstance(store, PostgresStore)
         pool = store.connector.pool
         await pool.execute("DROP TABLE deferrun_task_logs")
+        await pool.execute("DROP TABLE deferrun_xcom")
         await pool.execute("ALTER TABLE deferrun_tasks DROP COLUMN claim_token")
         await pool.execute("ALTER TABLE deferrun_processes DROP COLUMN wake_port")
         await pool.execute("DROP TABLE deferrun_deps")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import sqlite3
 import sys
 from collections.abc import Sequence
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import anyio
 import msgspec
@@ -31,6 +31,9 @@ from deferrun.models import (
     UpstreamWait,
 )
 from deferrun.store.sql import Channel
+
+if TYPE_CHECKING:
+    from deferrun.store.xcom import XComWrite
 
 Role = Literal["worker", "triggerer"]
 
@@ -161,19 +164,35 @@ class Runtime(Protocol):
     # Every write of an attempt's outcome is fenced on (task_id, claim_token): it changes
     # nothing (returns False/None) unless that very claim is still the task's live attempt.
 
-    async def complete_task(self, task_id: str, claim_token: int, result: str | None) -> bool: ...
+    # ``xcoms``: what the attempt pushed, written in the same transaction as its outcome.
+
+    async def complete_task(
+        self, task_id: str, claim_token: int, result: str | None, xcoms: XComWrite | None = None
+    ) -> bool: ...
 
     async def fail_task(
-        self, task_id: str, claim_token: int, error: str, *, retry: bool
+        self,
+        task_id: str,
+        claim_token: int,
+        error: str,
+        *,
+        retry: bool,
+        xcoms: XComWrite | None = None,
     ) -> TaskState | None:
         """``up_for_retry`` if ``retry`` and tries remain, else ``failed``."""
 
-    async def skip_task(self, task_id: str, claim_token: int, reason: str | None) -> bool: ...
+    async def skip_task(
+        self, task_id: str, claim_token: int, reason: str | None, xcoms: XComWrite | None = None
+    ) -> bool: ...
 
-    async def reschedule_task(self, task_id: str, claim_token: int, delay: float) -> bool:
+    async def reschedule_task(
+        self, task_id: str, claim_token: int, delay: float, xcoms: XComWrite | None = None
+    ) -> bool:
         """Free the slot; the task is runnable again ``delay`` seconds from now (DB clock)."""
 
-    async def defer_task(self, task_id: str, claim_token: int, deferral: Deferral) -> int | None:
+    async def defer_task(
+        self, task_id: str, claim_token: int, deferral: Deferral, xcoms: XComWrite | None = None
+    ) -> int | None:
         """Store the trigger and free the task in one transaction; returns the trigger id."""
 
     async def requeue_task(self, task_id: str, claim_token: int) -> bool:
@@ -209,6 +228,14 @@ class Runtime(Protocol):
 
     async def upstream_results(self, task_id: str) -> dict[str, Any]:
         """``context["upstream"]`` of a task: its upstreams' states and results."""
+
+    async def load_xcoms(self, task_id: str) -> dict[str, dict[str, str]]:
+        """XCom JSON by task id and key: the task's own and its upstream tasks'."""
+
+    async def write_xcoms(
+        self, task_id: str, claim_token: int, values: dict[str, str], *, clear: bool
+    ) -> bool:
+        """Store an attempt's pushed XComs, fenced on its claim; False if it lost the task."""
 
     async def append_task_logs(
         self, rows: Sequence[tuple[str, float, str, str]], keep: int

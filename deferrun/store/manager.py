@@ -26,10 +26,11 @@ from deferrun.models import (
     UpstreamWait,
     ts,
 )
-from deferrun.store import machine, maintenance, pipelines
+from deferrun.store import machine, maintenance, pipelines, xcom
 from deferrun.store.base import ROLE_CHANNEL, Channel, ReapReport, Role, Wakeup
 from deferrun.store.rows import TASK_INFO_COLUMNS, load_or_raw, task_info
 from deferrun.store.sql import Program, Query, R, Row
+from deferrun.store.xcom import XComWrite, with_xcoms
 
 _TASK_INFO = (
     f"SELECT {TASK_INFO_COLUMNS} FROM deferrun_tasks t "
@@ -201,23 +202,44 @@ class SqlStore:
             return None
         return time.time() + float(rows[0][0])
 
-    async def complete_task(self, task_id: str, claim_token: int, result: str | None) -> bool:
+    async def complete_task(
+        self, task_id: str, claim_token: int, result: str | None, xcoms: XComWrite | None = None
+    ) -> bool:
         # atomic: ending a task and settling what waits on it must commit together
-        return await self.db.transact(machine.complete(task_id, claim_token, result))
+        program = machine.complete(task_id, claim_token, result)
+        return await self.db.transact(with_xcoms(task_id, claim_token, xcoms, program))
 
     async def fail_task(
-        self, task_id: str, claim_token: int, error: str, *, retry: bool
+        self,
+        task_id: str,
+        claim_token: int,
+        error: str,
+        *,
+        retry: bool,
+        xcoms: XComWrite | None = None,
     ) -> TaskState | None:
-        return await self.db.transact(machine.fail(task_id, claim_token, error, retry))
+        program = machine.fail(task_id, claim_token, error, retry)
+        return await self.db.transact(with_xcoms(task_id, claim_token, xcoms, program))
 
-    async def skip_task(self, task_id: str, claim_token: int, reason: str | None) -> bool:
-        return await self.db.transact(machine.skip(task_id, claim_token, reason))
+    async def skip_task(
+        self, task_id: str, claim_token: int, reason: str | None, xcoms: XComWrite | None = None
+    ) -> bool:
+        program = machine.skip(task_id, claim_token, reason)
+        return await self.db.transact(with_xcoms(task_id, claim_token, xcoms, program))
 
-    async def reschedule_task(self, task_id: str, claim_token: int, delay: float) -> bool:
-        return await self.db.transact(machine.reschedule(task_id, claim_token, delay), atomic=False)
+    async def reschedule_task(
+        self, task_id: str, claim_token: int, delay: float, xcoms: XComWrite | None = None
+    ) -> bool:
+        program = machine.reschedule(task_id, claim_token, delay)
+        return await self.db.transact(
+            with_xcoms(task_id, claim_token, xcoms, program), atomic=xcoms is not None
+        )
 
-    async def defer_task(self, task_id: str, claim_token: int, deferral: Deferral) -> int | None:
-        return await self.db.transact(machine.defer(task_id, claim_token, deferral))
+    async def defer_task(
+        self, task_id: str, claim_token: int, deferral: Deferral, xcoms: XComWrite | None = None
+    ) -> int | None:
+        program = machine.defer(task_id, claim_token, deferral)
+        return await self.db.transact(with_xcoms(task_id, claim_token, xcoms, program))
 
     async def requeue_task(self, task_id: str, claim_token: int) -> bool:
         return await self.db.transact(machine.requeue(task_id, claim_token), atomic=False)
@@ -237,6 +259,19 @@ class SqlStore:
         return pipelines.upstream_results(
             await self.db.fetch(pipelines.UPSTREAM_RESULTS, task_id=task_id)
         )
+
+    async def load_xcoms(self, task_id: str) -> dict[str, dict[str, str]]:
+        """XCom JSON by task id and key: the task's own and its upstream tasks'."""
+        out: dict[str, dict[str, str]] = {}
+        for owner, key, value in await self.db.fetch(xcom.LOAD, task_id=task_id):
+            out.setdefault(owner, {})[key] = value
+        return out
+
+    async def write_xcoms(
+        self, task_id: str, claim_token: int, values: dict[str, str], *, clear: bool
+    ) -> bool:
+        """Store an attempt's pushed XComs, fenced on its claim; False if it lost the task."""
+        return await self.db.transact(xcom.write(task_id, claim_token, values, clear))
 
     async def dependencies(self, task_id: str) -> tuple[list[str], list[str]]:
         """(upstream ids, downstream ids) of a task."""

@@ -1,4 +1,4 @@
--- deferrun schema for the PostgreSQL backend. Version 5 (every statement is idempotent: applying this file upgrades any older version).
+-- deferrun schema for the PostgreSQL backend. Version 6 (every statement is idempotent: applying this file upgrades any older version).
 -- Times are double precision epoch seconds, taken from the database server's clock so that
 -- hosts with skewed clocks still agree on heartbeats and due times. JSON is stored as text,
 -- exactly as serialized.
@@ -104,3 +104,11 @@ ALTER TABLE deferrun_triggers ADD COLUMN IF NOT EXISTS affinity text;
 ALTER TABLE deferrun_triggers ADD COLUMN IF NOT EXISTS poll_key text;
 CREATE INDEX IF NOT EXISTS deferrun_triggers_affinity ON deferrun_triggers (affinity, triggerer_id)
     WHERE affinity IS NOT NULL;
+
+-- version 6 (issue 16): XCom values a task pushed (ti.xcom_push), JSON, one row per key.
+CREATE TABLE IF NOT EXISTS deferrun_xcom (
+    task_id  text NOT NULL,
+    xcom_key text NOT NULL,
+    value    text NOT NULL,
+    PRIMARY KEY (task_id, xcom_key)
+);

@@ -27,7 +27,7 @@ from deferrun.store.local_notify import UdpListener, UdpSender
 from deferrun.store.manager import SqlStore
 from deferrun.store.sql import Program, Query, Row, Run, SQLiteDialect, drive_sync
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 R = TypeVar("R")
 
 #: sqlite3 errors that say "not now" rather than "this statement is wrong"
@@ -256,6 +256,8 @@ class SQLiteConnector:
                 self._add_v4_columns(c)
             if 0 < version < 5:
                 self._add_v5_columns(c)
+            if 0 < version < 6:
+                self._add_v6_xcom(c)
             code = "\n".join(
                 line for line in schema.splitlines() if not line.lstrip().startswith("--")
             )
@@ -285,6 +287,14 @@ class SQLiteConnector:
         for column in ("affinity", "poll_key"):
             if column not in columns:
                 c.execute(f"ALTER TABLE deferrun_triggers ADD COLUMN {column} TEXT")
+
+    @staticmethod
+    def _add_v6_xcom(c: sqlite3.Connection) -> None:
+        """Version 6: XCom values pushed by tasks (issue 16)."""
+        c.execute(
+            "CREATE TABLE IF NOT EXISTS deferrun_xcom (task_id TEXT NOT NULL, xcom_key TEXT "
+            "NOT NULL, value TEXT NOT NULL, PRIMARY KEY (task_id, xcom_key))"
+        )
 
     @staticmethod
     def _rename_v2_tables(c: sqlite3.Connection) -> None:

@@ -102,3 +102,11 @@ CREATE INDEX IF NOT EXISTS deferrun_triggers_watch ON deferrun_triggers (watch_t
 -- version 5 (issue 12): identical triggers share an affinity key (claimed together)
 CREATE INDEX IF NOT EXISTS deferrun_triggers_affinity ON deferrun_triggers (affinity, triggerer_id)
     WHERE affinity IS NOT NULL;
+
+-- Version 6 (issue 16): XCom values a task pushed (ti.xcom_push), JSON, one row per key.
+CREATE TABLE IF NOT EXISTS deferrun_xcom (
+    task_id  TEXT NOT NULL,
+    xcom_key TEXT NOT NULL,
+    value    TEXT NOT NULL,
+    PRIMARY KEY (task_id, xcom_key)
+);
