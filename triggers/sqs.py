@@ -296,6 +296,10 @@ class SqsTrigger(BaseTrigger):
     they stay invisible until the queue's visibility timeout, then return to the queue.
     """
 
+    #: each waiting task takes its own messages: two identical triggers are two receivers,
+    #: never one run() whose messages would resume both tasks
+    shareable = False
+
     def __init__(
         self,
         queue_url: str,
