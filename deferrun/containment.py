@@ -21,6 +21,10 @@ from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import structlog
+
+log = structlog.get_logger("deferrun.containment")
+
 _USER_CODE: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "deferrun_user_code", default=None
 )
@@ -44,10 +48,14 @@ async def _contained(coro: Coroutine[Any, Any, Any], label: str) -> Any:
     try:
         return await coro
     except (SystemExit, KeyboardInterrupt) as exc:
-        raise UserTaskExit(
+        error = UserTaskExit(
             f"a background task started by {label} raised {type(exc).__name__}({exc}); "
             "it was stopped instead of the process"
-        ) from exc
+        )
+        # said now: asyncio's own "never retrieved" line waits for the task to be collected,
+        # which never happens while user code keeps a reference to it
+        log.warning("background task stopped", error=str(error))
+        raise error from exc
 
 
 def install(loop: asyncio.AbstractEventLoop | None = None) -> None:
