@@ -32,10 +32,31 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("deferrun.shared_polls")
 
-#: how many tasks a trigger object's run() serves (set by the triggerer's shared runs)
-TASKS_SERVED: weakref.WeakKeyDictionary[Any, Callable[[], int]] = weakref.WeakKeyDictionary()
+#: Served = the ``(trigger id, task id)`` of each task one trigger object's run() serves
+Served = Callable[[], list[tuple[int, str]]]
+#: ``id(trigger) -> (trigger, served)``, set and removed by the triggerer's shared runs. Keyed
+#: by id(): a user's trigger may be unhashable (``__eq__`` without ``__hash__``) or have
+#: ``__slots__`` without ``__weakref__``; the entry holds the trigger so its id is not reused.
+SERVED: dict[int, tuple[Any, Served]] = {}
 _POLLS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[type, str], SharedPoll]]
 _POLLS = weakref.WeakKeyDictionary()
+
+
+def serve(trigger: Any, served: Served) -> None:
+    """Record which tasks ``trigger``'s run() serves (metrics)."""
+    SERVED[id(trigger)] = (trigger, served)
+
+
+def unserve(trigger: Any) -> None:
+    entry = SERVED.get(id(trigger))
+    if entry is not None and entry[0] is trigger:
+        del SERVED[id(trigger)]
+
+
+def served_by(trigger: Any) -> list[tuple[int, str]] | None:
+    """The ``(trigger id, task id)`` pairs ``trigger`` serves, None when not recorded."""
+    entry = SERVED.get(id(trigger))
+    return entry[1]() if entry is not None and entry[0] is trigger else None
 
 
 def polls() -> dict[tuple[type, str], SharedPoll]:
@@ -79,7 +100,8 @@ class SharedPoll:
         self.key = key
         self.name = f"{owner.__qualname__} {key}"
         self.registry = registry
-        self.members: dict[PollingTrigger, asyncio.Future[TriggerEvent]] = {}
+        # keyed by id(): members may be unhashable or compare equal to each other
+        self.members: dict[int, tuple[PollingTrigger, asyncio.Future[TriggerEvent]]] = {}
         self.polls = 0
         self.failures = 0
         self._next_due = 0.0  # monotonic; 0: poll at once
@@ -90,17 +112,18 @@ class SharedPoll:
         )
 
     def tasks(self) -> int:
-        return sum(TASKS_SERVED.get(t, _one)() for t in list(self.members))
+        # a member the shared runs do not track (shareable = False) serves one task
+        return sum(_count(served_by(t)) for t, _ in list(self.members.values()))
 
     async def wait(self, trigger: PollingTrigger) -> TriggerEvent:
         future: asyncio.Future[TriggerEvent] = asyncio.get_running_loop().create_future()
-        self.members[trigger] = future
+        self.members[id(trigger)] = (trigger, future)
         self._changed.set()  # a shorter interval may bring the next poll forward
         try:
             return await future
         finally:
-            if self.members.get(trigger) is future:
-                del self.members[trigger]
+            if self.members.get(id(trigger), (None, None))[1] is future:
+                del self.members[id(trigger)]
             if not self.members:
                 self._stop()
 
@@ -111,7 +134,7 @@ class SharedPoll:
             self._task.cancel()
 
     def _interval(self) -> float:
-        return min(t.poll_interval for t in self.members)
+        return min(t.poll_interval for t, _ in self.members.values())
 
     async def _loop(self) -> None:
         try:
@@ -129,14 +152,14 @@ class SharedPoll:
         finally:
             if self.registry.get((self.owner, self.key)) is self:
                 del self.registry[(self.owner, self.key)]
-            for future in self.members.values():  # only on our own failure: never leave waiters
+            for _, future in self.members.values():  # only on our own failure: never leave waiters
                 if not future.done():
                     future.set_exception(RuntimeError(f"shared poll {self.name} stopped"))
 
     _last = 0.0
 
     async def _poll_once(self) -> None:
-        batch = list(self.members)
+        batch = [t for t, _ in self.members.values()]
         lead = min(batch, key=lambda t: t.poll_interval)
         self._last = time.monotonic()
         self.polls += 1
@@ -180,19 +203,19 @@ class SharedPoll:
         from deferrun.basetrigger import TriggerEvent
 
         for trigger, result in zip(batch, results, strict=True):
-            future = self.members.get(trigger)
+            future = self._future_of(trigger)
             if future is None or future.done():
                 continue  # left while the poll was in flight
             if isinstance(result, TriggerEvent):
-                del self.members[trigger]  # answered: out of the next batch at once
+                del self.members[id(trigger)]  # answered: out of the next batch at once
                 future.set_result(result)
             elif isinstance(result, TransientError):
                 log.warning("shared poll: retrying one member", poll=self.name, error=str(result))
             elif isinstance(result, BaseException):
-                del self.members[trigger]
+                del self.members[id(trigger)]
                 future.set_exception(result)
             elif result is not None:
-                del self.members[trigger]
+                del self.members[id(trigger)]
                 future.set_exception(
                     RuntimeError(
                         f"{self.owner.__qualname__}.poll_many() gave {type(result).__name__} "
@@ -208,10 +231,14 @@ class SharedPoll:
             error=repr(exc),
         )
         for trigger in batch:
-            future = self.members.get(trigger)
+            future = self._future_of(trigger)
             if future is not None and not future.done():
-                del self.members[trigger]
+                del self.members[id(trigger)]
                 future.set_exception(_copy(exc))
+
+    def _future_of(self, trigger: PollingTrigger) -> asyncio.Future[TriggerEvent] | None:
+        entry = self.members.get(id(trigger))
+        return entry[1] if entry is not None and entry[0] is trigger else None
 
 
 def _copy(exc: BaseException) -> BaseException:
@@ -224,5 +251,5 @@ def _copy(exc: BaseException) -> BaseException:
     return twin.with_traceback(exc.__traceback__)
 
 
-def _one() -> int:
-    return 1
+def _count(served: list[tuple[int, str]] | None) -> int:
+    return 1 if served is None else len(served)

@@ -89,14 +89,17 @@ class SharedRuns:
             group = lead.group = Group(key, loaded, lead)
             self.groups[key] = group
             group.members[lead.id] = lead
-            members = group.members  # not the group: the entry must not keep the trigger alive
-            shared_polls.TASKS_SERVED[loaded.trigger] = lambda: len(members)
+            members = group.members
+            trigger = loaded.trigger
+            shared_polls.serve(trigger, lambda: [(m.id, m.task_id) for m in members.values()])
             task = asyncio.get_running_loop().create_task(
                 self._drive(group), name=f"trigger:{claimed.id}"
             )
             group.task = task
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
+            # also when cancelled before its first step (its finally never runs then)
+            task.add_done_callback(lambda _: shared_polls.unserve(trigger))
             member = lead
         else:
             member = Member(claimed.id, claimed.task_id, loaded.classpath, group, time.monotonic())
@@ -167,7 +170,7 @@ class SharedRuns:
             error = f"triggerer internal error running {lead.classpath}: {exc!r}"
             outcome = failure(lead.id, error)
         finally:
-            shared_polls.TASKS_SERVED.pop(group.loaded.trigger, None)
+            shared_polls.unserve(group.loaded.trigger)
             if self.groups.get(group.key) is group:
                 del self.groups[group.key]
         if outcome is None:

@@ -1,0 +1,81 @@
+"""Shared runs and shared polls with user triggers that are unusual but legal: unhashable or
+equal-comparing triggers, a poll_many that blocks the loop or raises GeneratorExit. A real
+worker and triggerer on both backends."""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+import shared_userland
+from shared_userland import WaitOn
+from tests_support import runtime_for
+
+from deferrun import TaskState
+from deferrun.store import Store
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def arrived() -> Iterator[set[str]]:
+    shared_userland.ARRIVED.clear()
+    yield shared_userland.ARRIVED
+    shared_userland.ARRIVED.clear()
+
+
+async def wait_for(condition: Callable[[], Any], timeout: float = 20.0) -> None:
+    with anyio.fail_after(timeout):
+        while not condition():
+            await anyio.sleep(0.05)
+
+
+def resumes(log: Path) -> Counter[str]:
+    return Counter(log.read_text().split()) if log.exists() else Counter()
+
+
+def members(rt: Any) -> int:
+    return sum(len(g.members) for g in rt.triggerer.shared.groups.values())
+
+
+async def test_unhashable_identical_triggers_share_one_run(
+    store: Store, arrived: set[str], tmp_path: Path
+) -> None:
+    name = f"eq-{uuid.uuid4().hex[:8]}"
+    log = tmp_path / "resumes.log"
+    async with runtime_for(store) as rt:
+        ids = [
+            await rt.client.submit(WaitOn(tclass="EqTrigger", tkwargs={"name": name}, log=str(log)))
+            for _ in range(3)
+        ]
+        await wait_for(lambda: members(rt) == 3)
+        assert len(rt.triggerer.shared.groups) == 1  # type: ignore[union-attr]
+        arrived.add(name)
+        infos = [await rt.client.wait(i, timeout=20) for i in ids]
+    assert [i.state for i in infos] == [TaskState.SUCCESS] * 3, [i.error for i in infos]
+    assert resumes(log) == Counter({i: 1 for i in ids})
+
+
+async def test_poll_members_that_compare_equal_each_get_their_answer(
+    store: Store, arrived: set[str], tmp_path: Path
+) -> None:
+    feed = f"feed-{uuid.uuid4().hex[:8]}"
+    log = tmp_path / "resumes.log"
+    names = [f"{feed}-{i}" for i in range(3)]
+    async with runtime_for(store) as rt:
+        ids = [
+            await rt.client.submit(
+                WaitOn(tclass="FeedEqTrigger", tkwargs={"feed": feed, "name": n}, log=str(log))
+            )
+            for n in names
+        ]
+        await wait_for(lambda: members(rt) == 3)
+        arrived.update(names)
+        infos = [await rt.client.wait(i, timeout=10) for i in ids]
+    assert [i.state for i in infos] == [TaskState.SUCCESS] * 3, [i.state for i in infos]
+    assert resumes(log) == Counter({i: 1 for i in ids})
