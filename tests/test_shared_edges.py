@@ -4,6 +4,7 @@ worker and triggerer on both backends."""
 
 from __future__ import annotations
 
+import sys
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -79,3 +80,32 @@ async def test_poll_members_that_compare_equal_each_get_their_answer(
         infos = [await rt.client.wait(i, timeout=10) for i in ids]
     assert [i.state for i in infos] == [TaskState.SUCCESS] * 3, [i.state for i in infos]
     assert resumes(log) == Counter({i: 1 for i in ids})
+
+
+async def test_identical_runs_are_in_the_shared_poll_metric(
+    store: Store, db_url: str, arrived: set[str], tmp_path: Path
+) -> None:
+    name = f"gate-{uuid.uuid4().hex[:8]}"
+    log = tmp_path / "resumes.log"
+    async with runtime_for(store) as rt:
+        assert rt.triggerer is not None
+        ids = [
+            await rt.client.submit(
+                WaitOn(tclass="GateTrigger", tkwargs={"name": name}, log=str(log))
+            )
+            for _ in range(3)
+        ]
+        await wait_for(lambda: members(rt) == 3)
+        poll = "shared_userland.GateTrigger (identical)"
+        metrics = rt.triggerer.metrics.render().decode()
+        assert f'deferrun_shared_poll_members{{poll="{poll}"}} 3.0' in metrics, metrics
+        shown = await anyio.run_process(
+            [sys.executable, "-m", "deferrun", "triggers", "--db", db_url], check=True
+        )
+        [row] = [line for line in shown.stdout.decode().splitlines() if line.startswith(poll)]
+        assert row.split()[-2:] == ["3", "1"], row  # the same count as the metric
+        arrived.add(name)
+        infos = [await rt.client.wait(i, timeout=20) for i in ids]
+        metrics = rt.triggerer.metrics.render().decode()
+    assert [i.state for i in infos] == [TaskState.SUCCESS] * 3
+    assert poll not in metrics  # gone once nobody waits
