@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import copy
+import inspect
 import time
 import weakref
 from collections.abc import Callable
@@ -26,6 +27,7 @@ import anyio
 import structlog
 
 from deferrun.exceptions import TransientError
+from deferrun.watchdog import LoopWatchdog, timed_steps
 
 if TYPE_CHECKING:
     from deferrun.basetrigger import PollingTrigger, TriggerEvent
@@ -38,12 +40,14 @@ Served = Callable[[], list[tuple[int, str]]]
 #: by id(): a user's trigger may be unhashable (``__eq__`` without ``__hash__``) or have
 #: ``__slots__`` without ``__weakref__``; the entry holds the trigger so its id is not reused.
 SERVED: dict[int, tuple[Any, Served]] = {}
+#: how many member ids a blocked shared poll names in the watchdog's warning
+DESCRIBE_MEMBERS = 5
 _POLLS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[type, str], SharedPoll]]
 _POLLS = weakref.WeakKeyDictionary()
 
 
 def serve(trigger: Any, served: Served) -> None:
-    """Record which tasks ``trigger``'s run() serves (metrics)."""
+    """Record which tasks ``trigger``'s run() serves (metrics, blocked-loop warnings)."""
     SERVED[id(trigger)] = (trigger, served)
 
 
@@ -115,6 +119,26 @@ class SharedPoll:
         # a member the shared runs do not track (shareable = False) serves one task
         return sum(_count(served_by(t)) for t, _ in list(self.members.values()))
 
+    def describe(self, name: str) -> dict[str, Any]:
+        """Watchdog describer: the class and the first member trigger and task ids."""
+        pairs: list[tuple[int, str]] = []
+        untracked = 0
+        for trigger, _ in list(self.members.values()):
+            found = served_by(trigger)
+            if found is None:
+                untracked += 1
+            pairs.extend(found or ())
+        details: dict[str, Any] = {
+            "trigger": f"{self.owner.__module__}.{self.owner.__qualname__}",
+            "shared_poll": self.name,
+            "tasks_waiting": len(pairs) + untracked,
+        }
+        if pairs:
+            details["trigger_id"], details["task_id"] = pairs[0]
+            details["trigger_ids"] = [p[0] for p in pairs[:DESCRIBE_MEMBERS]]
+            details["task_ids"] = [p[1] for p in pairs[:DESCRIBE_MEMBERS]]
+        return details
+
     async def wait(self, trigger: PollingTrigger) -> TriggerEvent:
         future: asyncio.Future[TriggerEvent] = asyncio.get_running_loop().create_future()
         self.members[id(trigger)] = (trigger, future)
@@ -164,7 +188,7 @@ class SharedPoll:
         self._last = time.monotonic()
         self.polls += 1
         try:
-            results = list(await self.owner.poll_many(batch))  # type: ignore[attr-defined]
+            results = list(await self._call_poll_many(batch))
         except TransientError as exc:
             self.failures += 1
             retry_after = getattr(exc, "retry_after", None)
@@ -198,6 +222,15 @@ class SharedPoll:
             return
         self._answer(batch, results)
         self._next_due = self._last + lead._jittered(self._interval() if self.members else 1.0)
+
+    async def _call_poll_many(self, batch: list[PollingTrigger]) -> Any:
+        """``poll_many(batch)``, each step timed by the loop's watchdog: a poll that blocks
+        the loop is named with its class and member ids (:meth:`describe`)."""
+        call = self.owner.poll_many(batch)  # type: ignore[attr-defined]
+        watchdog = LoopWatchdog.of_running_loop()
+        if watchdog is None or not inspect.iscoroutine(call):
+            return await call
+        return await timed_steps(call, watchdog, self.describe)
 
     def _answer(self, batch: list[PollingTrigger], results: list[Any]) -> None:
         from deferrun.basetrigger import TriggerEvent

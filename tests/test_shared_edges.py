@@ -14,6 +14,7 @@ from typing import Any
 import anyio
 import pytest
 import shared_userland
+import structlog
 from shared_userland import WaitOn
 from tests_support import runtime_for
 
@@ -109,3 +110,32 @@ async def test_identical_runs_are_in_the_shared_poll_metric(
         metrics = rt.triggerer.metrics.render().decode()
     assert [i.state for i in infos] == [TaskState.SUCCESS] * 3
     assert poll not in metrics  # gone once nobody waits
+
+
+async def test_a_blocking_poll_many_is_named_with_its_members(
+    store: Store, arrived: set[str], tmp_path: Path
+) -> None:
+    feed = f"feed-{uuid.uuid4().hex[:8]}"
+    names = [f"{feed}-{i}" for i in range(2)]
+    with structlog.testing.capture_logs() as logs:
+        async with runtime_for(store) as rt:
+            ids = [
+                await rt.client.submit(
+                    WaitOn(
+                        tclass="BadFeedTrigger",
+                        tkwargs={"feed": feed, "name": n, "mode": "block"},
+                        log=str(tmp_path / "resumes.log"),
+                    )
+                )
+                for n in names
+            ]
+            await wait_for(lambda: members(rt) == 2)
+            arrived.update(names)
+            infos = [await rt.client.wait(i, timeout=20) for i in ids]
+    assert [i.state for i in infos] == [TaskState.SUCCESS] * 2
+    blocked = [e for e in logs if "blocked the event loop" in e["event"]]
+    assert blocked, [e["event"] for e in logs]
+    assert blocked[0]["trigger"] == "shared_userland.BadFeedTrigger", blocked[0]
+    assert blocked[0]["task_id"] in ids and sorted(blocked[0]["task_ids"]) == sorted(ids)
+    assert isinstance(blocked[0]["trigger_id"], int) and blocked[0]["tasks_waiting"] == 2
+    assert blocked[0]["blocked_seconds"] >= 0.4
