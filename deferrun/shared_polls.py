@@ -205,10 +205,15 @@ class SharedPoll:
             )
             self._next_due = time.monotonic() + delay
             return
-        except asyncio.CancelledError:
-            raise
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # ours: the last member left
+            self._fail(batch, self._clear(exc))
+            self._next_due = time.monotonic() + lead.poll_interval
+            return
         except BaseException as exc:  # a permanent error: every member fails with it
-            self._fail(batch, exc)
+            self._fail(batch, exc if isinstance(exc, Exception) else self._clear(exc))
             self._next_due = time.monotonic() + lead.poll_interval
             return
         self.failures = 0
@@ -232,6 +237,18 @@ class SharedPoll:
             return await call
         return await timed_steps(call, watchdog, self.describe)
 
+    def _clear(self, exc: BaseException) -> RuntimeError:
+        """A clear trigger error for a BaseException that is not an Exception (GeneratorExit,
+        SystemExit, KeyboardInterrupt, its own CancelledError): raised in each member's
+        run(), GeneratorExit would read as "generator ignored GeneratorExit"."""
+        error = RuntimeError(
+            f"{self.owner.__qualname__}.poll_many() raised {type(exc).__name__}"
+            f"{f': {exc}' if str(exc) else ''}; a poll must return its results or raise an "
+            "Exception"
+        )
+        error.__cause__ = exc
+        return error
+
     def _answer(self, batch: list[PollingTrigger], results: list[Any]) -> None:
         from deferrun.basetrigger import TriggerEvent
 
@@ -246,7 +263,8 @@ class SharedPoll:
                 log.warning("shared poll: retrying one member", poll=self.name, error=str(result))
             elif isinstance(result, BaseException):
                 del self.members[id(trigger)]
-                future.set_exception(result)
+                clear = result if isinstance(result, Exception) else self._clear(result)
+                future.set_exception(clear)
             elif result is not None:
                 del self.members[id(trigger)]
                 future.set_exception(

@@ -139,3 +139,28 @@ async def test_a_blocking_poll_many_is_named_with_its_members(
     assert blocked[0]["task_id"] in ids and sorted(blocked[0]["task_ids"]) == sorted(ids)
     assert isinstance(blocked[0]["trigger_id"], int) and blocked[0]["tasks_waiting"] == 2
     assert blocked[0]["blocked_seconds"] >= 0.4
+
+
+async def test_generator_exit_from_poll_many_fails_members_with_a_clear_error(
+    store: Store, arrived: set[str], tmp_path: Path
+) -> None:
+    feed = f"feed-{uuid.uuid4().hex[:8]}"
+    names = [f"{feed}-{i}" for i in range(2)]
+    async with runtime_for(store) as rt:
+        ids = [
+            await rt.client.submit(
+                WaitOn(
+                    tclass="BadFeedTrigger",
+                    tkwargs={"feed": feed, "name": n, "mode": "genexit"},
+                    log=str(tmp_path / "resumes.log"),
+                )
+            )
+            for n in names
+        ]
+        await wait_for(lambda: members(rt) == 2)
+        arrived.update(names)
+        infos = [await rt.client.wait(i, timeout=20) for i in ids]
+    assert [i.state for i in infos] == [TaskState.FAILED] * 2
+    for info in infos:
+        assert "BadFeedTrigger.poll_many() raised GeneratorExit" in (info.error or ""), info.error
+        assert "internal error" not in (info.error or "")
