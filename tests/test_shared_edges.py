@@ -164,3 +164,18 @@ async def test_generator_exit_from_poll_many_fails_members_with_a_clear_error(
     for info in infos:
         assert "BadFeedTrigger.poll_many() raised GeneratorExit" in (info.error or ""), info.error
         assert "internal error" not in (info.error or "")
+
+
+def test_large_kwargs_are_hashed_as_stored_not_reparsed(monkeypatch: pytest.MonkeyPatch) -> None:
+    from deferrun import sharing
+
+    small = sharing.affinity_key("c.T", '{"a":1,"b":2}')
+    assert small == sharing.affinity_key("c.T", '{"b": 2, "a": 1}')  # key order ignored
+    big = '{"a":"' + "x" * (sharing.MAX_CANONICAL_CHARS + 1) + '"}'
+
+    def no_parse(text: str) -> Any:
+        raise AssertionError("large kwargs re-parsed on the event loop at every claim")
+
+    monkeypatch.setattr(sharing.json, "loads", no_parse)
+    assert sharing.affinity_key("c.T", big) == sharing.affinity_key("c.T", big)
+    assert sharing.affinity_key("c.T", big) != sharing.affinity_key("c.U", big)
