@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import copy
+import inspect
 import time
 import weakref
 from collections.abc import Callable
@@ -26,16 +27,40 @@ import anyio
 import structlog
 
 from deferrun.exceptions import TransientError
+from deferrun.watchdog import LoopWatchdog, timed_steps
 
 if TYPE_CHECKING:
     from deferrun.basetrigger import PollingTrigger, TriggerEvent
 
 log = structlog.get_logger("deferrun.shared_polls")
 
-#: how many tasks a trigger object's run() serves (set by the triggerer's shared runs)
-TASKS_SERVED: weakref.WeakKeyDictionary[Any, Callable[[], int]] = weakref.WeakKeyDictionary()
+#: Served = the ``(trigger id, task id)`` of each task one trigger object's run() serves
+Served = Callable[[], list[tuple[int, str]]]
+#: ``id(trigger) -> (trigger, served)``, set and removed by the triggerer's shared runs. Keyed
+#: by id(): a user's trigger may be unhashable (``__eq__`` without ``__hash__``) or have
+#: ``__slots__`` without ``__weakref__``; the entry holds the trigger so its id is not reused.
+SERVED: dict[int, tuple[Any, Served]] = {}
+#: how many member ids a blocked shared poll names in the watchdog's warning
+DESCRIBE_MEMBERS = 5
 _POLLS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[type, str], SharedPoll]]
 _POLLS = weakref.WeakKeyDictionary()
+
+
+def serve(trigger: Any, served: Served) -> None:
+    """Record which tasks ``trigger``'s run() serves (metrics, blocked-loop warnings)."""
+    SERVED[id(trigger)] = (trigger, served)
+
+
+def unserve(trigger: Any) -> None:
+    entry = SERVED.get(id(trigger))
+    if entry is not None and entry[0] is trigger:
+        del SERVED[id(trigger)]
+
+
+def served_by(trigger: Any) -> list[tuple[int, str]] | None:
+    """The ``(trigger id, task id)`` pairs ``trigger`` serves, None when not recorded."""
+    entry = SERVED.get(id(trigger))
+    return entry[1]() if entry is not None and entry[0] is trigger else None
 
 
 def polls() -> dict[tuple[type, str], SharedPoll]:
@@ -79,7 +104,8 @@ class SharedPoll:
         self.key = key
         self.name = f"{owner.__qualname__} {key}"
         self.registry = registry
-        self.members: dict[PollingTrigger, asyncio.Future[TriggerEvent]] = {}
+        # keyed by id(): members may be unhashable or compare equal to each other
+        self.members: dict[int, tuple[PollingTrigger, asyncio.Future[TriggerEvent]]] = {}
         self.polls = 0
         self.failures = 0
         self._next_due = 0.0  # monotonic; 0: poll at once
@@ -90,17 +116,38 @@ class SharedPoll:
         )
 
     def tasks(self) -> int:
-        return sum(TASKS_SERVED.get(t, _one)() for t in list(self.members))
+        # a member the shared runs do not track (shareable = False) serves one task
+        return sum(_count(served_by(t)) for t, _ in list(self.members.values()))
+
+    def describe(self, name: str) -> dict[str, Any]:
+        """Watchdog describer: the class and the first member trigger and task ids."""
+        pairs: list[tuple[int, str]] = []
+        untracked = 0
+        for trigger, _ in list(self.members.values()):
+            found = served_by(trigger)
+            if found is None:
+                untracked += 1
+            pairs.extend(found or ())
+        details: dict[str, Any] = {
+            "trigger": f"{self.owner.__module__}.{self.owner.__qualname__}",
+            "shared_poll": self.name,
+            "tasks_waiting": len(pairs) + untracked,
+        }
+        if pairs:
+            details["trigger_id"], details["task_id"] = pairs[0]
+            details["trigger_ids"] = [p[0] for p in pairs[:DESCRIBE_MEMBERS]]
+            details["task_ids"] = [p[1] for p in pairs[:DESCRIBE_MEMBERS]]
+        return details
 
     async def wait(self, trigger: PollingTrigger) -> TriggerEvent:
         future: asyncio.Future[TriggerEvent] = asyncio.get_running_loop().create_future()
-        self.members[trigger] = future
+        self.members[id(trigger)] = (trigger, future)
         self._changed.set()  # a shorter interval may bring the next poll forward
         try:
             return await future
         finally:
-            if self.members.get(trigger) is future:
-                del self.members[trigger]
+            if self.members.get(id(trigger), (None, None))[1] is future:
+                del self.members[id(trigger)]
             if not self.members:
                 self._stop()
 
@@ -111,7 +158,7 @@ class SharedPoll:
             self._task.cancel()
 
     def _interval(self) -> float:
-        return min(t.poll_interval for t in self.members)
+        return min(t.poll_interval for t, _ in self.members.values())
 
     async def _loop(self) -> None:
         try:
@@ -129,19 +176,19 @@ class SharedPoll:
         finally:
             if self.registry.get((self.owner, self.key)) is self:
                 del self.registry[(self.owner, self.key)]
-            for future in self.members.values():  # only on our own failure: never leave waiters
+            for _, future in self.members.values():  # only on our own failure: never leave waiters
                 if not future.done():
                     future.set_exception(RuntimeError(f"shared poll {self.name} stopped"))
 
     _last = 0.0
 
     async def _poll_once(self) -> None:
-        batch = list(self.members)
+        batch = [t for t, _ in self.members.values()]
         lead = min(batch, key=lambda t: t.poll_interval)
         self._last = time.monotonic()
         self.polls += 1
         try:
-            results = list(await self.owner.poll_many(batch))  # type: ignore[attr-defined]
+            results = list(await self._call_poll_many(batch))
         except TransientError as exc:
             self.failures += 1
             retry_after = getattr(exc, "retry_after", None)
@@ -158,10 +205,15 @@ class SharedPoll:
             )
             self._next_due = time.monotonic() + delay
             return
-        except asyncio.CancelledError:
-            raise
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # ours: the last member left
+            self._fail(batch, self._clear(exc))
+            self._next_due = time.monotonic() + lead.poll_interval
+            return
         except BaseException as exc:  # a permanent error: every member fails with it
-            self._fail(batch, exc)
+            self._fail(batch, exc if isinstance(exc, Exception) else self._clear(exc))
             self._next_due = time.monotonic() + lead.poll_interval
             return
         self.failures = 0
@@ -176,23 +228,45 @@ class SharedPoll:
         self._answer(batch, results)
         self._next_due = self._last + lead._jittered(self._interval() if self.members else 1.0)
 
+    async def _call_poll_many(self, batch: list[PollingTrigger]) -> Any:
+        """``poll_many(batch)``, each step timed by the loop's watchdog: a poll that blocks
+        the loop is named with its class and member ids (:meth:`describe`)."""
+        call = self.owner.poll_many(batch)  # type: ignore[attr-defined]
+        watchdog = LoopWatchdog.of_running_loop()
+        if watchdog is None or not inspect.iscoroutine(call):
+            return await call
+        return await timed_steps(call, watchdog, self.describe)
+
+    def _clear(self, exc: BaseException) -> RuntimeError:
+        """A clear trigger error for a BaseException that is not an Exception (GeneratorExit,
+        SystemExit, KeyboardInterrupt, its own CancelledError): raised in each member's
+        run(), GeneratorExit would read as "generator ignored GeneratorExit"."""
+        error = RuntimeError(
+            f"{self.owner.__qualname__}.poll_many() raised {type(exc).__name__}"
+            f"{f': {exc}' if str(exc) else ''}; a poll must return its results or raise an "
+            "Exception"
+        )
+        error.__cause__ = exc
+        return error
+
     def _answer(self, batch: list[PollingTrigger], results: list[Any]) -> None:
         from deferrun.basetrigger import TriggerEvent
 
         for trigger, result in zip(batch, results, strict=True):
-            future = self.members.get(trigger)
+            future = self._future_of(trigger)
             if future is None or future.done():
                 continue  # left while the poll was in flight
             if isinstance(result, TriggerEvent):
-                del self.members[trigger]  # answered: out of the next batch at once
+                del self.members[id(trigger)]  # answered: out of the next batch at once
                 future.set_result(result)
             elif isinstance(result, TransientError):
                 log.warning("shared poll: retrying one member", poll=self.name, error=str(result))
             elif isinstance(result, BaseException):
-                del self.members[trigger]
-                future.set_exception(result)
+                del self.members[id(trigger)]
+                clear = result if isinstance(result, Exception) else self._clear(result)
+                future.set_exception(clear)
             elif result is not None:
-                del self.members[trigger]
+                del self.members[id(trigger)]
                 future.set_exception(
                     RuntimeError(
                         f"{self.owner.__qualname__}.poll_many() gave {type(result).__name__} "
@@ -208,10 +282,14 @@ class SharedPoll:
             error=repr(exc),
         )
         for trigger in batch:
-            future = self.members.get(trigger)
+            future = self._future_of(trigger)
             if future is not None and not future.done():
-                del self.members[trigger]
+                del self.members[id(trigger)]
                 future.set_exception(_copy(exc))
+
+    def _future_of(self, trigger: PollingTrigger) -> asyncio.Future[TriggerEvent] | None:
+        entry = self.members.get(id(trigger))
+        return entry[1] if entry is not None and entry[0] is trigger else None
 
 
 def _copy(exc: BaseException) -> BaseException:
@@ -224,5 +302,5 @@ def _copy(exc: BaseException) -> BaseException:
     return twin.with_traceback(exc.__traceback__)
 
 
-def _one() -> int:
-    return 1
+def _count(served: list[tuple[int, str]] | None) -> int:
+    return 1 if served is None else len(served)

@@ -54,6 +54,8 @@ class Group:
     lead: Member  # the trigger whose object runs: log lines carry its ids
     members: dict[int, Member] = field(default_factory=dict)
     task: asyncio.Task[None] | None = None
+    #: the stored poll key (None: not in a shared poll, shown as "<classpath> (identical)")
+    poll_key: str | None = None
 
 
 class SharedRuns:
@@ -86,17 +88,20 @@ class SharedRuns:
         group = self.groups.get(key)
         if group is None:
             lead = Member(claimed.id, claimed.task_id, loaded.classpath, None, time.monotonic())  # type: ignore[arg-type]
-            group = lead.group = Group(key, loaded, lead)
+            group = lead.group = Group(key, loaded, lead, poll_key=_poll_key(loaded))
             self.groups[key] = group
             group.members[lead.id] = lead
-            members = group.members  # not the group: the entry must not keep the trigger alive
-            shared_polls.TASKS_SERVED[loaded.trigger] = lambda: len(members)
+            members = group.members
+            trigger = loaded.trigger
+            shared_polls.serve(trigger, lambda: [(m.id, m.task_id) for m in members.values()])
             task = asyncio.get_running_loop().create_task(
                 self._drive(group), name=f"trigger:{claimed.id}"
             )
             group.task = task
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
+            # also when cancelled before its first step (its finally never runs then)
+            task.add_done_callback(lambda _: shared_polls.unserve(trigger))
             member = lead
         else:
             member = Member(claimed.id, claimed.task_id, loaded.classpath, group, time.monotonic())
@@ -128,6 +133,17 @@ class SharedRuns:
         """How many tasks the run that serves ``trigger_id`` waits for (1 when not shared)."""
         member = self.running.get(trigger_id)
         return len(member.group.members) if isinstance(member, Member) else 1
+
+    def snapshot(self) -> list[tuple[str, int, int]]:
+        """``(name, distinct triggers, tasks)`` per class of identical triggers not in a shared
+        poll, named and counted as ``deferrun triggers`` shows them (two or more tasks)."""
+        rows: dict[str, list[int]] = {}
+        for group in list(self.groups.values()):
+            if group.poll_key is None:
+                row = rows.setdefault(f"{group.lead.classpath} (identical)", [0, 0])
+                row[0] += 1
+                row[1] += len(group.members)
+        return [(name, groups, tasks) for name, (groups, tasks) in rows.items() if tasks > 1]
 
     def describe(self, name: str) -> dict[str, Any]:
         """Watchdog describer: the trigger behind a shared run's task ``trigger:<lead>``."""
@@ -167,7 +183,7 @@ class SharedRuns:
             error = f"triggerer internal error running {lead.classpath}: {exc!r}"
             outcome = failure(lead.id, error)
         finally:
-            shared_polls.TASKS_SERVED.pop(group.loaded.trigger, None)
+            shared_polls.unserve(group.loaded.trigger)
             if self.groups.get(group.key) is group:
                 del self.groups[group.key]
         if outcome is None:
@@ -205,6 +221,14 @@ class SharedRuns:
             self._deadline_changed = anyio.Event()
             with anyio.move_on_after(max(wait, 0.0)):
                 await self._deadline_changed.wait()
+
+
+def _poll_key(loaded: Loaded) -> str | None:
+    try:
+        return sharing.poll_key_of(loaded.trigger)
+    except Exception as exc:  # run() meets the same error and fails the group with it
+        log.debug("shared_poll_key() raised", trigger=loaded.classpath, error=repr(exc))
+        return None
 
 
 def _for(outcome: Outcome, trigger_id: int) -> Outcome:

@@ -9,6 +9,9 @@ import json
 from typing import Any
 
 MAX_POLL_KEY_CHARS = 300
+#: kwargs text longer than this is hashed as stored, not re-parsed (claims run on the loop):
+#: identical triggers still match (one serializer writes them), only key order then counts
+MAX_CANONICAL_CHARS = 64 * 1024
 
 
 def shareable(cls: type) -> bool:
@@ -27,10 +30,13 @@ def shareable(cls: type) -> bool:
 
 def affinity_key(classpath: str, kwargs_json: str) -> str:
     """Hash of the classpath and the kwargs, key order ignored: equal for identical triggers."""
-    try:
-        canonical = json.dumps(json.loads(kwargs_json), sort_keys=True, separators=(",", ":"))
-    except ValueError:  # not plain JSON: the stored text itself still identifies it
+    if len(kwargs_json) > MAX_CANONICAL_CHARS:
         canonical = kwargs_json
+    else:
+        try:
+            canonical = json.dumps(json.loads(kwargs_json), sort_keys=True, separators=(",", ":"))
+        except ValueError:  # not plain JSON: the stored text itself still identifies it
+            canonical = kwargs_json
     digest = hashlib.sha256(f"{classpath}\n{canonical}".encode()).hexdigest()
     return digest[:32]
 

@@ -169,7 +169,9 @@ class Triggerer:
                 watchdog.metrics = watchdog.metrics or self.metrics
                 self.watchdog = watchdog
                 loop = asyncio.get_running_loop()
-                self.metrics.watch_shared_polls(lambda: shared_polls.snapshot(loop))
+                self.metrics.watch_shared_polls(
+                    lambda: shared_polls.snapshot(loop) + self.shared.snapshot()
+                )
                 tg.start_soon(watchdog.run, name="loop-watchdog")
                 tg.start_soon(self.writer.run, name="event-writer")
                 tg.start_soon(self._timer_loop, name="timers")

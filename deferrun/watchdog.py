@@ -62,6 +62,11 @@ class LoopWatchdog:
             existing = _BY_LOOP[loop] = cls(threshold)
         return existing
 
+    @staticmethod
+    def of_running_loop() -> LoopWatchdog | None:
+        """The watchdog of the running loop, if one was started (None: nothing to time)."""
+        return _BY_LOOP.get(asyncio.get_running_loop())
+
     def _describe(self, name: str) -> dict[str, Any]:
         for describe in self.describers:
             try:

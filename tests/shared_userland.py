@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
-from deferrun import BaseOperator, TriggerEvent
+import anyio
+
+from deferrun import BaseOperator, BaseTrigger, TriggerEvent
 from deferrun.basetrigger import PollingTrigger
 from triggers.http import HttpTrigger
 
@@ -67,3 +70,71 @@ class FeedTrigger(PollingTrigger):
     async def poll(self) -> TriggerEvent | None:
         [result] = await type(self).poll_many([self])
         return result
+
+
+class WaitOn(BaseOperator):
+    """Defers on ``tclass(**tkwargs)`` (a class of this module); each resume appends the task
+    id to ``log``."""
+
+    def __init__(self, *, tclass: str, tkwargs: dict[str, Any], log: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.tclass = tclass
+        self.tkwargs = tkwargs
+        self.log_path = log
+
+    def execute(self, context: dict[str, Any]) -> None:
+        self.defer(trigger=globals()[self.tclass](**self.tkwargs), method_name="resume")
+
+    def resume(self, context: dict[str, Any], event: Any = None) -> Any:
+        with open(self.log_path, "a") as f:
+            f.write(f"{context['task_id']}\n")
+        return event
+
+
+class GateTrigger(BaseTrigger):
+    """A plain trigger (no poll key): fires once ``name`` is in ARRIVED."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        while self.name not in ARRIVED:
+            await anyio.sleep(0.05)
+        yield TriggerEvent(self.name)
+
+
+class EqTrigger(GateTrigger):
+    """A trigger with ``__eq__`` (as users write for unit tests), hence unhashable."""
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, EqTrigger) and other.name == self.name
+
+
+class FeedEqTrigger(FeedTrigger):
+    """Shared-poll members that compare (and hash) equal by feed alone."""
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, FeedTrigger) and other.feed == self.feed
+
+    def __hash__(self) -> int:
+        return hash(self.feed)
+
+
+class BadFeedTrigger(FeedTrigger):
+    """A feed whose poll_many misbehaves once an entry arrived: ``mode`` says how."""
+
+    def __init__(self, feed: str, name: str, mode: str, poll_interval: float = 0.2) -> None:
+        super().__init__(feed, name, poll_interval)
+        self.mode = mode
+
+    def shared_poll_key(self) -> str:
+        return f"{self.feed}:{self.mode}"
+
+    @classmethod
+    async def poll_many(cls, triggers: list[Any]) -> list[TriggerEvent | None]:
+        results = await super().poll_many(triggers)
+        if any(results) and triggers[0].mode == "genexit":
+            raise GeneratorExit
+        if any(results) and triggers[0].mode == "block":
+            time.sleep(0.5)  # blocks the event loop, as a sync client would
+        return results
