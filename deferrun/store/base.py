@@ -163,6 +163,14 @@ class Runtime(Protocol):
 
     async def complete_task(self, task_id: str, claim_token: int, result: str | None) -> bool: ...
 
+    async def record_outcomes(
+        self,
+        writes: Sequence[tuple[str, tuple[Any, ...]]],
+        claim: tuple[str, Sequence[str], int] | None = None,
+    ) -> tuple[list[Any], list[ClaimedTask]]:
+        """Several outcome writes ``(kind, args)`` in one transaction, each fenced as alone;
+        then, with ``claim`` = (worker_id, queues, limit), claim tasks for the freed slots."""
+
     async def fail_task(
         self, task_id: str, claim_token: int, error: str, *, retry: bool
     ) -> TaskState | None:

@@ -219,6 +219,33 @@ class SqlStore:
     async def defer_task(self, task_id: str, claim_token: int, deferral: Deferral) -> int | None:
         return await self.db.transact(machine.defer(task_id, claim_token, deferral))
 
+    async def record_outcomes(
+        self,
+        writes: Sequence[tuple[str, tuple[Any, ...]]],
+        claim: tuple[str, Sequence[str], int] | None = None,
+    ) -> tuple[list[Any], list[ClaimedTask]]:
+        """Outcome writes of several attempts, ``(kind, args)`` each, in one transaction, and
+        with ``claim`` = (worker_id, queues, limit) the claim of the slots they free.
+
+        ``kind`` names the single-write method (complete, fail, skip, reschedule, defer,
+        requeue); the result list holds what each of those would have returned.
+        """
+        programs = {
+            "complete": machine.complete,
+            "fail": machine.fail,
+            "skip": machine.skip,
+            "reschedule": machine.reschedule,
+            "defer": machine.defer,
+            "requeue": machine.requeue,
+        }
+        then = None
+        if claim is not None and claim[2] > 0 and claim[1]:
+            then = machine.claim_tasks(*claim)
+        results, claimed = await self.db.transact(
+            machine.together([programs[kind](*args) for kind, args in writes], then)
+        )
+        return results, claimed or []
+
     async def requeue_task(self, task_id: str, claim_token: int) -> bool:
         return await self.db.transact(machine.requeue(task_id, claim_token), atomic=False)
 
