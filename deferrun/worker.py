@@ -112,6 +112,8 @@ class Worker:
                 watchdog.metrics = watchdog.metrics or self.metrics
                 tg.start_soon(watchdog.run, name="loop-watchdog")
                 async with anyio.create_task_group() as slots_tg:
+                    self.recorder.claim_args = self._claim_with_outcomes
+                    self.recorder.on_claimed = lambda tasks: self._start_all(slots_tg, tasks)
                     await self._claim_loop(slots_tg)
                     await self._drain()
                 self.recorder.give_up()
@@ -163,6 +165,18 @@ class Worker:
         for attempt in list(self.running.values()):
             if not attempt.recording:
                 attempt.cancel("shutdown")
+
+    def _claim_with_outcomes(self, freeing: int) -> tuple[str, Sequence[str], int] | None:
+        """Claim for the slots ``freeing`` outcome writes free, in their transaction: a slot
+        goes from one task to the next in one round trip (None while stopping)."""
+        if self._stopping.is_set():
+            return None
+        free = self.slots - len(self.running) + freeing
+        return (self.id, self.queues, free) if free > 0 else None
+
+    def _start_all(self, tg: anyio.abc.TaskGroup, tasks: list[ClaimedTask]) -> None:
+        for task in tasks:
+            self._start(tg, task)
 
     def _start(self, tg: anyio.abc.TaskGroup, task: ClaimedTask) -> None:
         attempt = Attempt(task)
