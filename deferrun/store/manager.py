@@ -114,6 +114,8 @@ class SqlStore:
         self.url = connector.url
         self.dead_after = dead_after
         self._processes: dict[str, dict[str, Any]] = {}
+        #: every wake-up reaches its listener: idle loops may poll rarely (config.idle_poll)
+        self.reliable_wakeups: bool = getattr(connector, "reliable_wakeups", False)
 
     async def open(self) -> None:
         await self.db.open()

@@ -39,6 +39,8 @@ async def _no_reset(_conn: asyncpg.Connection) -> None:
 
 class PostgresConnector:
     dialect = PostgresDialect()
+    #: LISTEN/NOTIFY reaches every listener, on a connection that catches up after a loss
+    reliable_wakeups = True
 
     def __init__(self, url: str, *, pool_size: int = 10) -> None:
         self.url = url

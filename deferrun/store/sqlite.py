@@ -73,6 +73,7 @@ def _bind(params: Any) -> Any:
 
 class SQLiteConnector:
     dialect = SQLiteDialect()
+    reliable_wakeups = False  # UDP datagrams may be dropped: keep polling every second
 
     def __init__(self, url: str, *, dead_after: float = 10.0, create: bool = True) -> None:
         self.url = url
