@@ -68,7 +68,7 @@ class Triggerer:
         capacity: int = 1000,
         queues: Sequence[str] = (),
         dead_after: float | None = None,
-        poll_interval: float = 1.0,
+        poll_interval: float | None = None,
         reconcile_interval: float = 5.0,
         block_threshold: float = 0.2,
         cleanup_timeout: float | None = None,
@@ -84,7 +84,7 @@ class Triggerer:
         self.queues = list(queues)
         self.dead_after = config.dead_after() if dead_after is None else dead_after
         self.health: dict[str, float] = {}
-        self.poll_interval = poll_interval
+        self.poll_interval = config.idle_poll(store) if poll_interval is None else poll_interval
         self.reconcile_interval = reconcile_interval
         self.claim_debounce = 0.02
         if cleanup_timeout is None:

@@ -48,7 +48,7 @@ class Worker:
         slots: int = 8,
         queues: Sequence[str] = (DEFAULT_QUEUE,),
         dead_after: float | None = None,
-        poll_interval: float = 1.0,
+        poll_interval: float | None = None,
         grace_period: float = 30.0,
         process_id: str | None = None,
         metrics: Metrics | None = None,
@@ -64,7 +64,7 @@ class Worker:
         if record_retry_for is None:
             record_retry_for = config.env_float("DEFERRUN_RECORD_RETRY_FOR", 120.0)
         self.claim_debounce = 0.002
-        self.poll_interval = poll_interval
+        self.poll_interval = config.idle_poll(store) if poll_interval is None else poll_interval
         self.grace_period = grace_period
         self.supersede_wait = 5.0
         self.max_result_bytes = int(
