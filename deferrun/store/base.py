@@ -230,8 +230,9 @@ class Inspection(Protocol):
     async def get_task(self, task_id: str) -> TaskInfo | None: ...
 
     async def list_tasks(
-        self, state: TaskState | None = None, limit: int = 1000
-    ) -> list[TaskInfo]: ...
+        self, state: TaskState | None = None, limit: int = 1000, before: str | None = None
+    ) -> list[TaskInfo]:
+        """Newest first; ``before`` (a task id) gives the page after that task (keyset)."""
 
     async def count_tasks(self) -> dict[str, int]: ...
 

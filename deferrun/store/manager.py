@@ -36,10 +36,17 @@ _TASK_INFO = (
     "LEFT JOIN deferrun_triggers g ON g.id = t.trigger_id"
 )
 GET_TASK = Query("get_task", _TASK_INFO + " WHERE t.id = :task_id")
-LIST_TASKS = Query("list_tasks", _TASK_INFO + " ORDER BY t.created_at DESC LIMIT :limit")
+_NEWEST_FIRST = " ORDER BY t.created_at DESC, t.id DESC LIMIT :limit"
+#: keyset paging: the page after task :before, walking the (created_at, id) index (schema v8)
+_AFTER = "(t.created_at, t.id) < (SELECT created_at, id FROM deferrun_tasks WHERE id = :before)"
+LIST_TASKS = Query("list_tasks", _TASK_INFO + _NEWEST_FIRST)
 LIST_TASKS_IN_STATE = Query(
-    "list_tasks_in_state",
-    _TASK_INFO + " WHERE t.state = :state ORDER BY t.created_at DESC LIMIT :limit",
+    "list_tasks_in_state", _TASK_INFO + " WHERE t.state = :state" + _NEWEST_FIRST
+)
+LIST_TASKS_BEFORE = Query("list_tasks_before", _TASK_INFO + f" WHERE {_AFTER}" + _NEWEST_FIRST)
+LIST_TASKS_IN_STATE_BEFORE = Query(
+    "list_tasks_in_state_before",
+    _TASK_INFO + f" WHERE t.state = :state AND {_AFTER}" + _NEWEST_FIRST,
 )
 COUNT_TASKS = Query("count_tasks", "SELECT state, count(*) FROM deferrun_tasks GROUP BY state")
 NEXT_DUE_ONE = Query(
@@ -296,11 +303,19 @@ class SqlStore:
         rows = await self.db.fetch(GET_TASK, task_id=task_id)
         return task_info(rows[0]) if rows else None
 
-    async def list_tasks(self, state: TaskState | None = None, limit: int = 1000) -> list[TaskInfo]:
-        if state is None:
+    async def list_tasks(
+        self, state: TaskState | None = None, limit: int = 1000, before: str | None = None
+    ) -> list[TaskInfo]:
+        if state is None and before is None:
             rows = await self.db.fetch(LIST_TASKS, limit=limit)
-        else:
+        elif state is None:
+            rows = await self.db.fetch(LIST_TASKS_BEFORE, limit=limit, before=before)
+        elif before is None:
             rows = await self.db.fetch(LIST_TASKS_IN_STATE, state=str(state), limit=limit)
+        else:
+            rows = await self.db.fetch(
+                LIST_TASKS_IN_STATE_BEFORE, state=str(state), limit=limit, before=before
+            )
         return [task_info(r) for r in rows]
 
     async def count_tasks(self) -> dict[str, int]:

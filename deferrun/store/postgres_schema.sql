@@ -97,3 +97,9 @@ CREATE TABLE IF NOT EXISTS deferrun_deps (
 CREATE INDEX IF NOT EXISTS deferrun_deps_upstream ON deferrun_deps (upstream_id);
 CREATE INDEX IF NOT EXISTS deferrun_triggers_watch ON deferrun_triggers (watch_task_id)
     WHERE watch_task_id IS NOT NULL;
+
+-- version 8 (issue 15): newest-first task listing walks an index (keyset paging by
+-- (created_at, id)) instead of sorting every row; the state index gains the id tiebreak.
+CREATE INDEX IF NOT EXISTS deferrun_tasks_created ON deferrun_tasks (created_at, id);
+CREATE INDEX IF NOT EXISTS deferrun_tasks_state_created_id ON deferrun_tasks (state, created_at, id);
+DROP INDEX IF EXISTS deferrun_tasks_state_created;

@@ -27,7 +27,7 @@ from deferrun.store.local_notify import UdpListener, UdpSender
 from deferrun.store.manager import SqlStore
 from deferrun.store.sql import Program, Query, Row, Run, SQLiteDialect, drive_sync
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 8
 R = TypeVar("R")
 
 #: sqlite3 errors that say "not now" rather than "this statement is wrong"
@@ -255,6 +255,8 @@ class SQLiteConnector:
                 self._rename_v2_tables(c)
             if 0 < version < 4:
                 self._add_v4_columns(c)
+            if 0 < version < 8:
+                self._add_v8_indexes(c)
             code = "\n".join(
                 line for line in schema.splitlines() if not line.lstrip().startswith("--")
             )
@@ -262,6 +264,11 @@ class SQLiteConnector:
                 if statement.strip():
                     c.execute(statement)
             c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    @staticmethod
+    def _add_v8_indexes(c: sqlite3.Connection) -> None:
+        """Version 8: newest-first listing by (created_at, id); the schema file creates them."""
+        c.execute("DROP INDEX IF EXISTS deferrun_tasks_state_created")
 
     @staticmethod
     def _add_v4_columns(c: sqlite3.Connection) -> None:
