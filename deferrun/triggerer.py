@@ -219,11 +219,13 @@ class Triggerer:
 
     async def _main_loop(self) -> None:
         assert self._wakeup is not None
-        last_reconcile = time.monotonic()
+        last_reconcile = last_claim = time.monotonic()
+        claim = True
         while not self._stopping.is_set():
             try:
                 free = self.capacity - len(self.running)
-                if free > 0:
+                if free > 0 and claim:
+                    last_claim = time.monotonic()
                     for claimed in await self.store.claim_triggers(self.id, self.queues, free):
                         self._start_one(claimed)
                     if len(self.running) - self._frozen_at >= GC_FREEZE_GROWTH:
@@ -233,7 +235,15 @@ class Triggerer:
                     await self._reconcile()
             except Exception as exc:
                 log.error("claiming triggers failed; retrying", error=repr(exc))
-            if await self._wakeup.wait(self.poll_interval):
+                last_claim = time.monotonic() - self.poll_interval + 1.0  # again in 1 s
+            # Reconciling keeps its own pace (it stops the triggers of cancelled tasks); a
+            # claim waits for a wake-up or the poll interval, which is long on PostgreSQL.
+            now = time.monotonic()
+            next_claim = last_claim + self.poll_interval
+            wait = min(next_claim, last_reconcile + self.reconcile_interval) - now
+            woken = await self._wakeup.wait(max(wait, 0.0))
+            claim = woken or time.monotonic() >= next_claim
+            if woken:
                 # Deferrals arrive in bursts, one notification each: gather them for one
                 # claim instead of one claim per trigger (not on the event->resume path).
                 await anyio.sleep(self.claim_debounce)
