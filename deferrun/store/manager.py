@@ -123,6 +123,8 @@ class SqlStore:
         self._processes: dict[str, dict[str, Any]] = {}
         #: every wake-up reaches its listener: idle loops may poll rarely (config.idle_poll)
         self.reliable_wakeups: bool = getattr(connector, "reliable_wakeups", False)
+        #: transactions of several processes proceed at once (not SQLite's one write lock)
+        self.concurrent_writes: bool = getattr(connector, "concurrent_writes", False)
 
     async def open(self) -> None:
         await self.db.open()

@@ -41,6 +41,7 @@ class PostgresConnector:
     dialect = PostgresDialect()
     #: LISTEN/NOTIFY reaches every listener, on a connection that catches up after a loss
     reliable_wakeups = True
+    concurrent_writes = True  # row locks, SKIP LOCKED: writers do not wait on one lock
 
     def __init__(self, url: str, *, pool_size: int = 10) -> None:
         self.url = url
