@@ -94,6 +94,12 @@ STEPS: list[tuple[str, str, list[str], list[str]]] = [
         ["--window", "2", "--poll-intervals", "default"],
     ),
     ("listing", "benchmarks.listing", ["--rows", "1000000"], ["--rows", "2000"]),
+    (
+        "fleet",
+        "benchmarks.fleet",
+        ["--triggers", "20000"],
+        ["--triggers", "400", "--dead-after", "3"],
+    ),
 ]
 
 

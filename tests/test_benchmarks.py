@@ -25,6 +25,7 @@ BENCHMARKS = [
     "benchmarks.pipelines",
     "benchmarks.idle",
     "benchmarks.listing",
+    "benchmarks.fleet",
 ]
 
 
