@@ -221,12 +221,15 @@ class Triggerer:
         assert self._wakeup is not None
         last_reconcile = last_claim = time.monotonic()
         claim = True
+        got = 0
         while not self._stopping.is_set():
             try:
                 free = self.capacity - len(self.running)
                 if free > 0 and claim:
                     last_claim = time.monotonic()
-                    for claimed in await self.store.claim_triggers(self.id, self.queues, free):
+                    batch = await self.store.claim_triggers(self.id, self.queues, free)
+                    got = len(batch)
+                    for claimed in batch:
                         self._start_one(claimed)
                     if len(self.running) - self._frozen_at >= GC_FREEZE_GROWTH:
                         self._freeze_loaded()
@@ -238,8 +241,10 @@ class Triggerer:
                 last_claim = time.monotonic() - self.poll_interval + 1.0  # again in 1 s
             # Reconciling keeps its own pace (it stops the triggers of cancelled tasks); a
             # claim waits for a wake-up or the poll interval, which is long on PostgreSQL.
+            # A claim that found triggers may have left more (its fair share of a dead
+            # triggerer's release, say): look again after 1 s, not the long idle interval.
             now = time.monotonic()
-            next_claim = last_claim + self.poll_interval
+            next_claim = last_claim + (min(1.0, self.poll_interval) if got else self.poll_interval)
             wait = min(next_claim, last_reconcile + self.reconcile_interval) - now
             woken = await self._wakeup.wait(max(wait, 0.0))
             claim = woken or time.monotonic() >= next_claim
