@@ -137,3 +137,33 @@ class WaitOn(BaseOperator):
         with open(self.log_path, "a") as f:
             f.write(f"{context['task_id']}\n")
         return None
+
+
+class SleepUntilTrigger(BaseTrigger):
+    """A user-written trigger as users write them: one coroutine that sleeps, then yields.
+
+    No ``timer()``: the triggerer must run it as a coroutine (the burst case).
+    """
+
+    def __init__(self, at: float) -> None:
+        self.at = at
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        import asyncio
+
+        await asyncio.sleep(max(self.at - time.time(), 0))
+        yield TriggerEvent({"at": self.at, "fired": time.time()})
+
+
+class BurstOp(BaseOperator):
+    """Defers on a SleepUntilTrigger at epoch ``at``; the result says when it fired/resumed."""
+
+    def __init__(self, *, at: float, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.at = at
+
+    def execute(self, context: Context) -> Any:
+        self.defer(trigger=SleepUntilTrigger(at=self.at), method_name="resume")
+
+    def resume(self, context: Context, event: Any = None) -> Any:
+        return {**event, "resumed": time.time()}

@@ -13,6 +13,9 @@ For each backend and size N, against one real `deferrun triggerer` and `deferrun
 3. Nothing lost: every task succeeds, exactly once.
 Prints a table and writes DIR/triggerer_scale.json and DIR/triggerer_scale.png (RSS per
 trigger and lateness).
+
+``--mode burst`` runs the midnight case instead (benchmarks/burst.py): N user-written coroutine
+triggers all due at one moment, 2 workers x 8 slots; writes DIR/triggerer_scale-burst.json.
 """
 
 from __future__ import annotations
@@ -39,6 +42,9 @@ from benchmarks._harness import (
     wait_for,
     write_json,
 )
+from benchmarks.burst import HEADERS as BURST_HEADERS
+from benchmarks.burst import rows_for_table as burst_rows
+from benchmarks.burst import run_burst
 from benchmarks.ops import AtMoment
 from deferrun.client import build_task
 from deferrun.store import open_store
@@ -238,9 +244,20 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", default="1000,10000,100000")
+    parser.add_argument(
+        "--mode",
+        choices=["timers", "burst"],
+        default="timers",
+        help="timers: DateTimeTriggers spread over a window; burst: user-written coroutine "
+        "triggers all due at one moment (see benchmarks/burst.py)",
+    )
+    parser.add_argument("--sizes", default=None, help="default 1000,10000,100000 (burst: 10000)")
+    parser.add_argument("--slots", type=int, default=None, help="slots per worker (burst: 8)")
+    parser.add_argument("--profile", action="store_true", help="burst: py-spy the burst")
     parser.add_argument("--backends", default="sqlite,postgres")
-    parser.add_argument("--workers", type=int, default=1, help="worker processes, 16 slots each")
+    parser.add_argument(
+        "--workers", type=int, default=None, help="worker processes (timers: 1, burst: 2)"
+    )
     parser.add_argument(
         "--fire-rate",
         type=float,
@@ -256,7 +273,9 @@ def main() -> None:
     add_out_argument(parser)
     args = parser.parse_args()
     out_dir = prepare_out(args.out)
-    sizes = [int(x) for x in args.sizes.split(",")]
+    burst = args.mode == "burst"
+    sizes = [int(x) for x in (args.sizes or ("10000" if burst else "1000,10000,100000")).split(",")]
+    workers = args.workers or (2 if burst else 1)
     rows: list[dict[str, Any]] = []
     workdir = Path(tempfile.mkdtemp(prefix="deferrun-scale-"))
     for backend in args.backends.split(","):
@@ -268,7 +287,13 @@ def main() -> None:
                 db = cluster.create_database()
             else:
                 db = f"sqlite:///{workdir / f'scale-{n}.db'}"
-            row = run_one(db, n, workdir, rate_guess, args.workers, args.fire_rate)
+            if burst:
+                row = run_burst(
+                    db, n, workdir, out_dir, workers=workers, slots=args.slots or 8,
+                    defer_rate_guess=rate_guess, profile=args.profile, tag=f"-{backend}",
+                )  # fmt: skip
+            else:
+                row = run_one(db, n, workdir, rate_guess, workers, args.fire_rate)
             rate_guess = row["defer_rate_per_s"]  # schedule the next, larger run after it
             row["backend"] = backend
             rows.append(row)
@@ -276,6 +301,14 @@ def main() -> None:
         if cluster is not None:
             cluster.destroy()
     out = {"machine": machine(), "runs": rows}
+    if burst:
+        path = write_json(out_dir, "triggerer_scale-burst", out)
+        print(
+            f"\nburst: user-written triggers due at one moment ({out['machine']['cores']} cores)\n"
+        )
+        print(table(BURST_HEADERS, burst_rows(rows)))
+        print(f"\nwritten: {path}")
+        return
     path = write_json(out_dir, "triggerer_scale", out)
     png = path.with_suffix(".png")
     try:

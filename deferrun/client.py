@@ -175,9 +175,12 @@ class AsyncClient:
                 await anyio.sleep(delay)
                 delay = min(delay * 1.5, 0.5)
 
-    async def list(self, state: TaskState | str | None = None, limit: int = 1000) -> list[TaskInfo]:
+    async def list(
+        self, state: TaskState | str | None = None, limit: int = 1000, before: str | None = None
+    ) -> list[TaskInfo]:
+        """Newest first; pass the last id of a page as ``before`` for the next page."""
         parsed = TaskState(state) if state is not None else None
-        return await (await self._get_store()).list_tasks(parsed, limit)
+        return await (await self._get_store()).list_tasks(parsed, limit, before)
 
     async def cancel(self, task_id: str) -> TaskInfo:
         info = await (await self._get_store()).cancel_task(task_id)
@@ -272,8 +275,11 @@ class Client:
     def wait(self, task_id: str, timeout: float | None = None) -> TaskInfo:
         return self._call(self._async.wait, task_id, timeout)
 
-    def list(self, state: TaskState | str | None = None, limit: int = 1000) -> list[TaskInfo]:
-        return self._call(self._async.list, state, limit)
+    def list(
+        self, state: TaskState | str | None = None, limit: int = 1000, before: str | None = None
+    ) -> list[TaskInfo]:
+        """Newest first; pass the last id of a page as ``before`` for the next page."""
+        return self._call(self._async.list, state, limit, before)
 
     def cancel(self, task_id: str) -> TaskInfo:
         return self._call(self._async.cancel, task_id)

@@ -39,6 +39,16 @@ def dead_after() -> float:
     return env_float("DEFERRUN_DEAD_AFTER", 10.0, minimum=1.0)
 
 
+def idle_poll(store: object) -> float:
+    """Seconds an idle worker or triggerer waits for a wake-up before it looks anyway.
+
+    ``DEFERRUN_POLL_INTERVAL`` if set; else 15 s where every wake-up reaches its listener
+    (PostgreSQL LISTEN/NOTIFY, so polling only backs up a lost connection), 1 s otherwise.
+    """
+    default = 15.0 if getattr(store, "reliable_wakeups", False) else 1.0
+    return env_float("DEFERRUN_POLL_INTERVAL", default, minimum=0.05)
+
+
 _SECRET_QUERY = re.compile(
     r"((?:^|[?&])(?:password|passwd|pass|secret|token|sslpassword|api_key|aws_secret_access_key)"
     r"=)[^&#]*",

@@ -13,20 +13,25 @@ writes are retried freely. Two kinds of failure are told apart:
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Any, Literal
 
 import anyio
 import structlog
 
 from deferrun.exceptions import StoreGone
 from deferrun.metrics import Metrics
-from deferrun.models import Deferral
+from deferrun.models import ClaimedTask, Deferral
 from deferrun.store.base import Store, is_connection_error
 from deferrun.store.xcom import XComWrite
 
 log = structlog.get_logger("deferrun.worker")
+
+#: at most this many slots' outcomes share one transaction
+GROUP_MAX = 64
 
 Kind = Literal["complete", "fail", "skip", "reschedule", "defer", "requeue"]
 
@@ -56,6 +61,32 @@ class Write:
 
     def without_xcoms(self) -> Write:
         return replace(self, xcoms=None)
+
+
+def _args(w: Write) -> tuple[Any, ...]:
+    """The arguments of ``w``'s store write (after task id and claim token)."""
+    match w.kind:
+        case "complete":
+            return (w.result,)
+        case "fail":
+            return (w.error, w.retry)
+        case "skip":
+            return (w.error or None,)
+        case "reschedule":
+            return (w.delay,)
+        case "defer":
+            return (w.deferral,)
+    return ()
+
+
+def _state(w: Write, result: Any) -> str | None:
+    """The task's new state from what ``w``'s write returned (None: fenced off)."""
+    if w.kind == "fail":
+        return None if result is None else str(result)
+    if w.kind == "defer":
+        return None if result is None else "deferred"
+    ended = {"complete": "success", "skip": "skipped", "reschedule": "up_for_reschedule"}
+    return ended.get(w.kind, "queued") if result else None
 
 
 async def apply(store: Store, w: Write) -> str | None:
@@ -90,6 +121,11 @@ class Recorder:
         self.pending: dict[tuple[str, int], Write] = {}
         self.closing = anyio.Event()
         self._nudged = anyio.Event()
+        #: (worker_id, queues, free slots) for claiming in the same transaction, or None
+        self.claim_args: Callable[[int], tuple[str, Sequence[str], int] | None] | None = None
+        self.on_claimed: Callable[[list[ClaimedTask]], None] | None = None
+        self._queue: list[tuple[Write, asyncio.Future[tuple[Write, str | None]]]] = []
+        self._flushing = False
 
     def nudge(self) -> None:
         """The database answered: retry kept writes now rather than after the backoff."""
@@ -102,7 +138,7 @@ class Recorder:
         deadline = time.monotonic() + self.retry_for
         while True:
             try:
-                await self._write(w)
+                await self._write_grouped(w)
                 return
             except Exception as exc:
                 if isinstance(exc, StoreGone):  # the process is stopping: nothing to retry
@@ -168,6 +204,65 @@ class Recorder:
             outcome=w.kind,
             error=why,
         )
+
+    async def _write_grouped(self, w: Write) -> None:
+        """``_write`` with group commit: writes that wait together share one transaction.
+
+        The first slot to arrive writes for everyone queued behind it, batch after batch,
+        while the others wait for their own answer. Each write keeps its claim-token fence;
+        a batch the store refuses is written one by one, so one bad outcome fails alone.
+        Raises only when the database is unreachable, like ``_write``.
+        """
+        future: asyncio.Future[tuple[Write, str | None]] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self._queue.append((w, future))
+        if not self._flushing:
+            self._flushing = True
+            try:
+                await anyio.sleep(0)  # slots that finish in this loop turn join the batch
+                while self._queue:
+                    batch, self._queue = self._queue[:GROUP_MAX], self._queue[GROUP_MAX:]
+                    await self._flush(batch)
+            finally:
+                self._flushing = False
+        done, state = await future
+        self._count(done, state)
+
+    async def _flush(self, batch: list[tuple[Write, asyncio.Future[Any]]]) -> None:
+        claim = self.claim_args(len(batch)) if self.claim_args is not None else None
+        if len(batch) > 1 or claim is not None:
+            writes = [(w.kind, (w.task_id, w.claim_token, *_args(w))) for w, _ in batch]
+            try:
+                results, claimed = await self.store.record_outcomes(writes, claim)
+            except Exception as exc:
+                if is_connection_error(exc) or isinstance(exc, StoreGone):
+                    for _, future in batch:
+                        future.set_exception(exc)
+                    return
+                log.info(
+                    "a group of outcomes was refused; writing them one by one", error=repr(exc)
+                )
+            else:
+                for (w, future), result in zip(batch, results, strict=True):
+                    future.set_result((w, _state(w, result)))
+                if claimed and self.on_claimed is not None:
+                    self.on_claimed(claimed)
+                return
+        for w, future in batch:
+            try:
+                future.set_result(await self._write_one(w))
+            except Exception as exc:
+                future.set_exception(exc)
+
+    async def _write_one(self, w: Write) -> tuple[Write, str | None]:
+        with structlog.contextvars.bound_contextvars(task_id=w.task_id, try_number=w.try_number):
+            try:
+                return w, await apply(self.store, w)
+            except Exception as exc:
+                if is_connection_error(exc) or isinstance(exc, StoreGone):
+                    raise
+                return await self._refused(w, exc)
 
     async def _write(self, w: Write) -> None:
         """Write ``w``; if the store refuses it, fail the task with an error that says why.

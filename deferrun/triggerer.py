@@ -77,7 +77,7 @@ class Triggerer:
         capacity: int = 1000,
         queues: Sequence[str] = (),
         dead_after: float | None = None,
-        poll_interval: float = 1.0,
+        poll_interval: float | None = None,
         reconcile_interval: float = 5.0,
         block_threshold: float = 0.2,
         cleanup_timeout: float | None = None,
@@ -93,7 +93,7 @@ class Triggerer:
         self.queues = list(queues)
         self.dead_after = config.dead_after() if dead_after is None else dead_after
         self.health: dict[str, float] = {}
-        self.poll_interval = poll_interval
+        self.poll_interval = config.idle_poll(store) if poll_interval is None else poll_interval
         self.reconcile_interval = reconcile_interval
         self.claim_debounce = 0.02
         if cleanup_timeout is None:
@@ -236,12 +236,17 @@ class Triggerer:
 
     async def _main_loop(self) -> None:
         assert self._wakeup is not None
-        last_reconcile = time.monotonic()
+        last_reconcile = last_claim = time.monotonic()
+        claim = True
+        got = 0
         while not self._stopping.is_set():
             try:
                 free = self.capacity - len(self.running)
-                if free > 0:
-                    for claimed in await self.store.claim_triggers(self.id, self.queues, free):
+                if free > 0 and claim:
+                    last_claim = time.monotonic()
+                    batch = await self.store.claim_triggers(self.id, self.queues, free)
+                    got = len(batch)
+                    for claimed in batch:
                         self._start_one(claimed)
                     if len(self.running) - self._frozen_at >= GC_FREEZE_GROWTH:
                         self._freeze_loaded()
@@ -250,7 +255,17 @@ class Triggerer:
                     await self._reconcile()
             except Exception as exc:
                 log.error("claiming triggers failed; retrying", error=repr(exc))
-            if await self._wakeup.wait(self.poll_interval):
+                last_claim = time.monotonic() - self.poll_interval + 1.0  # again in 1 s
+            # Reconciling keeps its own pace (it stops the triggers of cancelled tasks); a
+            # claim waits for a wake-up or the poll interval, which is long on PostgreSQL.
+            # A claim that found triggers may have left more (its fair share of a dead
+            # triggerer's release, say): look again after 1 s, not the long idle interval.
+            now = time.monotonic()
+            next_claim = last_claim + (min(1.0, self.poll_interval) if got else self.poll_interval)
+            wait = min(next_claim, last_reconcile + self.reconcile_interval) - now
+            woken = await self._wakeup.wait(max(wait, 0.0))
+            claim = woken or time.monotonic() >= next_claim
+            if woken:
                 # Deferrals arrive in bursts, one notification each: gather them for one
                 # claim instead of one claim per trigger (not on the event->resume path).
                 await anyio.sleep(self.claim_debounce)

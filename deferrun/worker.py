@@ -50,7 +50,7 @@ class Worker:
         slots: int = 8,
         queues: Sequence[str] = (DEFAULT_QUEUE,),
         dead_after: float | None = None,
-        poll_interval: float = 1.0,
+        poll_interval: float | None = None,
         grace_period: float = 30.0,
         process_id: str | None = None,
         metrics: Metrics | None = None,
@@ -66,7 +66,7 @@ class Worker:
         if record_retry_for is None:
             record_retry_for = config.env_float("DEFERRUN_RECORD_RETRY_FOR", 120.0)
         self.claim_debounce = 0.002
-        self.poll_interval = poll_interval
+        self.poll_interval = config.idle_poll(store) if poll_interval is None else poll_interval
         self.grace_period = grace_period
         self.supersede_wait = 5.0
         self.max_result_bytes = int(
@@ -85,6 +85,9 @@ class Worker:
         self.metrics.slots.set(slots)
         self.metrics.slots_busy.set_function(lambda: len(self.running))
         self.recorder = Recorder(store, self.metrics, record_retry_for)
+        # Claiming in the outcome transaction pays where writers run side by side
+        # (PostgreSQL); on SQLite it holds the one write lock longer and cost more (measured).
+        self._claim_in_record: bool = getattr(store, "concurrent_writes", False)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -114,6 +117,8 @@ class Worker:
                 watchdog.metrics = watchdog.metrics or self.metrics
                 tg.start_soon(watchdog.run, name="loop-watchdog")
                 async with anyio.create_task_group() as slots_tg:
+                    self.recorder.claim_args = self._claim_with_outcomes
+                    self.recorder.on_claimed = lambda tasks: self._start_all(slots_tg, tasks)
                     await self._claim_loop(slots_tg)
                     await self._drain()
                 self.recorder.give_up()
@@ -165,6 +170,18 @@ class Worker:
         for attempt in list(self.running.values()):
             if not attempt.recording:
                 attempt.cancel("shutdown")
+
+    def _claim_with_outcomes(self, freeing: int) -> tuple[str, Sequence[str], int] | None:
+        """Claim for the slots ``freeing`` outcome writes free, in their transaction: a slot
+        goes from one task to the next in one round trip (None while stopping)."""
+        if self._stopping.is_set() or not self._claim_in_record:
+            return None
+        free = self.slots - len(self.running) + freeing
+        return (self.id, self.queues, free) if free > 0 else None
+
+    def _start_all(self, tg: anyio.abc.TaskGroup, tasks: list[ClaimedTask]) -> None:
+        for task in tasks:
+            self._start(tg, task)
 
     def _start(self, tg: anyio.abc.TaskGroup, task: ClaimedTask) -> None:
         attempt = Attempt(task)

@@ -25,6 +25,9 @@ BENCHMARKS = [
     "benchmarks.pipelines",
     "benchmarks.shared_polls",
     "benchmarks.aws_waits",
+    "benchmarks.idle",
+    "benchmarks.listing",
+    "benchmarks.fleet",
 ]
 
 
@@ -248,3 +251,50 @@ def test_aws_waits_smoke(tmp_path: Path) -> None:
     assert "AwsWaiterTrigger" in out and "S3KeyTrigger" in out
     data = json.loads((tmp_path / "aws_waits.json").read_text())
     assert data["sqs"]["all_deleted_s"] > 0 and data["waiter"]["requests_per_poll_interval"] > 0
+
+
+@pytest.mark.e2e
+def test_triggerer_scale_burst_smoke(tmp_path: Path) -> None:
+    out = run_benchmark(
+        "benchmarks.triggerer_scale",
+        "--out",
+        str(tmp_path),
+        "--mode",
+        "burst",
+        "--sizes",
+        "150",
+        "--backends",
+        "sqlite",
+        "--defer-rate-guess",
+        "100",
+    )
+    assert "last resumed s" in out
+    data = json.loads((tmp_path / "triggerer_scale-burst.json").read_text())
+    [run] = data["runs"]
+    assert run["n"] == 150 and run["lost"] == 0 and run["resumed_once"] == 150
+    assert run["workers"] == 2 and run["slots"] == 8
+    # every trigger fired at or after the one moment, and was resumed after it fired
+    assert 0 <= run["fire_lateness_p50_ms"] <= run["fire_lateness_p99_ms"]
+    assert run["last_resumed_after_moment_s"] > 0
+
+
+@pytest.mark.e2e
+def test_listing_smoke(tmp_path: Path) -> None:
+    out = run_benchmark("benchmarks.listing", "--out", str(tmp_path), "--rows", "500")
+    assert "first_page_ms" in out
+    runs = json.loads((tmp_path / "listing.json").read_text())["runs"]
+    assert {r["backend"] for r in runs} == {"sqlite", "postgres"}
+    assert all(r["rows"] == 500 and r["first_page_ms"] > 0 for r in runs)
+
+
+@pytest.mark.e2e
+def test_run_all_writes_one_report(tmp_path: Path) -> None:
+    """``python -m benchmarks`` runs the chosen steps into --out and reports them together."""
+    out = run_benchmark(
+        "benchmarks", "--out", str(tmp_path), "--tiny", "--only", "pipelines,listing"
+    )
+    assert "written:" in out
+    report = (tmp_path / "report.md").read_text()
+    assert "## pipelines" in report and "## listing" in report and "failed" not in report
+    assert "## cycle-sqlite" not in report  # --only
+    assert {"pipelines.json", "listing.json"} <= {p.name for p in tmp_path.iterdir()}

@@ -181,7 +181,14 @@ async def test_reclaimed_task_never_runs_twice_in_one_worker(
 class OutageStore:
     """The real store, whose outcome writes fail as if the database were down while ``down``."""
 
-    WRITES = ("complete_task", "fail_task", "skip_task", "defer_task", "requeue_task")
+    WRITES = (
+        "complete_task",
+        "fail_task",
+        "skip_task",
+        "defer_task",
+        "requeue_task",
+        "record_outcomes",  # the worker's group commit of the above
+    )
 
     def __init__(self, inner: Store) -> None:
         self.inner = inner

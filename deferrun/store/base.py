@@ -170,6 +170,14 @@ class Runtime(Protocol):
         self, task_id: str, claim_token: int, result: str | None, xcoms: XComWrite | None = None
     ) -> bool: ...
 
+    async def record_outcomes(
+        self,
+        writes: Sequence[tuple[str, tuple[Any, ...]]],
+        claim: tuple[str, Sequence[str], int] | None = None,
+    ) -> tuple[list[Any], list[ClaimedTask]]:
+        """Several outcome writes ``(kind, args)`` in one transaction, each fenced as alone;
+        then, with ``claim`` = (worker_id, queues, limit), claim tasks for the freed slots."""
+
     async def fail_task(
         self,
         task_id: str,
@@ -249,8 +257,9 @@ class Inspection(Protocol):
     async def get_task(self, task_id: str) -> TaskInfo | None: ...
 
     async def list_tasks(
-        self, state: TaskState | None = None, limit: int = 1000
-    ) -> list[TaskInfo]: ...
+        self, state: TaskState | None = None, limit: int = 1000, before: str | None = None
+    ) -> list[TaskInfo]:
+        """Newest first; ``before`` (a task id) gives the page after that task (keyset)."""
 
     async def count_tasks(self) -> dict[str, int]: ...
 

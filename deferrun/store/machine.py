@@ -459,6 +459,22 @@ def defer(task_id: str, claim_token: int, deferral: Deferral) -> Program[int | N
     return trigger_id
 
 
+def together(
+    programs: Sequence[Program[Any]], then: Program[Any] | None = None
+) -> Program[tuple[list[Any], Any]]:
+    """Several attempts' outcome writes in one transaction (group commit across slots), then
+    ``then`` (the claim of the slots they free) in the same transaction.
+
+    Each program keeps its own fence: a write fenced off changes nothing and returns what it
+    would alone. Any error aborts them all; the caller then writes them one by one.
+    """
+    results: list[Any] = []
+    for program in programs:
+        results.append((yield from program))
+    after = (yield from then) if then is not None else None
+    return results, after
+
+
 def cancel(task_id: str) -> Program[bool]:
     rows = yield run(CANCEL, task_id=task_id)
     yield run(DROP_TASK_TRIGGER, task_id=task_id)

@@ -37,10 +37,17 @@ _TASK_INFO = (
     "LEFT JOIN deferrun_triggers g ON g.id = t.trigger_id"
 )
 GET_TASK = Query("get_task", _TASK_INFO + " WHERE t.id = :task_id")
-LIST_TASKS = Query("list_tasks", _TASK_INFO + " ORDER BY t.created_at DESC LIMIT :limit")
+_NEWEST_FIRST = " ORDER BY t.created_at DESC, t.id DESC LIMIT :limit"
+#: keyset paging: the page after task :before, walking the (created_at, id) index (schema v8)
+_AFTER = "(t.created_at, t.id) < (SELECT created_at, id FROM deferrun_tasks WHERE id = :before)"
+LIST_TASKS = Query("list_tasks", _TASK_INFO + _NEWEST_FIRST)
 LIST_TASKS_IN_STATE = Query(
-    "list_tasks_in_state",
-    _TASK_INFO + " WHERE t.state = :state ORDER BY t.created_at DESC LIMIT :limit",
+    "list_tasks_in_state", _TASK_INFO + " WHERE t.state = :state" + _NEWEST_FIRST
+)
+LIST_TASKS_BEFORE = Query("list_tasks_before", _TASK_INFO + f" WHERE {_AFTER}" + _NEWEST_FIRST)
+LIST_TASKS_IN_STATE_BEFORE = Query(
+    "list_tasks_in_state_before",
+    _TASK_INFO + f" WHERE t.state = :state AND {_AFTER}" + _NEWEST_FIRST,
 )
 COUNT_TASKS = Query("count_tasks", "SELECT state, count(*) FROM deferrun_tasks GROUP BY state")
 NEXT_DUE_ONE = Query(
@@ -115,6 +122,10 @@ class SqlStore:
         self.url = connector.url
         self.dead_after = dead_after
         self._processes: dict[str, dict[str, Any]] = {}
+        #: every wake-up reaches its listener: idle loops may poll rarely (config.idle_poll)
+        self.reliable_wakeups: bool = getattr(connector, "reliable_wakeups", False)
+        #: transactions of several processes proceed at once (not SQLite's one write lock)
+        self.concurrent_writes: bool = getattr(connector, "concurrent_writes", False)
 
     async def open(self) -> None:
         await self.db.open()
@@ -241,6 +252,33 @@ class SqlStore:
         program = machine.defer(task_id, claim_token, deferral)
         return await self.db.transact(with_xcoms(task_id, claim_token, xcoms, program))
 
+    async def record_outcomes(
+        self,
+        writes: Sequence[tuple[str, tuple[Any, ...]]],
+        claim: tuple[str, Sequence[str], int] | None = None,
+    ) -> tuple[list[Any], list[ClaimedTask]]:
+        """Outcome writes of several attempts, ``(kind, args)`` each, in one transaction, and
+        with ``claim`` = (worker_id, queues, limit) the claim of the slots they free.
+
+        ``kind`` names the single-write method (complete, fail, skip, reschedule, defer,
+        requeue); the result list holds what each of those would have returned.
+        """
+        programs = {
+            "complete": machine.complete,
+            "fail": machine.fail,
+            "skip": machine.skip,
+            "reschedule": machine.reschedule,
+            "defer": machine.defer,
+            "requeue": machine.requeue,
+        }
+        then = None
+        if claim is not None and claim[2] > 0 and claim[1]:
+            then = machine.claim_tasks(*claim)
+        results, claimed = await self.db.transact(
+            machine.together([programs[kind](*args) for kind, args in writes], then)
+        )
+        return results, claimed or []
+
     async def requeue_task(self, task_id: str, claim_token: int) -> bool:
         return await self.db.transact(machine.requeue(task_id, claim_token), atomic=False)
 
@@ -302,11 +340,19 @@ class SqlStore:
         rows = await self.db.fetch(GET_TASK, task_id=task_id)
         return task_info(rows[0]) if rows else None
 
-    async def list_tasks(self, state: TaskState | None = None, limit: int = 1000) -> list[TaskInfo]:
-        if state is None:
+    async def list_tasks(
+        self, state: TaskState | None = None, limit: int = 1000, before: str | None = None
+    ) -> list[TaskInfo]:
+        if state is None and before is None:
             rows = await self.db.fetch(LIST_TASKS, limit=limit)
-        else:
+        elif state is None:
+            rows = await self.db.fetch(LIST_TASKS_BEFORE, limit=limit, before=before)
+        elif before is None:
             rows = await self.db.fetch(LIST_TASKS_IN_STATE, state=str(state), limit=limit)
+        else:
+            rows = await self.db.fetch(
+                LIST_TASKS_IN_STATE_BEFORE, state=str(state), limit=limit, before=before
+            )
         return [task_info(r) for r in rows]
 
     async def count_tasks(self) -> dict[str, int]:

@@ -23,7 +23,7 @@ from deferrun.store.sql import Notify, PostgresDialect, Program, Query, Row, Run
 
 log = structlog.get_logger("deferrun.store.postgres")
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 8
 MIGRATION_LOCK = 0x64656672  # "defr": one advisory lock id for schema changes
 CHANNELS: dict[str, str] = {"tasks": "deferrun_tasks", "triggers": "deferrun_triggers"}
 R = TypeVar("R")
@@ -39,6 +39,9 @@ async def _no_reset(_conn: asyncpg.Connection) -> None:
 
 class PostgresConnector:
     dialect = PostgresDialect()
+    #: LISTEN/NOTIFY reaches every listener, on a connection that catches up after a loss
+    reliable_wakeups = True
+    concurrent_writes = True  # row locks, SKIP LOCKED: writers do not wait on one lock
 
     def __init__(self, url: str, *, pool_size: int = 10) -> None:
         self.url = url

@@ -1,4 +1,4 @@
--- deferrun schema for the PostgreSQL backend. Version 6 (every statement is idempotent: applying this file upgrades any older version).
+-- deferrun schema for the PostgreSQL backend. Version 8 (every statement is idempotent: applying this file upgrades any older version).
 -- Times are double precision epoch seconds, taken from the database server's clock so that
 -- hosts with skewed clocks still agree on heartbeats and due times. JSON is stored as text,
 -- exactly as serialized.
@@ -112,3 +112,9 @@ CREATE TABLE IF NOT EXISTS deferrun_xcom (
     value    text NOT NULL,
     PRIMARY KEY (task_id, xcom_key)
 );
+
+-- version 8 (issue 15): newest-first task listing walks an index (keyset paging by
+-- (created_at, id)) instead of sorting every row; the state index gains the id tiebreak.
+CREATE INDEX IF NOT EXISTS deferrun_tasks_created ON deferrun_tasks (created_at, id);
+CREATE INDEX IF NOT EXISTS deferrun_tasks_state_created_id ON deferrun_tasks (state, created_at, id);
+DROP INDEX IF EXISTS deferrun_tasks_state_created;

@@ -27,7 +27,7 @@ from deferrun.store.local_notify import UdpListener, UdpSender
 from deferrun.store.manager import SqlStore
 from deferrun.store.sql import Program, Query, Row, Run, SQLiteDialect, drive_sync
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 8
 R = TypeVar("R")
 
 #: sqlite3 errors that say "not now" rather than "this statement is wrong"
@@ -73,6 +73,7 @@ def _bind(params: Any) -> Any:
 
 class SQLiteConnector:
     dialect = SQLiteDialect()
+    reliable_wakeups = False  # UDP datagrams may be dropped: keep polling every second
 
     def __init__(self, url: str, *, dead_after: float = 10.0, create: bool = True) -> None:
         self.url = url
@@ -258,6 +259,8 @@ class SQLiteConnector:
                 self._add_v5_columns(c)
             if 0 < version < 6:
                 self._add_v6_xcom(c)
+            if 0 < version < 8:
+                self._add_v8_indexes(c)
             code = "\n".join(
                 line for line in schema.splitlines() if not line.lstrip().startswith("--")
             )
@@ -265,6 +268,11 @@ class SQLiteConnector:
                 if statement.strip():
                     c.execute(statement)
             c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    @staticmethod
+    def _add_v8_indexes(c: sqlite3.Connection) -> None:
+        """Version 8: newest-first listing by (created_at, id); the schema file creates them."""
+        c.execute("DROP INDEX IF EXISTS deferrun_tasks_state_created")
 
     @staticmethod
     def _add_v4_columns(c: sqlite3.Connection) -> None:

@@ -40,7 +40,9 @@ CREATE INDEX IF NOT EXISTS deferrun_tasks_runnable ON deferrun_tasks (queue, rea
 CREATE INDEX IF NOT EXISTS deferrun_tasks_running ON deferrun_tasks (worker_id) WHERE state = 'running';
 CREATE INDEX IF NOT EXISTS deferrun_tasks_defer_deadline ON deferrun_tasks (defer_deadline)
     WHERE state = 'deferred' AND defer_deadline IS NOT NULL;
-CREATE INDEX IF NOT EXISTS deferrun_tasks_state_created ON deferrun_tasks (state, created_at);
+-- version 8: newest-first listing walks an index (keyset paging by (created_at, id))
+CREATE INDEX IF NOT EXISTS deferrun_tasks_created ON deferrun_tasks (created_at, id);
+CREATE INDEX IF NOT EXISTS deferrun_tasks_state_created_id ON deferrun_tasks (state, created_at, id);
 
 CREATE TABLE IF NOT EXISTS deferrun_triggers (
     id           INTEGER PRIMARY KEY AUTOINCREMENT,
