@@ -232,7 +232,7 @@ class Recorder:
     async def _flush(self, batch: list[tuple[Write, asyncio.Future[Any]]]) -> None:
         claim = self.claim_args(len(batch)) if self.claim_args is not None else None
         if len(batch) > 1 or claim is not None:
-            writes = [(w.kind, (w.task_id, w.claim_token, *_args(w))) for w, _ in batch]
+            writes = [(w.kind, (w.task_id, w.claim_token, *_args(w)), w.xcoms) for w, _ in batch]
             try:
                 results, claimed = await self.store.record_outcomes(writes, claim)
             except Exception as exc:

@@ -14,7 +14,7 @@ import pytest
 from airflow_style import PushWhenFlagged
 from conftest import Proc, deferrun_env, wait_until
 from pgcluster import PgCluster
-from tests_support import TESTS_DIR
+from tests_support import TESTS_DIR, runtime_for
 
 from deferrun import Client, TaskState
 from deferrun.client import AsyncClient
@@ -35,6 +35,7 @@ class DownStore:
         "requeue_task",
         "reschedule_task",
         "write_xcoms",
+        "record_outcomes",  # the worker's group commit of the writes above
     )
 
     def __init__(self, inner: Store) -> None:
@@ -167,3 +168,25 @@ def test_postgres_stopped_immediately_after_execute_keeps_the_xcom_and_runs_once
     assert _runs(marker) == 1, "execute ran again after the outage"
     assert _xcom_rows(pg_url, task_id) == [("pushed", '"return"')]
     assert worker.popen.poll() is None
+
+
+@pytest.mark.anyio
+async def test_attempts_ending_together_keep_every_xcom(store: Store, tmp_path: Path) -> None:
+    """Eight slots finish in the same moment, so their outcomes are written as one group:
+    each attempt's XCom push is in that group with its outcome (it was once dropped there)."""
+    flag = tmp_path / "flag"
+    async with runtime_for(store, slots=8, triggerer=False) as rt:
+        ids = [
+            await rt.client.submit(
+                PushWhenFlagged(marker=str(tmp_path / f"m{i}"), flag=str(flag), how="return")
+            )
+            for i in range(8)
+        ]
+        with anyio.fail_after(30):
+            while sum((tmp_path / f"m{i}").exists() for i in range(8)) < 8:
+                await anyio.sleep(0.02)
+        flag.touch()
+        infos = [await rt.client.wait(t, timeout=30) for t in ids]
+    assert all(i.state is TaskState.SUCCESS for i in infos), [i.error for i in infos]
+    for t in ids:
+        assert json.loads((await store.load_xcoms(t))[t]["pushed"]) == "return"

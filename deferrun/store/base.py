@@ -172,10 +172,11 @@ class Runtime(Protocol):
 
     async def record_outcomes(
         self,
-        writes: Sequence[tuple[str, tuple[Any, ...]]],
+        writes: Sequence[tuple[str, tuple[Any, ...], Any]],
         claim: tuple[str, Sequence[str], int] | None = None,
     ) -> tuple[list[Any], list[ClaimedTask]]:
-        """Several outcome writes ``(kind, args)`` in one transaction, each fenced as alone;
+        """Several outcome writes ``(kind, args, xcoms)`` in one transaction, each fenced as
+        alone and carrying its attempt's XComs;
         then, with ``claim`` = (worker_id, queues, limit), claim tasks for the freed slots."""
 
     async def fail_task(

@@ -254,14 +254,17 @@ class SqlStore:
 
     async def record_outcomes(
         self,
-        writes: Sequence[tuple[str, tuple[Any, ...]]],
+        writes: Sequence[tuple[str, tuple[Any, ...], XComWrite | None]],
         claim: tuple[str, Sequence[str], int] | None = None,
     ) -> tuple[list[Any], list[ClaimedTask]]:
-        """Outcome writes of several attempts, ``(kind, args)`` each, in one transaction, and
-        with ``claim`` = (worker_id, queues, limit) the claim of the slots they free.
+        """Outcome writes of several attempts, ``(kind, args, xcoms)`` each, in one
+        transaction, and with ``claim`` = (worker_id, queues, limit) the claim of the slots
+        they free.
 
         ``kind`` names the single-write method (complete, fail, skip, reschedule, defer,
-        requeue); the result list holds what each of those would have returned.
+        requeue); ``args`` start with (task_id, claim_token); each write carries its attempt's
+        XComs as the single-write method would. The result list holds what each of those
+        would have returned.
         """
         programs = {
             "complete": machine.complete,
@@ -275,7 +278,13 @@ class SqlStore:
         if claim is not None and claim[2] > 0 and claim[1]:
             then = machine.claim_tasks(*claim)
         results, claimed = await self.db.transact(
-            machine.together([programs[kind](*args) for kind, args in writes], then)
+            machine.together(
+                [
+                    with_xcoms(args[0], args[1], xcoms, programs[kind](*args))
+                    for kind, args, xcoms in writes
+                ],
+                then,
+            )
         )
         return results, claimed or []
 
