@@ -225,3 +225,37 @@ async def test_message_released_at_once_when_a_failure_is_stored(store: Store, a
         return bool(aws.boto("sqs").receive_message(QueueUrl=url).get("Messages"))
 
     await anyio.to_thread.run_sync(lambda: wait_until(visible, 10, message="the message back"))
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"field": "kind", "in": 5},
+        {"field": "kind", "in": {"x": 1}},
+        {"attribute": ["kind"], "exists": True},
+        {"field": 5, "exists": False},
+        {"field": "", "exists": True},
+        {"field": "a", "attribute": "b"},
+        {"field": "a", "exists": "no"},
+    ],
+)
+def test_malformed_filters_are_refused_at_construction(bad: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match="message_filter"):
+        sqs.SqsTrigger(queue_url="u", message_filter=bad)
+
+
+@pytest.mark.anyio
+async def test_a_filter_that_raises_fails_only_its_own_waiter() -> None:
+    """A filter that raises (one that slipped past validation) must not fail the other tasks
+    waiting on the queue: its waiter alone gets the error, the message goes to the next."""
+    loop = sqs.QueueLoop("aws_default", "http://127.0.0.1:1/q")
+    loop._receiver = loop._janitor = None
+    bad = sqs._Waiter({"field": "kind", "in": 5}, 1, 1)  # bypasses validate_filter
+    good = sqs._Waiter(None, 1, 1)
+    loop.waiters = [bad, good]
+    message = {"MessageId": "m1", "ReceiptHandle": "h1", "Body": json.dumps({"kind": "x"})}
+    loop._hand_out([message])
+    assert good.future.result() == [message]
+    with pytest.raises(ValueError, match="failed on a message"):
+        bad.future.result()
+    assert loop.waiters == [] and loop._to_release == []

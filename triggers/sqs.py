@@ -49,6 +49,30 @@ def validate_filter(message_filter: dict[str, Any] | None) -> None:
     unknown = set(message_filter) - FILTER_KEYS
     if unknown:
         raise ValueError(f"message_filter has unknown keys {sorted(unknown)}")
+    if len({"field", "attribute", "literal"} & set(message_filter)) > 1:
+        raise ValueError(
+            'message_filter takes one of "field", "attribute" or "literal", not several'
+        )
+    for key in ("field", "attribute"):
+        if key in message_filter and not (
+            isinstance(message_filter[key], str) and message_filter[key]
+        ):
+            raise ValueError(
+                f"message_filter[{key!r}] must be a non-empty string, got {message_filter[key]!r}"
+            )
+    if "in" in message_filter and not isinstance(message_filter["in"], list | tuple):
+        raise ValueError(
+            f'message_filter["in"] must be a list of values, got {message_filter["in"]!r}'
+        )
+    if "in" in message_filter:
+        try:  # values must be comparable JSON scalars/containers, never code
+            json.dumps(message_filter["in"])
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f'message_filter["in"] must hold JSON values: {exc}') from None
+    if "exists" in message_filter and not isinstance(message_filter["exists"], bool):
+        raise ValueError(
+            f'message_filter["exists"] must be true or false, got {message_filter["exists"]!r}'
+        )
 
 
 def matches(message: dict[str, Any], message_filter: dict[str, Any] | None) -> bool:
@@ -192,6 +216,17 @@ class QueueLoop:
         finally:
             self._bursts -= 1
 
+    def _matches(self, waiter: _Waiter, message: dict[str, Any]) -> bool:
+        """A filter that raises fails its own waiter only; the message goes to the others."""
+        try:
+            return matches(message, waiter.filter)
+        except Exception as exc:
+            log.error("SQS message filter failed", queue=self.queue_url, error=repr(exc))
+            waiter.future.set_exception(
+                ValueError(f"message_filter {waiter.filter!r} failed on a message: {exc!r}")
+            )
+            return False
+
     def _hand_out(self, messages: list[dict[str, Any]]) -> None:
         taken: dict[int, list[dict[str, Any]]] = {}
         unwanted: list[str] = []
@@ -200,7 +235,7 @@ class QueueLoop:
                 if waiter.future.done():
                     continue
                 got = taken.setdefault(index, [])
-                if len(got) < waiter.max_messages and matches(message, waiter.filter):
+                if len(got) < waiter.max_messages and self._matches(waiter, message):
                     got.append(message)
                     break
             else:
@@ -214,6 +249,7 @@ class QueueLoop:
                 STATS["delivered"] += len(got)
         for waiter in done:
             self.waiters.remove(waiter)
+        self.waiters = [w for w in self.waiters if not w.future.done()]
         if unwanted:
             self.release_later(unwanted)
 
