@@ -250,7 +250,7 @@ def test_aws_throttling_codes_are_transient(code: str) -> None:
 
 @pytest.mark.anyio
 async def test_waiter_retries_through_throttling(monkeypatch: pytest.MonkeyPatch) -> None:
-    """An EMR endpoint answering ThrottlingException (HTTP 400) twice, then COMPLETED: the
+    """An EMR endpoint answering ThrottlingException (HTTP 400) for three polls, then COMPLETED: the
     waiter keeps polling and succeeds instead of failing the task on the first throttle."""
     from aiohttp import web
     from services import ThreadedApp
@@ -259,7 +259,7 @@ async def test_waiter_retries_through_throttling(monkeypatch: pytest.MonkeyPatch
 
     async def handler(request: web.Request) -> web.Response:
         calls.append(request.headers.get("X-Amz-Target", ""))
-        if len(calls) <= 2:
+        if len(calls) <= 6:  # botocore retries twice per call itself: 3 polls throttled
             body = {"__type": "ThrottlingException", "message": "Rate exceeded"}
             return web.json_response(body, status=400, content_type="application/x-amz-json-1.1")
         body = {"Step": {"Id": "s-1", "Status": {"State": "COMPLETED"}}}
@@ -288,4 +288,4 @@ async def test_waiter_retries_through_throttling(monkeypatch: pytest.MonkeyPatch
     finally:
         server.stop()
     assert event.payload["status"] == "success"
-    assert len(calls) == 3
+    assert len(calls) == 7
