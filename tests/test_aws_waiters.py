@@ -289,3 +289,10 @@ async def test_waiter_retries_through_throttling(monkeypatch: pytest.MonkeyPatch
         server.stop()
     assert event.payload["status"] == "success"
     assert len(calls) == 7
+
+
+@pytest.mark.parametrize("bad", [float("nan"), 2.5, 10**30, -1, True, "3"])
+def test_max_attempts_must_be_a_sane_whole_number(bad: Any) -> None:
+    with pytest.raises(ValueError, match="max_attempts must be a whole number"):
+        AwsWaiterTrigger("emr", "StepComplete", {"ClusterId": "j"}, max_attempts=bad)
+    assert AwsWaiterTrigger("emr", "StepComplete", {}, max_attempts=0).max_attempts == 0
