@@ -32,7 +32,8 @@ def dbt() -> Iterator[FakeDbtCloud]:
 
 @pytest.fixture
 def dbt_conn(dbt: FakeDbtCloud, monkeypatch: pytest.MonkeyPatch) -> FakeDbtCloud:
-    dbt.throttle_polls = dbt.throttle_submits = 0
+    dbt.throttle_polls = dbt.throttle_submits = dbt.throttle_cancels = dbt.fail_submits = 0
+    dbt.retry_after = 1
     monkeypatch.setenv("DEFERRUN_CONN_DBT_CLOUD_DEFAULT", dbt.uri())
     return dbt
 
@@ -190,3 +191,26 @@ async def test_triggerer_restart_never_cancels_the_run(
         info = await rt.client.wait(task_id, timeout=15)
     assert info.state is TaskState.SUCCESS, info.error
     assert run.cancels == 0
+
+
+async def test_a_5xx_on_submit_fails_without_starting_a_second_run(
+    store: Store, dbt_conn: FakeDbtCloud
+) -> None:
+    """The submission POST is not idempotent: a 502 (the run was started behind it) is not
+    retried; the task fails saying a run may have been started, naming the job."""
+    dbt_conn.fail_submits = 1
+    submits = len(dbt_conn.submit_times)
+    async with runtime_for(store) as rt:
+        info = await rt.run_to_end(op(110, retries=2))
+    assert info.state is TaskState.FAILED
+    assert "HTTP 502" in (info.error or "") and "job 110 may have been started" in (
+        info.error or ""
+    )
+    assert len(dbt_conn.submit_times) - submits == 1  # no second POST, no duplicate run
+
+
+async def test_a_null_run_id_fails_the_task(store: Store, dbt_conn: FakeDbtCloud) -> None:
+    async with runtime_for(store) as rt:
+        info = await rt.run_to_end(op(198))  # answers {"data": {"id": null}}
+    assert info.state is TaskState.FAILED
+    assert "no run id at data.id" in (info.error or ""), info.error
