@@ -214,3 +214,22 @@ async def test_a_null_run_id_fails_the_task(store: Store, dbt_conn: FakeDbtCloud
         info = await rt.run_to_end(op(198))  # answers {"data": {"id": null}}
     assert info.state is TaskState.FAILED
     assert "no run id at data.id" in (info.error or ""), info.error
+
+
+async def test_a_throttled_cancel_is_retried(store: Store, dbt_conn: FakeDbtCloud) -> None:
+    """dbt Cloud answers the cancel with 429 twice: it is retried after Retry-After until the
+    run is cancelled (it used to be tried once and the run went on)."""
+    dbt_conn.throttle_cancels = 2
+    calls = dbt_conn.cancel_calls
+    async with runtime_for(store, reconcile_interval=0.2) as rt:
+        task_id = await rt.client.submit(op(199))  # a run that never ends by itself
+        with anyio.fail_after(15):
+            while (await rt.client.get(task_id)).state is not TaskState.DEFERRED:
+                await anyio.sleep(0.05)
+        run = max(dbt_conn.runs.values(), key=lambda r: r.id)
+        await rt.client.cancel(task_id)
+        with anyio.fail_after(15):
+            while run.cancels == 0:
+                await anyio.sleep(0.05)
+    assert run.status == 30 and run.cancels == 1
+    assert dbt_conn.cancel_calls - calls == 3
