@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import anyio
 import pytest
+from conftest import Proc, deferrun_env, wait_until
 from fake_dbt import ACCOUNT, DBT_TOKEN, DbtRun, FakeDbtCloud
 from tests_support import runtime_for
 
-from deferrun import TaskState
+from deferrun import Client, TaskState
 from deferrun.connections import Connection, redact
 from deferrun.operators import DbtCloudRunJobOperator, RunJobOperator
 from deferrun.shared_clients import http_headers
@@ -233,3 +234,47 @@ async def test_a_throttled_cancel_is_retried(store: Store, dbt_conn: FakeDbtClou
                 await anyio.sleep(0.05)
     assert run.status == 30 and run.cancels == 1
     assert dbt_conn.cancel_calls - calls == 3
+
+
+def test_a_paused_triggerer_whose_trigger_was_adopted_never_cancels_the_run(
+    db_url: str, dbt: FakeDbtCloud, procs: Callable[..., Proc]
+) -> None:
+    """Triggerer A is SIGSTOPped past dead_after, B adopts the dbt trigger, the user cancels
+    the task (B cancels the run), then A resumes and finds the trigger gone with its task
+    cancelled: A must not cancel the run a second time (the trigger was no longer its)."""
+    import os
+    import signal
+
+    dbt.throttle_polls = dbt.throttle_submits = dbt.throttle_cancels = dbt.fail_submits = 0
+    env = deferrun_env(db_url, dead_after="2")
+    env["DEFERRUN_CONN_DBT_CLOUD_DEFAULT"] = dbt.uri()
+    procs(["worker"], env)
+    a = procs(["triggerer"], env)
+    with Client(db_url) as client:
+        task_id = client.submit(op(199))  # never ends until cancelled
+        wait_until(lambda: len(client.triggers()) == 1, 20, message="deferred")
+        owner = wait_until(lambda: client.triggers()[0].triggerer_id, 20, message="claimed")
+        run = max(dbt.runs.values(), key=lambda r: r.id)
+        wait_until(lambda: run.polls > 0, 20, message="A polls the run")
+        os.kill(a.popen.pid, signal.SIGSTOP)
+        try:
+            procs(["triggerer"], env)
+            wait_until(
+                lambda: client.triggers()[0].triggerer_id not in (None, owner),
+                30,
+                message="B adopts the trigger",
+            )
+            client.cancel(task_id)
+            wait_until(lambda: run.cancels == 1, 20, message="B cancels the run")
+            run.status = 3  # dbt Cloud cancels asynchronously: A's next poll must not end it
+        finally:
+            os.kill(a.popen.pid, signal.SIGCONT)
+        wait_until(
+            lambda: "no longer assigned here" in a.output(), 30, message="A resumes, reconciles"
+        )
+        wait_until(
+            lambda: "after a liveness gap" in a.output() or run.cancels > 1,
+            10,
+            message="A decides about the cancel",
+        )
+    assert run.cancels == 1, a.output()[-2000:]
