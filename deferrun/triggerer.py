@@ -291,6 +291,7 @@ class Triggerer:
         )
 
     async def _heartbeat_loop(self) -> None:
+        self._beat_at = time.monotonic()  # registered just now: a beat of sorts
         await heartbeat_loop(self.store, self.id, self.dead_after, self._on_beat, self.health)
 
     async def _on_beat(self) -> None:
