@@ -278,3 +278,19 @@ def test_a_paused_triggerer_whose_trigger_was_adopted_never_cancels_the_run(
             message="A decides about the cancel",
         )
     assert run.cancels == 1, a.output()[-2000:]
+
+
+def test_basic_auth_with_an_empty_login_and_short_passwords() -> None:
+    """http://:pw@host sends Basic of ":pw" (as requests and aiohttp do) instead of nothing;
+    a password too short to redact is sent, with a warning that it will not be redacted."""
+    import base64
+
+    from structlog.testing import capture_logs
+
+    headers = http_headers(Connection.from_uri("c", "http://:pwSECRETel@127.0.0.1:1"))
+    assert headers["Authorization"] == "Basic " + base64.b64encode(b":pwSECRETel").decode()
+    assert redact(headers["Authorization"]) == "Basic ***"
+    with capture_logs() as logs:
+        short = http_headers(Connection.from_uri("c", "http://u:ab@127.0.0.1:1?auth=token"))
+    assert short["Authorization"] == "Token ab"
+    assert any("not redacted" in entry["event"] for entry in logs), logs
