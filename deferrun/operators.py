@@ -11,7 +11,7 @@ from deferrun.shared_clients import dotted
 
 __all__ = ["DbtCloudRunJobOperator", "JobRunFailed", "RunJobOperator"]
 
-SUBMIT_ATTEMPTS = 5  # 429/5xx answers to a run submission, each honouring Retry-After
+SUBMIT_ATTEMPTS = 5  # 429s (or unsent requests) on a dbt run submission, honouring Retry-After
 
 
 class RunJobOperator(BaseOperator):
@@ -114,7 +114,9 @@ class DbtCloudRunJobOperator(BaseOperator):
     The result is ``{"run_id": ..., "status": 10, "status_humanized": "success", ...}``; an
     errored or cancelled run raises JobRunFailed naming the run and its state. ``timeout`` is
     how long to wait for the run (seconds). Cancelling the task cancels the run; a triggerer
-    restart or failover does not. A 429 or 5xx on submission is retried after Retry-After.
+    restart or failover does not. A 429 on submission (or a connection that could not be
+    made) is retried after Retry-After; a 5xx or a lost answer fails the task without a retry,
+    since the POST is not idempotent and dbt Cloud may have started the run anyway.
     """
 
     def __init__(
@@ -144,36 +146,56 @@ class DbtCloudRunJobOperator(BaseOperator):
         import anyio
 
         from deferrun.exceptions import TransientError
-        from triggers.http import fetch, raise_for_auth, raise_transient
+        from triggers.http import excerpt, fetch, raise_for_auth
 
         endpoint = f"api/v2/accounts/{self.account_id}/jobs/{self.job_id}/run/"
         what = f"starting dbt Cloud job {self.job_id} on {self.conn_id!r}"
         body: dict[str, Any] = {"cause": self.cause}
         if self.steps_override is not None:
             body["steps_override"] = list(self.steps_override)
+        maybe_started = (
+            f"; a run of job {self.job_id} may have been started anyway: check its runs in "
+            "dbt Cloud before running this task again"
+        )
         for attempt in range(1, SUBMIT_ATTEMPTS + 1):
-            status, answer, retry_after, _ = await fetch(
-                self.conn_id, "POST", endpoint, None, body, what
-            )
+            try:
+                status, answer, retry_after, _ = await fetch(
+                    self.conn_id, "POST", endpoint, None, body, what
+                )
+            except TransientError as exc:
+                if not getattr(exc, "request_unsent", False):  # sent, answer lost
+                    raise FailTask(f"{exc}{maybe_started}") from None
+                status, answer, retry_after = 0, None, None
+                error: TransientError | None = exc
+            else:
+                error = None
             try:
                 raise_for_auth(status, answer, self.conn_id, what)
             except PermissionError as exc:
                 raise FailTask(str(exc)) from None
-            try:
-                raise_transient(status, retry_after, what)
-            except TransientError as exc:
+            if status == 429 or error is not None:  # refused before any run was started
                 if attempt == SUBMIT_ATTEMPTS:
-                    raise
-                wait = exc.retry_after if exc.retry_after is not None else 2.0**attempt
-                self.log.warning("dbt Cloud asks to retry", error=str(exc), retry_in=wait)
+                    # nothing was started, so the task's own retries may submit again
+                    raise RuntimeError(f"{error or f'{what}: HTTP 429'} ({attempt} attempts)")
+                wait = retry_after if retry_after is not None else 2.0**attempt
+                self.log.warning("dbt Cloud asks to retry", status=status, retry_in=wait)
                 await anyio.sleep(min(wait, 300.0))
                 continue
             if not 200 <= status < 300:
-                raise RuntimeError(f"{what}: HTTP {status}: {str(answer)[:300]}")
+                raise FailTask(f"{what}: HTTP {status}: {excerpt(answer)}{maybe_started}")
             try:
-                return dotted(answer, "data.id")
-            except (KeyError, IndexError, TypeError) as exc:
-                raise FailTask(f"{what}: no run id at data.id in the response ({exc})") from None
+                run_id = dotted(answer, "data.id")
+            except (KeyError, IndexError, TypeError):
+                run_id = None
+            if isinstance(run_id, bool) or not (
+                (isinstance(run_id, int) and run_id > 0)
+                or (isinstance(run_id, str) and run_id.isdigit())
+            ):
+                raise FailTask(
+                    f"{what}: no run id at data.id in the response ({excerpt(answer, 200)})"
+                    f"{maybe_started}"
+                )
+            return run_id
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def execute(self, context: Context) -> Any:

@@ -15,6 +15,7 @@ from urllib.parse import unquote
 
 import anyio
 import anyio.to_thread
+import structlog
 
 from deferrun.config import connect_timeout
 from deferrun.connections import Connection, get_connection, register_secret, shared_clients
@@ -89,6 +90,9 @@ def auth_scheme(conn: Connection) -> str:
     return scheme
 
 
+MIN_REDACTED = 3  # connections.register_secret ignores shorter strings
+
+
 def http_headers(conn: Connection) -> dict[str, str]:
     """Default headers for ``conn``: its ``Authorization`` and every ``?header.X-Name=value``.
 
@@ -103,9 +107,15 @@ def http_headers(conn: Connection) -> dict[str, str]:
             if _SECRET_HEADER.search(name):
                 register_secret(value)
     scheme = auth_scheme(conn)
+    if conn.password and len(conn.password) < MIN_REDACTED:
+        structlog.get_logger("deferrun.connections").warning(
+            f"connection {conn.conn_id!r} has a password shorter than {MIN_REDACTED} characters: "
+            "it is sent, but not redacted from logs and errors (that would mangle them); use a "
+            "longer secret"
+        )
     if scheme == "basic":
-        if conn.login:
-            token = base64.b64encode(f"{conn.login}:{conn.password or ''}".encode()).decode()
+        if conn.login or conn.password:  # an empty user with a password, as requests sends
+            token = base64.b64encode(f"{conn.login or ''}:{conn.password or ''}".encode()).decode()
             headers["Authorization"] = f"Basic {token}"
             register_secret(token)
     elif not conn.password:

@@ -116,6 +116,10 @@ class Triggerer:
         self.writer_unhealthy_after = WRITER_UNHEALTHY_AFTER
         self._last_unfreeze = time.monotonic()
         self._frozen_at = 0
+        # liveness gaps (monotonic): after one, vanished triggers may have been adopted
+        self._beat_at: float | None = None
+        self._gap_at = float("-inf")
+        self._reconciled_at = float("-inf")
         self.events_total = 0
         self.failures_total = 0
         self.timeouts_total = 0
@@ -277,10 +281,25 @@ class Triggerer:
         again while its event is about to be stored.
         """
         owned = await self.store.owned_trigger_ids(self.id)
+        checked_at = time.monotonic()
+        # Measured once the answer is here: paused or cut off long enough to be declared dead
+        # (3/4 of dead_after, a margin), our triggers may have been adopted, and a cancel seen
+        # now was the adopter's to act on (it calls on_task_cancelled, not us).
+        adoptable = self._gap_at > self._reconciled_at or (
+            self._beat_at is not None and checked_at - self._beat_at > self.dead_after * 0.75
+        )
         for trigger_id, run in list(self.running.items()):
             if trigger_id not in owned:
                 log.info("trigger no longer assigned here; cancelling it", trigger_id=trigger_id)
-                self._cancel(run, await self._removal_reason(run))
+                reason = "removed" if adoptable else await self._removal_reason(run)
+                if adoptable and isinstance(run, _Running) and run.on_task_cancelled:
+                    log.warning(
+                        "trigger gone after a liveness gap; not calling on_task_cancelled() "
+                        "(another triggerer may have adopted it and acts on a cancel)",
+                        trigger_id=trigger_id,
+                    )
+                self._cancel(run, reason)
+        self._reconciled_at = checked_at
         strays = [tid for tid in owned if tid not in self.running and tid not in self.writer]
         if strays:
             log.info("releasing triggers assigned here but not running", count=len(strays))
@@ -296,7 +315,14 @@ class Triggerer:
         )
 
     async def _heartbeat_loop(self) -> None:
-        await heartbeat_loop(self.store, self.id, self.dead_after, None, self.health)
+        self._beat_at = time.monotonic()  # registered just now: a beat of sorts
+        await heartbeat_loop(self.store, self.id, self.dead_after, self._on_beat, self.health)
+
+    async def _on_beat(self) -> None:
+        now = time.monotonic()
+        if self._beat_at is not None and now - self._beat_at > self.dead_after * 0.75:
+            self._gap_at = now  # we may have been declared dead meanwhile
+        self._beat_at = now
 
     def _freeze_loaded(self) -> None:
         """Move what is loaded now out of the cyclic GC's reach.

@@ -35,6 +35,9 @@ class FakeDbtCloud(ThreadedApp):
 
     throttle_polls: int = 0
     throttle_submits: int = 0
+    throttle_cancels: int = 0
+    fail_submits: int = 0  # answer 502 *after* starting the run, as a flaky gateway would
+    cancel_calls: int = 0
     retry_after: int = 1
     runs: dict[int, DbtRun] = field(default_factory=dict)
     poll_times: list[float] = field(default_factory=list)
@@ -82,6 +85,11 @@ class FakeDbtCloud(ThreadedApp):
             steps=body.get("steps_override"),
         )
         self.runs[run.id] = run
+        if self.fail_submits > 0:
+            self.fail_submits -= 1
+            return web.Response(status=502, text="bad gateway")
+        if outcome == 98:  # a malformed answer: no run id
+            return web.json_response({"data": {"id": None}})
         return web.json_response({"data": {"id": run.id, "status": 1, "job_id": job_id}})
 
     async def get_run(self, request: web.Request) -> web.Response:
@@ -115,6 +123,10 @@ class FakeDbtCloud(ThreadedApp):
     async def cancel_run(self, request: web.Request) -> web.Response:
         if (denied := self._denied(request)) is not None:
             return denied
+        self.cancel_calls += 1
+        if self.throttle_cancels > 0:
+            self.throttle_cancels -= 1
+            return self._throttled()
         run = self.runs.get(int(request.match_info["run"]))
         if run is None:
             return web.json_response({"status": {"code": 404}}, status=404)

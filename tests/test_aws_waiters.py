@@ -203,3 +203,96 @@ async def test_aws_sensors_in_every_mode(store: Store, aws: Moto, mode: str) -> 
         assert infos[name].state is TaskState.FAILED, name
         assert "WaiterFailed" in (infos[name].error or ""), infos[name].error
     assert "'FAILED'" in (infos["bad_query"].error or "")
+
+
+THROTTLE_CODES = [
+    "ThrottlingException",
+    "TooManyRequestsException",
+    "RequestLimitExceeded",
+    "ProvisionedThroughputExceededException",
+    "RequestThrottled",
+    "ThrottledException",
+    "SlowDown",
+    "PriorRequestNotComplete",
+    "EC2ThrottledException",
+    "BandwidthLimitExceeded",
+    "RequestThrottledException",
+    "TransactionInProgressException",
+]
+
+
+@pytest.mark.parametrize("code", THROTTLE_CODES)
+def test_aws_throttling_codes_are_transient(code: str) -> None:
+    """AWS throttles with HTTP 400 and one of botocore's throttling codes: retry, never fail
+    (the same classify() serves S3, SQS and the waiter trigger)."""
+    from botocore.exceptions import ClientError
+
+    from deferrun.exceptions import TransientError
+    from triggers.s3 import classify
+
+    exc = ClientError(
+        {
+            "Error": {"Code": code, "Message": "Rate exceeded"},
+            "ResponseMetadata": {"HTTPStatusCode": 400},
+        },
+        "ReceiveMessage",
+    )
+    assert isinstance(classify(exc, "x"), TransientError)
+    not_found = ClientError(
+        {
+            "Error": {"Code": "ResourceNotFoundException"},
+            "ResponseMetadata": {"HTTPStatusCode": 400},
+        },
+        "DescribeStep",
+    )
+    assert not isinstance(classify(not_found, "x"), TransientError)
+
+
+@pytest.mark.anyio
+async def test_waiter_retries_through_throttling(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An EMR endpoint answering ThrottlingException (HTTP 400) for three polls, then COMPLETED: the
+    waiter keeps polling and succeeds instead of failing the task on the first throttle."""
+    from aiohttp import web
+    from services import ThreadedApp
+
+    calls: list[str] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        calls.append(request.headers.get("X-Amz-Target", ""))
+        if len(calls) <= 6:  # botocore retries twice per call itself: 3 polls throttled
+            body = {"__type": "ThrottlingException", "message": "Rate exceeded"}
+            return web.json_response(body, status=400, content_type="application/x-amz-json-1.1")
+        body = {"Step": {"Id": "s-1", "Status": {"State": "COMPLETED"}}}
+        return web.json_response(body, content_type="application/x-amz-json-1.1")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    server = ThreadedApp()
+    server._serve(app, "throttling-emr")
+    try:
+        monkeypatch.setenv(
+            "DEFERRUN_CONN_THROTTLED",
+            "aws://AKIATEST:secret-key@?region_name=us-east-1&endpoint_url="
+            f"http%3A%2F%2F127.0.0.1%3A{server.port}",
+        )
+        trigger = AwsWaiterTrigger(
+            "emr",
+            "StepComplete",
+            {"ClusterId": "j-1", "StepId": "s-1"},
+            aws_conn_id="throttled",
+            poll_interval=0.05,
+            max_attempts=10,
+        )
+        with anyio.fail_after(20):
+            event = await arun_trigger(trigger, timeout=20)
+    finally:
+        server.stop()
+    assert event.payload["status"] == "success"
+    assert len(calls) == 7
+
+
+@pytest.mark.parametrize("bad", [float("nan"), 2.5, 10**30, -1, True, "3"])
+def test_max_attempts_must_be_a_sane_whole_number(bad: Any) -> None:
+    with pytest.raises(ValueError, match="max_attempts must be a whole number"):
+        AwsWaiterTrigger("emr", "StepComplete", {"ClusterId": "j"}, max_attempts=bad)
+    assert AwsWaiterTrigger("emr", "StepComplete", {}, max_attempts=0).max_attempts == 0

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import anyio
 import pytest
+from conftest import Proc, deferrun_env, wait_until
 from fake_dbt import ACCOUNT, DBT_TOKEN, DbtRun, FakeDbtCloud
 from tests_support import runtime_for
 
-from deferrun import TaskState
+from deferrun import Client, TaskState
 from deferrun.connections import Connection, redact
 from deferrun.operators import DbtCloudRunJobOperator, RunJobOperator
 from deferrun.shared_clients import http_headers
@@ -32,7 +33,8 @@ def dbt() -> Iterator[FakeDbtCloud]:
 
 @pytest.fixture
 def dbt_conn(dbt: FakeDbtCloud, monkeypatch: pytest.MonkeyPatch) -> FakeDbtCloud:
-    dbt.throttle_polls = dbt.throttle_submits = 0
+    dbt.throttle_polls = dbt.throttle_submits = dbt.throttle_cancels = dbt.fail_submits = 0
+    dbt.retry_after = 1
     monkeypatch.setenv("DEFERRUN_CONN_DBT_CLOUD_DEFAULT", dbt.uri())
     return dbt
 
@@ -190,3 +192,105 @@ async def test_triggerer_restart_never_cancels_the_run(
         info = await rt.client.wait(task_id, timeout=15)
     assert info.state is TaskState.SUCCESS, info.error
     assert run.cancels == 0
+
+
+async def test_a_5xx_on_submit_fails_without_starting_a_second_run(
+    store: Store, dbt_conn: FakeDbtCloud
+) -> None:
+    """The submission POST is not idempotent: a 502 (the run was started behind it) is not
+    retried; the task fails saying a run may have been started, naming the job."""
+    dbt_conn.fail_submits = 1
+    submits = len(dbt_conn.submit_times)
+    async with runtime_for(store) as rt:
+        info = await rt.run_to_end(op(110, retries=2))
+    assert info.state is TaskState.FAILED
+    assert "HTTP 502" in (info.error or "") and "job 110 may have been started" in (
+        info.error or ""
+    )
+    assert len(dbt_conn.submit_times) - submits == 1  # no second POST, no duplicate run
+
+
+async def test_a_null_run_id_fails_the_task(store: Store, dbt_conn: FakeDbtCloud) -> None:
+    async with runtime_for(store) as rt:
+        info = await rt.run_to_end(op(198))  # answers {"data": {"id": null}}
+    assert info.state is TaskState.FAILED
+    assert "no run id at data.id" in (info.error or ""), info.error
+
+
+async def test_a_throttled_cancel_is_retried(store: Store, dbt_conn: FakeDbtCloud) -> None:
+    """dbt Cloud answers the cancel with 429 twice: it is retried after Retry-After until the
+    run is cancelled (it used to be tried once and the run went on)."""
+    dbt_conn.throttle_cancels = 2
+    calls = dbt_conn.cancel_calls
+    async with runtime_for(store, reconcile_interval=0.2) as rt:
+        task_id = await rt.client.submit(op(199))  # a run that never ends by itself
+        with anyio.fail_after(15):
+            while (await rt.client.get(task_id)).state is not TaskState.DEFERRED:
+                await anyio.sleep(0.05)
+        run = max(dbt_conn.runs.values(), key=lambda r: r.id)
+        await rt.client.cancel(task_id)
+        with anyio.fail_after(15):
+            while run.cancels == 0:
+                await anyio.sleep(0.05)
+    assert run.status == 30 and run.cancels == 1
+    assert dbt_conn.cancel_calls - calls == 3
+
+
+def test_a_paused_triggerer_whose_trigger_was_adopted_never_cancels_the_run(
+    db_url: str, dbt: FakeDbtCloud, procs: Callable[..., Proc]
+) -> None:
+    """Triggerer A is SIGSTOPped past dead_after, B adopts the dbt trigger, the user cancels
+    the task (B cancels the run), then A resumes and finds the trigger gone with its task
+    cancelled: A must not cancel the run a second time (the trigger was no longer its)."""
+    import os
+    import signal
+
+    dbt.throttle_polls = dbt.throttle_submits = dbt.throttle_cancels = dbt.fail_submits = 0
+    env = deferrun_env(db_url, dead_after="2")
+    env["DEFERRUN_CONN_DBT_CLOUD_DEFAULT"] = dbt.uri()
+    procs(["worker"], env)
+    a = procs(["triggerer"], env)
+    with Client(db_url) as client:
+        task_id = client.submit(op(199))  # never ends until cancelled
+        wait_until(lambda: len(client.triggers()) == 1, 20, message="deferred")
+        owner = wait_until(lambda: client.triggers()[0].triggerer_id, 20, message="claimed")
+        run = max(dbt.runs.values(), key=lambda r: r.id)
+        wait_until(lambda: run.polls > 0, 20, message="A polls the run")
+        os.kill(a.popen.pid, signal.SIGSTOP)
+        try:
+            procs(["triggerer"], env)
+            wait_until(
+                lambda: client.triggers()[0].triggerer_id not in (None, owner),
+                30,
+                message="B adopts the trigger",
+            )
+            client.cancel(task_id)
+            wait_until(lambda: run.cancels == 1, 20, message="B cancels the run")
+            run.status = 3  # dbt Cloud cancels asynchronously: A's next poll must not end it
+        finally:
+            os.kill(a.popen.pid, signal.SIGCONT)
+        wait_until(
+            lambda: "no longer assigned here" in a.output(), 30, message="A resumes, reconciles"
+        )
+        wait_until(
+            lambda: "after a liveness gap" in a.output() or run.cancels > 1,
+            10,
+            message="A decides about the cancel",
+        )
+    assert run.cancels == 1, a.output()[-2000:]
+
+
+def test_basic_auth_with_an_empty_login_and_short_passwords() -> None:
+    """http://:pw@host sends Basic of ":pw" (as requests and aiohttp do) instead of nothing;
+    a password too short to redact is sent, with a warning that it will not be redacted."""
+    import base64
+
+    from structlog.testing import capture_logs
+
+    headers = http_headers(Connection.from_uri("c", "http://:pwSECRETel@127.0.0.1:1"))
+    assert headers["Authorization"] == "Basic " + base64.b64encode(b":pwSECRETel").decode()
+    assert redact(headers["Authorization"]) == "Basic ***"
+    with capture_logs() as logs:
+        short = http_headers(Connection.from_uri("c", "http://u:ab@127.0.0.1:1?auth=token"))
+    assert short["Authorization"] == "Token ab"
+    assert any("not redacted" in entry["event"] for entry in logs), logs

@@ -3,9 +3,10 @@ message per waiting task, deletion only after the event is stored."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import anyio
@@ -225,3 +226,107 @@ async def test_message_released_at_once_when_a_failure_is_stored(store: Store, a
         return bool(aws.boto("sqs").receive_message(QueueUrl=url).get("Messages"))
 
     await anyio.to_thread.run_sync(lambda: wait_until(visible, 10, message="the message back"))
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"field": "kind", "in": 5},
+        {"field": "kind", "in": {"x": 1}},
+        {"attribute": ["kind"], "exists": True},
+        {"field": 5, "exists": False},
+        {"field": "", "exists": True},
+        {"field": "a", "attribute": "b"},
+        {"field": "a", "exists": "no"},
+    ],
+)
+def test_malformed_filters_are_refused_at_construction(bad: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match="message_filter"):
+        sqs.SqsTrigger(queue_url="u", message_filter=bad)
+
+
+@pytest.mark.anyio
+async def test_a_filter_that_raises_fails_only_its_own_waiter() -> None:
+    """A filter that raises (one that slipped past validation) must not fail the other tasks
+    waiting on the queue: its waiter alone gets the error, the message goes to the next."""
+    loop = sqs.QueueLoop("aws_default", "http://127.0.0.1:1/q")
+    loop._receiver = loop._janitor = None
+    bad = sqs._Waiter({"field": "kind", "in": 5}, 1, 1)  # bypasses validate_filter
+    good = sqs._Waiter(None, 1, 1)
+    loop.waiters = [bad, good]
+    message = {"MessageId": "m1", "ReceiptHandle": "h1", "Body": json.dumps({"kind": "x"})}
+    loop._hand_out([message])
+    assert good.future.result() == [message]
+    with pytest.raises(ValueError, match="failed on a message"):
+        bad.future.result()
+    assert loop.waiters == [] and loop._to_release == []
+
+
+@pytest.mark.anyio
+async def test_a_message_outliving_its_visibility_goes_to_one_task_only(
+    store: Store, db_url: str, aws: Moto
+) -> None:
+    """VisibilityTimeout=1 s and an event write held up by a database write lock: the long
+    poll must not receive the message again and hand it to the second waiting task (held
+    messages are kept invisible and never handed out twice)."""
+    url = new_queue(aws, visibility=1)
+    async with runtime_for(store, reconcile_interval=0.2) as rt:
+        ids = [
+            await rt.client.submit(
+                SqsSensor(sqs_queue=url, mode="deferrable", wait_time_seconds=1, timeout=60)
+            )
+            for _ in range(2)
+        ]
+        with anyio.fail_after(20):
+            while len(await rt.client.triggers()) < 2 or [
+                t for t in ids if (await rt.client.get(t)).state is not TaskState.DEFERRED
+            ]:
+                await anyio.sleep(0.05)
+            while sqs.STATS["receive_calls"] == 0:
+                await anyio.sleep(0.05)
+        delivered = sqs.STATS["delivered"]
+        async with hold_write_lock(db_url):
+            await anyio.to_thread.run_sync(send, aws, url, [{"only": 1}])
+            with anyio.fail_after(20):
+                while sqs.STATS["delivered"] == delivered:
+                    await anyio.sleep(0.05)
+                calls = sqs.STATS["receive_calls"]
+                # three more 1 s long polls: the message's 1 s visibility ran out meanwhile
+                while sqs.STATS["receive_calls"] < calls + 3:
+                    await anyio.sleep(0.05)
+        with anyio.fail_after(30):
+            while not [t for t in ids if (await rt.client.get(t)).state is TaskState.SUCCESS]:
+                await anyio.sleep(0.1)
+            while await anyio.to_thread.run_sync(left_in_queue, aws, url):
+                await anyio.sleep(0.2)
+            calls = sqs.STATS["receive_calls"]
+            while sqs.STATS["receive_calls"] < calls + 2:
+                await anyio.sleep(0.05)
+        states = sorted([(await rt.client.get(t)).state.value for t in ids])
+    assert states == ["deferred", "success"], states
+    assert sqs.STATS["delivered"] == delivered + 1
+
+
+@contextlib.asynccontextmanager
+async def hold_write_lock(db_url: str) -> AsyncIterator[None]:
+    """Block every write to the deferrun database while inside."""
+    if db_url.startswith("sqlite"):
+        import sqlite3
+
+        conn = sqlite3.connect(db_url.split("sqlite:///", 1)[1], timeout=10, isolation_level=None)
+        conn.execute("BEGIN EXCLUSIVE")
+        try:
+            yield
+        finally:
+            conn.execute("COMMIT")
+            conn.close()
+        return
+    import asyncpg
+
+    pg = await asyncpg.connect(db_url)
+    try:
+        async with pg.transaction():
+            await pg.execute("LOCK TABLE deferrun_tasks IN EXCLUSIVE MODE")
+            yield
+    finally:
+        await pg.close()

@@ -21,6 +21,7 @@ from triggers.s3 import classify
 OWN_WAITERS = Path(__file__).with_name("aws_waiters")
 MAX_RESPONSE_BYTES = 64_000
 REASON_KEYS = ("reason", "message", "error")
+MAX_ATTEMPTS = 1_000_000  # beyond this, use max_attempts=0 and the task's timeout
 
 _MODELS: dict[str, Any] = {}
 _MODELS_LOCK = threading.Lock()
@@ -126,8 +127,15 @@ class AwsWaiterTrigger(PollingTrigger):
         self.args = dict(args)
         self.aws_conn_id = aws_conn_id
         self.poll_interval = check_interval(poll_interval) if poll_interval is not None else 0.0
-        if max_attempts is not None and (isinstance(max_attempts, bool) or max_attempts < 0):
-            raise ValueError(f"max_attempts must be a whole number >= 0, got {max_attempts!r}")
+        if max_attempts is not None and (
+            isinstance(max_attempts, bool)
+            or not isinstance(max_attempts, int)
+            or not 0 <= max_attempts <= MAX_ATTEMPTS
+        ):
+            raise ValueError(
+                f"max_attempts must be a whole number 0..{MAX_ATTEMPTS} (0: until the task's "
+                f"timeout), got {max_attempts!r}"
+            )
         self.max_attempts = max_attempts
         self._config: Any = None
         self._attempts = 0

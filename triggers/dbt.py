@@ -5,9 +5,12 @@ Run statuses: 1 queued, 2 starting, 3 running, 10 success, 20 error, 30 cancelle
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any
 
 from deferrun.basetrigger import TriggerEvent
+from deferrun.exceptions import TransientError
 from triggers.http import excerpt, fetch, raise_for_auth, raise_transient
 from triggers.job import JobStatusTrigger
 
@@ -81,8 +84,53 @@ class DbtCloudRunTrigger(JobStatusTrigger):
         return event
 
     async def on_task_cancelled(self) -> None:
-        await cancel_run(self.http_conn_id, self.account_id, self.run_id)
-        self.log.info("dbt Cloud run cancelled because its task was cancelled", run_id=self.run_id)
+        # In a task of its own (shielded): the triggerer's cleanup limit may stop waiting for
+        # us, but the retries go on for up to CANCEL_RETRY_SECONDS.
+        job = asyncio.get_running_loop().create_task(
+            cancel_run_retrying(self.http_conn_id, self.account_id, self.run_id, self.log)
+        )
+        _CANCELLING.add(job)
+        job.add_done_callback(_CANCELLING.discard)
+        await asyncio.shield(job)
+
+
+CANCEL_RETRY_SECONDS = 60.0
+_CANCELLING: set[asyncio.Task[None]] = set()
+
+
+async def cancel_run_retrying(
+    conn_id: str, account_id: int | str, run_id: int | str, log: Any
+) -> None:
+    """:func:`cancel_run`, retrying 429/5xx/network errors (Retry-After honoured, else
+    backoff) for up to CANCEL_RETRY_SECONDS; logs an error naming the run if it gives up."""
+    deadline = time.monotonic() + CANCEL_RETRY_SECONDS
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            await cancel_run(conn_id, account_id, run_id)
+        except TransientError as exc:
+            wait = exc.retry_after if exc.retry_after is not None else min(0.5 * 2**attempt, 10)
+            if time.monotonic() + wait > deadline:
+                log.error(
+                    f"dbt Cloud run {run_id} was NOT cancelled after {attempt} attempts; "
+                    "cancel it in dbt Cloud",
+                    run_id=run_id,
+                    error=str(exc),
+                )
+                return
+            log.warning("cancelling the dbt Cloud run failed; retrying", error=str(exc))
+            await asyncio.sleep(wait)
+        except Exception as exc:
+            log.error(
+                f"dbt Cloud run {run_id} was NOT cancelled; cancel it in dbt Cloud",
+                run_id=run_id,
+                error=str(exc),
+            )
+            return
+        else:
+            log.info("dbt Cloud run cancelled because its task was cancelled", run_id=run_id)
+            return
 
 
 async def cancel_run(conn_id: str, account_id: int | str, run_id: int | str) -> None:
@@ -96,4 +144,4 @@ async def cancel_run(conn_id: str, account_id: int | str, run_id: int | str) -> 
         raise RuntimeError(f"{what}: HTTP {status}: {excerpt(body)}")
 
 
-__all__ = ["DbtCloudRunTrigger", "cancel_run", "status_name"]
+__all__ = ["DbtCloudRunTrigger", "cancel_run", "cancel_run_retrying", "status_name"]

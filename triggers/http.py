@@ -146,7 +146,11 @@ async def fetch(
                 chunks.append(chunk)
             charset = resp.charset
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-        raise TransientError(f"{what}: {type(exc).__name__}: {redact(str(exc))}") from None
+        error = TransientError(f"{what}: {type(exc).__name__}: {redact(str(exc))}")
+        # no connection was made, so the server never saw the request (safe to send again
+        # even for a POST that starts something)
+        error.request_unsent = isinstance(exc, aiohttp.ClientConnectorError)  # type: ignore[attr-defined]
+        raise error from None
     return Response(status, decode_body(b"".join(chunks), charset), retry_after, location)
 
 

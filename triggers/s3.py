@@ -27,6 +27,44 @@ PERMANENT_CODES = {
 }
 _WILDCARD = re.compile(r"[*?\[]")
 
+# AWS throttling comes back as HTTP 400 with one of these codes. botocore's standard retry
+# mode keeps the lists as private class attributes of botocore.retries.standard's checkers;
+# we take them from there and fall back to this copy (botocore 1.43) if they move.
+_FALLBACK_TRANSIENT_CODES = frozenset(
+    {
+        "Throttling",
+        "ThrottlingException",
+        "ThrottledException",
+        "RequestThrottledException",
+        "TooManyRequestsException",
+        "ProvisionedThroughputExceededException",
+        "TransactionInProgressException",
+        "RequestLimitExceeded",
+        "BandwidthLimitExceeded",
+        "LimitExceededException",
+        "RequestThrottled",
+        "SlowDown",
+        "PriorRequestNotComplete",
+        "EC2ThrottledException",
+        "RequestTimeout",
+        "RequestTimeoutException",
+    }
+)
+
+
+def _transient_codes() -> frozenset[str]:
+    try:
+        from botocore.retries import standard
+
+        codes = set(standard.ThrottledRetryableChecker._THROTTLED_ERROR_CODES)
+        codes |= set(standard.TransientRetryableChecker._TRANSIENT_ERROR_CODES)
+    except (ImportError, AttributeError, TypeError):
+        return _FALLBACK_TRANSIENT_CODES
+    return frozenset(codes | _FALLBACK_TRANSIENT_CODES)
+
+
+TRANSIENT_CODES = _transient_codes()
+
 
 def literal_prefix(pattern: str) -> str:
     """The part of an fnmatch pattern before its first wildcard: what S3 can filter on."""
@@ -60,7 +98,7 @@ def classify(exc: Exception, what: str) -> Exception:
             if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "403"):
                 hint = "; check the connection's credentials"
             return PermissionError(f"{what}: {code} {error.get('Message', '')}{hint}".strip())
-        if status >= 500 or code in ("SlowDown", "Throttling", "RequestTimeout"):
+        if status >= 500 or status == 429 or code in TRANSIENT_CODES:
             return TransientError(f"{what}: {code} (HTTP {status})")
         return RuntimeError(f"{what}: {code} {error.get('Message', '')} (HTTP {status})")
     if isinstance(exc, BotoCoreError | OSError | TimeoutError):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import json
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable
 from contextlib import AsyncExitStack
@@ -30,6 +31,7 @@ log = structlog.get_logger("deferrun.sqs")
 
 #: counts for tests and benchmarks: received, delivered, released, deleted, receive_calls
 STATS: Counter[str] = Counter()
+TOMBSTONE_SECONDS = 300.0  # how long a deleted MessageId is remembered against late duplicates
 MAX_BATCH = 10  # SQS's limit for receive, delete and change-visibility batches
 BURST = 4  # extra short-poll receivers while a backlog drains
 FILTER_KEYS = {"field", "attribute", "literal", "equals", "in", "exists"}
@@ -49,6 +51,30 @@ def validate_filter(message_filter: dict[str, Any] | None) -> None:
     unknown = set(message_filter) - FILTER_KEYS
     if unknown:
         raise ValueError(f"message_filter has unknown keys {sorted(unknown)}")
+    if len({"field", "attribute", "literal"} & set(message_filter)) > 1:
+        raise ValueError(
+            'message_filter takes one of "field", "attribute" or "literal", not several'
+        )
+    for key in ("field", "attribute"):
+        if key in message_filter and not (
+            isinstance(message_filter[key], str) and message_filter[key]
+        ):
+            raise ValueError(
+                f"message_filter[{key!r}] must be a non-empty string, got {message_filter[key]!r}"
+            )
+    if "in" in message_filter and not isinstance(message_filter["in"], list | tuple):
+        raise ValueError(
+            f'message_filter["in"] must be a list of values, got {message_filter["in"]!r}'
+        )
+    if "in" in message_filter:
+        try:  # values must be comparable JSON scalars/containers, never code
+            json.dumps(message_filter["in"])
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f'message_filter["in"] must hold JSON values: {exc}') from None
+    if "exists" in message_filter and not isinstance(message_filter["exists"], bool):
+        raise ValueError(
+            f'message_filter["exists"] must be true or false, got {message_filter["exists"]!r}'
+        )
 
 
 def matches(message: dict[str, Any], message_filter: dict[str, Any] | None) -> bool:
@@ -107,6 +133,13 @@ class QueueLoop:
         self._to_release: list[str] = []
         self._work = asyncio.Event()
         self._bursts = 0
+        #: MessageId -> newest receipt handle of messages handed to a waiter whose event is
+        #: not stored yet: never handed to another waiter, their visibility kept extended
+        self._held: dict[str, str] = {}
+        #: MessageIds deleted recently (time deleted): a late duplicate receive is deleted too
+        self._deleted: dict[str, float] = {}
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._visibility: int | None = None
 
     def _spawn(self, coro: Any, name: str) -> asyncio.Task[None]:
         # an empty context: the loop serves every trigger, not the one that started it
@@ -124,6 +157,22 @@ class QueueLoop:
             self.waiters.remove(waiter)
         except ValueError:
             pass  # already handed its messages
+
+    def finish(self, messages: Iterable[dict[str, Any]], action: str) -> None:
+        """A held message's event was stored ("delete" or "keep") or not ("release")."""
+        now = time.monotonic()
+        while self._deleted and next(iter(self._deleted.values())) < now - TOMBSTONE_SECONDS:
+            del self._deleted[next(iter(self._deleted))]
+        handles = []
+        for message in messages:
+            handle = self._held.pop(message["MessageId"], message["ReceiptHandle"])
+            handles.append(handle)
+            if action == "delete":
+                self._deleted[message["MessageId"]] = now
+        if action == "delete":
+            self.delete_later(handles)
+        elif action == "release":
+            self.release_later(handles)
 
     def delete_later(self, handles: Iterable[str]) -> None:
         self._to_delete.extend(handles)
@@ -192,15 +241,36 @@ class QueueLoop:
         finally:
             self._bursts -= 1
 
+    def _matches(self, waiter: _Waiter, message: dict[str, Any]) -> bool:
+        """A filter that raises fails its own waiter only; the message goes to the others."""
+        try:
+            return matches(message, waiter.filter)
+        except Exception as exc:
+            log.error("SQS message filter failed", queue=self.queue_url, error=repr(exc))
+            waiter.future.set_exception(
+                ValueError(f"message_filter {waiter.filter!r} failed on a message: {exc!r}")
+            )
+            return False
+
     def _hand_out(self, messages: list[dict[str, Any]]) -> None:
         taken: dict[int, list[dict[str, Any]]] = {}
         unwanted: list[str] = []
         for message in messages:
+            message_id = message.get("MessageId")
+            if message_id in self._held or message_id in self._deleted:
+                # received again (its visibility ran out while its event was being stored):
+                # it is already a waiter's; keep the newest handle, never hand it out twice
+                STATS["duplicates"] += 1
+                if message_id in self._held:
+                    self._held[message_id] = message["ReceiptHandle"]
+                else:
+                    self.delete_later([message["ReceiptHandle"]])
+                continue
             for index, waiter in enumerate(self.waiters):
                 if waiter.future.done():
                     continue
                 got = taken.setdefault(index, [])
-                if len(got) < waiter.max_messages and matches(message, waiter.filter):
+                if len(got) < waiter.max_messages and self._matches(waiter, message):
                     got.append(message)
                     break
             else:
@@ -210,12 +280,49 @@ class QueueLoop:
             if got:
                 waiter = self.waiters[index]
                 waiter.future.set_result(got)
+                for message in got:
+                    self._held[message["MessageId"]] = message["ReceiptHandle"]
                 done.append(waiter)
                 STATS["delivered"] += len(got)
         for waiter in done:
             self.waiters.remove(waiter)
+        self.waiters = [w for w in self.waiters if not w.future.done()]
         if unwanted:
             self.release_later(unwanted)
+        if self._held and (self._heartbeat is None or self._heartbeat.done()):
+            self._heartbeat = self._spawn(self._heartbeat_loop(), f"sqs-heartbeat:{self.queue_url}")
+
+    async def _heartbeat_loop(self) -> None:
+        """While held messages wait for their events to be stored, reset their visibility to
+        the queue's own timeout every third of it, so they do not reappear meanwhile (a
+        triggerer killed stops this, and they come back after that timeout as before)."""
+        while self._held:
+            try:
+                client = await aws_client("sqs", self.conn_id)
+                if self._visibility is None:
+                    attrs = await client.get_queue_attributes(
+                        QueueUrl=self.queue_url, AttributeNames=["VisibilityTimeout"]
+                    )
+                    self._visibility = int(attrs["Attributes"]["VisibilityTimeout"])
+                handles = list(self._held.values())
+                await asyncio.gather(
+                    *(
+                        self._batch(
+                            client.change_message_visibility_batch,
+                            handles[i : i + MAX_BATCH],
+                            "extended",
+                            self._visibility,
+                        )
+                        for i in range(0, len(handles), MAX_BATCH)
+                    )
+                )
+            except Exception as exc:
+                log.warning(
+                    "extending the visibility of held SQS messages failed; retrying",
+                    queue=self.queue_url,
+                    error=repr(exc),
+                )
+            await asyncio.sleep(max(0.2, (self._visibility or 3) / 3))
 
     async def _janitor_loop(self) -> None:
         """Deletes and releases in batches of 10, a few calls at once; retries failures."""
@@ -268,7 +375,7 @@ class QueueLoop:
                 await asyncio.wait_for(asyncio.shield(self._janitor), 5.0)
             except Exception as exc:
                 log.warning("SQS deletes not flushed at shutdown", error=repr(exc))
-        for task in (self._receiver, self._janitor):
+        for task in (self._receiver, self._janitor, self._heartbeat):
             if task is not None and not task.done():
                 task.cancel()
 
@@ -331,20 +438,21 @@ class SqsTrigger(BaseTrigger):
             loop.remove(waiter)
             handed = waiter.future.done() and not waiter.future.cancelled()
             if handed and waiter.future.exception() is None:  # handed over, then cancelled
-                loop.release_later(m["ReceiptHandle"] for m in waiter.future.result())
+                loop.finish(waiter.future.result(), "release")
             raise
-        handles = [m["ReceiptHandle"] for m in messages]
         # From here the writer owns them: deleted once the event is stored, released if a
         # failure is stored instead; if neither happens (killed), they time out back.
         if self.trigger_id is not None:
-            after_write(self.trigger_id, lambda stored: self._written(loop, handles, stored))
+            after_write(self.trigger_id, lambda stored: self._written(loop, messages, stored))
+        else:  # run outside a triggerer: nothing will tell us the event was stored
+            loop.finish(messages, "keep")
         yield TriggerEvent({"messages": [slim(m) for m in messages]})
 
-    def _written(self, loop: QueueLoop, handles: list[str], stored: bool) -> None:
+    def _written(self, loop: QueueLoop, messages: list[dict[str, Any]], stored: bool) -> None:
         if not stored:
-            loop.release_later(handles)  # the task did not get them: offer them again
-        elif self.delete_on_event:
-            loop.delete_later(handles)
+            loop.finish(messages, "release")  # the task did not get them: offer them again
+        else:
+            loop.finish(messages, "delete" if self.delete_on_event else "keep")
 
 
 async def receive_once(
