@@ -249,7 +249,13 @@ async def test_schema_v1_database_is_migrated(db_url: str) -> None:
         await store.append_task_logs([(task_id, 1.0, "worker", "x")], keep=5)
         assert len(await store.task_logs(task_id)) == 1
         assert (await store.get_task(task_id)) is not None  # data kept
-        assert await _schema_version(store) == 4
+        # the newest version (both backends number their schema alike)
+        from deferrun.store.sqlite import SCHEMA_VERSION
+
+        assert await _schema_version(store) == SCHEMA_VERSION
+        await store.register_process("p1", "worker", ["default"], 1)
+        await store.heartbeat("p1")  # writes loop_lag, a version 7 column
+        assert [p["id"] for p in await store.process_load()] == ["p1"]
     finally:
         await store.close()
 
@@ -270,6 +276,7 @@ async def _downgrade_to_v1(store: Store) -> None:
         for column in ("trigger_rule", "has_downstream", "retries"):
             conn.execute(f"ALTER TABLE tasks DROP COLUMN {column}")
         conn.execute("ALTER TABLE triggers DROP COLUMN watch_task_id")
+        conn.execute("ALTER TABLE processes DROP COLUMN loop_lag")
         conn.execute("PRAGMA user_version = 1")
     else:
         assert isinstance(store, PostgresStore)
@@ -281,6 +288,7 @@ async def _downgrade_to_v1(store: Store) -> None:
         for column in ("trigger_rule", "has_downstream", "retries"):
             await pool.execute(f"ALTER TABLE deferrun_tasks DROP COLUMN {column}")
         await pool.execute("ALTER TABLE deferrun_triggers DROP COLUMN watch_task_id")
+        await pool.execute("ALTER TABLE deferrun_processes DROP COLUMN loop_lag")
         await pool.execute("DELETE FROM deferrun_schema")
         await pool.execute("INSERT INTO deferrun_schema VALUES (1)")
 

@@ -97,3 +97,12 @@ CREATE TABLE IF NOT EXISTS deferrun_deps (
 CREATE INDEX IF NOT EXISTS deferrun_deps_upstream ON deferrun_deps (upstream_id);
 CREATE INDEX IF NOT EXISTS deferrun_triggers_watch ON deferrun_triggers (watch_task_id)
     WHERE watch_task_id IS NOT NULL;
+
+-- version 7 (issue 13): the status page and retention. Each process's recent event-loop lag;
+-- keyset-paged task lists by time (all, by name, by queue); finished tasks by end time.
+ALTER TABLE deferrun_processes ADD COLUMN IF NOT EXISTS loop_lag double precision;
+CREATE INDEX IF NOT EXISTS deferrun_tasks_created ON deferrun_tasks (created_at, id);
+CREATE INDEX IF NOT EXISTS deferrun_tasks_name_created ON deferrun_tasks (name, created_at, id);
+CREATE INDEX IF NOT EXISTS deferrun_tasks_queue_created ON deferrun_tasks (queue, created_at, id);
+CREATE INDEX IF NOT EXISTS deferrun_tasks_state_created_id ON deferrun_tasks (state, created_at, id);
+CREATE INDEX IF NOT EXISTS deferrun_tasks_state_finished ON deferrun_tasks (state, finished_at);

@@ -27,7 +27,7 @@ from deferrun.store.local_notify import UdpListener, UdpSender
 from deferrun.store.manager import SqlStore
 from deferrun.store.sql import Program, Query, Row, Run, SQLiteDialect, drive_sync
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 7
 R = TypeVar("R")
 
 #: sqlite3 errors that say "not now" rather than "this statement is wrong"
@@ -254,6 +254,8 @@ class SQLiteConnector:
                 self._rename_v2_tables(c)
             if 0 < version < 4:
                 self._add_v4_columns(c)
+            if 0 < version < 7:
+                self._add_v7_columns(c)
             code = "\n".join(
                 line for line in schema.splitlines() if not line.lstrip().startswith("--")
             )
@@ -275,6 +277,12 @@ class SQLiteConnector:
         ):
             if column not in {r[1] for r in c.execute(f"PRAGMA table_info({table})")}:
                 c.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+
+    @staticmethod
+    def _add_v7_columns(c: sqlite3.Connection) -> None:
+        """Version 7 (issue 13): each process's recent event-loop lag, for the status page."""
+        if "loop_lag" not in {r[1] for r in c.execute("PRAGMA table_info(deferrun_processes)")}:
+            c.execute("ALTER TABLE deferrun_processes ADD COLUMN loop_lag REAL")
 
     @staticmethod
     def _rename_v2_tables(c: sqlite3.Connection) -> None:

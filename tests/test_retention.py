@@ -1,0 +1,175 @@
+"""Retention (`deferrun db clean`, the triggerer's --retention) on both backends."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import anyio
+import pytest
+from conftest import TESTS_DIR, Proc, deferrun_env
+from userland import DeferOnce, Outcome
+
+from deferrun.client import build_task
+from deferrun.models import TaskState
+from deferrun.store import Store, make_store
+from deferrun.store.sql import Program, Query, run
+
+pytestmark = pytest.mark.anyio
+
+FINISH = Query(
+    "test_finish",
+    "UPDATE deferrun_tasks SET state = :state, finished_at = {now} - :ago, updated_at = {now} "
+    "WHERE id IN_TEXTS(:ids)",
+)
+
+
+def _finish(ids: list[str], state: str, ago: float) -> Program[None]:
+    yield run(FINISH, ids=ids, state=state, ago=ago)
+
+
+async def finished_tasks(
+    store: Store, n: int, state: str = "success", ago: float = 100.0
+) -> list[str]:
+    """``n`` tasks that ended ``ago`` seconds ago, with two log lines each."""
+    tasks = [build_task(Outcome(what="ok", task_id=f"old-{i}")) for i in range(n)]
+    await store.submit_many(tasks)
+    ids = [t.id for t in tasks]
+    await store.db.transact(_finish(ids, state, ago))  # type: ignore[attr-defined]
+    now = time.time()
+    await store.append_task_logs(
+        [(i, now, "worker", f"line {k}") for i in ids for k in range(2)], keep=100
+    )
+    return ids
+
+
+async def test_clean_deletes_old_finished_tasks_with_their_logs(store: Store) -> None:
+    old = await finished_tasks(store, 30, "success", ago=100)
+    failed = await finished_tasks(store, 5, "failed", ago=100)
+    recent = await finished_tasks(store, 5, "success", ago=1)
+    [live] = [build_task(DeferOnce(value=1))]
+    await store.submit(live)
+
+    dry = await store.clean_finished(50, dry_run=True)
+    assert dry.dry_run and dry.deleted == 35
+    assert await store.get_task(old[0]) is not None
+
+    only_failed = await store.clean_finished(50, ["failed"], batch_size=2)
+    assert only_failed.deleted == 5 and only_failed.batches == 3
+    assert await store.get_task(failed[0]) is None and await store.get_task(old[0]) is not None
+
+    report = await store.clean_finished(50, batch_size=7)
+    assert report.deleted == 30 and report.batches == 5
+    for task_id in old:
+        assert await store.get_task(task_id) is None
+        assert await store.task_logs(task_id) == []
+    for task_id in recent:  # too recent
+        assert await store.get_task(task_id) is not None
+        assert len(await store.task_logs(task_id)) == 2
+    info = await store.get_task(live.id)
+    assert info is not None and info.state is TaskState.QUEUED
+
+
+async def test_clean_refuses_unfinished_states(store: Store) -> None:
+    with pytest.raises(ValueError, match="only finished tasks"):
+        await store.clean_finished(0, ["deferred"])
+
+
+async def test_clean_keeps_an_upstream_its_downstream_still_waits_on(store: Store) -> None:
+    [upstream] = await finished_tasks(store, 1, "success", ago=100)
+    [other] = await finished_tasks(store, 1, "success", ago=100)
+    waiter = build_task(DeferOnce(value=1), after=[upstream, other], trigger_rule="all_done")
+    # the waiter is released at submit (both upstreams ended): make it wait by hand instead
+    await store.submit(waiter)
+    assert (await store.get_task(waiter.id)).state is TaskState.QUEUED  # type: ignore[union-attr]
+    [claim] = await store.claim_tasks("w", ["default"], 1)
+    # still running: its upstreams' results are read from them, so they must stay
+    report = await store.clean_finished(50)
+    assert report.deleted == 0
+    assert await store.get_task(upstream) is not None
+    assert await store.upstream_results(waiter.id)
+
+    assert await store.complete_task(waiter.id, claim.claim_token, None)
+    # the downstream ended only now: still too recent, so its upstreams stay too
+    assert (await store.clean_finished(50)).deleted == 0
+    await store.db.transact(_finish([waiter.id], "success", 100))  # type: ignore[attr-defined]
+    report = await store.clean_finished(50)
+    assert report.deleted == 3
+    assert await store.dependencies(waiter.id) == ([], [])
+
+
+async def test_clean_while_deferred_tasks_resume(
+    db_url: str, procs: Callable[..., Proc], tmp_path: Path
+) -> None:
+    """Cleaning many finished tasks next to a live triggerer and worker: every deferred task
+    resumes and succeeds, none is deleted, and the clean finishes."""
+    store = make_store(db_url, dead_after=3.0)
+    await store.open()
+    try:
+        old: list[str] = []
+        for _ in range(4):
+            old += await finished_tasks(store, 1000, "success", ago=3600)
+        env = deferrun_env(db_url, TESTS_DIR)
+        procs(["triggerer"], env)
+        procs(["worker", "--slots", "8"], env)
+        live = [build_task(DeferOnce(value=i, delay=1.0)) for i in range(200)]
+        await store.submit_many(live)
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "deferrun",
+                "db",
+                "clean",
+                "--older-than",
+                "30m",
+                "--batch-size",
+                "200",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        assert "deleted 4000 finished task(s)" in result.stdout
+
+        async def all_done() -> bool:
+            infos = [await store.get_task(t.id) for t in live]
+            assert all(i is not None for i in infos), "a live task was deleted"
+            return all(i.state is TaskState.SUCCESS for i in infos)  # type: ignore[union-attr]
+
+        with anyio.fail_after(60):
+            while not await all_done():
+                await anyio.sleep(0.2)
+        for task_id in old[:50]:
+            assert await store.get_task(task_id) is None
+    finally:
+        await store.close()
+
+
+def test_db_clean_command_errors(sqlite_url: str, tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    bad = subprocess.run(
+        [sys.executable, "-m", "deferrun", "--db", sqlite_url, "db", "clean", "--older-than", "7x"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert bad.returncode == 2 and "30s, 15m, 12h or 7d" in bad.stderr
+    missing = subprocess.run(
+        [sys.executable, "-m", "deferrun", "--db", sqlite_url, "db", "clean", "--older-than", "7d"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert missing.returncode == 2 and "error:" in missing.stderr
