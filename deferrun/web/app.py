@@ -1,0 +1,295 @@
+"""The aiohttp application of ``deferrun web``: HTML pages, ``/api/...`` JSON, and actions.
+
+Read-only unless started with a token. Actions then need either ``Authorization: Bearer
+TOKEN`` (scripts) or a signed-in browser: ``/login`` checks the token and sets a
+``SameSite=Strict`` HttpOnly cookie; each action form carries a CSRF field derived from that
+cookie, and a form post whose ``Origin`` (or ``Referer``) is not this server is refused. Every
+action is logged with the remote address and time, and written to the task's own log lines.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+import time
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlencode, urlsplit
+
+import jinja2
+import msgspec
+import structlog
+from aiohttp import web
+
+from deferrun.exceptions import TaskNotFound
+from deferrun.models import FINISHED_STATES
+from deferrun.store import Store
+from deferrun.web import data
+
+log = structlog.get_logger("deferrun.web")
+
+COOKIE = "deferrun_web"
+STORE: web.AppKey[Store] = web.AppKey("store", Store)  # type: ignore[type-abstract]
+CONFIG: web.AppKey[dict[str, Any]] = web.AppKey("config", dict)
+SAMPLER: web.AppKey[data.Sampler] = web.AppKey("sampler", data.Sampler)
+
+
+def _dt(value: Any) -> str:
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+    if isinstance(value, int | float):
+        return datetime.fromtimestamp(value, UTC).strftime("%Y-%m-%d %H:%M:%S")
+    return "-" if value is None else str(value)
+
+
+def _pretty(value: Any) -> str:
+    return json.dumps(msgspec.to_builtins(value, enc_hook=repr), indent=2, default=repr)
+
+
+_templates = jinja2.Environment(
+    loader=jinja2.PackageLoader("deferrun.web", "templates"),
+    autoescape=jinja2.select_autoescape(["html"]),
+    undefined=jinja2.StrictUndefined,
+)
+_templates.filters.update(age=data.age, dt=_dt, pretty=_pretty)
+_templates.globals.update(states=data.STATES)
+
+
+def _json(value: Any, status: int = 200) -> web.Response:
+    body = msgspec.json.encode(value, enc_hook=repr)
+    return web.Response(body=body, status=status, content_type="application/json")
+
+
+# -- who may act --------------------------------------------------------------------------
+
+
+def _sign(token: str, what: str) -> str:
+    return hmac.new(token.encode(), what.encode(), hashlib.sha256).hexdigest()
+
+
+def _session(request: web.Request) -> str | None:
+    """The signed-in browser's session id, if its cookie is valid."""
+    token = request.app[CONFIG]["token"]
+    cookie = request.cookies.get(COOKIE, "")
+    sid, _, mac = cookie.partition(".")
+    if token and sid and hmac.compare_digest(mac, _sign(token, "session:" + sid)):
+        return sid
+    return None
+
+
+def csrf_for(request: web.Request) -> str | None:
+    sid = _session(request)
+    token = request.app[CONFIG]["token"]
+    return _sign(token, "csrf:" + sid) if sid and token else None
+
+
+def _same_origin(request: web.Request) -> bool:
+    source = request.headers.get("Origin") or request.headers.get("Referer")
+    if not source or source == "null":
+        return False
+    return urlsplit(source).netloc == request.host
+
+
+async def _authorize(request: web.Request, form: dict[str, Any] | None) -> str | None:
+    """None when the request may act, else why not (shown to the user)."""
+    token = request.app[CONFIG]["token"]
+    if not token:
+        return "this server is read-only: start `deferrun web` with --token to allow actions"
+    header = request.headers.get("Authorization", "")
+    if header.startswith("Bearer "):
+        if hmac.compare_digest(header[7:].encode(), token.encode()):
+            return None
+        return "wrong token in the Authorization header"
+    if form is None:
+        return "send Authorization: Bearer TOKEN"
+    if not _same_origin(request):
+        return "refused: the form was not posted from this server (Origin check)"
+    expected = csrf_for(request)
+    if expected is None:
+        return "sign in with the token first (/login)"
+    if not hmac.compare_digest(str(form.get("csrf", "")), expected):
+        return "refused: bad CSRF field; reload the page and try again"
+    return None
+
+
+# -- pages --------------------------------------------------------------------------------
+
+
+def _page(request: web.Request, template: str, **context: Any) -> web.Response:
+    config = request.app[CONFIG]
+    html = _templates.get_template(template).render(
+        read_only=not config["token"],
+        signed_in=_session(request) is not None,
+        csrf=csrf_for(request),
+        path=request.path_qs,
+        **context,
+    )
+    return web.Response(text=html, content_type="text/html")
+
+
+async def overview_page(request: web.Request) -> web.Response:
+    view = await data.overview(request.app[STORE], request.app[SAMPLER])
+    history = list(request.app[SAMPLER].history)
+    return _page(request, "overview.html", view=view, chart=data.chart_svg(history))
+
+
+async def tasks_page(request: web.Request) -> web.Response:
+    try:
+        view = await data.tasks(request.app[STORE], dict(request.query))
+    except ValueError as exc:
+        raise web.HTTPBadRequest(text=str(exc)) from None
+    return _page(request, "tasks.html", view=view)
+
+
+async def task_page(request: web.Request) -> web.Response:
+    task_id = request.match_info["task_id"]
+    view = await data.task(request.app[STORE], task_id)
+    if view is None:
+        raise web.HTTPNotFound(text=f"no task {task_id!r} in this database")
+    return _page(request, "task.html", task=view, message=request.query.get("message"))
+
+
+async def triggers_page(request: web.Request) -> web.Response:
+    view = await data.triggers(request.app[STORE], request.query.get("classpath"))
+    return _page(request, "triggers.html", view=view)
+
+
+async def login_page(request: web.Request) -> web.Response:
+    return _page(request, "login.html", error=None, next=request.query.get("next", "/"))
+
+
+async def login_post(request: web.Request) -> web.Response:
+    form = dict(await request.post())
+    token = request.app[CONFIG]["token"]
+    target = str(form.get("next") or "/")
+    if not target.startswith("/") or target.startswith("//"):
+        target = "/"
+    given = str(form.get("token", ""))
+    if not token or not _same_origin(request) or not hmac.compare_digest(given, token):
+        log.warning("web sign-in refused", remote=request.remote)
+        return _page(request, "login.html", error="wrong token (or not same origin)", next=target)
+    sid = secrets.token_hex(16)
+    response = web.HTTPSeeOther(target)
+    response.set_cookie(
+        COOKIE, f"{sid}.{_sign(token, 'session:' + sid)}", httponly=True, samesite="Strict"
+    )
+    log.info("web sign-in", remote=request.remote)
+    return response  # type: ignore[return-value]
+
+
+# -- JSON ---------------------------------------------------------------------------------
+
+
+async def overview_api(request: web.Request) -> web.Response:
+    return _json(await data.overview(request.app[STORE], request.app[SAMPLER]))
+
+
+async def tasks_api(request: web.Request) -> web.Response:
+    try:
+        limit = min(max(int(request.query.get("limit", "50")), 1), 500)
+        return _json(await data.tasks(request.app[STORE], dict(request.query), limit))
+    except ValueError as exc:
+        return _json({"error": str(exc)}, 400)
+
+
+async def task_api(request: web.Request) -> web.Response:
+    view = await data.task(request.app[STORE], request.match_info["task_id"])
+    if view is None:
+        return _json({"error": "no such task"}, 404)
+    return _json(view)
+
+
+async def logs_api(request: web.Request) -> web.Response:
+    try:
+        after = int(request.query.get("after", "0"))
+    except ValueError:
+        return _json({"error": "after must be a log line id (an integer)"}, 400)
+    return _json(await data.logs(request.app[STORE], request.match_info["task_id"], after))
+
+
+async def triggers_api(request: web.Request) -> web.Response:
+    return _json(await data.triggers(request.app[STORE], request.query.get("classpath")))
+
+
+# -- actions ------------------------------------------------------------------------------
+
+
+async def _act(request: web.Request, action: str, downstream: bool) -> list[str]:
+    store = request.app[STORE]
+    task_id = request.match_info["task_id"]
+    info = await store.get_task(task_id)
+    if info is None:
+        raise TaskNotFound(f"no task {task_id!r} in this database")
+    if action == "cancel":
+        if info.state in FINISHED_STATES:
+            raise ValueError(f"task {task_id} already ended {info.state}; nothing to cancel")
+        after = await store.cancel_task(task_id)
+        if after is None or str(after.state) != "cancelled":
+            raise ValueError(f"task {task_id} ended before it could be cancelled")
+        touched = [task_id]
+    else:
+        touched = await store.retry_task(task_id, downstream=downstream)
+    who = request.headers.get("X-Forwarded-For") or request.remote or "?"
+    at = datetime.now(UTC).isoformat(timespec="seconds")
+    what = action + (" with downstream" if downstream else "")
+    log.info("web action", action=what, task_id=task_id, remote=who, at=at, touched=touched)
+    await store.append_task_logs(
+        [(task_id, time.time(), "web", f"{what} by {who} at {at} (deferrun web)")], keep=2000
+    )
+    return touched
+
+
+async def action_api(request: web.Request) -> web.Response:
+    refusal = await _authorize(request, None)
+    if refusal:
+        return _json({"error": refusal}, 403)
+    action = request.match_info["action"]
+    try:
+        touched = await _act(request, action, request.query.get("downstream") in ("1", "true"))
+    except TaskNotFound as exc:
+        return _json({"error": str(exc)}, 404)
+    except ValueError as exc:
+        return _json({"error": str(exc)}, 409)
+    return _json({"action": action, "task_ids": touched})
+
+
+async def action_form(request: web.Request) -> web.Response:
+    form = dict(await request.post())
+    task_id = request.match_info["task_id"]
+    refusal = await _authorize(request, form)
+    if refusal:
+        log.warning("web action refused", task_id=task_id, remote=request.remote, why=refusal)
+        raise web.HTTPForbidden(text=refusal)
+    action = request.match_info["action"]
+    try:
+        touched = await _act(request, action, form.get("downstream") == "1")
+        message = f"{action}: {len(touched)} task(s) put back" if action == "retry" else "cancelled"
+    except (TaskNotFound, ValueError) as exc:
+        message = str(exc)
+    raise web.HTTPSeeOther(f"/tasks/{task_id}?{urlencode({'message': message})}")
+
+
+def build_app(
+    store: Store, token: str | None, sampler: data.Sampler | None = None
+) -> web.Application:
+    app = web.Application()
+    app[STORE] = store
+    app[CONFIG] = {"token": token or ""}
+    app[SAMPLER] = sampler or data.Sampler(store)
+    actions = "{action:cancel|retry}"
+    app.router.add_get("/", overview_page)
+    app.router.add_get("/tasks", tasks_page)
+    app.router.add_get("/tasks/{task_id}", task_page)
+    app.router.add_post(f"/tasks/{{task_id}}/{actions}", action_form)
+    app.router.add_get("/triggers", triggers_page)
+    app.router.add_get("/login", login_page)
+    app.router.add_post("/login", login_post)
+    app.router.add_get("/api/overview", overview_api)
+    app.router.add_get("/api/tasks", tasks_api)
+    app.router.add_get("/api/tasks/{task_id}", task_api)
+    app.router.add_get("/api/tasks/{task_id}/logs", logs_api)
+    app.router.add_post(f"/api/tasks/{{task_id}}/{actions}", action_api)
+    app.router.add_get("/api/triggers", triggers_api)
+    return app
