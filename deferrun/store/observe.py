@@ -118,11 +118,6 @@ class CleanReport(msgspec.Struct):
     dry_run: bool = False
 
 
-def encode_cursor(info: TaskInfo) -> str:
-    created = info.created_at.timestamp() if info.created_at else 0.0
-    return f"{created!r}:{info.id}"
-
-
 def decode_cursor(text: str) -> tuple[float, str]:
     created, sep, task_id = text.partition(":")
     try:
@@ -250,8 +245,10 @@ class Observe:
             params["c"], params["i"] = decode_cursor(cursor)
         rows = await self.db.fetch(_PAGES[(filters, not cursor)], **params, limit=limit + 1)
         infos = [task_info(r) for r in rows[:limit]]
-        more = len(rows) > limit and bool(infos)
-        return infos, encode_cursor(infos[-1]) if more else None
+        if len(rows) <= limit or not infos:
+            return infos, None
+        last = rows[limit - 1]  # the stored time itself: a datetime would round it
+        return infos, f"{float(last[16])!r}:{last[0]}"
 
     async def task_detail(self, task_id: str) -> dict[str, Any] | None:
         """What the task page shows beyond TaskInfo: kwargs, trigger, timeouts, neighbours."""

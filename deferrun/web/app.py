@@ -176,7 +176,7 @@ async def login_post(request: web.Request) -> web.Response:
         COOKIE, f"{sid}.{_sign(token, 'session:' + sid)}", httponly=True, samesite="Strict"
     )
     log.info("web sign-in", remote=request.remote)
-    return response  # type: ignore[return-value]
+    raise response
 
 
 # -- JSON ---------------------------------------------------------------------------------
