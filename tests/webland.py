@@ -88,9 +88,23 @@ def _secret_deferral() -> Deferral:
     )
 
 
-async def every_state(store: Store, queue: str = "manual") -> dict[str, str]:
+class Sleepy(BaseOperator):
+    """Runs (holding its slot) for ``seconds``."""
+
+    def __init__(self, *, seconds: float = 300.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.seconds = seconds
+
+    async def execute(self, context: Context) -> Any:
+        self.log.info("working", seconds=self.seconds)
+        await anyio.sleep(self.seconds)
+
+
+async def every_state(store: Store, queue: str = "manual", running: bool = True) -> dict[str, str]:
     """One task per state, made through the store's own transitions (claimed as a worker
-    that serves ``queue``, which no real worker serves); returns state -> task id."""
+    that serves ``queue``, which no real worker serves); returns state -> task id.
+    ``running=False`` leaves the running one out (a live reaper would fail it: no such
+    worker heartbeats)."""
 
     def op(kind: type[BaseOperator] = SecretOp, **kw: Any) -> Any:
         kwargs: dict[str, Any] = SECRET_KWARGS if kind is SecretOp else {}
@@ -104,9 +118,10 @@ async def every_state(store: Store, queue: str = "manual") -> dict[str, str]:
         assert claim.id == task.id
         return claim.claim_token
 
-    t = op(task_id="secret-running")
-    await claimed(t)
-    ids["running"] = t.id
+    if running:
+        t = op(task_id="secret-running")
+        await claimed(t)
+        ids["running"] = t.id
     t = op(task_id="secret-deferred")
     await store.defer_task(t.id, await claimed(t), _secret_deferral())
     ids["deferred"] = t.id

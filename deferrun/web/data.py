@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import anyio
+import msgspec
 import structlog
 
 from deferrun import config, connections
@@ -145,13 +146,21 @@ def chart_svg(
             for t, c in points
         )
 
+    def dots(state: str, color: str) -> str:
+        return "".join(
+            f'<circle cx="{x}" cy="{y}" r="2" fill="{color}"/>'
+            for x, y in (p.split(",") for p in line(state).split())
+        )
+
     return (
         f'<svg class="chart" viewBox="0 0 {width} {height}" width="{width}" height="{height}" '
         f'role="img" aria-label="deferred and running tasks, last hour">'
         f'<rect width="{width}" height="{height}" fill="#fafafa" stroke="#ddd"/>'
         f'<polyline fill="none" stroke="#6b5bd2" stroke-width="2" points="{line("deferred")}"/>'
         f'<polyline fill="none" stroke="#e07b00" stroke-width="2" points="{line("running")}"/>'
-        f'<text x="4" y="12" font-size="10">max {top}</text></svg>'
+        + dots("deferred", "#6b5bd2")
+        + dots("running", "#e07b00")
+        + f'<text x="4" y="12" font-size="10">max {top}</text></svg>'
     )
 
 
@@ -255,9 +264,28 @@ async def task(store: Store, task_id: str) -> dict[str, Any] | None:
     return row
 
 
+_PLUMBING = {"event", "level", "timestamp", "pid", "task_id", "trigger_id", "logger"}
+
+
+def _message(line: str) -> str:
+    """A stored JSON log line as ``level event key=value ...`` for people."""
+    try:
+        fields = msgspec.json.decode(line)
+    except msgspec.DecodeError:
+        return line
+    if not isinstance(fields, dict) or "event" not in fields:
+        return line
+    extras = " ".join(f"{k}={v}" for k, v in fields.items() if k not in _PLUMBING)
+    return f"{fields.get('level', '')} {fields['event']} {extras}".strip()
+
+
 async def logs(store: Store, task_id: str, after: int = 0) -> list[dict[str, Any]]:
-    lines = await store.task_logs_after(task_id, after=after)
-    return [{**line, "line": redact_text(line["line"])} for line in lines]
+    """Log lines after line id ``after``: the stored line, and a readable ``message``."""
+    out = []
+    for line in await store.task_logs_after(task_id, after=after):
+        text = redact_text(line["line"])
+        out.append({**line, "line": text, "message": _message(text)})
+    return out
 
 
 async def triggers(store: Store, classpath: str | None = None) -> dict[str, Any]:
