@@ -173,3 +173,26 @@ def test_db_clean_command_errors(sqlite_url: str, tmp_path: Path) -> None:
         check=False,
     )
     assert missing.returncode == 2 and "error:" in missing.stderr
+
+
+async def test_triggerer_retention_cleans_periodically(
+    db_url: str, procs: Callable[..., Proc]
+) -> None:
+    """`deferrun triggerer --retention 1h` cleans at start (then every 150 s): old finished
+    tasks go, recent ones and live ones stay."""
+    store = make_store(db_url, dead_after=3.0)
+    await store.open()
+    try:
+        old = await finished_tasks(store, 50, "failed", ago=7200)
+        recent = await finished_tasks(store, 5, "success", ago=60)
+        proc = procs(["triggerer", "--retention", "1h"], deferrun_env(db_url, TESTS_DIR))
+        with anyio.fail_after(30):
+            while await store.get_task(old[-1]) is not None:
+                await anyio.sleep(0.2)
+        assert all([await store.get_task(t) is None for t in old])
+        assert all([await store.get_task(t) is not None for t in recent])
+        with anyio.fail_after(10):  # and says so in its log
+            while '"deleted": 50' not in proc.output():
+                await anyio.sleep(0.1)
+    finally:
+        await store.close()
