@@ -196,3 +196,29 @@ async def test_triggerer_retention_cleans_periodically(
                 await anyio.sleep(0.1)
     finally:
         await store.close()
+
+
+async def test_sqlite_reuses_the_pages_a_clean_frees(sqlite_url: str) -> None:
+    """The SQLite file does not shrink after a clean; its free pages take the next rows."""
+    store = make_store(sqlite_url)
+    await store.open()
+    try:
+        conn = store.connector.conn  # type: ignore[attr-defined]
+
+        def pages() -> tuple[int, int]:
+            return (
+                int(conn.execute("PRAGMA page_count").fetchone()[0]),
+                int(conn.execute("PRAGMA freelist_count").fetchone()[0]),
+            )
+
+        await finished_tasks(store, 2000, "success", ago=100)
+        before, free_before = pages()
+        assert (await store.clean_finished(50)).deleted == 2000
+        after, free_after = pages()
+        assert after == before and free_after > before // 2  # not shrunk: pages on the free list
+        await finished_tasks(store, 2000, "success", ago=100)
+        refilled, free_refilled = pages()
+        assert refilled <= before * 1.05 and free_refilled < free_after // 4  # reused
+        assert free_before == 0
+    finally:
+        await store.close()
