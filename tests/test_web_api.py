@@ -9,8 +9,9 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from webland import SECRETS, every_state
+from webland import SECRETS, SecretOp, every_state
 
+from deferrun.client import build_task
 from deferrun.models import TaskState
 from deferrun.store import Store
 from deferrun.web.app import build_app
@@ -95,6 +96,14 @@ async def test_views_paging_and_redaction(store: Store) -> None:
             html = await get(http, base + path)
             assert "<html" in html
         await get(http, base + "/tasks/nope", status=404)
+
+        # the HTML list pages by 50: follow its "next page" link
+        await store.submit_many([build_task(SecretOp(queue="bulk")) for _ in range(55)])
+        first = await get(http, base + "/tasks?queue=bulk")
+        assert first.count('href="/tasks/') == 50
+        link = first.split('id="next" href="')[1].split('"')[0].replace("&amp;", "&")
+        second = await get(http, base + link)
+        assert second.count('href="/tasks/') == 5 and 'id="next"' not in second
 
 
 async def test_actions_need_the_token(store: Store) -> None:
