@@ -1,7 +1,7 @@
 """Status page and retention benchmark.
 
     python -m benchmarks.web_pages --out DIR [--backends sqlite postgres] [--rows 1000000]
-                                   [--clean-rows 200000] [--resume 1000] [--repeat 3]
+                                   [--clean-rows 200000] [--resume 1000] [--spread 30] [--repeat 3]
 
 (a) pages: --rows tasks (85 % success, the rest spread over every other state, 2 % deferred
 on a trigger) are written with direct bulk SQL into the store's tables. `deferrun web`'s app
@@ -10,8 +10,9 @@ and the table shows the median over --repeat runs of each run's p50. The backgro
 the overview reads (all states, and the cheap unfinished-states count) are timed too.
 (b) retention: --clean-rows finished tasks (ended two days ago, two log lines each) are
 bulk-written, a real triggerer and worker start, and --resume deferred tasks are submitted to
-resume at moments spread over 10 s. `deferrun db clean --older-than 1d` starts as the first
-one comes due. Each task's resume delay (its operator's resume time minus the moment its
+come due over --spread seconds (30), the first 30 s later (by then all of them have deferred;
+the JSON says so). `deferrun db clean --older-than 1d` starts as the first one comes due.
+Each task's resume delay (its operator's resume time minus the moment its
 trigger was due) is measured, against a run of the same tasks without the clean. On SQLite the
 file size and free pages are recorded after the clean and after writing as many tasks again.
 Prints a table and writes DIR/web_pages.json.
@@ -97,6 +98,8 @@ def _rows(n: int, prefix: str, finished_ago: float | None) -> list[tuple[Any, ..
     return out
 
 
+LEAD = 30.0  # seconds from submitting the deferred tasks to the first one coming due
+
 INSERT = """INSERT INTO deferrun_tasks (id, name, classpath, kwargs, queue, state, try_number,
     max_tries, retry_delay, created_at, updated_at, finished_at, trigger_id, worker_id)
     VALUES ({})"""
@@ -128,6 +131,9 @@ async def fill(store: Store, db: str, rows: list[tuple[Any, ...]], logs_per_task
                 logs,
             )
         conn.execute("ANALYZE")
+        # as a long-running database would be: its rows in the file, not in a 100 MB WAL that
+        # every later commit would try to checkpoint
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         conn.close()
         return
     pool = store.connector.pool  # type: ignore[attr-defined]
@@ -236,7 +242,7 @@ def sqlite_pages(path: str) -> dict[str, int]:
 
 
 async def retention_run(
-    db: str, clean_rows: int, resume: int, clean: bool, workdir: Path, tag: str
+    db: str, clean_rows: int, resume: int, spread: float, clean: bool, workdir: Path, tag: str
 ) -> dict[str, Any]:
     store = await open_store(db)
     env = env_for(db, DEFERRUN_DEAD_AFTER="5")
@@ -249,9 +255,19 @@ async def retention_run(
             out["sqlite_before"] = sqlite_pages(path)
         procs.append(Process(["triggerer"], env, workdir / f"{tag}-triggerer.log"))
         procs.append(Process(["worker", "--slots", "8"], env, workdir / f"{tag}-worker.log"))
-        start = time.time() + 4.0
-        tasks = [build_task(Roundtrip(at=start + 10.0 * i / resume)) for i in range(resume)]
+        # every task must have run once and deferred before the first is due: 1,000 first
+        # tries take a few seconds on a loaded machine, and that is not a resume delay
+        start = time.time() + LEAD
+        tasks = [build_task(Roundtrip(at=start + spread * i / resume)) for i in range(resume)]
         await store.submit_many(tasks)
+        while time.time() < start - 0.5:
+            if (await store.active_counts()).get("deferred", 0) >= resume:
+                break
+            await asyncio.sleep(0.2)
+        out["all_deferred_before_first_due"] = (await store.active_counts()).get(
+            "deferred", 0
+        ) >= resume
+        out["deferred_seconds_before_first_due"] = round(start - time.time(), 1)
         await asyncio.sleep(max(0.0, start - time.time()))
         cleaner = None
         if clean:
@@ -305,6 +321,12 @@ def main() -> None:
     parser.add_argument("--clean-rows", type=int, default=200_000)
     parser.add_argument("--resume", type=int, default=1000)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--spread",
+        type=float,
+        default=30.0,
+        help="seconds over which the deferred tasks come due (the clean takes about as long)",
+    )
     add_out_argument(parser)
     args = parser.parse_args()
     out_dir = prepare_out(args.out)
@@ -331,6 +353,7 @@ def main() -> None:
                         new_db(backend, f"ret{clean}"),
                         args.clean_rows,
                         args.resume,
+                        args.spread,
                         clean,
                         workdir,
                         f"{backend}-{clean}",
