@@ -222,3 +222,57 @@ async def test_sqlite_reuses_the_pages_a_clean_frees(sqlite_url: str) -> None:
         assert free_before == 0
     finally:
         await store.close()
+
+
+async def test_clean_never_deletes_an_upstream_a_new_downstream_is_submitted_on(
+    db_url: str,
+) -> None:
+    """A clean racing with submits `after=` old tasks: every accepted downstream keeps its
+    upstream (a submit that loses the race is refused with TaskNotFound instead)."""
+    from deferrun.exceptions import TaskNotFound
+
+    submitter = make_store(db_url)
+    cleaner = make_store(db_url)
+    await submitter.open()
+    await cleaner.open()
+    try:
+        old = await finished_tasks(submitter, 2000, "success", ago=3600)
+        accepted: list[tuple[str, str]] = []
+        refused = 0
+        done = anyio.Event()
+
+        async def clean() -> None:
+            try:
+                await cleaner.clean_finished(60, batch_size=25)
+            finally:
+                done.set()
+
+        async def submit() -> None:
+            nonlocal refused
+            # walk the old ids in the clean's rough order, so submits hit rows being cleaned
+            for n in range(4000):
+                if done.is_set():
+                    break
+                up = old[(n * 7) % len(old)]
+                task = build_task(Outcome(what="ok", task_id=f"down-{n}"), after=[up])
+                try:
+                    await submitter.submit(task)
+                except TaskNotFound:
+                    refused += 1
+                else:
+                    accepted.append((task.id, up))
+                await anyio.sleep(0)
+
+        with anyio.fail_after(120):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(clean)
+                tg.start_soon(submit)
+        assert accepted, "no submit ran during the clean"
+        lost = [(d, u) for d, u in accepted if await submitter.get_task(u) is None]
+        assert not lost, f"{len(lost)} of {len(accepted)} downstream tasks lost their upstream"
+        for d, u in accepted[:20]:
+            detail = await submitter.task_detail(d)
+            assert detail is not None and [x["id"] for x in detail["upstream"]] == [u]
+    finally:
+        await submitter.close()
+        await cleaner.close()

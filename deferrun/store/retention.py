@@ -44,10 +44,12 @@ DELETE_DEPS = Query(
 DELETE_TRIGGERS = Query(
     "clean_triggers", "DELETE FROM deferrun_triggers WHERE task_id IN_TEXTS(:ids)"
 )
-# re-checked here: a row is only ever deleted while it is still finished
+# the whole eligibility is re-checked by the DELETE itself (a downstream may have been
+# submitted since the candidates were picked); only the rows it deleted lose their other rows
 DELETE_TASKS = Query(
     "clean_tasks",
-    f"DELETE FROM deferrun_tasks WHERE id IN_TEXTS(:ids) AND state IN {FINISHED} RETURNING id",
+    "DELETE FROM deferrun_tasks WHERE id IN (SELECT t.id FROM deferrun_tasks t "
+    f"WHERE t.id IN_TEXTS(:ids) AND {_ELIGIBLE}) RETURNING id",
 )
 
 
@@ -70,8 +72,9 @@ def clean_batch(states: Sequence[str], older_than: float, batch: int) -> Program
     ids = [r[0] for r in rows]
     if not ids:
         return 0
-    yield run(DELETE_LOGS, ids=ids)
-    yield run(DELETE_DEPS, ids=ids)
-    yield run(DELETE_TRIGGERS, ids=ids)
-    deleted = yield run(DELETE_TASKS, ids=ids)
+    deleted = [r[0] for r in (yield run(DELETE_TASKS, **params, ids=ids))]
+    if deleted:
+        yield run(DELETE_LOGS, ids=deleted)
+        yield run(DELETE_DEPS, ids=deleted)
+        yield run(DELETE_TRIGGERS, ids=deleted)
     return len(deleted)
