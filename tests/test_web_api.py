@@ -81,9 +81,12 @@ async def test_views_paging_and_redaction(store: Store) -> None:
         assert success["result"]["rows"] == 3 and success["result"]["token"] == "***"
 
         logs = await get(http, base + f"/api/tasks/{ids['deferred']}/logs")
-        assert len(logs) == 2 and "***" in logs[0]["line"]
+        assert len(logs) == 4 and "***" in logs[0]["line"]
+        # quoted secrets in free text keep their quotes; structured fields are redacted by key
+        assert "{'password': '***'}" in logs[2]["line"] and 'api_key: "***"' in logs[2]["line"]
+        assert logs[3]["message"] == "info connecting password=*** api_key=*** attempt=2"
         assert (
-            await get(http, base + f"/api/tasks/{ids['deferred']}/logs?after={logs[1]['id']}") == []
+            await get(http, base + f"/api/tasks/{ids['deferred']}/logs?after={logs[3]['id']}") == []
         )
 
         triggers = await get(http, base + "/api/triggers?classpath=userland.NeverTrigger")

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
+import msgspec
 from userland import Flaky, NeverTrigger
 
 from deferrun import serialization
@@ -20,12 +21,32 @@ from deferrun.store import Store
 SECRET_PASSWORD = "hunter2-SECRET-pw"
 SECRET_URL_PASSWORD = "pw-SECRET-in-url"
 SECRET_TOKEN = "tok-SECRET-bearer-123"
-SECRETS = (SECRET_PASSWORD, SECRET_URL_PASSWORD, SECRET_TOKEN)
+# secrets quoted the ways errors, reprs, YAML-ish text and structured log fields quote them
+QUOTED = {
+    "repr_dict": "{'password': 'pw-err-5'}",
+    "repr_kw": "password='pw-repr-6'",
+    "yaml_dq": 'api_key: "ak-yaml-7"',
+    "yaml_sq": "token: 'tok-yaml-7b'",
+    "json": '{"client_secret": "cs-json-7c"}',
+}
+LOG_SECRETS = ("pw-log-8", "ak-log-9")
+SECRETS = (
+    SECRET_PASSWORD,
+    SECRET_URL_PASSWORD,
+    SECRET_TOKEN,
+    "pw-err-5",
+    "pw-repr-6",
+    "ak-yaml-7",
+    "tok-yaml-7b",
+    "cs-json-7c",
+    *LOG_SECRETS,
+)
+QUOTED_TEXT = " ".join(QUOTED.values())
 DSN = f"postgresql://app:{SECRET_URL_PASSWORD}@db.example.com:5432/warehouse"
 SECRET_KWARGS = {
     "password": SECRET_PASSWORD,
     "dsn": DSN,
-    "headers": {"Authorization": f"Bearer {SECRET_TOKEN}"},
+    "headers": {"Authorization": f"Bearer {SECRET_TOKEN}", "X-Note": QUOTED_TEXT},
 }
 
 
@@ -81,7 +102,7 @@ class SecretOp(BaseOperator):
 def _secret_deferral() -> Deferral:
     return Deferral(
         classpath="userland.NeverTrigger",
-        kwargs=serialization.dumps(NeverTrigger(marker=DSN).serialize()[1]),
+        kwargs=serialization.dumps(NeverTrigger(marker=f"{DSN} {QUOTED_TEXT}").serialize()[1]),
         method_name="resume",
         method_kwargs=serialization.dumps({"auth": SECRET_KWARGS}),
         timeout=3600.0,
@@ -98,6 +119,19 @@ class Sleepy(BaseOperator):
     async def execute(self, context: Context) -> Any:
         self.log.info("working", seconds=self.seconds)
         await anyio.sleep(self.seconds)
+
+
+def structured_line() -> str:
+    """A line as ``self.log.info("connecting", password=..., api_key=...)`` stores it."""
+    return msgspec.json.encode(
+        {
+            "event": "connecting",
+            "level": "info",
+            "password": LOG_SECRETS[0],
+            "api_key": LOG_SECRETS[1],
+            "attempt": 2,
+        }
+    ).decode()
 
 
 async def every_state(store: Store, queue: str = "manual", running: bool = True) -> dict[str, str]:
@@ -132,13 +166,16 @@ async def every_state(store: Store, queue: str = "manual", running: bool = True)
     await store.reschedule_task(t.id, await claimed(t), 3600)
     ids["up_for_reschedule"] = t.id
     t = op(task_id="succeeded")
-    result = serialization.dumps({"rows": 3, "token": SECRET_TOKEN, "url": DSN})
+    result = serialization.dumps(
+        {"rows": 3, "token": SECRET_TOKEN, "url": DSN, "note": QUOTED_TEXT}
+    )
     await store.complete_task(t.id, await claimed(t), result)
     ids["success"] = t.id
     t = op(task_id="failed-task")
     error = (
         f"Traceback (most recent call last):\n  File 'op.py', line 3, in execute\n"
-        f"ConnectionError: could not connect to {DSN} (password={SECRET_PASSWORD})"
+        f"ConnectionError: could not connect to {DSN} (password={SECRET_PASSWORD})\n"
+        f"  with {QUOTED_TEXT}"
     )
     await store.fail_task(t.id, await claimed(t), error, retry=False)
     ids["failed"] = t.id
@@ -159,6 +196,8 @@ async def every_state(store: Store, queue: str = "manual", running: bool = True)
         [
             (ids["deferred"], time.time(), "worker", f"connecting to {DSN}"),
             (ids["deferred"], time.time(), "worker", f"Authorization: Bearer {SECRET_TOKEN}"),
+            (ids["deferred"], time.time(), "worker", f"settings {QUOTED_TEXT}"),
+            (ids["deferred"], time.time(), "trigger", structured_line()),
         ],
         keep=100,
     )

@@ -26,10 +26,22 @@ FINISHED = {str(s) for s in FINISHED_STATES}
 _SECRET_KEY = re.compile(
     r"pass|secret|token|api_?key|auth|credential|private|cookie|session|signature", re.I
 )
+# a secret-looking key, quoted or not (JSON, Python repr, YAML-ish, key=value), then its value:
+# quoted (kept quoted, escapes allowed, also JSON escaped inside a string) or a bare word
+_KEY = r"(?:password|passwd|pwd|secret|token|api_?key|access_?key|private_?key|credentials?)"
 _SECRET_TEXT = re.compile(
     r"(?i)\b((?:bearer|token|basic)\s+)[A-Za-z0-9._~+/=-]{6,}"
-    r"|\b((?:password|passwd|pwd|secret|token|api_key)\s*[=:]\s*)[^\s&,;'\"}]+"
+    r"|((?:\\?[\"'])?\b[\w-]*" + _KEY + r"[\w-]*(?:\\?[\"'])?\s*[=:]\s*)"
+    r"(\\\"(?:[^\\]|\\[^\"])*\\\"|\"(?:[^\"\\]|\\.)*\"|'(?:[^'\\]|\\.)*'|[^\s&,;'\"}\]\\]+)"
 )
+
+
+def _hide(match: re.Match[str]) -> str:
+    if match.group(1):
+        return match.group(1) + "***"
+    value = match.group(3)
+    quote = value[:2] if value.startswith("\\") else value[0] if value[0] in "\"'" else ""
+    return match.group(2) + quote + "***" + quote
 
 
 def redact_text(text: str) -> str:
@@ -37,7 +49,7 @@ def redact_text(text: str) -> str:
     connection secret this process has seen."""
     if "://" in text:
         text = config.redact_url(text)
-    text = _SECRET_TEXT.sub(lambda m: (m.group(1) or m.group(2)) + "***", text)
+    text = _SECRET_TEXT.sub(_hide, text)
     return connections.redact(text)
 
 
@@ -267,24 +279,30 @@ async def task(store: Store, task_id: str) -> dict[str, Any] | None:
 _PLUMBING = {"event", "level", "timestamp", "pid", "task_id", "trigger_id", "logger"}
 
 
-def _message(line: str) -> str:
-    """A stored JSON log line as ``level event key=value ...`` for people."""
+def redact_line(line: str) -> tuple[str, str]:
+    """A stored log line, redacted, and as ``level event key=value ...`` for people.
+
+    A structured (JSON) line is redacted by key before it is rendered: its values under
+    secret-looking keys never reach the text, whatever their quoting."""
     try:
         fields = msgspec.json.decode(line)
     except msgspec.DecodeError:
-        return line
+        fields = None
     if not isinstance(fields, dict) or "event" not in fields:
-        return line
+        text = redact_text(line)
+        return text, text
+    fields = redact(fields)
     extras = " ".join(f"{k}={v}" for k, v in fields.items() if k not in _PLUMBING)
-    return f"{fields.get('level', '')} {fields['event']} {extras}".strip()
+    message = f"{fields.get('level', '')} {fields['event']} {extras}".strip()
+    return msgspec.json.encode(fields, enc_hook=repr).decode(), message
 
 
 async def logs(store: Store, task_id: str, after: int = 0) -> list[dict[str, Any]]:
     """Log lines after line id ``after``: the stored line, and a readable ``message``."""
     out = []
     for line in await store.task_logs_after(task_id, after=after):
-        text = redact_text(line["line"])
-        out.append({**line, "line": text, "message": _message(text)})
+        text, message = redact_line(line["line"])
+        out.append({**line, "line": text, "message": message})
     return out
 
 
