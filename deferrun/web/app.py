@@ -66,15 +66,23 @@ def _json(value: Any, status: int = 200) -> web.Response:
 
 
 def _sign(token: str, what: str) -> str:
-    return hmac.new(token.encode(), what.encode(), hashlib.sha256).hexdigest()
+    return hmac.new(
+        token.encode(), what.encode("utf-8", "surrogatepass"), hashlib.sha256
+    ).hexdigest()
+
+
+def _same(given: str, expected: str) -> bool:
+    """Constant-time equality of two strings of any characters (compare_digest refuses
+    non-ASCII str, which a visitor controls)."""
+    return hmac.compare_digest(given.encode("utf-8", "surrogatepass"), expected.encode())
 
 
 def _session(request: web.Request) -> str | None:
-    """The signed-in browser's session id, if its cookie is valid."""
+    """The signed-in browser's session id, if its cookie is valid (a malformed one is none)."""
     token = request.app[CONFIG]["token"]
     cookie = request.cookies.get(COOKIE, "")
     sid, _, mac = cookie.partition(".")
-    if token and sid and hmac.compare_digest(mac, _sign(token, "session:" + sid)):
+    if token and sid and _same(mac, _sign(token, "session:" + sid)):
         return sid
     return None
 
@@ -99,7 +107,7 @@ async def _authorize(request: web.Request, form: dict[str, Any] | None) -> str |
         return "this server is read-only: start `deferrun web` with --token to allow actions"
     header = request.headers.get("Authorization", "")
     if header.startswith("Bearer "):
-        if hmac.compare_digest(header[7:].encode(), token.encode()):
+        if _same(header[7:], token):
             return None
         return "wrong token in the Authorization header"
     if form is None:
@@ -109,7 +117,7 @@ async def _authorize(request: web.Request, form: dict[str, Any] | None) -> str |
     expected = csrf_for(request)
     if expected is None:
         return "sign in with the token first (/login)"
-    if not hmac.compare_digest(str(form.get("csrf", "")), expected):
+    if not _same(str(form.get("csrf", "")), expected):
         return "refused: bad CSRF field; reload the page and try again"
     return None
 
@@ -167,7 +175,7 @@ async def login_post(request: web.Request) -> web.Response:
     if not target.startswith("/") or target.startswith("//"):
         target = "/"
     given = str(form.get("token", ""))
-    if not token or not _same_origin(request) or not hmac.compare_digest(given, token):
+    if not token or not _same_origin(request) or not _same(given, token):
         log.warning("web sign-in refused", remote=request.remote)
         return _page(request, "login.html", error="wrong token (or not same origin)", next=target)
     sid = secrets.token_hex(16)
