@@ -168,12 +168,24 @@ async def login_page(request: web.Request) -> web.Response:
     return _page(request, "login.html", error=None, next=request.query.get("next", "/"))
 
 
+def _local_path(target: str) -> str:
+    """``target`` if it is a path of this app (rebuilt from its path and query), else ``/``.
+
+    Browsers and URL libraries drop tabs and newlines and read ``\\`` as ``/``, so
+    ``/\t/evil.example`` would become ``//evil.example``: any of those refuses the target."""
+    if any(c < " " or c in "\x7f\\" for c in target):
+        return "/"
+    parts = urlsplit(target)
+    path = parts.path
+    if parts.scheme or parts.netloc or not path.startswith("/") or path.startswith("//"):
+        return "/"
+    return path + (f"?{parts.query}" if parts.query else "")
+
+
 async def login_post(request: web.Request) -> web.Response:
     form = dict(await request.post())
     token = request.app[CONFIG]["token"]
-    target = str(form.get("next") or "/")
-    if not target.startswith("/") or target.startswith("//"):
-        target = "/"
+    target = _local_path(str(form.get("next") or "/"))
     given = str(form.get("token", ""))
     if not token or not _same_origin(request) or not _same(given, token):
         log.warning("web sign-in refused", remote=request.remote)

@@ -1,0 +1,70 @@
+"""The status page under hostile input: non-ASCII credentials, open redirects, huge numbers,
+forged audit addresses, brute force, and what a task page may say (both backends)."""
+
+from __future__ import annotations
+
+import aiohttp
+import pytest
+from test_web_api import TOKEN, get, serving
+from webland import every_state
+
+from deferrun.store import Store
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_non_ascii_credentials_are_refused_not_a_server_error(store: Store) -> None:
+    ids = await every_state(store, running=False)
+    jar = aiohttp.CookieJar(unsafe=True)
+    async with serving(store, TOKEN) as base, aiohttp.ClientSession(cookie_jar=jar) as http:
+        origin = {"Origin": base}
+        async with http.post(f"{base}/login", data={"token": "é"}, headers=origin) as r:
+            assert r.status == 200 and "wrong token" in await r.text()
+        async with http.get(base + "/", headers={"Cookie": "deferrun_web=abc.é"}) as r:
+            assert r.status == 200 and "sign in for actions" in await r.text()
+        url = f"{base}/api/tasks/{ids['deferred']}/cancel"
+        async with http.post(url, headers={"Authorization": "Bearer tokén"}) as r:
+            assert r.status == 403
+        async with http.post(f"{base}/login", data={"token": TOKEN}, headers=origin) as r:
+            assert r.status == 200
+        form = f"{base}/tasks/{ids['deferred']}/cancel"
+        async with http.post(
+            form,
+            data="csrf=%C3%A9",
+            headers={**origin, "Content-Type": "application/x-www-form-urlencoded"},
+        ) as r:
+            assert r.status == 403 and "CSRF" in await r.text()
+        await get(http, f"{base}/tasks/{ids['deferred']}")
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/%09/evil.example",
+        "//evil.example",
+        "/\\evil.example",
+        "https://evil.example/",
+        "/%0d%0aSet-Cookie:%20a=b",
+        "/\t/evil.example",
+        "javascript:alert(1)",
+    ],
+)
+async def test_sign_in_redirects_only_within_this_app(store: Store, target: str) -> None:
+    async with serving(store, TOKEN) as base, aiohttp.ClientSession() as http:
+        body = f"token={TOKEN}&next={target}"
+        async with http.post(
+            f"{base}/login",
+            data=body,
+            headers={"Origin": base, "Content-Type": "application/x-www-form-urlencoded"},
+            allow_redirects=False,
+        ) as r:
+            assert r.status == 303
+            assert r.headers["Location"] == "/"
+            assert not r.headers["Set-Cookie"].startswith("a=")
+        async with http.post(
+            f"{base}/login",
+            data={"token": TOKEN, "next": "/tasks?state=failed"},
+            headers={"Origin": base},
+            allow_redirects=False,
+        ) as r:
+            assert r.headers["Location"] == "/tasks?state=failed"
