@@ -251,7 +251,7 @@ async def _act(request: web.Request, action: str, downstream: bool) -> list[str]
         touched = [task_id]
     else:
         touched = await store.retry_task(task_id, downstream=downstream)
-    who = request.headers.get("X-Forwarded-For") or request.remote or "?"
+    who = request.remote or "?"  # never X-Forwarded-For: any client can send it
     at = datetime.now(UTC).isoformat(timespec="seconds")
     what = action + (" with downstream" if downstream else "")
     log.info("web action", action=what, task_id=task_id, remote=who, at=at, touched=touched)
