@@ -68,3 +68,21 @@ async def test_sign_in_redirects_only_within_this_app(store: Store, target: str)
             allow_redirects=False,
         ) as r:
             assert r.headers["Location"] == "/tasks?state=failed"
+
+
+async def test_the_audit_trail_ignores_x_forwarded_for(store: Store) -> None:
+    ids = await every_state(store, running=False)
+    async with serving(store, TOKEN) as base, aiohttp.ClientSession() as http:
+        headers = {"Authorization": f"Bearer {TOKEN}", "X-Forwarded-For": "6.6.6.6"}
+        async with http.post(f"{base}/api/tasks/{ids['deferred']}/cancel", headers=headers) as r:
+            assert r.status == 200
+    lines = [line for _, _, line in await store.task_logs(ids["deferred"])]
+    assert any(line.startswith("cancel by 127.0.0.1 at ") for line in lines), lines
+    assert not any("6.6.6.6" in line for line in lines)
+
+
+async def test_log_cursor_out_of_range_is_a_bad_request(store: Store) -> None:
+    async with serving(store, None) as base, aiohttp.ClientSession() as http:
+        for after in ["99999999999999999999999", "9223372036854775808", "-1", "abc", "٣"]:
+            await get(http, f"{base}/api/tasks/x/logs?after={after}", status=400)
+        assert await get(http, f"{base}/api/tasks/x/logs?after=9223372036854775807") == []

@@ -222,10 +222,10 @@ async def task_api(request: web.Request) -> web.Response:
 
 
 async def logs_api(request: web.Request) -> web.Response:
-    try:
-        after = int(request.query.get("after", "0"))
-    except ValueError:
-        return _json({"error": "after must be a log line id (an integer)"}, 400)
+    text = request.query.get("after", "0")
+    after = int(text) if text.isascii() and text.isdigit() and len(text) <= 19 else -1
+    if not 0 <= after < 2**63:
+        return _json({"error": "after must be a log line id (an integer from 0)"}, 400)
     return _json(await data.logs(request.app[STORE], request.match_info["task_id"], after))
 
 
