@@ -17,7 +17,8 @@ from deferrun.store import Store, open_store
 
 log = structlog.get_logger("deferrun.retention")
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
+_DURATION = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([smhd])\s*$", re.ASCII)
+MAX_BATCH = 100_000
 _UNIT = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
@@ -29,6 +30,15 @@ def parse_duration(text: str) -> float:
             f"{text!r} is not a duration; write a number and a unit: 30s, 15m, 12h or 7d"
         )
     return float(match.group(1)) * _UNIT[match.group(2)]
+
+
+def parse_batch_size(text: str) -> int:
+    """A batch size from 1 to :data:`MAX_BATCH` (one transaction must stay short)."""
+    if not (text.isascii() and text.isdigit() and 1 <= int(text) <= MAX_BATCH):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a batch size; write a whole number from 1 to {MAX_BATCH:,}"
+        )
+    return int(text)
 
 
 def clean_interval(retention: float) -> float:
@@ -104,7 +114,7 @@ def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
     p.add_argument("--dry-run", action="store_true", help="count, delete nothing")
     p.add_argument(
         "--batch-size",
-        type=int,
+        type=parse_batch_size,
         default=500,
         metavar="N",
         help="tasks deleted per transaction (default 500); smaller holds locks shorter",

@@ -174,6 +174,29 @@ def test_db_clean_command_errors(sqlite_url: str, tmp_path: Path) -> None:
     )
     assert missing.returncode == 2 and "error:" in missing.stderr
 
+    async def create() -> None:
+        created = make_store(sqlite_url)
+        await created.open()
+        await created.close()
+
+    anyio.run(create)
+    for option in (
+        ["--older-than", "٣s"],
+        ["--older-than", "1d", "--batch-size", "99999999999999999999999"],
+        ["--older-than", "1d", "--batch-size", "0"],
+        ["--older-than", "1d", "--batch-size", "٣"],
+    ):
+        wrong = subprocess.run(
+            [sys.executable, "-m", "deferrun", "--db", sqlite_url, "db", "clean", *option],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert wrong.returncode == 2 and "Traceback" not in wrong.stderr, (option, wrong.stderr)
+        assert len(wrong.stderr.strip().splitlines()[-1]) < 200, wrong.stderr
+
 
 async def test_triggerer_retention_cleans_periodically(
     db_url: str, procs: Callable[..., Proc]
