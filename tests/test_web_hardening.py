@@ -3,12 +3,21 @@ forged audit addresses, brute force, and what a task page may say (both backends
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
 import aiohttp
+import anyio
 import pytest
+from conftest import wait_until
+from pgcluster import free_port
 from test_web_api import TOKEN, get, serving
 from webland import every_state
 
-from deferrun.store import Store
+from deferrun.store import Store, make_store
 
 pytestmark = pytest.mark.anyio
 
@@ -86,3 +95,45 @@ async def test_log_cursor_out_of_range_is_a_bad_request(store: Store) -> None:
         for after in ["99999999999999999999999", "9223372036854775808", "-1", "abc", "٣"]:
             await get(http, f"{base}/api/tasks/x/logs?after={after}", status=400)
         assert await get(http, f"{base}/api/tasks/x/logs?after=9223372036854775807") == []
+
+
+def test_web_stops_when_its_sqlite_file_is_deleted(tmp_path: Path) -> None:
+    """As every other process: a deleted database file stops `deferrun web` with one line and
+    exit code 2, instead of serving the unlinked file on."""
+    db = tmp_path / "web.db"
+    url = f"sqlite:///{db}"
+
+    async def create() -> None:
+        created = make_store(url)
+        await created.open()
+        await created.close()
+
+    anyio.run(create)
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deferrun", "--db", url, "web", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+
+        def up() -> bool:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/overview", timeout=2):
+                    return True
+            except OSError:
+                return False
+
+        wait_until(up, 30, 0.2, "deferrun web listening")
+        db.unlink()
+        _, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 2, err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "was deleted" in lines[0] and "Traceback" not in err, err

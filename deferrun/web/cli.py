@@ -27,6 +27,21 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     )
 
 
+async def watch_database_file(store: object) -> None:
+    """Stop the server (DatabaseFileGone: one line, exit code 2) once its SQLite file is
+    deleted or replaced, as the other processes do: a status page must not go on showing a
+    database no one else sees. Reads do not pass the store's write-time file check, so this
+    looks every second."""
+    from deferrun.store import sqlite_file
+
+    guard = getattr(getattr(store, "db", None), "_guard", None)
+    if not isinstance(guard, sqlite_file.FileGuard):
+        return  # PostgreSQL: nothing to watch
+    while True:
+        await anyio.sleep(sqlite_file.CHECK_INTERVAL)
+        guard.check(force=True)
+
+
 async def serve_command(args: argparse.Namespace) -> int:
     from aiohttp import web
 
@@ -56,6 +71,7 @@ async def serve_command(args: argparse.Namespace) -> int:
         )
         async with anyio.create_task_group() as tg:
             tg.start_soon(app[SAMPLER].run)
+            tg.start_soon(watch_database_file, store)
             with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async for _ in signals:
                     break
