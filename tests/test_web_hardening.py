@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from test_web_api import TOKEN, get, serving
 from webland import every_state
 
 from deferrun.store import Store, make_store
+from deferrun.web.app import FAILURES, _session_cookie
 
 pytestmark = pytest.mark.anyio
 
@@ -137,3 +139,50 @@ def test_web_stops_when_its_sqlite_file_is_deleted(tmp_path: Path) -> None:
     assert proc.returncode == 2, err
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "was deleted" in lines[0] and "Traceback" not in err, err
+
+
+async def test_refused_credentials_lock_the_address_out(store: Store) -> None:
+    ids = await every_state(store, running=False)
+    async with serving(store, TOKEN) as base, aiohttp.ClientSession() as http:
+        origin = {"Origin": base}
+        for _ in range(FAILURES):
+            async with http.post(f"{base}/login", data={"token": "guess"}, headers=origin) as r:
+                assert r.status == 200 and "wrong token" in await r.text()
+        # locked out: even the right token is refused for a while, with 429
+        async with http.post(f"{base}/login", data={"token": TOKEN}, headers=origin) as r:
+            assert r.status == 429
+        url = f"{base}/api/tasks/{ids['deferred']}/cancel"
+        async with http.post(url, headers={"Authorization": f"Bearer {TOKEN}"}) as r:
+            assert r.status == 429
+    async with serving(store, TOKEN) as base, aiohttp.ClientSession() as http:
+        url = f"{base}/api/tasks/{ids['deferred']}/cancel"
+        for _ in range(FAILURES):
+            async with http.post(url, headers={"Authorization": "Bearer guess"}) as r:
+                assert r.status == 403
+        async with http.post(url, headers={"Authorization": f"Bearer {TOKEN}"}) as r:
+            assert r.status == 429
+
+
+async def test_sessions_expire_and_sign_out_ends_them(store: Store) -> None:
+    ids = await every_state(store, running=False)
+    jar = aiohttp.CookieJar(unsafe=True)
+    async with serving(store, TOKEN) as base, aiohttp.ClientSession(cookie_jar=jar) as http:
+        origin = {"Origin": base}
+        page = f"{base}/tasks/{ids['deferred']}"
+        expired = _session_cookie(TOKEN, "a" * 32, int(time.time()) - 1)
+        async with http.get(page, headers={"Cookie": f"deferrun_web={expired}"}) as r:
+            assert 'name="csrf"' not in await r.text()
+        valid = _session_cookie(TOKEN, "a" * 32, int(time.time()) + 60)
+        async with http.get(page, headers={"Cookie": f"deferrun_web={valid}"}) as r:
+            assert 'name="csrf"' in await r.text()
+
+        async with http.post(f"{base}/login", data={"token": TOKEN}, headers=origin) as r:
+            assert r.status == 200
+            [cookie] = [c for c in jar if c.key == "deferrun_web"]
+            assert 0 < int(cookie["max-age"]) <= 12 * 3600
+        assert 'name="csrf"' in await get(http, page)
+        async with http.post(f"{base}/logout", headers={"Origin": "http://evil.example"}) as r:
+            assert r.status == 403
+        async with http.post(f"{base}/logout", headers=origin) as r:
+            assert r.status == 200
+        assert 'name="csrf"' not in await get(http, page)

@@ -31,6 +31,10 @@ from deferrun.web import data
 log = structlog.get_logger("deferrun.web")
 
 COOKIE = "deferrun_web"
+SESSION_SECONDS = 12 * 3600
+# refused credentials: after FAILURES within WINDOW seconds, an address is refused (429) for
+# LOCKOUT seconds, so the token cannot be guessed at network speed
+FAILURES, WINDOW, LOCKOUT = 5, 60.0, 60.0
 STORE: web.AppKey[Store] = web.AppKey("store", Store)  # type: ignore[type-abstract]
 CONFIG: web.AppKey[dict[str, Any]] = web.AppKey("config", dict)
 SAMPLER: web.AppKey[data.Sampler] = web.AppKey("sampler", data.Sampler)
@@ -77,14 +81,52 @@ def _same(given: str, expected: str) -> bool:
     return hmac.compare_digest(given.encode("utf-8", "surrogatepass"), expected.encode())
 
 
+def _session_cookie(token: str, sid: str, expires: int) -> str:
+    return f"{sid}.{expires}.{_sign(token, f'session:{sid}:{expires}')}"
+
+
 def _session(request: web.Request) -> str | None:
-    """The signed-in browser's session id, if its cookie is valid (a malformed one is none)."""
+    """The signed-in browser's session id, if its cookie is valid and has not expired (the
+    expiry is in the signed value; a malformed cookie is no session)."""
     token = request.app[CONFIG]["token"]
-    cookie = request.cookies.get(COOKIE, "")
-    sid, _, mac = cookie.partition(".")
-    if token and sid and _same(mac, _sign(token, "session:" + sid)):
+    sid, _, rest = request.cookies.get(COOKIE, "").partition(".")
+    expires = rest.partition(".")[0]
+    if not (token and sid and expires.isascii() and expires.isdigit()):
+        return None
+    if _same(rest, _session_cookie(token, sid, int(expires)).partition(".")[2]) and (
+        int(expires) > time.time()
+    ):
         return sid
     return None
+
+
+def _throttled(request: web.Request) -> bool:
+    """True while this remote address is locked out for refused credentials."""
+    locked = request.app[CONFIG]["locked"]
+    until = locked.get(request.remote or "?", 0.0)
+    if until and until <= time.monotonic():
+        del locked[request.remote or "?"]
+        return False
+    return bool(until)
+
+
+def _refused(request: web.Request, what: str) -> None:
+    """Count a refused credential (logged without it); lock the address out after too many."""
+    remote = request.remote or "?"
+    now = time.monotonic()
+    failures: dict[str, list[float]] = request.app[CONFIG]["failures"]
+    recent = [t for t in failures.get(remote, []) if t > now - WINDOW] + [now]
+    failures[remote] = recent
+    if len(recent) >= FAILURES:
+        del failures[remote]
+        request.app[CONFIG]["locked"][remote] = now + LOCKOUT
+        log.warning(
+            "web: too many refused credentials; address locked out", remote=remote, seconds=LOCKOUT
+        )
+    log.warning("web credential refused", what=what, remote=remote)
+
+
+TOO_MANY = "too many refused attempts from this address; try again in a minute"
 
 
 def csrf_for(request: web.Request) -> str | None:
@@ -109,6 +151,7 @@ async def _authorize(request: web.Request, form: dict[str, Any] | None) -> str |
     if header.startswith("Bearer "):
         if _same(header[7:], token):
             return None
+        _refused(request, "bearer token")
         return "wrong token in the Authorization header"
     if form is None:
         return "send Authorization: Bearer TOKEN"
@@ -186,16 +229,26 @@ async def login_post(request: web.Request) -> web.Response:
     form = dict(await request.post())
     token = request.app[CONFIG]["token"]
     target = _local_path(str(form.get("next") or "/"))
+    if _throttled(request):
+        raise web.HTTPTooManyRequests(text=TOO_MANY)
     given = str(form.get("token", ""))
     if not token or not _same_origin(request) or not _same(given, token):
-        log.warning("web sign-in refused", remote=request.remote)
+        _refused(request, "sign-in")
         return _page(request, "login.html", error="wrong token (or not same origin)", next=target)
     sid = secrets.token_hex(16)
     response = web.HTTPSeeOther(target)
-    response.set_cookie(
-        COOKIE, f"{sid}.{_sign(token, 'session:' + sid)}", httponly=True, samesite="Strict"
-    )
+    cookie = _session_cookie(token, sid, int(time.time() + SESSION_SECONDS))
+    response.set_cookie(COOKIE, cookie, httponly=True, samesite="Strict", max_age=SESSION_SECONDS)
     log.info("web sign-in", remote=request.remote)
+    raise response
+
+
+async def logout_post(request: web.Request) -> web.Response:
+    """Forget this browser's session (same-origin posts only, so no page elsewhere can)."""
+    if not _same_origin(request):
+        raise web.HTTPForbidden(text="refused: the form was not posted from this server")
+    response = web.HTTPSeeOther("/")
+    response.del_cookie(COOKIE)
     raise response
 
 
@@ -262,8 +315,11 @@ async def _act(request: web.Request, action: str, downstream: bool) -> list[str]
 
 
 async def action_api(request: web.Request) -> web.Response:
+    if _throttled(request):
+        return _json({"error": TOO_MANY}, 429)
     refusal = await _authorize(request, None)
     if refusal:
+        log.warning("web action refused", remote=request.remote, why=refusal)
         return _json({"error": refusal}, 403)
     action = request.match_info["action"]
     try:
@@ -296,7 +352,7 @@ def build_app(
 ) -> web.Application:
     app = web.Application()
     app[STORE] = store
-    app[CONFIG] = {"token": token or ""}
+    app[CONFIG] = {"token": token or "", "failures": {}, "locked": {}}
     app[SAMPLER] = sampler or data.Sampler(store)
     actions = "{action:cancel|retry}"
     app.router.add_get("/", overview_page)
@@ -306,6 +362,7 @@ def build_app(
     app.router.add_get("/triggers", triggers_page)
     app.router.add_get("/login", login_page)
     app.router.add_post("/login", login_post)
+    app.router.add_post("/logout", logout_post)
     app.router.add_get("/api/overview", overview_api)
     app.router.add_get("/api/tasks", tasks_api)
     app.router.add_get("/api/tasks/{task_id}", task_api)
