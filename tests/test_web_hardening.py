@@ -186,3 +186,14 @@ async def test_sessions_expire_and_sign_out_ends_them(store: Store) -> None:
         async with http.post(f"{base}/logout", headers=origin) as r:
             assert r.status == 200
         assert 'name="csrf"' not in await get(http, page)
+
+
+async def test_a_task_page_shows_only_its_own_messages(store: Store) -> None:
+    ids = await every_state(store, running=False)
+    async with serving(store, None) as base, aiohttp.ClientSession() as http:
+        page = f"{base}/tasks/{ids['deferred']}"
+        spoof = await get(http, page + "?message=Your+account+is+locked,+call+555-0100")
+        assert "555-0100" not in spoof
+        spoof = await get(http, page + "?done=Your+account+is+locked")
+        assert "account" not in spoof and 'id="message"' not in spoof
+        assert 'id="message">cancelled<' in await get(http, page + "?done=cancelled")

@@ -126,6 +126,14 @@ def _refused(request: web.Request, what: str) -> None:
     log.warning("web credential refused", what=what, remote=remote)
 
 
+# what a task page may say after an action: only these texts, chosen by code (?done=...), so
+# a link cannot make the page say something else
+DONE = {
+    "cancelled": "cancelled",
+    "retried": "retry: the task (and any downstream asked for) put back",
+    "refused": "not done: the task has changed since the page was loaded; reload to see why",
+}
+
 TOO_MANY = "too many refused attempts from this address; try again in a minute"
 
 
@@ -199,7 +207,8 @@ async def task_page(request: web.Request) -> web.Response:
     view = await data.task(request.app[STORE], task_id)
     if view is None:
         raise web.HTTPNotFound(text=f"no task {task_id!r} in this database")
-    return _page(request, "task.html", task=view, message=request.query.get("message"))
+    done = request.query.get("done", "")
+    return _page(request, "task.html", task=view, message=DONE.get(done))
 
 
 async def triggers_page(request: web.Request) -> web.Response:
@@ -340,11 +349,12 @@ async def action_form(request: web.Request) -> web.Response:
         raise web.HTTPForbidden(text=refusal)
     action = request.match_info["action"]
     try:
-        touched = await _act(request, action, form.get("downstream") == "1")
-        message = f"{action}: {len(touched)} task(s) put back" if action == "retry" else "cancelled"
+        await _act(request, action, form.get("downstream") == "1")
+        done = "cancelled" if action == "cancel" else "retried"
     except (TaskNotFound, ValueError) as exc:
-        message = str(exc)
-    raise web.HTTPSeeOther(f"/tasks/{task_id}?{urlencode({'message': message})}")
+        log.warning("web action not done", action=action, task_id=task_id, why=str(exc))
+        done = "refused"
+    raise web.HTTPSeeOther(f"/tasks/{task_id}?{urlencode({'done': done})}")
 
 
 def build_app(
