@@ -3,12 +3,14 @@ forged audit addresses, brute force, and what a task page may say (both backends
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import aiohttp
 import anyio
@@ -197,3 +199,72 @@ async def test_a_task_page_shows_only_its_own_messages(store: Store) -> None:
         spoof = await get(http, page + "?done=Your+account+is+locked")
         assert "account" not in spoof and 'id="message"' not in spoof
         assert 'id="message">cancelled<' in await get(http, page + "?done=cancelled")
+
+
+class Cut:
+    """A loopback TCP relay to PostgreSQL that the test can cut, as a server going down does
+    (connections reset, new ones refused), and restore on the same port."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.port = free_port()
+        self.server: asyncio.Server | None = None
+        self.links: list[asyncio.StreamWriter] = []
+
+    async def up(self) -> None:
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except OSError:
+                pass  # the other side was cut: the relay's whole job
+            finally:
+                dst.close()
+
+        async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+            self.links += [writer, up_writer]
+            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+        self.server = await asyncio.start_server(relay, "127.0.0.1", self.port)
+
+    async def down(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for link in self.links:
+            link.transport.abort()
+        self.links.clear()
+        await self.server.wait_closed()
+
+
+async def test_pages_say_the_database_is_unavailable(pg_url: str) -> None:
+    """PostgreSQL going away: pages and JSON are 503 'database unavailable', not a 500, and
+    work again once it answers."""
+    parts = urlsplit(pg_url)
+    cut = Cut(parts.hostname or "127.0.0.1", parts.port or 5432)
+    await cut.up()
+    store = make_store(pg_url.replace(f":{parts.port}/", f":{cut.port}/", 1))
+    await store.open()
+    try:
+        async with serving(store, None) as base, aiohttp.ClientSession() as http:
+            await get(http, base + "/api/tasks")
+            await cut.down()
+            seen = []
+            for path in ["/tasks", "/api/tasks", "/"]:
+                async with http.get(base + path) as r:
+                    seen.append((r.status, (await r.text())[:90]))
+            assert all(st == 503 and "database unavailable" in t for st, t in seen), seen
+            await cut.up()
+
+            async def back() -> bool:
+                async with http.get(base + "/api/tasks") as r:
+                    return r.status == 200
+
+            with anyio.fail_after(30):
+                while not await back():
+                    await anyio.sleep(0.2)
+    finally:
+        await store.close()
+        if cut.server is not None and cut.server.is_serving():
+            await cut.down()

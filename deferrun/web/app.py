@@ -26,6 +26,7 @@ from aiohttp import web
 from deferrun.exceptions import TaskNotFound
 from deferrun.models import FINISHED_STATES
 from deferrun.store import Store
+from deferrun.store.base import is_connection_error
 from deferrun.web import data
 
 log = structlog.get_logger("deferrun.web")
@@ -357,10 +358,29 @@ async def action_form(request: web.Request) -> web.Response:
     raise web.HTTPSeeOther(f"/tasks/{task_id}?{urlencode({'done': done})}")
 
 
+UNAVAILABLE = "database unavailable, retrying: this page works again once the database answers"
+
+
+@web.middleware
+async def unavailable(request: web.Request, handler: Any) -> web.StreamResponse:
+    """A database that cannot be reached is a 503 saying so, not a bare 500."""
+    try:
+        return await handler(request)  # type: ignore[no-any-return]
+    except web.HTTPException:
+        raise
+    except Exception as exc:
+        if not is_connection_error(exc):
+            raise
+        log.warning("web: database unavailable", path=request.path, error=repr(exc))
+        if request.path.startswith("/api/"):
+            return _json({"error": UNAVAILABLE}, 503)
+        return web.Response(text=UNAVAILABLE, status=503, headers={"Retry-After": "5"})
+
+
 def build_app(
     store: Store, token: str | None, sampler: data.Sampler | None = None
 ) -> web.Application:
-    app = web.Application()
+    app = web.Application(middlewares=[unavailable])
     app[STORE] = store
     app[CONFIG] = {"token": token or "", "failures": {}, "locked": {}}
     app[SAMPLER] = sampler or data.Sampler(store)
