@@ -18,7 +18,7 @@ import anyio
 import anyio.abc
 import structlog
 
-from deferrun import actions, config, views
+from deferrun import actions, config, retention, views
 from deferrun.exceptions import DeferrunError
 from deferrun.log import configure_logging
 from deferrun.metrics import CountingStore, Metrics, loop_and_db_health, serve
@@ -28,6 +28,7 @@ from deferrun.store import Store, make_store
 from deferrun.tasklogs import TaskLogSink
 from deferrun.triggerer import Triggerer
 from deferrun.watchdog import LoopWatchdog
+from deferrun.web import cli as web_cli
 from deferrun.worker import Worker
 
 log = structlog.get_logger("deferrun.cli")
@@ -76,6 +77,8 @@ async def _serve(
         tg.start_soon(sink.run, name="task-log-sink")
         if getattr(args, "metrics_port", None) is not None:
             await tg.start(serve, metrics, args.metrics_host, args.metrics_port, health_check)
+        if getattr(args, "retention", None) is not None:
+            tg.start_soon(retention.clean_periodically, store, args.retention)
         async with anyio.create_task_group() as inner:
             for component in components:
                 inner.start_soon(component.run)
@@ -238,7 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("triggerer", parents=[common], help="run triggers for deferred tasks")
     p.add_argument("--capacity", type=int, default=1000, help="most triggers run at once")
     p.add_argument("--queue", action="append", help="queue(s) to serve (default: all)")
-
+    p.add_argument(
+        "--retention",
+        type=retention.parse_duration,
+        metavar="AGE",
+        help="also delete finished tasks older than AGE (7d, 12h...) periodically",
+    )
     _add_metrics(p)
     _add_imports(p)
 
@@ -257,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_imports(p)
 
     actions.add_parsers(sub, common)
+    retention.add_parsers(sub, common)
+    web_cli.add_parser(sub, common)
 
     p = sub.add_parser("tasks", parents=[common], help="list tasks")
     p.add_argument("--state", choices=[s.value for s in TaskState])
@@ -293,6 +303,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "task": lambda: views.task(args),
         "triggers": lambda: views.triggers(args),
         "logs": lambda: views.logs(args),
+        "db": lambda: retention.clean_command(args),
+        "web": lambda: web_cli.serve_command(args),
     }
     try:
         return _run(commands[args.command])

@@ -231,3 +231,15 @@ class _TimedSteps:
         except Exception as exc:
             details = {"describe_error": repr(exc)}
         self._watchdog.note_step(name, seconds, details)
+
+
+def worst_recent_lag() -> float | None:
+    """The worst of this loop's recent lags (seconds), or None when no watchdog runs here."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+    dog = _BY_LOOP.get(loop)
+    if dog is None or not dog.recent_lags:
+        return None
+    return max(list(dog.recent_lags)[-100:])

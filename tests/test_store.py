@@ -253,6 +253,9 @@ async def test_schema_v1_database_is_migrated(db_url: str) -> None:
 
         assert await _schema_version(store) == SCHEMA_VERSION
         assert await store.load_xcoms(task_id) == {}  # the v6 xcom table exists again
+        await store.register_process("p1", "worker", ["default"], 1)
+        await store.heartbeat("p1")  # writes loop_lag, a version 7 column
+        assert [p["id"] for p in await store.process_load()] == ["p1"]
     finally:
         await store.close()
 
@@ -277,6 +280,7 @@ async def _downgrade_to_v1(store: Store) -> None:
         for column in ("trigger_rule", "has_downstream", "retries"):
             conn.execute(f"ALTER TABLE tasks DROP COLUMN {column}")
         conn.execute("ALTER TABLE triggers DROP COLUMN watch_task_id")
+        conn.execute("ALTER TABLE processes DROP COLUMN loop_lag")
         conn.execute("PRAGMA user_version = 1")
     else:
         assert isinstance(store, PostgresStore)
@@ -291,6 +295,7 @@ async def _downgrade_to_v1(store: Store) -> None:
         await pool.execute("ALTER TABLE deferrun_triggers DROP COLUMN watch_task_id")
         for column in ("affinity", "poll_key"):  # version 5
             await pool.execute(f"ALTER TABLE deferrun_triggers DROP COLUMN {column}")
+        await pool.execute("ALTER TABLE deferrun_processes DROP COLUMN loop_lag")
         await pool.execute("DELETE FROM deferrun_schema")
         await pool.execute("INSERT INTO deferrun_schema VALUES (1)")
 

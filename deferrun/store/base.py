@@ -284,5 +284,50 @@ class Inspection(Protocol):
         """(at, source, line) in the order they were logged, across processes."""
 
 
-class Store(Runtime, Inspection, Protocol):
+class Observation(Protocol):
+    """The status page's reads and retention (``deferrun web``, ``deferrun db clean``);
+    implemented in :mod:`deferrun.store.observe`."""
+
+    async def clean_finished(
+        self,
+        older_than: float,
+        states: Sequence[str] = (),
+        *,
+        batch_size: int = 500,
+        dry_run: bool = False,
+        on_batch: Any = None,
+    ) -> Any:
+        """Delete finished tasks older than ``older_than`` s in short batches (a CleanReport)."""
+
+    async def active_counts(self) -> dict[str, int]: ...
+
+    async def process_load(self) -> list[dict[str, Any]]: ...
+
+    async def oldest_triggers(self) -> dict[str, dict[str, Any] | None]: ...
+
+    async def trigger_groups(self) -> list[dict[str, Any]]: ...
+
+    async def triggers_of_class(
+        self, classpath: str, after: int = 0, limit: int = 100
+    ) -> list[dict[str, Any]]: ...
+
+    async def task_page(
+        self,
+        *,
+        state: str | None = None,
+        name: str | None = None,
+        queue: str | None = None,
+        cursor: str | None = None,
+        limit: int = 50,
+    ) -> tuple[list[TaskInfo], str | None]:
+        """Keyset-paged tasks, newest first, and the next page's cursor."""
+
+    async def task_detail(self, task_id: str) -> dict[str, Any] | None: ...
+
+    async def task_logs_after(
+        self, task_id: str, after: int = 0, limit: int = 500
+    ) -> list[dict[str, Any]]: ...
+
+
+class Store(Runtime, Inspection, Observation, Protocol):
     """Both halves: what every backend implements."""

@@ -35,7 +35,8 @@ UPSERT_PROCESS = Query(
 )
 HEARTBEAT = Query(
     "heartbeat",
-    "UPDATE deferrun_processes SET heartbeat_at = {now} WHERE id = :id RETURNING id",
+    "UPDATE deferrun_processes SET heartbeat_at = {now}, loop_lag = :loop_lag WHERE id = :id "
+    "RETURNING id",
 )
 REQUEUE_WORKER = Query(
     "requeue_worker",
@@ -109,7 +110,7 @@ def deregister(process_id: str) -> Program[None]:
 
 
 def heartbeat(process: dict[str, Any]) -> Program[None]:
-    rows = yield run(HEARTBEAT, id=process["id"])
+    rows = yield run(HEARTBEAT, id=process["id"], loop_lag=process.get("loop_lag"))
     if not rows:  # declared dead while we were alive: come back
         yield run(UPSERT_PROCESS, **process)
 

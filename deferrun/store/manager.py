@@ -28,9 +28,11 @@ from deferrun.models import (
 )
 from deferrun.store import machine, maintenance, pipelines, xcom
 from deferrun.store.base import ROLE_CHANNEL, Channel, ReapReport, Role, Wakeup
+from deferrun.store.observe import Observe
 from deferrun.store.rows import TASK_INFO_COLUMNS, load_or_raw, task_info
 from deferrun.store.sql import Program, Query, R, Row
 from deferrun.store.xcom import XComWrite, with_xcoms
+from deferrun.watchdog import worst_recent_lag
 
 _TASK_INFO = (
     f"SELECT {TASK_INFO_COLUMNS} FROM deferrun_tasks t "
@@ -114,7 +116,7 @@ class Connector(Protocol):
         """Called at every heartbeat: re-establish listeners, refresh whom to wake."""
 
 
-class SqlStore:
+class SqlStore(Observe):
     """The :class:`~deferrun.store.base.Store` of every SQL backend."""
 
     def __init__(self, connector: Connector, *, dead_after: float = 10.0) -> None:
@@ -156,6 +158,7 @@ class SqlStore:
     async def heartbeat(self, process_id: str) -> None:
         process = self._processes.get(process_id)
         if process is not None:
+            process["loop_lag"] = worst_recent_lag()  # shown on the status page
             await self.db.transact(maintenance.heartbeat(process), atomic=False)
         await self.db.upkeep()
 

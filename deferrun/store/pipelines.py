@@ -33,15 +33,16 @@ TRIGGER_RULES = (
 _BAD = "('failed', 'upstream_failed', 'cancelled')"
 WAITING = "state = 'deferred' AND trigger_id IS NULL AND trigger_rule IS NOT NULL"
 
-EXISTING = Query("existing", "SELECT id FROM deferrun_tasks WHERE id IN_TEXTS(:ids)")
 INSERT_DEP = Query(
     "insert_dep",
     "INSERT INTO deferrun_deps (task_id, upstream_id) VALUES (:task_id, :upstream_id) {count}",
     many=True,
 )
+# also the existence check: the UPDATE locks each upstream row until the submit commits, so a
+# concurrent `db clean` either skips the row (SKIP LOCKED) or deleted it first (no row: refused)
 MARK_WAITED_ON = Query(
     "mark_waited_on",
-    "UPDATE deferrun_tasks SET has_downstream = true WHERE id IN_TEXTS(:ids)",
+    "UPDATE deferrun_tasks SET has_downstream = true WHERE id IN_TEXTS(:ids) RETURNING id",
 )
 _WAITER_COUNTS = f"""SELECT d.id, d.trigger_rule, count(*),
         sum(CASE WHEN u.state = 'success' THEN 1 ELSE 0 END),
@@ -303,7 +304,7 @@ def submit_waiting(
     _refuse_cycles(tasks)
     yield run_many(insert, rows)
     upstream = sorted({u for t in tasks for u in t.after})
-    found = {r[0] for r in (yield run(EXISTING, ids=upstream))}
+    found = {r[0] for r in (yield run(MARK_WAITED_ON, ids=upstream))}
     missing = [i for i in upstream if i not in found]
     if missing:
         shown = ", ".join(missing[:5]) + (
@@ -315,7 +316,6 @@ def submit_waiting(
         )
     deps = [{"task_id": t.id, "upstream_id": u} for t in tasks for u in sorted(set(t.after))]
     yield run_many(INSERT_DEP, deps)
-    yield run(MARK_WAITED_ON, ids=upstream)
     yield from settle([t.id for t in tasks], by_id=True)  # upstreams already ended count now
 
 

@@ -113,6 +113,15 @@ CREATE TABLE IF NOT EXISTS deferrun_xcom (
     PRIMARY KEY (task_id, xcom_key)
 );
 
+-- version 7 (issue 13): the status page and retention. Each process's recent event-loop lag;
+-- keyset-paged task lists by time (all, by name, by queue); finished tasks by end time.
+ALTER TABLE deferrun_processes ADD COLUMN IF NOT EXISTS loop_lag double precision;
+CREATE INDEX IF NOT EXISTS deferrun_tasks_created ON deferrun_tasks (created_at, id);
+CREATE INDEX IF NOT EXISTS deferrun_tasks_name_created ON deferrun_tasks (name, created_at, id);
+CREATE INDEX IF NOT EXISTS deferrun_tasks_queue_created ON deferrun_tasks (queue, created_at, id);
+CREATE INDEX IF NOT EXISTS deferrun_tasks_state_created_id ON deferrun_tasks (state, created_at, id);
+CREATE INDEX IF NOT EXISTS deferrun_tasks_state_finished ON deferrun_tasks (state, finished_at);
+
 -- version 8 (issue 15): newest-first task listing walks an index (keyset paging by
 -- (created_at, id)) instead of sorting every row; the state index gains the id tiebreak.
 CREATE INDEX IF NOT EXISTS deferrun_tasks_created ON deferrun_tasks (created_at, id);

@@ -259,6 +259,8 @@ class SQLiteConnector:
                 self._add_v5_columns(c)
             if 0 < version < 6:
                 self._add_v6_xcom(c)
+            if 0 < version < 7:
+                self._add_v7_columns(c)
             if 0 < version < 8:
                 self._add_v8_indexes(c)
             code = "\n".join(
@@ -303,6 +305,12 @@ class SQLiteConnector:
             "CREATE TABLE IF NOT EXISTS deferrun_xcom (task_id TEXT NOT NULL, xcom_key TEXT "
             "NOT NULL, value TEXT NOT NULL, PRIMARY KEY (task_id, xcom_key))"
         )
+
+    @staticmethod
+    def _add_v7_columns(c: sqlite3.Connection) -> None:
+        """Version 7 (issue 13): each process's recent event-loop lag, for the status page."""
+        if "loop_lag" not in {r[1] for r in c.execute("PRAGMA table_info(deferrun_processes)")}:
+            c.execute("ALTER TABLE deferrun_processes ADD COLUMN loop_lag REAL")
 
     @staticmethod
     def _rename_v2_tables(c: sqlite3.Connection) -> None:

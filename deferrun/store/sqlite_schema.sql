@@ -69,6 +69,7 @@ CREATE TABLE IF NOT EXISTS deferrun_processes (
     queues       TEXT NOT NULL,
     capacity     INTEGER NOT NULL,
     wake_port    INTEGER,
+    loop_lag     REAL,
     started_at   REAL NOT NULL,
     heartbeat_at REAL NOT NULL
 );
@@ -112,3 +113,11 @@ CREATE TABLE IF NOT EXISTS deferrun_xcom (
     value    TEXT NOT NULL,
     PRIMARY KEY (task_id, xcom_key)
 );
+
+-- Version 7 (issue 13): the status page and retention. Keyset-paged task lists by time (all,
+-- by name, by queue), and finished tasks by end time for `deferrun db clean`.
+CREATE INDEX IF NOT EXISTS deferrun_tasks_created ON deferrun_tasks (created_at, id);
+CREATE INDEX IF NOT EXISTS deferrun_tasks_name_created ON deferrun_tasks (name, created_at, id);
+CREATE INDEX IF NOT EXISTS deferrun_tasks_queue_created ON deferrun_tasks (queue, created_at, id);
+CREATE INDEX IF NOT EXISTS deferrun_tasks_state_created_id ON deferrun_tasks (state, created_at, id);
+CREATE INDEX IF NOT EXISTS deferrun_tasks_state_finished ON deferrun_tasks (state, finished_at);

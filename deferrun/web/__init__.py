@@ -1,0 +1,1 @@
+"""``deferrun web``: a status page (HTML and ``/api/...`` JSON) for a deferrun database."""
