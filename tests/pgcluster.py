@@ -12,7 +12,9 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import anyio
@@ -127,5 +129,21 @@ class PgCluster:
             finally:
                 await conn.close()
 
-        anyio.run(create)
+        # its own thread: a sync fixture may be set up while the test's event loop already
+        # runs in this thread (after an async fixture), where anyio.run refuses to start
+        failed: list[BaseException] = []
+        thread = threading.Thread(target=lambda: _run_catching(create, failed))
+        thread.start()
+        thread.join(timeout=60)
+        if failed:
+            raise failed[0]
+        if thread.is_alive():
+            raise TimeoutError(f"creating database {name} took over 60 s")
         return self.url(name)
+
+
+def _run_catching(func: Callable[[], Awaitable[None]], failed: list[BaseException]) -> None:
+    try:
+        anyio.run(func)
+    except BaseException as exc:  # handed to the calling thread, which raises it
+        failed.append(exc)
