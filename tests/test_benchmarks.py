@@ -25,6 +25,7 @@ BENCHMARKS = [
     "benchmarks.pipelines",
     "benchmarks.shared_polls",
     "benchmarks.aws_waits",
+    "benchmarks.web_pages",
     "benchmarks.idle",
     "benchmarks.listing",
     "benchmarks.fleet",
@@ -298,3 +299,26 @@ def test_run_all_writes_one_report(tmp_path: Path) -> None:
     assert "## pipelines" in report and "## listing" in report and "failed" not in report
     assert "## cycle-sqlite" not in report  # --only
     assert {"pipelines.json", "listing.json"} <= {p.name for p in tmp_path.iterdir()}
+
+
+@pytest.mark.e2e
+def test_web_pages_smoke(tmp_path: Path) -> None:
+    out = run_benchmark(
+        "benchmarks.web_pages",
+        "--out",
+        str(tmp_path),
+        "--backends",
+        "sqlite",
+        "--rows",
+        "2000",
+        "--clean-rows",
+        "500",
+        "--resume",
+        "20",
+        "--repeat",
+        "1",
+        "--spread",
+        "2",
+    )
+    assert "|" in out
+    assert (tmp_path / "web_pages.json").exists()
