@@ -16,13 +16,13 @@ from deferrun.store import pipelines
 from deferrun.store.machine import (
     EXPIRE_BATCH,
     LIVE_PROCESSES,
-    RELEASE_ALL_TRIGGERS,
     REQUEUE,
     clean_text,
     end_in_failure,
     resume,
 )
 from deferrun.store.sql import Notify, Program, Query, run, run_many
+from deferrun.store.trigger_claims import RELEASE_ALL_TRIGGERS
 
 # -- processes and reaping ----------------------------------------------------------------
 

@@ -26,7 +26,7 @@ from deferrun.models import (
     UpstreamWait,
     ts,
 )
-from deferrun.store import machine, maintenance, pipelines, xcom
+from deferrun.store import machine, maintenance, pipelines, trigger_claims, xcom
 from deferrun.store.base import ROLE_CHANNEL, Channel, ReapReport, Role, Wakeup
 from deferrun.store.observe import Observe
 from deferrun.store.rows import TASK_INFO_COLUMNS, load_or_raw, task_info
@@ -379,7 +379,7 @@ class SqlStore(Observe):
             return []
         return await self.db.transact(
             # one transaction: its claim lock keeps groups of identical triggers together
-            machine.claim_triggers(triggerer_id, queues, limit, self.dead_after)
+            trigger_claims.claim_triggers(triggerer_id, queues, limit, self.dead_after)
         )
 
     async def owned_trigger_ids(self, triggerer_id: str) -> set[int]:
@@ -397,7 +397,7 @@ class SqlStore(Observe):
         return await self.db.transact(machine.resume(list(failures)))
 
     async def release_triggers(self, triggerer_id: str, ids: Sequence[int] | None = None) -> int:
-        return await self.db.transact(machine.release_triggers(triggerer_id, ids))
+        return await self.db.transact(trigger_claims.release_triggers(triggerer_id, ids))
 
     async def list_triggers(self) -> list[TriggerInfo]:
         return [
