@@ -1,0 +1,68 @@
+"""A claim whose COMMIT reached the database but whose reply was lost: the tasks it claimed
+are ``running`` for a live worker that never started them. The worker's ownership check puts
+them back on the queue; each still runs exactly once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from hostile_ops import Steps
+
+from deferrun.client import AsyncClient
+from deferrun.exceptions import StoreUnavailable
+from deferrun.models import TaskState
+from deferrun.store import Store
+from deferrun.worker import Worker
+
+
+class LostReplyStore:
+    """The real store; the first ``method`` call that claims something commits, then raises
+    as if the connection dropped while the COMMIT's reply was on its way."""
+
+    def __init__(self, inner: Store, method: str) -> None:
+        self.inner = inner
+        self.method = method
+        self.lost: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.inner, name)
+        if name != self.method:
+            return attr
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            answer = await attr(*args, **kwargs)
+            claimed = answer[1] if name == "record_outcomes" else answer
+            if claimed and not self.lost:
+                self.lost += [t.id for t in claimed]
+                raise StoreUnavailable("simulated: connection lost reading the COMMIT reply")
+            return answer
+
+        return call
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("method", ["claim_tasks", "record_outcomes"])
+async def test_tasks_of_a_claim_whose_reply_was_lost_run_once(
+    store: Store, method: str, tmp_path: Path
+) -> None:
+    log = tmp_path / "steps.log"
+    lossy = LostReplyStore(store, method)
+    worker = Worker(lossy, slots=2, dead_after=2.0, grace_period=2.0)  # type: ignore[arg-type]
+    worker._claim_in_record = True  # claim in the outcome transaction on SQLite too
+    client = AsyncClient(store=store)
+    ids = [await client.submit(Steps(log=str(log), steps=2, step=0.01)) for _ in range(6)]
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.run)
+        try:
+            with anyio.fail_after(20):
+                infos = [await client.wait(i, timeout=20) for i in ids]
+        finally:
+            worker.stop()
+    assert lossy.lost, "the fault was never injected"
+    assert [i.state for i in infos] == [TaskState.SUCCESS] * len(ids), infos
+    assert all(i.try_number == 1 for i in infos), infos  # re-queued on the same try
+    starts = [line.split()[1] for line in log.read_text().splitlines() if line.startswith("start")]
+    assert sorted(starts) == sorted(ids)  # each ran exactly once
