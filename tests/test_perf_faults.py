@@ -1,6 +1,9 @@
-"""A claim whose COMMIT reached the database but whose reply was lost: the tasks it claimed
-are ``running`` for a live worker that never started them. The worker's ownership check puts
-them back on the queue; each still runs exactly once."""
+"""Faults the performance round (group commit, claim in the outcome transaction, thread
+start off the loop, long idle polls, keyset listing) must survive.
+
+A claim whose COMMIT reached the database but whose reply was lost leaves tasks ``running``
+for a live worker that never started them: the worker's ownership check re-queues them, and
+each still runs exactly once."""
 
 from __future__ import annotations
 
@@ -9,7 +12,8 @@ from typing import Any
 
 import anyio
 import pytest
-from hostile_ops import Steps
+from hostile_ops import Steps, ThreadLocalPeek
+from tests_support import runtime_for
 
 from deferrun.client import AsyncClient
 from deferrun.exceptions import StoreUnavailable
@@ -66,3 +70,14 @@ async def test_tasks_of_a_claim_whose_reply_was_lost_run_once(
     assert all(i.try_number == 1 for i in infos), infos  # re-queued on the same try
     starts = [line.split()[1] for line in log.read_text().splitlines() if line.startswith("start")]
     assert sorted(starts) == sorted(ids)  # each ran exactly once
+
+
+@pytest.mark.anyio
+async def test_thread_local_state_never_reaches_another_task(store: Store) -> None:
+    """Each sync attempt has a thread of its own: what one leaves in a threading.local (or
+    its thread's name) is not what the next finds, even on a single slot."""
+    async with runtime_for(store, slots=1, triggerer=False) as rt:
+        results = [(await rt.run_to_end(ThreadLocalPeek(), timeout=10)) for _ in range(5)]
+    assert all(i.state is TaskState.SUCCESS for i in results), results
+    assert [i.result["seen"] for i in results] == [None] * 5
+    assert all(i.result["name"] == f"deferrun-task-{i.id}" for i in results), results
