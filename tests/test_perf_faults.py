@@ -7,18 +7,20 @@ each still runs exactly once."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
-from hostile_ops import Steps, ThreadLocalPeek
+from hostile_ops import Returns, Steps, ThreadLocalPeek
+from silent_proxy import SilencingProxy
 from tests_support import runtime_for
 
 from deferrun.client import AsyncClient
 from deferrun.exceptions import StoreUnavailable
 from deferrun.models import TaskState
-from deferrun.store import Store
+from deferrun.store import Store, make_store
 from deferrun.worker import Worker
 
 
@@ -81,3 +83,45 @@ async def test_thread_local_state_never_reaches_another_task(store: Store) -> No
     assert all(i.state is TaskState.SUCCESS for i in results), results
     assert [i.result["seen"] for i in results] == [None] * 5
     assert all(i.result["name"] == f"deferrun-task-{i.id}" for i in results), results
+
+
+@pytest.mark.anyio
+async def test_silently_dropped_listen_connection_is_replaced(pg_url: str) -> None:
+    """PostgreSQL only (SQLite has no LISTEN and polls every second). Once the proxy swallows
+    the LISTEN connection's traffic, a new task still starts well before the 15 s idle poll:
+    the ping finds the connection dead and its replacement catches up."""
+    real_port = int(pg_url.split("@127.0.0.1:")[1].split("/")[0])
+    proxy = SilencingProxy(real_port)
+    proxied = pg_url.replace(f":{real_port}/", f":{proxy.port}/")
+    store = make_store(proxied, dead_after=2.0)
+    await store.open()
+    store.connector.ping_every = 1.0  # type: ignore[attr-defined]
+    direct = make_store(pg_url, dead_after=2.0)
+    await direct.open()
+    client = AsyncClient(store=direct)
+    worker = Worker(store, slots=2, dead_after=2.0, grace_period=2.0)
+    assert worker.poll_interval == 15.0
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(worker.run)
+            try:
+                with anyio.fail_after(10):
+                    await worker.started.wait()
+                first = await client.wait(await client.submit(Returns(what="ok")), timeout=10)
+                proxy.silent.set()
+                beat = worker.health.get("ok_at", 0.0)
+                with anyio.fail_after(10):  # the claim loop is back in its idle wait by then
+                    while worker.health.get("ok_at", 0.0) <= beat + 0.5:
+                        await anyio.sleep(0.05)
+                submitted = time.monotonic()
+                second = await client.wait(await client.submit(Returns(what="ok")), timeout=10)
+                took = time.monotonic() - submitted
+            finally:
+                worker.stop()
+    finally:
+        await direct.close()
+        await store.close()
+        proxy.close()
+    assert first.state is TaskState.SUCCESS and second.state is TaskState.SUCCESS
+    assert proxy.swallowed, "the LISTEN connection was never silenced"
+    assert took < 10
