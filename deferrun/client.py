@@ -176,9 +176,14 @@ class AsyncClient:
                 delay = min(delay * 1.5, 0.5)
 
     async def list(
-        self, state: TaskState | str | None = None, limit: int = 1000, before: str | None = None
+        self,
+        state: TaskState | str | None = None,
+        limit: int = 1000,
+        before: str | TaskInfo | None = None,
     ) -> list[TaskInfo]:
-        """Newest first; pass the last id of a page as ``before`` for the next page."""
+        """Newest first; pass the last TaskInfo of a page as ``before`` for the next page (it
+        still works once that task is deleted). A task id works too while the task exists;
+        an unknown one raises TaskNotFound."""
         parsed = TaskState(state) if state is not None else None
         return await (await self._get_store()).list_tasks(parsed, limit, before)
 
@@ -276,9 +281,12 @@ class Client:
         return self._call(self._async.wait, task_id, timeout)
 
     def list(
-        self, state: TaskState | str | None = None, limit: int = 1000, before: str | None = None
+        self,
+        state: TaskState | str | None = None,
+        limit: int = 1000,
+        before: str | TaskInfo | None = None,
     ) -> list[TaskInfo]:
-        """Newest first; pass the last id of a page as ``before`` for the next page."""
+        """Newest first; pass the last TaskInfo of a page as ``before`` for the next page."""
         return self._call(self._async.list, state, limit, before)
 
     def cancel(self, task_id: str) -> TaskInfo:

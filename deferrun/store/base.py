@@ -258,9 +258,13 @@ class Inspection(Protocol):
     async def get_task(self, task_id: str) -> TaskInfo | None: ...
 
     async def list_tasks(
-        self, state: TaskState | None = None, limit: int = 1000, before: str | None = None
+        self,
+        state: TaskState | None = None,
+        limit: int = 1000,
+        before: str | TaskInfo | None = None,
     ) -> list[TaskInfo]:
-        """Newest first; ``before`` (a task id) gives the page after that task (keyset)."""
+        """Newest first; ``before`` (a listed TaskInfo, or a task id that exists) gives the
+        page after that task (keyset); an unknown id raises TaskNotFound."""
 
     async def count_tasks(self) -> dict[str, int]: ...
 
