@@ -170,8 +170,10 @@ class SqlStore(Observe):
         self._processes.pop(process_id, None)
         await self.db.unlisten(process_id)
 
-    async def reap(self, dead_after: float) -> ReapReport:
-        report: ReapReport = await self.db.transact(maintenance.reap(dead_after, ReapReport()))
+    async def reap(self, dead_after: float, judge: str | None = None) -> ReapReport:
+        report: ReapReport = await self.db.transact(
+            maintenance.reap(dead_after, ReapReport(), judge)
+        )
         return report
 
     async def list_processes(self) -> list[ProcessInfo]:
