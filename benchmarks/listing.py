@@ -4,7 +4,7 @@
 
 Fills deferrun_tasks with ``--rows`` finished and waiting tasks straight in SQL (a bulk
 INSERT ... SELECT, so the fill takes seconds), then times Client.list's first page (50
-rows, newest first), the page after it (keyset, before=last id), the first page of one
+rows, newest first), the page after it (keyset, before=the last TaskInfo), the first page of one
 state, and the state counts `deferrun tasks` prints: median of 5 calls each. Writes
 DIR/listing.json.
 """
@@ -80,7 +80,7 @@ async def measure(db: str) -> dict[str, Any]:
         first = await client.list(limit=50)
         return {
             "first_page_ms": await median_ms(lambda: client.list(limit=50)),
-            "next_page_ms": await median_ms(lambda: client.list(limit=50, before=first[-1].id)),
+            "next_page_ms": await median_ms(lambda: client.list(limit=50, before=first[-1])),
             "first_page_one_state_ms": await median_ms(lambda: client.list("queued", limit=50)),
             "state_counts_ms": await median_ms(client.counts),
         }

@@ -12,7 +12,7 @@ import sys
 
 from deferrun import serialization, views
 from deferrun.client import AsyncClient
-from deferrun.exceptions import DeferrunError, TaskNotFound
+from deferrun.exceptions import DeferrunError, TaskEnded, TaskNotFound
 from deferrun.models import TaskState
 from deferrun.store import open_store
 from deferrun.store.pipelines import TRIGGER_RULES
@@ -70,11 +70,10 @@ async def cancel(args: argparse.Namespace) -> int:
             )
         downstream = await _all_downstream(client, args.task_id)
         open_before = [d for d in downstream if not (await client.get(d)).finished]
-        info = await client.cancel(args.task_id)
-        if info.state is not TaskState.CANCELLED:  # it ended on its own meanwhile
-            raise views.UsageError(
-                f"task {args.task_id} ended {info.state} before it could be cancelled"
-            )
+        try:
+            await client.cancel(args.task_id)
+        except TaskEnded as exc:  # it ended on its own meanwhile
+            raise views.UsageError(str(exc)) from None
         ended = [d for d in open_before if (await client.get(d)).finished]
     print(f"{args.task_id} cancelled", flush=True)
     if ended:

@@ -293,44 +293,46 @@ async def _call_async(
     return raw
 
 
-class _ThreadReuse:
-    """Threads for sync operator code, reused from one attempt to the next.
+#: a sync attempt's code, its thread's name, and what to do if the thread cannot start
+_Job = tuple[Callable[[], None], str, Callable[[BaseException], None]]
 
-    Starting a thread blocks the event loop until the OS schedules it (measured: a quarter of
-    a busy worker's loop time in a burst on 2 loaded cores). A thread goes back to the idle
-    list only once its code has returned; one stuck in operator code is simply never reused.
+
+class _ThreadStarter:
+    """Starts each sync attempt's own thread from a helper thread.
+
+    ``Thread.start`` blocks its caller until the OS schedules the new thread (measured: a
+    quarter of a busy worker's loop time in a burst on 2 loaded cores), so the event loop only
+    hands the job over. Threads are never reused: thread-local state one attempt sets must not
+    reach the next.
     """
-
-    MAX_IDLE = 64
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._idle: list[queue.SimpleQueue[tuple[Callable[[], None], str]]] = []
+        self._inbox: queue.SimpleQueue[_Job] | None = None
 
-    def run(self, job: Callable[[], None], name: str) -> str:
+    def start(
+        self, job: Callable[[], None], name: str, failed: Callable[[BaseException], None]
+    ) -> str:
         with self._lock:
-            inbox = self._idle.pop() if self._idle else None
-        if inbox is None:
-            inbox = queue.SimpleQueue()
-            threading.Thread(target=self._serve, args=(inbox,), name=name, daemon=True).start()
-        inbox.put((job, name))
+            if self._inbox is None:
+                self._inbox = queue.SimpleQueue()
+                threading.Thread(
+                    target=self._serve, args=(self._inbox,), name="deferrun-starter", daemon=True
+                ).start()
+        self._inbox.put((job, name, failed))
         return name
 
-    def _serve(self, inbox: queue.SimpleQueue[tuple[Callable[[], None], str]]) -> None:
+    @staticmethod
+    def _serve(inbox: queue.SimpleQueue[_Job]) -> None:
         while True:
-            job, name = inbox.get()
-            threading.current_thread().name = name
+            job, name, failed = inbox.get()
             try:
-                job()
-            except BaseException as exc:  # an interrupt that landed after the job's own guard
-                log.debug("operator thread interrupted after its attempt ended", error=repr(exc))
-            with self._lock:
-                if len(self._idle) >= self.MAX_IDLE:
-                    return
-                self._idle.append(inbox)
+                threading.Thread(target=job, name=name, daemon=True).start()
+            except BaseException as exc:  # e.g. "can't start new thread": the attempt fails
+                failed(exc)
 
 
-_THREADS = _ThreadReuse()
+_THREADS = _ThreadStarter()
 
 
 async def _call_sync(
@@ -371,9 +373,16 @@ async def _call_sync(
             except RuntimeError:  # the loop is closed: the worker has exited
                 pass
 
+    def not_started(exc: BaseException) -> None:
+        box.append(_Raised(exc))
+        try:
+            loop.call_soon_threadsafe(on_thread_end)
+        except RuntimeError:  # the loop is closed: the worker has exited
+            pass
+
     attempt._in_thread = True
     try:
-        thread_name = _THREADS.run(main, f"deferrun-task-{attempt.claimed.id}")
+        thread_name = _THREADS.start(main, f"deferrun-task-{attempt.claimed.id}", not_started)
     except BaseException:
         attempt._in_thread = False
         raise

@@ -16,7 +16,7 @@ from deferrun import serialization
 from deferrun.baseoperator import BaseOperator
 from deferrun.basetrigger import BaseTrigger
 from deferrun.deferral import prepare_deferral
-from deferrun.exceptions import SerializationError, TaskDeferred, TaskNotFound
+from deferrun.exceptions import SerializationError, TaskDeferred, TaskEnded, TaskNotFound
 from deferrun.models import NewTask, TaskInfo, TaskState, TriggerInfo
 from deferrun.store import Store, make_store
 from deferrun.store.pipelines import TRIGGER_RULES
@@ -176,16 +176,31 @@ class AsyncClient:
                 delay = min(delay * 1.5, 0.5)
 
     async def list(
-        self, state: TaskState | str | None = None, limit: int = 1000, before: str | None = None
+        self,
+        state: TaskState | str | None = None,
+        limit: int = 1000,
+        before: str | TaskInfo | None = None,
     ) -> list[TaskInfo]:
-        """Newest first; pass the last id of a page as ``before`` for the next page."""
+        """Newest first; pass the last TaskInfo of a page as ``before`` for the next page (it
+        still works once that task is deleted). A task id works too while the task exists;
+        an unknown one raises TaskNotFound."""
         parsed = TaskState(state) if state is not None else None
         return await (await self._get_store()).list_tasks(parsed, limit, before)
 
     async def cancel(self, task_id: str) -> TaskInfo:
-        info = await (await self._get_store()).cancel_task(task_id)
+        """Cancel a task that has not ended; a task that has ended raises TaskEnded."""
+        store = await self._get_store()
+        before = await store.get_task(task_id)
+        if before is not None and before.finished:
+            raise TaskEnded(
+                f"task {task_id} already ended {before.state}; nothing to cancel "
+                "(use `deferrun retry` to run it again)"
+            )
+        info = await store.cancel_task(task_id)
         if info is None:
             raise TaskNotFound(f"no task {task_id!r} in this database")
+        if info.state is not TaskState.CANCELLED:  # it ended on its own meanwhile
+            raise TaskEnded(f"task {task_id} ended {info.state} before it could be cancelled")
         return info
 
     async def retry(self, task_id: str, downstream: bool = False) -> list[str]:
@@ -276,9 +291,12 @@ class Client:
         return self._call(self._async.wait, task_id, timeout)
 
     def list(
-        self, state: TaskState | str | None = None, limit: int = 1000, before: str | None = None
+        self,
+        state: TaskState | str | None = None,
+        limit: int = 1000,
+        before: str | TaskInfo | None = None,
     ) -> list[TaskInfo]:
-        """Newest first; pass the last id of a page as ``before`` for the next page."""
+        """Newest first; pass the last TaskInfo of a page as ``before`` for the next page."""
         return self._call(self._async.list, state, limit, before)
 
     def cancel(self, task_id: str) -> TaskInfo:

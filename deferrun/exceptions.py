@@ -44,6 +44,10 @@ class TaskNotFound(DeferrunError):
     """No task has this id in the database."""
 
 
+class TaskEnded(DeferrunError):
+    """The task has already ended: there is nothing to cancel."""
+
+
 class TaskDeferred(BaseException):
     """Raised by an operator to hand its wait to the triggerer and free its worker slot.
 

@@ -3,7 +3,10 @@
 Every process heartbeats; any process may reap (recover the work of dead ones, enforce
 deferral deadlines), since all reaps are idempotent transactions. A process only judges others
 after it has itself been connected for a full ``dead_after``: after a database outage every
-heartbeat is stale, and reaping at once would declare the whole fleet dead.
+heartbeat is stale, and reaping at once would declare the whole fleet dead. A lock held on the
+database (SQLite ``BEGIN EXCLUSIVE``) makes heartbeats wait rather than fail: a beat that took
+over ``dead_after / 2``, or came over ``dead_after`` after the previous one, counts as an
+outage too, and the reap itself only runs while this process's own heartbeat is fresh.
 """
 
 from __future__ import annotations
@@ -53,23 +56,35 @@ async def heartbeat_loop(
     healthy_since: float | None = time.monotonic()
     last_reap = 0.0
     failures = 0
+    last_ok = time.monotonic()
     while True:
         await anyio.sleep(interval)
         try:
+            began = time.monotonic()
             await store.heartbeat(process_id)
+            now = time.monotonic()
             if health is not None:
-                health["ok_at"] = time.monotonic()
+                health["ok_at"] = now
             if failures:
                 log.info("database reachable again", after_failures=failures)
                 failures = 0
+            if now - began > dead_after / 2 or now - last_ok > dead_after:
+                log.warning(
+                    "heartbeat held back (database locked or unreachable); judging no other "
+                    "process for a full dead_after",
+                    took=round(now - began, 2),
+                    since_last=round(now - last_ok, 2),
+                )
+                healthy_since = now
+            last_ok = now
             if healthy_since is None:
-                healthy_since = time.monotonic()
+                healthy_since = now
             if on_beat is not None:
                 await on_beat()
             now = time.monotonic()
             if now - healthy_since >= dead_after and now - last_reap >= dead_after / 2:
                 last_reap = now
-                report = await store.reap(dead_after)
+                report = await store.reap(dead_after, process_id)
                 if report.changed:
                     log_reap(report)
         except Exception as exc:  # a database hiccup must not kill the process

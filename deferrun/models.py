@@ -145,6 +145,9 @@ class TaskInfo(msgspec.Struct, frozen=True):
     started_at: datetime | None = None
     updated_at: datetime | None = None
     finished_at: datetime | None = None
+    #: the exact stored creation time: ``Client.list(before=info)`` continues from this row
+    #: even once the row itself is deleted
+    created_key: float | None = None
 
     @property
     def finished(self) -> bool:

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -61,6 +62,11 @@ class Write:
 
     def without_xcoms(self) -> Write:
         return replace(self, xcoms=None)
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
 
 
 def _args(w: Write) -> tuple[Any, ...]:
@@ -111,6 +117,34 @@ async def apply(store: Store, w: Write) -> str | None:
             return "queued" if await store.requeue_task(t, token) else None
 
 
+class ClaimCalls:
+    """Claim calls whose answer is not handled yet, and when one last failed.
+
+    A claim whose COMMIT reached the server but whose reply was lost leaves tasks ``running``
+    for this worker that it never started. The worker's ownership check finds those; it must
+    not mistake a claim whose answer is still on its way for one, hence this ledger.
+    """
+
+    def __init__(self) -> None:
+        self._next = 0
+        #: numbers of the claim calls now waiting for their answer
+        self.open: set[int] = set()
+        #: monotonic time the last claim call raised (its claims may have committed)
+        self.failed_at: float | None = None
+
+    @contextmanager
+    def call(self) -> Iterator[None]:
+        number, self._next = self._next, self._next + 1
+        self.open.add(number)
+        try:
+            yield
+        except BaseException:
+            self.failed_at = time.monotonic()
+            raise
+        finally:
+            self.open.discard(number)
+
+
 class Recorder:
     """Records outcome writes; keeps those a database outage stops and retries them."""
 
@@ -124,6 +158,7 @@ class Recorder:
         #: (worker_id, queues, free slots) for claiming in the same transaction, or None
         self.claim_args: Callable[[int], tuple[str, Sequence[str], int] | None] | None = None
         self.on_claimed: Callable[[list[ClaimedTask]], None] | None = None
+        self.claims = ClaimCalls()
         self._queue: list[tuple[Write, asyncio.Future[tuple[Write, str | None]]]] = []
         self._flushing = False
 
@@ -234,7 +269,8 @@ class Recorder:
         if len(batch) > 1 or claim is not None:
             writes = [(w.kind, (w.task_id, w.claim_token, *_args(w)), w.xcoms) for w, _ in batch]
             try:
-                results, claimed = await self.store.record_outcomes(writes, claim)
+                with self.claims.call() if claim is not None else _nothing():
+                    results, claimed = await self.store.record_outcomes(writes, claim)
             except Exception as exc:
                 if is_connection_error(exc) or isinstance(exc, StoreGone):
                     for _, future in batch:

@@ -88,6 +88,9 @@ class Worker:
         # Claiming in the outcome transaction pays where writers run side by side
         # (PostgreSQL); on SQLite it holds the one write lock longer and cost more (measured).
         self._claim_in_record: bool = getattr(store, "concurrent_writes", False)
+        #: claims the database gives this worker that it does not run, first seen with the
+        #: claim calls then awaiting their answer
+        self._orphans: dict[tuple[str, int], frozenset[int]] = {}
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -135,7 +138,9 @@ class Worker:
             try:
                 free = self.slots - len(self.running)
                 if free > 0:
-                    for task in await self.store.claim_tasks(self.id, self.queues, free):
+                    with self.recorder.claims.call():
+                        claimed = await self.store.claim_tasks(self.id, self.queues, free)
+                    for task in claimed:  # no await before they are started: see _orphans
                         self._start(slots_tg, task)
                 wait = (
                     await self._idle_wait()
@@ -204,18 +209,23 @@ class Worker:
         await heartbeat_loop(self.store, self.id, self.dead_after, self._check_owned, self.health)
 
     async def _check_owned(self) -> None:
-        """Stop local runs of tasks that are no longer ours (cancelled, or reassigned)."""
+        """Stop local runs of tasks that are no longer ours (cancelled, or reassigned), and
+        re-queue tasks the database says are ours that we do not run (a claim whose reply
+        was lost after its COMMIT)."""
         self.recorder.nudge()  # the database answered a heartbeat
         for task_id in [
             t for t, runs in self._live.items() if all(a.code_done.is_set() for a in runs)
         ]:
             del self._live[task_id]
-        if not self.running:
-            return
+        failed_at = self.recorder.claims.failed_at
+        suspect = failed_at is not None and time.monotonic() - failed_at < 2 * self.dead_after
+        if not self.running and not self._orphans and not suspect:
+            return  # idle and no claim went astray: no query
         # Only runs that began before we asked can be judged: a claim committing while the
         # query is in flight is ours but absent from its answer.
         asked = time.monotonic()
         owned = await self.store.owned_claims(self.id)
+        await self._requeue_orphans(owned)
         for key, attempt in list(self.running.items()):
             if key not in owned and not attempt.recording and attempt.started < asked:
                 log.warning(
@@ -229,6 +239,35 @@ class Worker:
                     await kill_if_cancelled(self.store, attempt)
                 except Exception as exc:
                     log.warning("could not check for on_kill", error=repr(exc))
+
+    async def _requeue_orphans(self, owned: set[tuple[str, int]]) -> None:
+        """Put back on the queue claims the database gives us that we never started.
+
+        A claim committed before ``owned`` was read was sent before that answer came back: if
+        its call has answered since, its tasks were started (no await between) or the call
+        raised, its reply lost. So a claim is an orphan once it is absent from our slots and
+        kept writes in two checks in a row, and every claim call awaiting its answer at the
+        first of them has answered. The fenced requeue keeps the try (try_number unchanged).
+        """
+        open_now = frozenset(self.recorder.claims.open)
+        seen, self._orphans = self._orphans, {}
+        for key in owned:
+            if key in self.running or key in self.recorder.pending:
+                continue
+            waited_on = seen.get(key)
+            if waited_on is None or waited_on & self.recorder.claims.open:
+                self._orphans[key] = open_now if waited_on is None else waited_on
+                continue
+            log.error(
+                "the database says this worker runs a task it never started (a claim's reply "
+                "was lost); putting it back on the queue",
+                task_id=key[0],
+            )
+            try:
+                await self.store.requeue_task(*key)
+            except Exception as exc:
+                self._orphans[key] = waited_on
+                log.warning("could not re-queue the task; retrying", error=repr(exc))
 
     # -- one slot -----------------------------------------------------------------------------
 

@@ -205,3 +205,18 @@ class Big(BaseOperator):
 
     def execute(self, context: Context) -> Any:
         return "x" * self.size
+
+
+_thread_state = threading.local()
+
+
+class ThreadLocalPeek(BaseOperator):
+    """Returns the thread-local value a previous task left behind (None if none), then sets
+    its own, and renames its thread."""
+
+    def execute(self, context: Context) -> Any:
+        seen = getattr(_thread_state, "owner", None)
+        _thread_state.owner = context["task_id"]
+        name = threading.current_thread().name
+        threading.current_thread().name = "renamed-by-" + context["task_id"]
+        return {"seen": seen, "name": name}

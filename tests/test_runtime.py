@@ -11,7 +11,7 @@ import structlog
 from tests_support import runtime_for
 from userland import AsyncDefer, DeferOnce, FlagSensor, Flaky, Outcome, SlowAsync
 
-from deferrun import TaskState
+from deferrun import TaskEnded, TaskState
 from deferrun.models import Deferral
 from deferrun.sensors import DateTimeSensor, FileSensor, TimeDeltaSensor
 from deferrun.store import Store
@@ -245,3 +245,12 @@ async def test_builtin_time_and_file_sensors(store: Store, tmp_path: Path) -> No
     assert [i.state for i in infos] == [TaskState.SUCCESS] * 5, [i.error for i in infos]
     assert infos[0].result == target and infos[2].result == target
     assert infos[4].result == [str(tmp_path / "in" / "a.csv")]
+
+
+async def test_cancelling_an_ended_task_is_refused(store: Store) -> None:
+    """As the command and README say: Client.cancel raises TaskEnded and changes nothing."""
+    async with runtime_for(store, triggerer=False) as rt:
+        done = await rt.run_to_end(Outcome(what="skip"))
+        with pytest.raises(TaskEnded, match=f"task {done.id} already ended skipped"):
+            await rt.client.cancel(done.id)
+        assert (await rt.client.get(done.id)).state is TaskState.SKIPPED

@@ -81,6 +81,8 @@ class ReapReport(msgspec.Struct):
     released_triggers: int = 0
     timed_out: list[str] = msgspec.field(default_factory=list)
     dead_processes: list[str] = msgspec.field(default_factory=list)
+    #: nothing judged: the reaping process's own heartbeat was not fresh
+    skipped: bool = False
 
     @property
     def changed(self) -> bool:
@@ -138,8 +140,11 @@ class Runtime(Protocol):
     async def deregister_process(self, process_id: str) -> None:
         """Graceful exit: release this process's triggers and requeue its running tasks."""
 
-    async def reap(self, dead_after: float) -> ReapReport:
+    async def reap(self, dead_after: float, judge: str | None = None) -> ReapReport:
         """Recover from dead processes and enforce deferral deadlines.
+
+        ``judge``: the reaping process's id; nothing happens unless its own heartbeat is
+        under ``dead_after / 2`` old (``report.skipped`` then).
 
         Running tasks of a worker silent for ``dead_after`` seconds are retried or failed;
         triggers of a silent triggerer are released for adoption; deferred tasks past their
@@ -258,9 +263,13 @@ class Inspection(Protocol):
     async def get_task(self, task_id: str) -> TaskInfo | None: ...
 
     async def list_tasks(
-        self, state: TaskState | None = None, limit: int = 1000, before: str | None = None
+        self,
+        state: TaskState | None = None,
+        limit: int = 1000,
+        before: str | TaskInfo | None = None,
     ) -> list[TaskInfo]:
-        """Newest first; ``before`` (a task id) gives the page after that task (keyset)."""
+        """Newest first; ``before`` (a listed TaskInfo, or a task id that exists) gives the
+        page after that task (keyset); an unknown id raises TaskNotFound."""
 
     async def count_tasks(self) -> dict[str, int]: ...
 

@@ -119,8 +119,25 @@ def register(process: dict[str, Any]) -> Program[None]:
     yield run(UPSERT_PROCESS, **process)
 
 
-def reap(dead_after: float, report: Any) -> Program[Any]:
-    """Recover the work of silent processes and enforce deferral deadlines."""
+#: the reaping process's own heartbeat is recent: it is not itself just back from an outage
+SELF_FRESH = Query(
+    "self_fresh",
+    "SELECT id FROM deferrun_processes WHERE id = :id AND heartbeat_at >= {now} - :fresh",
+)
+
+
+def reap(dead_after: float, report: Any, judge: str | None = None) -> Program[Any]:
+    """Recover the work of silent processes and enforce deferral deadlines.
+
+    With ``judge`` (the reaping process's id) nothing is judged unless that process's own
+    heartbeat is under ``dead_after / 2`` old when the reap runs: a reap that waited on a
+    locked database would otherwise judge others by heartbeats the lock held back.
+    """
+    if judge is not None:
+        fresh = yield run(SELF_FRESH, id=judge, fresh=dead_after / 2)
+        if not fresh:
+            report.skipped = True
+            return report
     lost = yield run(
         REAP_LOST, dead_after=dead_after, dead_after_text=f"{dead_after:g}", retry=True
     )

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from deferrun import serialization
+from deferrun.exceptions import TaskNotFound
 from deferrun.models import (
     ClaimedTask,
     ClaimedTrigger,
@@ -40,8 +41,10 @@ _TASK_INFO = (
 )
 GET_TASK = Query("get_task", _TASK_INFO + " WHERE t.id = :task_id")
 _NEWEST_FIRST = " ORDER BY t.created_at DESC, t.id DESC LIMIT :limit"
-#: keyset paging: the page after task :before, walking the (created_at, id) index (schema v8)
-_AFTER = "(t.created_at, t.id) < (SELECT created_at, id FROM deferrun_tasks WHERE id = :before)"
+#: keyset paging: the page after the row (:before_at, :before), walking the (created_at, id)
+#: index (schema v8); the key is given, not looked up, so a deleted row still ends a page
+_AFTER = "(t.created_at, t.id) < (:before_at, :before)"
+TASK_CREATED = Query("task_created", "SELECT created_at FROM deferrun_tasks WHERE id = :task_id")
 LIST_TASKS = Query("list_tasks", _TASK_INFO + _NEWEST_FIRST)
 LIST_TASKS_IN_STATE = Query(
     "list_tasks_in_state", _TASK_INFO + " WHERE t.state = :state" + _NEWEST_FIRST
@@ -167,8 +170,10 @@ class SqlStore(Observe):
         self._processes.pop(process_id, None)
         await self.db.unlisten(process_id)
 
-    async def reap(self, dead_after: float) -> ReapReport:
-        report: ReapReport = await self.db.transact(maintenance.reap(dead_after, ReapReport()))
+    async def reap(self, dead_after: float, judge: str | None = None) -> ReapReport:
+        report: ReapReport = await self.db.transact(
+            maintenance.reap(dead_after, ReapReport(), judge)
+        )
         return report
 
     async def list_processes(self) -> list[ProcessInfo]:
@@ -353,19 +358,39 @@ class SqlStore(Observe):
         return task_info(rows[0]) if rows else None
 
     async def list_tasks(
-        self, state: TaskState | None = None, limit: int = 1000, before: str | None = None
+        self,
+        state: TaskState | None = None,
+        limit: int = 1000,
+        before: str | TaskInfo | None = None,
     ) -> list[TaskInfo]:
-        if state is None and before is None:
-            rows = await self.db.fetch(LIST_TASKS, limit=limit)
-        elif state is None:
-            rows = await self.db.fetch(LIST_TASKS_BEFORE, limit=limit, before=before)
-        elif before is None:
-            rows = await self.db.fetch(LIST_TASKS_IN_STATE, state=str(state), limit=limit)
+        if before is None:
+            if state is None:
+                rows = await self.db.fetch(LIST_TASKS, limit=limit)
+            else:
+                rows = await self.db.fetch(LIST_TASKS_IN_STATE, state=str(state), limit=limit)
+            return [task_info(r) for r in rows]
+        key = await self._list_key(before)
+        if state is None:
+            rows = await self.db.fetch(LIST_TASKS_BEFORE, limit=limit, **key)
         else:
             rows = await self.db.fetch(
-                LIST_TASKS_IN_STATE_BEFORE, state=str(state), limit=limit, before=before
+                LIST_TASKS_IN_STATE_BEFORE, state=str(state), limit=limit, **key
             )
         return [task_info(r) for r in rows]
+
+    async def _list_key(self, before: str | TaskInfo) -> dict[str, Any]:
+        """The (created_at, id) a page continues from: a listed TaskInfo carries it; a task id
+        is looked up, and an unknown one is refused rather than answered with an empty page."""
+        if isinstance(before, TaskInfo) and before.created_key is not None:
+            return {"before_at": before.created_key, "before": before.id}
+        task_id = before.id if isinstance(before, TaskInfo) else before
+        rows = await self.db.fetch(TASK_CREATED, task_id=task_id)
+        if not rows:
+            raise TaskNotFound(
+                f"no task {task_id!r} to list from (deleted, or not in this database); "
+                "pass the last TaskInfo of the previous page as before= instead of its id"
+            )
+        return {"before_at": float(rows[0][0]), "before": task_id}
 
     async def count_tasks(self) -> dict[str, int]:
         return {r[0]: int(r[1]) for r in await self.db.fetch(COUNT_TASKS)}

@@ -4,11 +4,14 @@ Claims use ``FOR UPDATE SKIP LOCKED`` so concurrent claimers never wait on or do
 row; wake-ups use LISTEN/NOTIFY, sent inside the transaction that makes work available so a
 notification is delivered exactly when the work is visible. Every time comes from the
 server's clock, so hosts with skewed clocks still agree. The listening connection is
-re-established at each heartbeat after the server restarts or the connection drops.
+re-established at each heartbeat after the server restarts or the connection drops, and
+pinged every ``ping_every`` seconds: a connection dropped silently on the way (a NAT or
+firewall idle timeout sends no FIN or RST) would otherwise leave a 15 s idle poll deaf.
 """
 
 from __future__ import annotations
 
+import time
 from importlib import resources
 from typing import Any, TypeVar
 
@@ -42,12 +45,16 @@ class PostgresConnector:
     #: LISTEN/NOTIFY reaches every listener, on a connection that catches up after a loss
     reliable_wakeups = True
     concurrent_writes = True  # row locks, SKIP LOCKED: writers do not wait on one lock
+    #: seconds between pings of the LISTEN connection, and how long one may take
+    ping_every = 10.0
+    ping_timeout = 2.0
 
     def __init__(self, url: str, *, pool_size: int = 10) -> None:
         self.url = url
         self.pool_size = pool_size
         self._pool: asyncpg.Pool | None = None
         self._listener: asyncpg.Connection | None = None
+        self._pinged = 0.0
         self._wakeups: dict[str, tuple[Channel, Wakeup]] = {}
 
     @property
@@ -128,15 +135,31 @@ class PostgresConnector:
 
     async def upkeep(self) -> None:
         if self._listener is not None and not self._listener.is_closed():
-            return
-        if self._listener is not None:
+            if time.monotonic() - self._pinged < self.ping_every or await self._ping():
+                return
+        elif self._listener is not None:
             log.warning("LISTEN connection was lost; reconnecting")
         conn = await asyncpg.connect(self.url, timeout=config.connect_timeout())
+        self._pinged = time.monotonic()
         conn.add_termination_listener(self._on_listener_lost)
         for channel in {c for c, _ in self._wakeups.values()}:
             await conn.add_listener(CHANNELS[channel], self._on_notification)
         self._listener = conn
         self._on_listener_lost(conn)  # catch up on anything missed
+
+    async def _ping(self) -> bool:
+        """True if the LISTEN connection answers; else it is dropped, to be replaced."""
+        assert self._listener is not None
+        self._pinged = time.monotonic()
+        try:
+            await self._listener.fetchval("SELECT 1", timeout=self.ping_timeout)
+            return True
+        except Exception as exc:
+            log.warning(
+                "the LISTEN connection did not answer a ping; replacing it", error=repr(exc)
+            )
+            self._listener.terminate()
+            return False
 
     def _on_notification(self, _conn: Any, _pid: int, channel: str, _payload: str) -> None:
         for wanted, wakeup in self._wakeups.values():

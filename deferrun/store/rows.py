@@ -51,4 +51,5 @@ def task_info(row: Sequence[Any]) -> TaskInfo:
         started_at=ts(row[17]),
         updated_at=ts(row[18]),
         finished_at=ts(row[19]),
+        created_key=None if row[16] is None else float(row[16]),
     )
