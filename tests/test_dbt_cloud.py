@@ -155,7 +155,9 @@ async def test_dbt_429_retry_after_is_honoured(store: Store, dbt_conn: FakeDbtCl
 
 
 async def test_cancelling_the_task_cancels_the_run(store: Store, dbt_conn: FakeDbtCloud) -> None:
-    async with runtime_for(store, reconcile_interval=0.2) as rt:
+    # a triggerer that misses heartbeats for 3/4 of dead_after treats a vanished trigger as
+    # adopted, not cancelled: a generous dead_after keeps a loaded machine from looking paused
+    async with runtime_for(store, reconcile_interval=0.2, dead_after=8.0) as rt:
         task_id = await rt.client.submit(op(199))  # a run that never ends by itself
         with anyio.fail_after(15):
             while (await rt.client.get(task_id)).state is not TaskState.DEFERRED:
@@ -222,7 +224,9 @@ async def test_a_throttled_cancel_is_retried(store: Store, dbt_conn: FakeDbtClou
     run is cancelled (it used to be tried once and the run went on)."""
     dbt_conn.throttle_cancels = 2
     calls = dbt_conn.cancel_calls
-    async with runtime_for(store, reconcile_interval=0.2) as rt:
+    # a triggerer that misses heartbeats for 3/4 of dead_after treats a vanished trigger as
+    # adopted, not cancelled: a generous dead_after keeps a loaded machine from looking paused
+    async with runtime_for(store, reconcile_interval=0.2, dead_after=8.0) as rt:
         task_id = await rt.client.submit(op(199))  # a run that never ends by itself
         with anyio.fail_after(15):
             while (await rt.client.get(task_id)).state is not TaskState.DEFERRED:

@@ -39,14 +39,15 @@ async def runtime_for(
     worker: bool = True,
     triggerer: bool = True,
     queues: tuple[str, ...] = ("default",),
+    dead_after: float = 2.0,
     **triggerer_kwargs: Any,
 ) -> AsyncIterator[Runtime]:
     w = (
-        Worker(store, slots=slots, queues=queues, dead_after=2.0, grace_period=2.0)
+        Worker(store, slots=slots, queues=queues, dead_after=dead_after, grace_period=2.0)
         if worker
         else None
     )
-    t = Triggerer(store, dead_after=2.0, **triggerer_kwargs) if triggerer else None
+    t = Triggerer(store, dead_after=dead_after, **triggerer_kwargs) if triggerer else None
     async with anyio.create_task_group() as tg:
         for component in (w, t):
             if component is not None:
