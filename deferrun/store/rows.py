@@ -51,5 +51,13 @@ def task_info(row: Sequence[Any]) -> TaskInfo:
         started_at=ts(row[17]),
         updated_at=ts(row[18]),
         finished_at=ts(row[19]),
-        created_key=None if row[16] is None else float(row[16]),
+        created_key=_key(row[16]),
     )
+
+
+def _key(value: Any) -> float | None:
+    """The stored ``created_at`` as the keyset cursor's key; None for a value that is not a
+    number (a forged row), so such a row still lists (and cannot be a cursor)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
