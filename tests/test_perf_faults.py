@@ -125,3 +125,51 @@ async def test_silently_dropped_listen_connection_is_replaced(pg_url: str) -> No
     assert first.state is TaskState.SUCCESS and second.state is TaskState.SUCCESS
     assert proxy.swallowed, "the LISTEN connection was never silenced"
     assert took < 10
+
+
+@pytest.mark.anyio
+async def test_a_hanging_listen_replacement_never_stops_the_heartbeat(pg_url: str) -> None:
+    """The LISTEN connection goes silent and so does its replacement (the same dropped path):
+    the replacement hangs in the background while heartbeats go on (a stopped heartbeat got a
+    live worker declared dead while it kept running its tasks); once the path recovers, a
+    later replacement brings wake-ups back."""
+    real_port = int(pg_url.split("@127.0.0.1:")[1].split("/")[0])
+    proxy = SilencingProxy(real_port)
+    proxied = pg_url.replace(f":{real_port}/", f":{proxy.port}/")
+    store = make_store(proxied, dead_after=2.0)
+    await store.open()
+    store.connector.ping_every = 1.0  # type: ignore[attr-defined]
+    direct = make_store(pg_url, dead_after=2.0)
+    await direct.open()
+    client = AsyncClient(store=direct)
+    worker = Worker(store, slots=2, dead_after=2.0, grace_period=2.0)
+    gaps: list[float] = []
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(worker.run)
+            try:
+                with anyio.fail_after(10):
+                    await worker.started.wait()
+                proxy.silent.set()
+                last, seen_at = worker.health.get("ok_at", 0.0), time.monotonic()
+                silent_until = time.monotonic() + 8.0
+                for _ in range(200):  # 8 s of silence, sampled every 0.05 s
+                    if time.monotonic() > silent_until:
+                        break
+                    await anyio.sleep(0.05)
+                    now, beat = time.monotonic(), worker.health.get("ok_at", 0.0)
+                    if beat != last:
+                        gaps.append(now - seen_at)
+                        last, seen_at = beat, now
+                gaps.append(time.monotonic() - seen_at)
+                proxy.silent.clear()
+                done = await client.wait(await client.submit(Returns(what="ok")), timeout=20)
+            finally:
+                worker.stop()
+    finally:
+        await direct.close()
+        await store.close()
+        proxy.close()
+    assert proxy.swallowed, "the LISTEN connection was never silenced"
+    assert max(gaps) < 2.0, gaps  # never as long as dead_after
+    assert done.state is TaskState.SUCCESS

@@ -11,6 +11,7 @@ firewall idle timeout sends no FIN or RST) would otherwise leave a 15 s idle pol
 
 from __future__ import annotations
 
+import asyncio
 import time
 from importlib import resources
 from typing import Any, TypeVar
@@ -55,6 +56,7 @@ class PostgresConnector:
         self._pool: asyncpg.Pool | None = None
         self._listener: asyncpg.Connection | None = None
         self._pinged = 0.0
+        self._replacing: asyncio.Future[None] | None = None
         self._wakeups: dict[str, tuple[Channel, Wakeup]] = {}
 
     @property
@@ -134,16 +136,50 @@ class PostgresConnector:
         self._wakeups.pop(process_id, None)
 
     async def upkeep(self) -> None:
-        if self._listener is not None and not self._listener.is_closed():
-            if time.monotonic() - self._pinged < self.ping_every or await self._ping():
-                return
-        elif self._listener is not None:
+        """Keep the LISTEN connection alive; called at every heartbeat.
+
+        The first connection is made here, before anything waits on a wake-up. A replacement
+        is made in the background, bounded in time, so a new connection that hangs (its path
+        silent too) never holds up the heartbeat that called this: a process whose heartbeat
+        stops would be declared dead while it still runs its work.
+        """
+        if self._replacing is not None and not self._replacing.done():
+            return
+        if self._listener is None:
+            await self._replace()
+            return
+        alive = not self._listener.is_closed()
+        if alive and time.monotonic() - self._pinged < self.ping_every:
+            return
+        self._replacing = asyncio.ensure_future(self._check_listener(alive))
+
+    async def _check_listener(self, alive: bool) -> None:
+        """Ping the LISTEN connection and replace it if it does not answer (in the background:
+        neither the ping nor a new connection may hold up a heartbeat)."""
+        if alive and await self._ping():
+            return
+        if not alive:
             log.warning("LISTEN connection was lost; reconnecting")
+        try:
+            await self._replace()
+        except Exception as exc:  # the next heartbeat tries again; wake-ups fall back to polls
+            log.warning(
+                "could not re-establish the LISTEN connection; retrying at the next heartbeat",
+                error=repr(exc),
+            )
+
+    async def _replace(self) -> None:
+        limit = config.connect_timeout() + self.ping_timeout
         conn = await asyncpg.connect(self.url, timeout=config.connect_timeout())
+        try:
+            conn.add_termination_listener(self._on_listener_lost)
+            async with asyncio.timeout(limit):
+                for channel in {c for c, _ in self._wakeups.values()}:
+                    await conn.add_listener(CHANNELS[channel], self._on_notification)
+        except BaseException:
+            conn.terminate()
+            raise
         self._pinged = time.monotonic()
-        conn.add_termination_listener(self._on_listener_lost)
-        for channel in {c for c, _ in self._wakeups.values()}:
-            await conn.add_listener(CHANNELS[channel], self._on_notification)
         self._listener = conn
         self._on_listener_lost(conn)  # catch up on anything missed
 
@@ -215,6 +251,8 @@ class PostgresConnector:
                 )
 
     async def close(self) -> None:
+        if self._replacing is not None and not self._replacing.done():
+            self._replacing.cancel()
         if self._listener is not None:
             listener, self._listener = self._listener, None
             try:
