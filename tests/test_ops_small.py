@@ -66,6 +66,7 @@ def test_script_with_unclosed_client_exits(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "{}"
+    assert "Traceback" not in done.stderr, done.stderr  # closing at exit said nothing
 
 
 def test_client_counts(db_url: str) -> None:

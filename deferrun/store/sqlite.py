@@ -203,7 +203,15 @@ class SQLiteConnector:
             self._sender = None
         if self._conn is not None:
             conn, self._conn = self._conn, None
-            await self._call(conn.close)
+            try:
+                await self._call(conn.close)
+            except RuntimeError as exc:
+                if "shutdown" not in str(exc):
+                    raise
+                # only ever at interpreter exit (a client left open is closed then, after the
+                # executors stopped taking work): the exit closes the file, and SQLite's WAL
+                # keeps every committed transaction, so there is nothing to report
+                pass
         self._thread.shutdown(wait=False)
 
     def _connect(self) -> None:
