@@ -12,7 +12,6 @@ Prints tables and writes DIR/aws_waits.json.
 from __future__ import annotations
 
 import argparse
-import logging
 import tempfile
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ from benchmarks._harness import (
     wait_for,
     write_json,
 )
-from benchmarks.builtin_triggers import CountingProxy, _submit, measure, metric
+from benchmarks.builtin_triggers import _submit, measure, metric, start_counted_moto
 from deferrun.aws_sensors import EmrStepSensor, SqsSensor
 from deferrun.sensors import S3KeySensor
 
@@ -168,16 +167,9 @@ def main() -> None:
     out_dir = prepare_out(args.out)
     n, interval = args.tasks, args.poll_interval
     workdir = Path(tempfile.mkdtemp(prefix="deferrun-bench-aws-"))
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-
     import boto3
-    from moto.server import ThreadedMotoServer
 
-    moto_port = free_port()
-    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=moto_port, verbose=False)
-    moto.start()
-    proxy = CountingProxy(f"http://127.0.0.1:{moto_port}")
-    proxy.start()
+    moto, proxy, moto_port = start_counted_moto()
     aws_uri = f"aws://k:s@?region_name=us-east-1&endpoint_url=http%3A%2F%2F127.0.0.1%3A{proxy.port}"
     boto = {
         "region_name": "us-east-1",

@@ -88,6 +88,22 @@ class CountingProxy:
         ready.wait(10)
 
 
+def start_counted_moto() -> tuple[Any, CountingProxy, int]:
+    """A moto server on loopback behind a :class:`CountingProxy`: (server, proxy, moto port).
+    Point deferrun at the proxy to count its requests; set up fixtures on moto directly."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's per-request access log
+    moto_port = free_port()
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=moto_port, verbose=False)
+    moto.start()
+    proxy = CountingProxy(f"http://127.0.0.1:{moto_port}")
+    proxy.start()
+    return moto, proxy, moto_port
+
+
 def metric(port: int, name: str) -> float | None:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
@@ -170,17 +186,7 @@ def main() -> None:
     n, interval = args.triggers, args.poll_interval
     workdir = Path(tempfile.mkdtemp(prefix="deferrun-bench-triggers-"))
 
-    import logging
-
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's per-request access log
-
-    moto_port = free_port()
-    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=moto_port, verbose=False)
-    moto.start()
-    proxy = CountingProxy(f"http://127.0.0.1:{moto_port}")
-    proxy.start()
+    moto, proxy, moto_port = start_counted_moto()
     import boto3
 
     boto3.client(

@@ -36,7 +36,7 @@ from benchmarks._harness import (
     wait_for,
     write_json,
 )
-from benchmarks.builtin_triggers import CountingProxy, _submit, metric
+from benchmarks.builtin_triggers import _submit, metric, start_counted_moto
 from benchmarks.ops import WaitOn
 
 
@@ -139,17 +139,9 @@ def main() -> None:
     n, interval = args.tasks, args.poll_interval
     workdir = Path(tempfile.mkdtemp(prefix="deferrun-bench-shared-"))
 
-    import logging
-
     import boto3
-    from moto.server import ThreadedMotoServer
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    moto_port = free_port()
-    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=moto_port, verbose=False)
-    moto.start()
-    proxy = CountingProxy(f"http://127.0.0.1:{moto_port}")
-    proxy.start()
+    moto, proxy, moto_port = start_counted_moto()
     s3 = boto3.client(
         "s3",
         region_name="us-east-1",

@@ -7,54 +7,19 @@ import json
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import anyio
 import pytest
 from airflow_style import PushWhenFlagged
 from conftest import Proc, deferrun_env, wait_until
 from pgcluster import PgCluster
-from tests_support import TESTS_DIR, runtime_for
+from tests_support import TESTS_DIR, OutageStore, runtime_for
 
 from deferrun import Client, TaskState
 from deferrun.client import AsyncClient
-from deferrun.exceptions import StoreUnavailable
 from deferrun.store import Store
 from deferrun.triggerer import Triggerer
 from deferrun.worker import Worker
-
-
-class DownStore:
-    """The real store, whose every write fails as if the database were down while ``down``."""
-
-    WRITES = (
-        "complete_task",
-        "fail_task",
-        "skip_task",
-        "defer_task",
-        "requeue_task",
-        "reschedule_task",
-        "write_xcoms",
-        "record_outcomes",  # the worker's group commit of the writes above
-    )
-
-    def __init__(self, inner: Store) -> None:
-        self.inner = inner
-        self.down = False
-        self.refused = 0
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self.inner, name)
-        if name not in self.WRITES:
-            return attr
-
-        async def write(*args: Any, **kwargs: Any) -> Any:
-            if self.down:
-                self.refused += 1
-                raise StoreUnavailable("simulated outage: connection refused")
-            return await attr(*args, **kwargs)
-
-        return write
 
 
 def _runs(marker: Path) -> int:
@@ -67,7 +32,7 @@ async def test_outage_at_the_end_keeps_xcom_with_the_outcome_and_runs_once(
     store: Store, tmp_path: Path, how: str
 ) -> None:
     marker, flag = tmp_path / "runs", tmp_path / "flag"
-    flaky = DownStore(store)
+    flaky = OutageStore(store)
     worker = Worker(flaky, slots=1, dead_after=2.0, grace_period=2.0, record_retry_for=0.3)  # type: ignore[arg-type]
     triggerer = Triggerer(store, dead_after=2.0)
     client = AsyncClient(store=store)

@@ -12,7 +12,6 @@ import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import anyio
 import pytest
@@ -29,11 +28,10 @@ from hostile_ops import (
     WaitFile,
 )
 from pgcluster import PgCluster
-from tests_support import TESTS_DIR, runtime_for
+from tests_support import TESTS_DIR, OutageStore, runtime_for
 
 from deferrun import Client, TaskState
 from deferrun.client import AsyncClient
-from deferrun.exceptions import StoreUnavailable
 from deferrun.store import Store
 from deferrun.worker import Worker
 
@@ -176,37 +174,6 @@ async def test_reclaimed_task_never_runs_twice_in_one_worker(
     runs = _intervals(log)
     assert set(runs) == {(task_id, 1), (task_id, 2)}
     _assert_one_at_a_time(runs)
-
-
-class OutageStore:
-    """The real store, whose outcome writes fail as if the database were down while ``down``."""
-
-    WRITES = (
-        "complete_task",
-        "fail_task",
-        "skip_task",
-        "defer_task",
-        "requeue_task",
-        "record_outcomes",  # the worker's group commit of the above
-    )
-
-    def __init__(self, inner: Store) -> None:
-        self.inner = inner
-        self.down = False
-        self.refused = 0
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self.inner, name)
-        if name not in self.WRITES:
-            return attr
-
-        async def write(*args: Any, **kwargs: Any) -> Any:
-            if self.down:
-                self.refused += 1
-                raise StoreUnavailable("simulated outage: connection refused")
-            return await attr(*args, **kwargs)
-
-        return write
 
 
 @pytest.mark.anyio

@@ -10,6 +10,7 @@ from typing import Any
 import anyio
 
 from deferrun.client import AsyncClient
+from deferrun.exceptions import StoreUnavailable
 from deferrun.store import Store
 from deferrun.triggerer import Triggerer
 from deferrun.worker import Worker
@@ -113,3 +114,37 @@ def run_model(base: type, backend: str, request: Any, *, examples: int, steps: i
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
     )
     machine.TestCase().runTest()  # type: ignore[attr-defined]
+
+
+class OutageStore:
+    """The real store, whose every outcome write fails as if the database were down while
+    ``down`` (reads go through): what a worker sees in a database outage."""
+
+    WRITES = (
+        "complete_task",
+        "fail_task",
+        "skip_task",
+        "defer_task",
+        "requeue_task",
+        "reschedule_task",
+        "write_xcoms",
+        "record_outcomes",  # the worker's group commit of the writes above
+    )
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+        self.down = False
+        self.refused = 0
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.inner, name)
+        if name not in self.WRITES:
+            return attr
+
+        async def write(*args: Any, **kwargs: Any) -> Any:
+            if self.down:
+                self.refused += 1
+                raise StoreUnavailable("simulated outage: connection refused")
+            return await attr(*args, **kwargs)
+
+        return write
