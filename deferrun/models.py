@@ -119,6 +119,9 @@ class ClaimedTrigger(msgspec.Struct, frozen=True):
     kwargs: str
     #: seconds left until the deferral times out, on the database's clock (None: no timeout)
     timeout_in: float | None
+    #: the affinity key stored with the trigger (identical triggers share it); None for rows
+    #: stored without one
+    affinity: str | None = None
 
 
 class TaskInfo(msgspec.Struct, frozen=True):

@@ -84,7 +84,9 @@ class SharedRuns:
 
     def join(self, claimed: ClaimedTrigger, loaded: Loaded) -> Member:
         """Put ``claimed`` in the group of its identical triggers (a new one if none runs)."""
-        key = sharing.affinity_key(loaded.classpath, claimed.kwargs)
+        # the key stored at deferral is the one claims group by; computed only for rows
+        # stored without one
+        key = claimed.affinity or sharing.affinity_key(loaded.classpath, claimed.kwargs)
         group = self.groups.get(key)
         if group is None:
             lead = Member(claimed.id, claimed.task_id, loaded.classpath, None, time.monotonic())  # type: ignore[arg-type]

@@ -44,7 +44,7 @@ def _claim_triggers(name: str, queue_match: str, match: str = "") -> Query:
             ORDER BY id LIMIT :limit {{skip_locked}})
         UPDATE deferrun_triggers SET triggerer_id = :triggerer_id
         WHERE id IN (SELECT id FROM picked)
-        RETURNING id, task_id, classpath, kwargs, deadline - {{now}}""",
+        RETURNING id, task_id, classpath, kwargs, deadline - {{now}}, affinity""",
     )
 
 
