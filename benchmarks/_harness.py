@@ -15,6 +15,9 @@ from typing import Any
 
 import psutil
 
+from deferrun import loops
+from deferrun.exceptions import ConfigError
+
 REPO = Path(__file__).resolve().parent.parent
 
 # The test suite's throwaway-PostgreSQL and service helpers live in tests/.
@@ -33,6 +36,7 @@ def machine() -> dict[str, Any]:
         "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
         "python": platform.python_version(),
         "platform": platform.platform(),
+        "loop": loops.choose(),  # the deferrun processes' event loop (--loop / DEFERRUN_LOOP)
     }
 
 
@@ -120,6 +124,23 @@ def add_out_argument(parser: argparse.ArgumentParser) -> None:
         help="directory for the JSON (and PNG) results, created if missing; "
         "pass benchmarks/results only to replace the committed reference results",
     )
+    parser.add_argument(
+        "--loop",
+        choices=loops.CHOICES,
+        action=_LoopAction,
+        help="event loop of the deferrun processes started (sets DEFERRUN_LOOP; default: "
+        "$DEFERRUN_LOOP, else auto: uvloop when installed)",
+    )
+
+
+class _LoopAction(argparse.Action):
+    def __call__(self, parser: Any, namespace: Any, value: Any, option: Any = None) -> None:
+        try:
+            loops.choose(value)
+        except ConfigError as exc:
+            parser.error(str(exc))
+        os.environ[loops.LOOP_ENV] = value
+        setattr(namespace, self.dest, value)
 
 
 def prepare_out(out: Path) -> Path:

@@ -93,6 +93,7 @@ def run(db: str, tasks: int, latency_tasks: int, live: int, slots: int, workdir:
 
         # 2. full-cycle throughput: every trigger fires as soon as it runs
         base = anyio.run(_counts, db).get("success", 0)
+        cpu = (triggerer.cpu_seconds(), worker.cpu_seconds())
         t0 = time.perf_counter()
         anyio.run(_submit_all, db, [Roundtrip(at=0) for _ in range(tasks)])
         submitted = time.perf_counter() - t0
@@ -103,6 +104,8 @@ def run(db: str, tasks: int, latency_tasks: int, live: int, slots: int, workdir:
             "seconds": round(elapsed, 2),
             "tasks_per_second": round(tasks / elapsed, 1),
             "submit_seconds": round(submitted, 2),
+            "triggerer_cpu_seconds": round(triggerer.cpu_seconds() - cpu[0], 2),
+            "worker_cpu_seconds": round(worker.cpu_seconds() - cpu[1], 2),
         }
 
         # 3. triggerer memory with many live time triggers

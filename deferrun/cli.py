@@ -18,7 +18,7 @@ import anyio
 import anyio.abc
 import structlog
 
-from deferrun import actions, config, retention, views
+from deferrun import actions, config, loops, retention, views
 from deferrun.exceptions import DeferrunError
 from deferrun.log import configure_logging
 from deferrun.metrics import CountingStore, Metrics, loop_and_db_health, serve
@@ -307,6 +307,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "web": lambda: web_cli.serve_command(args),
     }
     try:
+        if args.command in SERVING:
+            return _run(_logging_loop(commands[args.command]), loops.choose())
         return _run(commands[args.command])
     except (DeferrunError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -325,9 +327,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
 
-def _run(command: Any) -> int:
+SERVING = ("standalone", "triggerer", "worker", "web")
+
+
+def _logging_loop(command: Any) -> Any:
+    async def run() -> Any:
+        log.info("event loop", loop=loops.running_loop_name())
+        return await command()
+
+    return run
+
+
+def _run(command: Any, loop: str = "asyncio") -> int:
     try:
-        return int(anyio.run(command))
+        return int(anyio.run(command, backend_options=loops.backend_options(loop)))
     finally:
         if _stuck_exit is not None:
             _stuck_exit.cancel()
