@@ -260,6 +260,9 @@ class Triggerer:
             except Exception as exc:
                 log.error("claiming triggers failed; retrying", error=repr(exc))
                 last_claim = time.monotonic() - self.poll_interval + 1.0  # again in 1 s
+                # A claim whose COMMIT landed but whose reply was lost left rows assigned here
+                # that nothing runs: reconcile in 1 s too, releasing them, not in up to 5 s.
+                last_reconcile = min(last_reconcile, time.monotonic() - self.reconcile_interval + 1)
             # Reconciling keeps its own pace (it stops the triggers of cancelled tasks); a
             # claim waits for a wake-up or the poll interval, which is long on PostgreSQL.
             # A claim that found triggers may have left more (its fair share of a dead
