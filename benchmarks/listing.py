@@ -5,14 +5,21 @@
 Fills deferrun_tasks with ``--rows`` finished and waiting tasks straight in SQL (a bulk
 INSERT ... SELECT, so the fill takes seconds), then times Client.list's first page (50
 rows, newest first), the page after it (keyset, before=the last TaskInfo), the first page of one
-state, and the state counts `deferrun tasks` prints: median of 5 calls each. Writes
-DIR/listing.json.
+state, the state counts (capped per state, and every row with --exact-counts), and the whole
+`deferrun tasks` command: in-process (cli.main, opening and closing the store) and as a
+subprocess for reference (interpreter start included): median of 5 calls each (3 for the
+subprocess). Writes DIR/listing.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -78,12 +85,42 @@ async def measure(db: str) -> dict[str, Any]:
             return round(statistics.median(times), 2)
 
         first = await client.list(limit=50)
+        store = await client._get_store()
         return {
             "first_page_ms": await median_ms(lambda: client.list(limit=50)),
             "next_page_ms": await median_ms(lambda: client.list(limit=50, before=first[-1])),
             "first_page_one_state_ms": await median_ms(lambda: client.list("queued", limit=50)),
             "state_counts_ms": await median_ms(client.counts),
+            "capped_state_counts_ms": await median_ms(store.capped_state_counts),
         }
+
+
+def command_ms(db: str, *extra: str) -> float:
+    """The whole `deferrun tasks` in this process: what the CLI runs, store open to close."""
+    from deferrun import cli
+
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert cli.main(["tasks", "--db", db, *extra]) == 0
+        times.append((time.perf_counter() - t0) * 1000)
+    return round(statistics.median(times), 1)
+
+
+def subprocess_ms(db: str) -> float:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        subprocess.run(
+            [sys.executable, "-m", "deferrun", "tasks", "--db", db],
+            env=env,
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        times.append((time.perf_counter() - t0) * 1000)
+    return round(statistics.median(times), 1)
 
 
 def main() -> None:
@@ -107,6 +144,9 @@ def main() -> None:
             anyio.run(fill, db, args.rows)
             row = {"backend": backend, "rows": args.rows, "fill_s": round(time.perf_counter() - t0)}
             row.update(anyio.run(measure, db))
+            row["tasks_command_ms"] = command_ms(db)
+            row["tasks_command_exact_counts_ms"] = command_ms(db, "--exact-counts")
+            row["tasks_subprocess_ms"] = subprocess_ms(db)
             rows.append(row)
             print(f"  {row}", flush=True)
         finally:
@@ -114,7 +154,16 @@ def main() -> None:
                 cluster.destroy()
     path = write_json(out_dir, "listing", {"machine": machine(), "runs": rows})
     print("\ntask listing, median of 5 (ms)\n")
-    keys = ["first_page_ms", "next_page_ms", "first_page_one_state_ms", "state_counts_ms"]
+    keys = [
+        "first_page_ms",
+        "next_page_ms",
+        "first_page_one_state_ms",
+        "state_counts_ms",
+        "capped_state_counts_ms",
+        "tasks_command_ms",
+        "tasks_command_exact_counts_ms",
+        "tasks_subprocess_ms",
+    ]
     print(
         table(
             ["backend", "rows", *keys], [[r["backend"], r["rows"], *map(r.get, keys)] for r in rows]

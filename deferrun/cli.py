@@ -271,6 +271,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tasks", parents=[common], help="list tasks")
     p.add_argument("--state", choices=[s.value for s in TaskState])
     p.add_argument("--limit", type=int, default=50)
+    p.add_argument(
+        "--exact-counts",
+        action="store_true",
+        help="count every row of each state (default: exact up to 10000 per state, then "
+        "'10000+', which stays fast on millions of rows)",
+    )
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("task", parents=[common], help="show one task")

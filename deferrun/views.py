@@ -19,6 +19,7 @@ from deferrun.client import AsyncClient
 from deferrun.exceptions import DeferrunError
 from deferrun.models import TaskInfo, TaskState, TriggerInfo, UpstreamWait
 from deferrun.store import Store, open_store
+from deferrun.store.observe import STATE_COUNT_CAP
 
 
 class UsageError(DeferrunError):
@@ -189,12 +190,33 @@ async def tasks(args: argparse.Namespace) -> int:
     client, store = await _reader(args)
     async with client:
         infos = await client.list(args.state, limit=args.limit)
-        counts = await client.counts()
+        exact = getattr(args, "exact_counts", False)
+        counts = await (client.counts() if exact else store.capped_state_counts())
         waits = await upstream_waits(store, [i.id for i in infos if waits_upstream(i)])
+    cap = None if exact else STATE_COUNT_CAP
+    over = sorted(s for s, n in counts.items() if cap is not None and n > cap)
     if args.json:
-        print(to_json({"counts": counts, "tasks": infos, "waiting_on_upstream": waits}))
+        counts = {s: min(n, cap) if cap is not None else n for s, n in counts.items()}
+        print(
+            to_json(
+                {
+                    "counts": counts,
+                    # states with more tasks than the cap: their count reads "at least"
+                    "counts_over_cap": over,
+                    "count_cap": cap,
+                    "tasks": infos,
+                    "waiting_on_upstream": waits,
+                }
+            )
+        )
         return 0
-    summary = ", ".join(f"{state}={counts[state]}" for state in TaskState if state in counts)
+
+    def shown(state: str) -> str:
+        return f"{cap}+" if state in over else str(counts[state])
+
+    summary = ", ".join(f"{state}={shown(state)}" for state in TaskState if state in counts)
+    if over:
+        summary += " (--exact-counts to count every row)"
     print(f"tasks: {summary or 'none'}")
     if infos:
         print(
