@@ -3,8 +3,10 @@
     python -m benchmarks.fleet --out DIR [--triggers 20000] [--triggerers 4]
 
 ``--triggerers`` real `deferrun triggerer` processes and two workers share one fresh
-PostgreSQL. ``--triggers`` tasks defer on time triggers due far in the future. Reported:
-how many triggers each triggerer holds once all are claimed (fairness), the PostgreSQL
+PostgreSQL. ``--triggers`` tasks defer on time triggers due far in the future, with no
+triggerer running yet; then the triggerers start together and claim them from empty (timed
+from their start). Reported: the claim time, how many triggers each triggerer holds once all
+are claimed (fairness), the PostgreSQL
 server's CPU per triggerer while they wait, then one triggerer is SIGKILLed and the time
 from the kill until the survivors hold every trigger again (adoption; the dead triggerer
 is declared dead after DEFERRUN_DEAD_AFTER, default 10 s, here ``--dead-after``).
@@ -58,6 +60,16 @@ def _pg_cpu(cluster: Any) -> float:
     return total
 
 
+async def _trigger_rows(db: str) -> int:
+    import asyncpg
+
+    conn = await asyncpg.connect(db)
+    try:
+        return int(await conn.fetchval("SELECT count(*) FROM deferrun_triggers"))
+    finally:
+        await conn.close()
+
+
 def run_fleet(n: int, count: int, dead_after: float, workdir: Path) -> dict[str, Any]:
     cluster = start_pg_cluster()
     procs: list[Process] = []
@@ -65,6 +77,16 @@ def run_fleet(n: int, count: int, dead_after: float, workdir: Path) -> dict[str,
         db = cluster.create_database()
         env = env_for(db, DEFERRUN_DEAD_AFTER=str(dead_after))
         ports = [free_port() for _ in range(count)]
+        workers = [
+            Process(["worker", "--slots", "8"], env, workdir / f"fleet-worker-{i}.log")
+            for i in range(2)
+        ]
+        procs = list(workers)
+        t0 = time.perf_counter()
+        anyio.run(_submit, db, [AtMoment(at=time.time() + 86400) for _ in range(n)])
+        wait_for(lambda: anyio.run(_trigger_rows, db) >= n, 1800, 1.0)
+        deferred = time.perf_counter() - t0
+        t0 = time.perf_counter()
         triggerers = [
             Process(
                 ["triggerer", "--capacity", str(n), "--metrics-port", str(p),
@@ -74,16 +96,11 @@ def run_fleet(n: int, count: int, dead_after: float, workdir: Path) -> dict[str,
             )
             for i, p in enumerate(ports)
         ]  # fmt: skip
-        workers = [
-            Process(["worker", "--slots", "8"], env, workdir / f"fleet-worker-{i}.log")
-            for i in range(2)
-        ]
-        procs = triggerers + workers
+        procs += triggerers
         for p in ports:
-            wait_for(lambda p=p: "deferrun_triggers_running" in scrape(p), 30, 0.3)
-        t0 = time.perf_counter()
-        anyio.run(_submit, db, [AtMoment(at=time.time() + 86400) for _ in range(n)])
-        wait_for(lambda: sum(_held(p) for p in ports) >= n, 900, 0.5)
+            wait_for(lambda p=p: "deferrun_triggers_running" in scrape(p), 60, 0.1)
+        started = time.perf_counter() - t0
+        wait_for(lambda: sum(_held(p) for p in ports) >= n, 900, 0.2)
         loaded = time.perf_counter() - t0
         time.sleep(3.0)
         held = [int(_held(p)) for p in ports]
@@ -103,7 +120,9 @@ def run_fleet(n: int, count: int, dead_after: float, workdir: Path) -> dict[str,
             "triggers": n,
             "triggerers": count,
             "dead_after_s": dead_after,
-            "all_claimed_s": round(loaded, 1),
+            "deferred_s": round(deferred, 1),
+            "triggerers_up_s": round(started, 1),
+            "claimed_from_empty_s": round(loaded, 1),
             "held_per_triggerer": held,
             "fairness_max_over_mean": round(max(held) / (sum(held) / count), 3),
             "pg_cpu_pct_waiting": round(pg_cpu * 100, 2),
@@ -136,6 +155,8 @@ def main() -> None:
         table(
             ["measure", "value"],
             [
+                ["tasks deferred (no triggerer running)", f"{row['deferred_s']} s"],
+                ["triggerers started -> all claimed", f"{row['claimed_from_empty_s']} s"],
                 ["triggers held per triggerer", row["held_per_triggerer"]],
                 ["fairness (max / mean)", row["fairness_max_over_mean"]],
                 ["PostgreSQL CPU while waiting", f"{row['pg_cpu_pct_waiting']} % of a core"],
