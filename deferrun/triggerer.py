@@ -47,6 +47,10 @@ from deferrun.watchdog import LoopWatchdog, timed_steps
 
 log = structlog.get_logger("deferrun.triggerer")
 
+#: most triggers one claim takes; a full batch claims again at once. Triggerers that start
+#: together then share a backlog (each claim's fair share counts the live triggerers anew)
+#: instead of the first one up taking all of it.
+CLAIM_BATCH = 5000
 GC_FREEZE_GROWTH = 5000  # freeze the heap after this many more live triggers (_freeze_loaded)
 GC_UNFREEZE_EVERY = 600.0
 WRITER_UNHEALTHY_AFTER = 5.0  # /healthz fails once outcomes have failed to store this long
@@ -243,13 +247,16 @@ class Triggerer:
         last_reconcile = last_claim = time.monotonic()
         claim = True
         got = 0
+        full = False
         while not self._stopping.is_set():
             try:
                 free = self.capacity - len(self.running)
                 if free > 0 and claim:
                     last_claim = time.monotonic()
-                    batch = await self.store.claim_triggers(self.id, self.queues, free)
-                    got = len(batch)
+                    limit = min(free, CLAIM_BATCH)
+                    batch = await self.store.claim_triggers(self.id, self.queues, limit)
+                    # the batch cap, not capacity, stopped it: more may be waiting
+                    got, full = len(batch), limit < free and len(batch) >= limit
                     for claimed in batch:
                         self._start_one(claimed)
                     if len(self.running) - self._frozen_at >= GC_FREEZE_GROWTH:
@@ -259,6 +266,7 @@ class Triggerer:
                     await self._reconcile()
             except Exception as exc:
                 log.error("claiming triggers failed; retrying", error=repr(exc))
+                full = False
                 last_claim = time.monotonic() - self.poll_interval + 1.0  # again in 1 s
                 # A claim whose COMMIT landed but whose reply was lost left rows assigned here
                 # that nothing runs: reconcile in 1 s too, releasing them, not in up to 5 s.
@@ -268,7 +276,8 @@ class Triggerer:
             # A claim that found triggers may have left more (its fair share of a dead
             # triggerer's release, say): look again after 1 s, not the long idle interval.
             now = time.monotonic()
-            next_claim = last_claim + (min(1.0, self.poll_interval) if got else self.poll_interval)
+            after = 0.0 if full else min(1.0, self.poll_interval) if got else self.poll_interval
+            next_claim = last_claim + after
             wait = min(next_claim, last_reconcile + self.reconcile_interval) - now
             woken = await self._wakeup.wait(max(wait, 0.0))
             claim = woken or time.monotonic() >= next_claim
