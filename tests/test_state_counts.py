@@ -8,13 +8,24 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Iterator
 
 import anyio
 import pytest
+import structlog
 
 from deferrun import cli
 from deferrun.store import open_store
 from deferrun.store.observe import STATE_COUNT_CAP
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    """cli.main configures logging onto this test's captured stderr: undo it afterwards."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
+
 
 SQLITE_FILL = """WITH RECURSIVE g(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM g WHERE n < ?)
 INSERT INTO deferrun_tasks (id, name, classpath, kwargs, queue, state, max_tries,

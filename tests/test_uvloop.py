@@ -15,16 +15,25 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 from conftest import TESTS_DIR, Proc, deferrun_env, wait_until
 
 from deferrun import Client, TaskState, cli, loops
 from deferrun.exceptions import ConfigError
 
 HAS_UVLOOP = importlib.util.find_spec("uvloop") is not None
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    """cli.main configures logging onto this test's captured stderr: undo it afterwards."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
 
 
 def need_uvloop() -> None:
