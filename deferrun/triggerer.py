@@ -26,6 +26,7 @@ from deferrun.basetrigger import BaseTrigger
 from deferrun.connections import close_shared_clients, format_error
 from deferrun.containment import TriggerCode
 from deferrun.event_writer import EventWriter
+from deferrun.fire_log import FireLog
 from deferrun.liveness import heartbeat_loop, new_process_id
 from deferrun.metrics import Metrics
 from deferrun.models import ClaimedTrigger, TaskState
@@ -132,6 +133,7 @@ class Triggerer:
         self.timeouts_total = 0
         self.block_threshold = block_threshold
         self.metrics = metrics or Metrics()
+        self.fire_log = FireLog(self.metrics)
         self.metrics.triggers_running.set_function(lambda: len(self.running))
         self.metrics.capacity_left.set_function(lambda: self.capacity - len(self.running))
         self.metrics.health_checks.append(self.writer_health)
@@ -162,6 +164,7 @@ class Triggerer:
 
     async def run(self) -> None:
         containment.install()  # user code's own tasks must not stop this process
+        self.fire_log.start()
         self._wakeup = await self.store.register_process(
             self.id, "triggerer", self.queues, self.capacity
         )
@@ -515,9 +518,7 @@ class Triggerer:
         ids = {"trigger_id": outcome.trigger_id, "task_id": task_id}
         if outcome.fired:
             self.events_total += 1
-            self.metrics.trigger_events.inc()
-            # 100,000 timers may fire in a burst: their line is debug-level
-            (log.debug if timer else log.info)("trigger fired", **ids)
+            self.fire_log.fired(outcome.trigger_id, task_id, timer)
         elif outcome.method == ENDED:
             self.events_total += 1
             self.metrics.trigger_events.inc()
