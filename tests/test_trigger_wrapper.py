@@ -8,6 +8,7 @@ import json
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -59,6 +60,35 @@ class Never(BaseTrigger):
     async def run(self) -> AsyncIterator[TriggerEvent]:
         await asyncio.sleep(3600)
         yield TriggerEvent(None)
+
+
+class HookedNever(BaseTrigger):
+    """Waits forever; its on_task_cancelled() records its ids (and the trigger's log ids)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        await asyncio.sleep(3600)
+        yield TriggerEvent(None)
+
+    async def on_task_cancelled(self) -> None:
+        code = containment.current_trigger()
+        ids = (code.trigger_id, code.task_id) if code is not None else None
+        with open(self.path, "a") as f:
+            f.write(json.dumps([self.trigger_id, self.task_id, ids]) + "\n")
+
+
+class DeferHooked(BaseOperator):
+    def __init__(self, *, path: str, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.path = path
+
+    def execute(self, context: Any) -> Any:
+        self.defer(trigger=HookedNever(path=self.path), method_name="resume")
+
+    def resume(self, context: Any, event: Any = None) -> Any:
+        return event
 
 
 class DeferOn(BaseOperator):
@@ -170,6 +200,30 @@ async def test_timeout_through_the_runtime(store: Store) -> None:
         task_id = await rt.client.submit(DeferOn(n=1, never=True, timeout=0.5))
         info = await rt.client.wait(task_id, timeout=30)
     assert info.state is TaskState.FAILED and "timed out" in (info.error or ""), info
+
+
+async def test_on_task_cancelled_runs_once_on_a_user_cancel_only(
+    store: Store, tmp_path: Path
+) -> None:
+    """The hook runs (once, marked as that trigger's code) when a user cancels the waiting
+    task, and not when the triggerer shuts down."""
+    cancelled, kept = tmp_path / "cancelled", tmp_path / "kept"
+    async with runtime_for(store, slots=2, reconcile_interval=0.1) as rt:
+        one = await rt.client.submit(DeferHooked(path=str(cancelled)))
+        two = await rt.client.submit(DeferHooked(path=str(kept)))
+        with anyio.fail_after(20):
+            while len(rt.triggerer.running) < 2:  # type: ignore[union-attr]
+                await anyio.sleep(0.02)
+        await rt.client.cancel(one)
+        with anyio.fail_after(20):
+            while not cancelled.exists():
+                await anyio.sleep(0.02)
+        await anyio.sleep(0.3)  # a few more reconciles: it must not run again
+        assert (await rt.client.get(two)).state is TaskState.DEFERRED
+    [line] = cancelled.read_text().splitlines()
+    trigger_id, task_id, ids = json.loads(line)
+    assert task_id == one and ids == [trigger_id, one]
+    assert not kept.exists()  # shutdown is no cancel of the task
 
 
 if __name__ == "__main__":  # pragma: no cover
