@@ -6,7 +6,9 @@
 
 Against one real `deferrun triggerer` and ``--workers`` real `deferrun worker` processes
 (``--slots`` each): N tasks defer on ``benchmarks.ops.SleepUntilTrigger`` (``await
-asyncio.sleep(...)`` then yield, no ``timer()``), all due at the same moment. Reported:
+asyncio.sleep(...)`` then yield, no ``timer()``), all due at the same moment. Identical
+triggers share one run() in the triggerer; with ``--distinct`` each trigger differs (a
+sequence number), so each runs as its own coroutine (the per-trigger wrapper's cost). Reported:
 triggerer RSS per live trigger (RSS with all N live minus idle RSS), fire lateness p50/p99
 (the event's own "fired" stamp minus the moment), event->resume p50/p99, the time from the
 moment to the last resume, and the CPU seconds each process spent in the burst. With
@@ -109,6 +111,7 @@ def run_burst(
     defer_rate_guess: float = 1000.0,
     profile: bool = False,
     tag: str = "",
+    distinct: bool = False,
 ) -> dict[str, Any]:
     env = env_for(db)
     port = free_port()
@@ -122,14 +125,17 @@ def run_burst(
         Process(["worker", "--slots", str(slots)], env, workdir / f"burst-worker-{n}-{i}.log")
         for i in range(workers)
     ]
-    out: dict[str, Any] = {"mode": "burst", "n": n, "workers": workers, "slots": slots}
+    out: dict[str, Any] = {
+        "mode": "burst", "n": n, "workers": workers, "slots": slots, "distinct": distinct
+    }  # fmt: skip
     try:
         wait_for(lambda: "deferrun_triggers_running" in _scrape(port), 30, 0.3)
         time.sleep(1.0)
         idle_rss = triggerer.rss_mib()
         moment = time.time() + n / defer_rate_guess * 1.6 + 8.0
         t0 = time.perf_counter()
-        anyio.run(_submit, db, [BurstOp(at=moment) for _ in range(n)])
+        ops = [BurstOp(at=moment, seq=i if distinct else None) for i in range(n)]
+        anyio.run(_submit, db, ops)
         # a loaded machine may still be deferring at the moment: then some have fired already
         wait_for(lambda: _running(port) >= n or time.time() >= moment - 0.5, 900, 0.3)
         out["defer_rate_per_s"] = round(n / (time.perf_counter() - t0), 1)

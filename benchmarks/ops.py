@@ -145,8 +145,9 @@ class SleepUntilTrigger(BaseTrigger):
     No ``timer()``: the triggerer must run it as a coroutine (the burst case).
     """
 
-    def __init__(self, at: float) -> None:
+    def __init__(self, at: float, seq: int | None = None) -> None:
         self.at = at
+        self.seq = seq  # set: no two triggers are identical, each gets its own run()
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         import asyncio
@@ -158,12 +159,14 @@ class SleepUntilTrigger(BaseTrigger):
 class BurstOp(BaseOperator):
     """Defers on a SleepUntilTrigger at epoch ``at``; the result says when it fired/resumed."""
 
-    def __init__(self, *, at: float, **kwargs: Any) -> None:
+    def __init__(self, *, at: float, seq: int | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.at = at
+        self.seq = seq
 
     def execute(self, context: Context) -> Any:
-        self.defer(trigger=SleepUntilTrigger(at=self.at), method_name="resume")
+        trigger = SleepUntilTrigger(at=self.at, seq=self.seq)
+        self.defer(trigger=trigger, method_name="resume")
 
     def resume(self, context: Context, event: Any = None) -> Any:
         return {**event, "resumed": time.time()}

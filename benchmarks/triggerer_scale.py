@@ -14,6 +14,9 @@ For each backend and size N, against one real `deferrun triggerer` and `deferrun
 Prints a table and writes DIR/triggerer_scale.json and DIR/triggerer_scale.png (RSS per
 trigger and lateness).
 
+``--mode heap`` holds 1,000,000 time triggers in this process (benchmarks/timer_heap_scale.py):
+memory and fire lateness at ``--fire-rate`` (default 5,000/s there), no database.
+
 ``--mode burst`` runs the midnight case instead (benchmarks/burst.py): N user-written coroutine
 triggers all due at one moment, 2 workers x 8 slots; writes DIR/triggerer_scale-burst.json.
 """
@@ -242,18 +245,42 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
+def main_heap(args: argparse.Namespace, out_dir: Path) -> None:
+    from benchmarks.timer_heap_scale import HEADERS as HEAP_HEADERS
+    from benchmarks.timer_heap_scale import rows_for_table as heap_rows
+    from benchmarks.timer_heap_scale import run_heap
+
+    fire_rate = args.fire_rate if args.fire_rate != 2000.0 else 5000.0  # heap default: 5,000/s
+    rows = []
+    for n in [int(x) for x in (args.sizes or "1000000").split(",")]:
+        row = run_heap(n, fire_rate, args.measure)
+        rows.append(row)
+        print(f"  heap N={n}: {row}", flush=True)
+    out = {"machine": machine(), "runs": rows}
+    path = write_json(out_dir, "triggerer_scale-heap", out)
+    print(f"\ntimer heap, in one process ({out['machine']['cores']} cores)\n")
+    print(table(HEAP_HEADERS, heap_rows(rows)))
+    print(f"\nwritten: {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "--mode",
-        choices=["timers", "burst"],
+        choices=["timers", "burst", "heap"],
         default="timers",
         help="timers: DateTimeTriggers spread over a window; burst: user-written coroutine "
-        "triggers all due at one moment (see benchmarks/burst.py)",
+        "triggers all due at one moment (see benchmarks/burst.py); heap: 1,000,000 time "
+        "triggers in this process, no database (see benchmarks/timer_heap_scale.py)",
     )
     parser.add_argument("--sizes", default=None, help="default 1000,10000,100000 (burst: 10000)")
     parser.add_argument("--slots", type=int, default=None, help="slots per worker (burst: 8)")
     parser.add_argument("--profile", action="store_true", help="burst: py-spy the burst")
+    parser.add_argument(
+        "--distinct",
+        action="store_true",
+        help="burst: triggers differ (each its own run()) instead of identical (one shared run)",
+    )
     parser.add_argument("--backends", default="sqlite,postgres")
     parser.add_argument(
         "--workers", type=int, default=None, help="worker processes (timers: 1, burst: 2)"
@@ -270,9 +297,15 @@ def main() -> None:
         default=1000.0,
         help="used to schedule the moments after the load finishes",
     )
+    parser.add_argument(
+        "--measure", type=float, default=30.0, help="heap: seconds of firing measured"
+    )
     add_out_argument(parser)
     args = parser.parse_args()
     out_dir = prepare_out(args.out)
+    if args.mode == "heap":
+        main_heap(args, out_dir)
+        return
     burst = args.mode == "burst"
     sizes = [int(x) for x in (args.sizes or ("10000" if burst else "1000,10000,100000")).split(",")]
     workers = args.workers or (2 if burst else 1)
@@ -291,6 +324,7 @@ def main() -> None:
                 row = run_burst(
                     db, n, workdir, out_dir, workers=workers, slots=args.slots or 8,
                     defer_rate_guess=rate_guess, profile=args.profile, tag=f"-{backend}",
+                    distinct=args.distinct,
                 )  # fmt: skip
             else:
                 row = run_one(db, n, workdir, rate_guess, workers, args.fire_rate)

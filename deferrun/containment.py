@@ -25,9 +25,55 @@ import structlog
 
 log = structlog.get_logger("deferrun.containment")
 
-_USER_CODE: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+
+class TriggerCode:
+    """What runs inside one trigger: its label for containment and its ids for log lines.
+
+    One context variable carries both, so a trigger's task sets one variable instead of one
+    per id (each set copies the task's context mapping).
+    """
+
+    __slots__ = ("classpath", "task_id", "trigger_id")
+
+    def __init__(self, classpath: str, trigger_id: int, task_id: str | None) -> None:
+        self.classpath, self.trigger_id, self.task_id = classpath, trigger_id, task_id
+
+    @property
+    def label(self) -> str:
+        return f"trigger {self.classpath}"
+
+
+_USER_CODE: contextvars.ContextVar[str | TriggerCode | None] = contextvars.ContextVar(
     "deferrun_user_code", default=None
 )
+
+
+def enter_trigger(code: TriggerCode) -> str | TriggerCode | None:
+    """Mark what runs from here on as the code of one trigger; returns what to :func:`leave`
+    to (the value before, kept instead of a Token: one object less per live trigger)."""
+    before = _USER_CODE.get()
+    _USER_CODE.set(code)
+    return before
+
+
+def leave(before: str | TriggerCode | None) -> None:
+    _USER_CODE.set(before)
+
+
+def current_trigger() -> TriggerCode | None:
+    """The trigger whose code runs now (in its task or a task it started), if any."""
+    code = _USER_CODE.get()
+    return code if isinstance(code, TriggerCode) else None
+
+
+def add_trigger_ids(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    """structlog processor: a line logged from a trigger's code carries its ids."""
+    code = _USER_CODE.get()
+    if isinstance(code, TriggerCode):
+        event_dict.setdefault("trigger_id", code.trigger_id)
+        if code.task_id is not None:
+            event_dict.setdefault("task_id", code.task_id)
+    return event_dict
 
 
 class UserTaskExit(Exception):
@@ -71,6 +117,8 @@ def install(loop: asyncio.AbstractEventLoop | None = None) -> None:
         context: contextvars.Context | None = None,
     ) -> asyncio.Future[Any]:
         label = (context or contextvars.copy_context()).get(_USER_CODE)
+        if isinstance(label, TriggerCode):
+            label = label.label
         if label is not None and asyncio.iscoroutine(coro):
             coro = _contained(coro, label)
         if previous is not None:

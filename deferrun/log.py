@@ -1,8 +1,9 @@
 """structlog set-up shared by every deferrun process.
 
-Console rendering on a TTY, JSON lines otherwise. Task and trigger ids are bound through
-contextvars by the worker and triggerer, so every line a task or trigger emits, including
-operator code calling ``self.log``, carries them.
+Console rendering on a TTY, JSON lines otherwise. The worker binds a task's id through
+structlog's contextvars; a trigger's ids come from the one context variable that marks its
+code (``containment.TriggerCode``). Either way every line a task or trigger emits, including
+user code calling ``self.log`` or a module logger, carries them.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any, Literal
 
 import structlog
 
-from deferrun import connections, tasklogs
+from deferrun import connections, containment, tasklogs
 
 LogFormat = Literal["console", "json"]
 
@@ -32,6 +33,7 @@ def configure_logging(fmt: LogFormat | None = None, level: str = "info") -> None
         raise ValueError(f"unknown log level {level!r}; use debug, info, warning or error")
     processors: list[Any] = [
         structlog.contextvars.merge_contextvars,
+        containment.add_trigger_ids,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         _add_pid,

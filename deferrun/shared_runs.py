@@ -13,6 +13,7 @@ when no member is left. A class that sets ``shareable = False`` never groups.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import heapq
 import itertools
 import time
@@ -24,9 +25,10 @@ import anyio
 import structlog
 
 from deferrun import shared_polls, sharing
+from deferrun.connections import format_error
 from deferrun.models import ClaimedTrigger
 from deferrun.trigger_run import Limits, Loaded, Outcome, failure, run_until_event
-from deferrun.watchdog import LoopWatchdog, timed_steps
+from deferrun.watchdog import LoopWatchdog
 
 log = structlog.get_logger("deferrun.triggerer")
 
@@ -53,9 +55,17 @@ class Group:
     loaded: Loaded
     lead: Member  # the trigger whose object runs: log lines carry its ids
     members: dict[int, Member] = field(default_factory=dict)
-    task: asyncio.Task[None] | None = None
+    task: asyncio.Task[Outcome] | None = None
     #: the stored poll key (None: not in a shared poll, shown as "<classpath> (identical)")
     poll_key: str | None = None
+    owner: Any = None  # the SharedRuns, called back when the run's task is done
+
+    def __call__(self, task: asyncio.Task[Outcome]) -> None:
+        self.owner._finished(self, task)
+
+    def served(self) -> list[tuple[int, str]]:
+        """The ``(trigger id, task id)`` of every member (``shared_polls.serve``)."""
+        return [(m.id, m.task_id) for m in self.members.values()]
 
 
 class SharedRuns:
@@ -73,10 +83,11 @@ class SharedRuns:
         self.limits = limits
         self.watchdog = watchdog
         self.groups: dict[str, Group] = {}
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.tasks: set[asyncio.Task[Any]] = set()
         self._deadlines: list[tuple[float, int, Member]] = []
         self._seq = itertools.count()
         self._deadline_changed = anyio.Event()
+        self._callback_context = contextvars.copy_context()  # one for every done callback
 
     @staticmethod
     def accepts(loaded: Loaded) -> bool:
@@ -90,20 +101,26 @@ class SharedRuns:
         group = self.groups.get(key)
         if group is None:
             lead = Member(claimed.id, claimed.task_id, loaded.classpath, None, time.monotonic())  # type: ignore[arg-type]
-            group = lead.group = Group(key, loaded, lead, poll_key=_poll_key(loaded))
+            group = lead.group = Group(key, loaded, lead, poll_key=_poll_key(loaded), owner=self)
             self.groups[key] = group
             group.members[lead.id] = lead
-            members = group.members
-            trigger = loaded.trigger
-            shared_polls.serve(trigger, lambda: [(m.id, m.task_id) for m in members.values()])
+            shared_polls.serve(loaded.trigger, group.served)
             task = asyncio.get_running_loop().create_task(
-                self._drive(group), name=f"trigger:{claimed.id}"
+                run_until_event(
+                    loaded,
+                    lead.id,
+                    self.limits,
+                    None,
+                    task_id=lead.task_id,
+                    watchdog=self.watchdog(),
+                    describe=self.describe,
+                ),
+                name=f"trigger:{claimed.id}",
             )
             group.task = task
             self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
-            # also when cancelled before its first step (its finally never runs then)
-            task.add_done_callback(lambda _: shared_polls.unserve(trigger))
+            # also when cancelled before its first step
+            task.add_done_callback(group, context=self._callback_context)
             member = lead
         else:
             member = Member(claimed.id, claimed.task_id, loaded.classpath, group, time.monotonic())
@@ -168,33 +185,43 @@ class SharedRuns:
         if group.task is not None and not group.task.done():
             group.task.cancel()
 
-    async def _drive(self, group: Group) -> None:
+    def _finished(self, group: Group, task: asyncio.Task[Outcome]) -> None:
+        """Done callback of a shared run's task: one outcome per member still waiting, all in
+        this one step (a callback, not a coroutine around the run: one frame less per run)."""
+        self.tasks.discard(task)
+        shared_polls.unserve(group.loaded.trigger)
+        if self.groups.get(group.key) is group:
+            del self.groups[group.key]
         lead = group.lead
-        structlog.contextvars.bind_contextvars(trigger_id=lead.id, task_id=lead.task_id)
-        try:
-            outcome: Outcome | None = await timed_steps(
-                run_until_event(group.loaded, lead.id, self.limits, None),
-                self.watchdog(),
-                self.describe,
+        outcome: Outcome
+        if task.cancelled():
+            log.info(
+                "trigger cancelled: no task waits on it any more",
+                trigger_id=lead.id,
+                task_id=lead.task_id,
             )
-        except asyncio.CancelledError:
-            log.info("trigger cancelled: no task waits on it any more")
-            outcome = None
-        except BaseException as exc:  # run_until_event handles the trigger's own errors
-            log.exception("internal error running a trigger")
-            error = f"triggerer internal error running {lead.classpath}: {exc!r}"
-            outcome = failure(lead.id, error)
-        finally:
-            shared_polls.unserve(group.loaded.trigger)
-            if self.groups.get(group.key) is group:
-                del self.groups[group.key]
-        if outcome is None:
             return
+        exc = task.exception()
+        if exc is None:
+            outcome = task.result()
+        else:  # run_until_event turns the trigger's own errors into outcomes
+            log.error(
+                "internal error running a trigger",
+                error=format_error(exc),
+                trigger_id=lead.id,
+                task_id=lead.task_id,
+            )
+            outcome = failure(
+                lead.id, f"triggerer internal error running {lead.classpath}: {exc!r}"
+            )
         members = list(group.members.values())
         group.members.clear()
         if len(members) > 1:
             log.info(
-                "shared trigger run ended; every waiting task gets its outcome", tasks=len(members)
+                "shared trigger run ended; every waiting task gets its outcome",
+                tasks=len(members),
+                trigger_id=lead.id,
+                task_id=lead.task_id,
             )
         for member in members:  # one step: the writer stores them in one batch
             if self.running.get(member.id) is member:

@@ -9,6 +9,7 @@ shows a task's worker and trigger lines in order from any host that shares the d
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections import deque
@@ -33,6 +34,28 @@ def tap(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
         for sink in _SINKS:
             sink.add(event_dict)
     return event_dict
+
+
+_stamp = structlog.processors.TimeStamper(fmt="iso", utc=True)
+
+
+def record(event: str, level: str, **fields: Any) -> None:
+    """Store one line in ``fields["task_id"]``'s log without going through the log pipeline.
+
+    For a line that a burst emits once per task (the triggerer's "trigger fired"): the full
+    structlog pipeline costs ~50 us a line, which 10,000 fires in one loop step would add to
+    every later fire's lateness. The stored line is the one the pipeline would store.
+    """
+    if not _SINKS or not fields.get("task_id"):
+        return
+    event_dict: dict[str, Any] = {"event": event, **fields, "level": level}
+    _stamp(None, level, event_dict)
+    event_dict["pid"] = _PID
+    for sink in _SINKS:
+        sink.add(event_dict)
+
+
+_PID = os.getpid()
 
 
 def _encode_line(event_dict: dict[str, Any]) -> str:

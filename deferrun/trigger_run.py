@@ -21,11 +21,10 @@ from typing import Any
 
 import structlog
 
-from deferrun import serialization
+from deferrun import containment, serialization
 from deferrun.baseoperator import BaseOperator
 from deferrun.basetrigger import BaseTrigger, TaskEndEvent, TriggerEvent
 from deferrun.connections import format_error, redact
-from deferrun.containment import user_code
 from deferrun.exceptions import ConfigError
 from deferrun.models import ClaimedTrigger
 from deferrun.store.machine import clean_text
@@ -162,72 +161,176 @@ def load(row: ClaimedTrigger, limits: Limits) -> Loaded | Outcome:
 
 
 async def run_until_event(
-    loaded: Loaded, trigger_id: int, limits: Limits, timeout_in: float | None
+    loaded: Loaded,
+    trigger_id: int,
+    limits: Limits,
+    timeout_in: float | None,
+    *,
+    task_id: str | None = None,
+    watchdog: Any = None,
+    describe: Callable[[str], dict[str, Any] | None] | None = None,
 ) -> Outcome:
     """Run ``run()`` to its first event, within ``timeout_in`` seconds; cleanup always.
 
     Only our own cancellation (``Task.cancel``) propagates; a CancelledError the trigger
     raises by itself fails its task like any other error.
+
+    One coroutine frame per live trigger, as it is the body of the trigger's task: it steps
+    the generator itself, timing each step for ``watchdog`` (a ``LoopWatchdog``, which names
+    a step that blocks the loop), and marks the trigger's code and ids with one context
+    variable; no timeout object exists unless the trigger has a deadline.
     """
     started = time.monotonic()
     outcome: Outcome | None = None
-    with user_code(f"trigger {loaded.classpath}"):
+    cp = loaded.classpath
+    token = containment.enter_trigger(containment.TriggerCode(cp, trigger_id, task_id))
+    timeout = None if timeout_in is None else asyncio.timeout(max(timeout_in, 0))
+    agen: Any = None
+    try:
         try:
-            async with asyncio.timeout(timeout_in if timeout_in is None else max(timeout_in, 0)):
-                outcome = await _first_event(loaded, trigger_id, limits)
-        except TimeoutError:  # _first_event turns the trigger's own errors into outcomes
-            outcome = failure(
-                trigger_id,
-                f"deferral timed out: trigger {trigger_id} ({loaded.classpath}) did not fire "
-                f"within its timeout (ran {time.monotonic() - started:.1f}s here)",
-                timeout=True,
-            )
-        finally:
-            if type(loaded.trigger).cleanup is not BaseTrigger.cleanup:  # the default: no-op
-                await bounded(
-                    loaded.trigger.cleanup, limits.cleanup_timeout, loaded.classpath, "cleanup()"
+            if timeout is not None:
+                await timeout.__aenter__()
+            try:
+                agen = loaded.trigger.run()
+                if not (hasattr(agen, "__anext__") and hasattr(agen, "aclose")):
+                    raise Misbehaved(_not_async_generator(cp, agen))
+                # ``await anext(agen, _END)``, one step at a time (as a task would), timed
+                step = anext(agen, _END)
+                clock = time.monotonic
+                value: Any = None
+                error: BaseException | None = None
+                while True:
+                    began = clock()
+                    try:
+                        future = step.send(value) if error is None else step.throw(error)
+                    except StopIteration as stop:
+                        event = stop.value
+                        break
+                    finally:
+                        if watchdog is not None and clock() - began > watchdog.threshold:
+                            _long_step(watchdog, clock() - began, describe, loaded, task_id)
+                    error = None
+                    try:
+                        value = await _Pass(future)
+                    except BaseException as exc:  # delivered into the generator next step
+                        value, error = None, exc
+                del step
+                if event is _END:
+                    raise Misbehaved(f"{cp}.run() returned without yielding an event")
+                if not isinstance(event, TriggerEvent):
+                    raise Misbehaved(
+                        f"{cp}.run() yielded {_short(event)} ({type(event).__name__}), "
+                        "not a TriggerEvent; yield TriggerEvent(payload)"
+                    )
+                payload = event_payload(event.payload, cp, limits.max_event_bytes)
+                if isinstance(event, TaskEndEvent):
+                    outcome = Outcome(
+                        trigger_id, ENDED, payload, event.error, end_state=event.state
+                    )
+                else:
+                    outcome = Outcome(trigger_id, FIRED, payload)
+                del event
+            except Misbehaved as exc:
+                outcome = failure(trigger_id, str(exc))
+            except asyncio.CancelledError as exc:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # ours: shutdown, removal or the deadline
+                outcome = failure(
+                    trigger_id,
+                    f"trigger {cp} raised CancelledError by itself (nothing cancelled it); "
+                    f"a trigger must not raise it:\n{format_error(exc)}",
+                    exc=exc,
                 )
+            except BaseException as exc:  # SystemExit, KeyboardInterrupt, GeneratorExit included
+                log.warning("trigger raised", trigger=cp, error=repr(exc))
+                outcome = failure(trigger_id, f"trigger {cp} raised:\n{format_error(exc)}", exc=exc)
+            finally:
+                if agen is not None and hasattr(agen, "aclose"):
+                    await close_generator(agen, limits.cleanup_timeout, cp)
+        except BaseException as exc:
+            # the deadline's cancellation becomes TimeoutError here; anything else goes on
+            if timeout is None:
+                raise
+            await timeout.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+        else:
+            if timeout is not None:
+                await timeout.__aexit__(None, None, None)
+    except TimeoutError:  # the trigger's own errors became outcomes above
+        outcome = failure(
+            trigger_id,
+            f"deferral timed out: trigger {trigger_id} ({cp}) did not fire "
+            f"within its timeout (ran {time.monotonic() - started:.1f}s here)",
+            timeout=True,
+        )
+    finally:
+        try:
+            if type(loaded.trigger).cleanup is not BaseTrigger.cleanup:  # the default: no-op
+                await bounded(loaded.trigger.cleanup, limits.cleanup_timeout, cp, "cleanup()")
+        finally:
+            containment.leave(token)
+    assert outcome is not None
     return outcome
 
 
-async def _first_event(loaded: Loaded, trigger_id: int, limits: Limits) -> Outcome:
-    cp = loaded.classpath
-    agen: Any = None
-    try:
-        agen = loaded.trigger.run()
-        if not (hasattr(agen, "__anext__") and hasattr(agen, "aclose")):
-            raise Misbehaved(_not_async_generator(cp, agen))
-        event = await anext(agen, _END)
-        if event is _END:
-            raise Misbehaved(f"{cp}.run() returned without yielding an event")
-        if not isinstance(event, TriggerEvent):
-            raise Misbehaved(
-                f"{cp}.run() yielded {_short(event)} ({type(event).__name__}), "
-                "not a TriggerEvent; yield TriggerEvent(payload)"
-            )
-        payload = event_payload(event.payload, cp, limits.max_event_bytes)
-        if isinstance(event, TaskEndEvent):
-            return Outcome(trigger_id, ENDED, payload, event.error, end_state=event.state)
-        del event
-        return Outcome(trigger_id, FIRED, payload)
-    except Misbehaved as exc:
-        return failure(trigger_id, str(exc))
-    except asyncio.CancelledError as exc:
-        task = asyncio.current_task()
-        if task is not None and task.cancelling():
-            raise  # ours: shutdown, removal or the deadline
-        return failure(
-            trigger_id,
-            f"trigger {cp} raised CancelledError by itself (nothing cancelled it); "
-            f"a trigger must not raise it:\n{format_error(exc)}",
-            exc=exc,
-        )
-    except BaseException as exc:  # SystemExit, KeyboardInterrupt, GeneratorExit included
-        log.warning("trigger raised", trigger=cp, error=repr(exc))
-        return failure(trigger_id, f"trigger {cp} raised:\n{format_error(exc)}", exc=exc)
-    finally:
-        if agen is not None and hasattr(agen, "aclose"):
-            await close_generator(agen, limits.cleanup_timeout, cp)
+class _Pass:
+    """Hands what the trigger's step yielded (a future, or None) to the task and returns the
+    task's reply: ``(yield future)`` for an ``async def``, in 48 bytes instead of a frame."""
+
+    __slots__ = ("_future",)
+
+    def __init__(self, future: Any) -> None:
+        self._future = future
+
+    def __await__(self) -> _Pass:
+        return self
+
+    def __iter__(self) -> _Pass:
+        return self
+
+    def __next__(self) -> Any:
+        return self.send(None)
+
+    def send(self, value: Any) -> Any:
+        future = self._future
+        if future is _SENT:
+            raise StopIteration(value)
+        self._future = _SENT
+        return future
+
+    def throw(self, typ: Any, value: Any = None, tb: Any = None) -> Any:
+        self._future = _SENT
+        if isinstance(typ, BaseException):
+            raise typ
+        raise (value if isinstance(value, BaseException) else typ(value or ())).with_traceback(tb)
+
+    def close(self) -> None:
+        self._future = _SENT
+
+
+_SENT = object()
+
+
+def _long_step(
+    watchdog: Any,
+    seconds: float,
+    describe: Callable[[str], dict[str, Any] | None] | None,
+    loaded: Loaded,
+    task_id: str | None,
+) -> None:
+    task = asyncio.current_task()
+    name = task.get_name() if task is not None else "?"
+    details: dict[str, Any] | None = None
+    if describe is not None:
+        try:
+            details = describe(name)
+        except Exception as exc:
+            details = {"describe_error": repr(exc)}
+    if not details:
+        details = {"trigger_id": loaded.trigger.trigger_id, "task_id": task_id}
+        details["trigger"] = loaded.classpath
+    watchdog.note_step(name, seconds, details)
 
 
 _END = object()

@@ -322,3 +322,23 @@ def test_web_pages_smoke(tmp_path: Path) -> None:
     )
     assert "|" in out
     assert (tmp_path / "web_pages.json").exists()
+
+
+def test_triggerer_scale_heap_smoke(tmp_path: Path) -> None:
+    out = run_benchmark(
+        "benchmarks.triggerer_scale",
+        "--out",
+        str(tmp_path),
+        "--mode",
+        "heap",
+        "--sizes",
+        "2000",
+        "--fire-rate",
+        "1000",
+        "--measure",
+        "1",
+    )
+    assert "B/timer" in out
+    [run] = json.loads((tmp_path / "triggerer_scale-heap.json").read_text())["runs"]
+    assert run["n"] == 2000 and run["loaded_before_first_moment"]
+    assert run["fired"] > 0 and 0 <= run["fire_lateness_p50_ms"] <= run["fire_lateness_p99_ms"]
