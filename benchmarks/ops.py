@@ -152,7 +152,10 @@ class SleepUntilTrigger(BaseTrigger):
     async def run(self) -> AsyncIterator[TriggerEvent]:
         import asyncio
 
-        await asyncio.sleep(max(self.at - time.time(), 0))
+        # a loop, as a careful user writes it: a loop's timers may wake up early (uvloop's
+        # are whole milliseconds), and the moment must not be seen before it comes
+        while (left := self.at - time.time()) > 0:
+            await asyncio.sleep(left)
         yield TriggerEvent({"at": self.at, "fired": time.time()})
 
 

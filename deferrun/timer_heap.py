@@ -1,15 +1,22 @@
 """Time triggers as entries in one heap: no coroutine, task or cancel scope per trigger.
 
 ~0.3 KB per waiting timer instead of several KB, which is what lets one triggerer hold
-100,000 time triggers. One loop (``Triggerer._timer_loop``) pops what is due.
+100,000 time triggers. One loop (``fire_timers``) pops what is due.
 """
 
 from __future__ import annotations
 
 import heapq
+import time
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
+from typing import Any
 
+import anyio
+
+from deferrun.models import ClaimedTrigger
 from deferrun.store.base import Wakeup
+from deferrun.trigger_run import FIRED, Outcome, failure
 
 
 @dataclass(slots=True)
@@ -66,3 +73,39 @@ class TimerHeap:
         while self._heap and self._heap[0][1] not in self._live:
             heapq.heappop(self._heap)  # drop removed entries so they cannot pin a wake-up
         return self._heap[0][0] if self._heap else None
+
+
+def timer_for(claimed: ClaimedTrigger, fire_at: float, payload: str) -> Timer:
+    """The heap entry of a claimed time trigger: due at its moment or its deadline."""
+    now = time.time()
+    if claimed.timeout_in is not None and now + claimed.timeout_in < fire_at:
+        return Timer(claimed.id, claimed.task_id, now + claimed.timeout_in, True, payload)
+    return Timer(claimed.id, claimed.task_id, fire_at, False, payload)
+
+
+async def fire_timers(
+    timers: TimerHeap,
+    running: MutableMapping[int, Any],
+    emit: Callable[[Outcome, str | None, bool], None],
+    lateness: Any,
+) -> None:
+    """Fire due timers into ``emit``; one task for every time trigger in the process."""
+    while True:
+        now = time.time()
+        for timer in timers.pop_due(now):
+            running.pop(timer.id, None)
+            if timer.timed_out:
+                message = (
+                    f"deferral timed out: trigger {timer.id} (a timer) "
+                    "did not fire before its timeout"
+                )
+                emit(failure(timer.id, message, timeout=True), timer.task_id, False)
+            else:
+                lateness.observe(max(now - timer.due, 0.0))
+                emit(Outcome(timer.id, FIRED, timer.payload), timer.task_id, True)
+        due = timers.next_due()
+        if due is not None and due <= time.time():
+            await anyio.sleep(0)  # more due than one pass takes: let others run first
+            continue
+        wait = min(due - time.time(), 1.0) if due is not None else 1.0
+        await timers.wakeup.wait(wait)

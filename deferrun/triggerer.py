@@ -26,19 +26,15 @@ from deferrun.basetrigger import BaseTrigger
 from deferrun.connections import close_shared_clients, format_error
 from deferrun.containment import TriggerCode
 from deferrun.event_writer import EventWriter
-from deferrun.fire_log import FireLog
 from deferrun.liveness import heartbeat_loop, new_process_id
 from deferrun.metrics import Metrics
 from deferrun.models import ClaimedTrigger, TaskState
+from deferrun.outcome_log import OutcomeLog
 from deferrun.shared_runs import Member, SharedRuns
 from deferrun.store.base import Store, Wakeup
-from deferrun.timer_heap import Timer, TimerHeap
+from deferrun.timer_heap import Timer, TimerHeap, fire_timers, timer_for
 from deferrun.trigger_run import (
-    ENDED,
-    FIRED,
-    TIMED_OUT,
     Limits,
-    Loaded,
     Outcome,
     bounded,
     failure,
@@ -132,12 +128,9 @@ class Triggerer:
         self._beat_at: float | None = None
         self._gap_at = float("-inf")
         self._reconciled_at = float("-inf")
-        self.events_total = 0
-        self.failures_total = 0
-        self.timeouts_total = 0
         self.block_threshold = block_threshold
         self.metrics = metrics or Metrics()
-        self.fire_log = FireLog(self.metrics)
+        self.outcomes = OutcomeLog(self.metrics)
         self.metrics.triggers_running.set_function(lambda: len(self.running))
         self.metrics.capacity_left.set_function(lambda: self.capacity - len(self.running))
         self.metrics.health_checks.append(self.writer_health)
@@ -168,7 +161,7 @@ class Triggerer:
 
     async def run(self) -> None:
         containment.install()  # user code's own tasks must not stop this process
-        self.fire_log.start()
+        self.outcomes.start()
         self._wakeup = await self.store.register_process(
             self.id, "triggerer", self.queues, self.capacity
         )
@@ -216,8 +209,8 @@ class Triggerer:
             log.info(
                 "triggerer stopped",
                 triggerer_id=self.id,
-                events=self.events_total,
-                failures=self.failures_total,
+                events=self.outcomes.events_total,
+                failures=self.outcomes.failures_total,
             )
 
     async def _shutdown(self) -> None:
@@ -415,7 +408,8 @@ class Triggerer:
             self._outcome(loaded, claimed.task_id)
             return
         if loaded.timer is not None:
-            self._start_timer(claimed, loaded)
+            timer = self.running[tid] = timer_for(claimed, *loaded.timer)
+            self.timers.push(timer)
             return
         if self.shared.accepts(loaded):  # identical triggers share one run()
             self.running[tid] = self.shared.join(claimed, loaded)
@@ -438,17 +432,6 @@ class Triggerer:
         )
         run.task = task
         task.add_done_callback(run, context=self._callback_context)
-
-    def _start_timer(self, claimed: ClaimedTrigger, loaded: Loaded) -> None:
-        assert loaded.timer is not None
-        fire_at, payload = loaded.timer
-        due, timed_out = fire_at, False
-        now = time.time()
-        if claimed.timeout_in is not None and now + claimed.timeout_in < fire_at:
-            due, timed_out = now + claimed.timeout_in, True
-        timer = Timer(claimed.id, claimed.task_id, due, timed_out, payload)
-        self.running[claimed.id] = timer
-        self.timers.push(timer)
 
     def _finished(self, run: _Running, task: asyncio.Task[Outcome]) -> None:
         """Done callback of a trigger's task: out of ``running`` and into the writer at once.
@@ -491,26 +474,7 @@ class Triggerer:
         task.add_done_callback(self.shared.tasks.discard)
 
     async def _timer_loop(self) -> None:
-        """Fire due timers; one task for every time trigger in this process."""
-        while True:
-            now = time.time()
-            for timer in self.timers.pop_due(now):
-                self.running.pop(timer.id, None)
-                if timer.timed_out:
-                    message = (
-                        f"deferral timed out: trigger {timer.id} (a timer) "
-                        "did not fire before its timeout"
-                    )
-                    self._outcome(failure(timer.id, message, timeout=True), timer.task_id)
-                else:
-                    self.metrics.fire_lateness.observe(max(now - timer.due, 0.0))
-                    self._outcome(Outcome(timer.id, FIRED, timer.payload), timer.task_id, True)
-            due = self.timers.next_due()
-            if due is not None and due <= time.time():
-                await anyio.sleep(0)  # more due than one pass takes: let others run first
-                continue
-            wait = min(due - time.time(), 1.0) if due is not None else 1.0
-            await self.timers.wakeup.wait(wait)
+        await fire_timers(self.timers, self.running, self._outcome, self.metrics.fire_lateness)
 
     def _cancel(self, run: _Running | Timer | Member, reason: str) -> None:
         if isinstance(run, Member):
@@ -527,21 +491,5 @@ class Triggerer:
 
     def _outcome(self, outcome: Outcome, task_id: str | None = None, timer: bool = False) -> None:
         """Count and log ``outcome`` and queue it for writing (in the trigger's own step)."""
-        ids = {"trigger_id": outcome.trigger_id, "task_id": task_id}
-        if outcome.fired:
-            self.events_total += 1
-            self.fire_log.fired(outcome.trigger_id, task_id, timer)
-        elif outcome.method == ENDED:
-            self.events_total += 1
-            self.metrics.trigger_events.inc()
-            log.info("trigger ended its task", state=outcome.end_state, **ids)
-        elif outcome.method == TIMED_OUT:
-            self.timeouts_total += 1
-            self.metrics.trigger_timeouts.inc()
-            log.info("trigger timed out", **ids)
-        else:
-            self.failures_total += 1
-            self.metrics.trigger_failures.inc()
-            first_line = (outcome.error or "").splitlines()[0] if outcome.error else ""
-            log.warning("trigger failed", error=first_line, **ids)
+        self.outcomes.record(outcome, task_id, timer)
         self.writer.put(outcome)
