@@ -98,7 +98,8 @@ DROP_TRIGGER = Query(
 
 _CLAIMED = """id, name, classpath, kwargs, queue, try_number, max_tries, retry_delay,
     execution_timeout, next_method, next_kwargs, event, try_started_at, created_at, claim_token,
-    trigger_rule"""
+    trigger_rule,
+    EXISTS (SELECT 1 FROM deferrun_xcom x WHERE x.task_id = deferrun_tasks.id)"""
 
 
 def _claim_tasks(name: str, queue_match: str) -> Query:
