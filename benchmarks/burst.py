@@ -121,11 +121,10 @@ def run_burst(
     worker_ports = [free_port() for _ in range(workers)]
     worker_procs = [
         Process(
-            ["worker", "--slots", str(slots), "--metrics-port", str(wport),
-             "--metrics-host", "127.0.0.1"],
+            ["worker", "--slots", str(slots), *_metrics_args(wport)],
             env,
             workdir / f"burst-worker-{n}-{i}.log",
-        )  # fmt: skip
+        )
         for i, wport in enumerate(worker_ports)
     ]
     out: dict[str, Any] = {"mode": "burst", "n": n, "workers": workers, "slots": slots}
@@ -203,6 +202,10 @@ def run_burst(
         for worker in worker_procs:
             worker.stop()
     return out
+
+
+def _metrics_args(port: int) -> list[str]:
+    return ["--metrics-port", str(port), "--metrics-host", "127.0.0.1"]
 
 
 def store_calls(text: str) -> dict[str, float]:
