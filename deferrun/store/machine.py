@@ -38,7 +38,10 @@ EXPIRE_BATCH = 5000
 
 
 FINISHED = states_sql(FINISHED_STATES)
-RUNNABLE = states_sql([TaskState.QUEUED, TaskState.UP_FOR_RETRY, TaskState.UP_FOR_RESCHEDULE])
+#: Written exactly as the partial index deferrun_tasks_runnable's WHERE (same order): SQLite
+#: uses a partial index only for a term identical to its own, and otherwise claimed through
+#: the (queue, created_at) listing index, reading and sorting every row of the queue.
+RUNNABLE = "('queued', 'up_for_retry', 'up_for_reschedule')"
 LIVE_PROCESSES = "SELECT id FROM deferrun_processes WHERE heartbeat_at >= {now} - :dead_after"
 
 # -- the rules --------------------------------------------------------------------------------
