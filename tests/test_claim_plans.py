@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from deferrun.store import machine, open_store
-from deferrun.store.sql import Query
 from deferrun.store.manager import NEXT_DUE, NEXT_DUE_ONE
+from deferrun.store.sql import Query
 from deferrun.store.sqlite import SQLiteConnector
 
 
