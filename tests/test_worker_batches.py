@@ -1,0 +1,104 @@
+"""Batched claims and grouped outcomes: a slot's next task is claimed in the transaction that
+records its outcome, and slots that free together claim together. None of that may run a task
+twice on one try, lose one, or let one bad outcome fail the others. (A batch claim whose reply
+is lost: tests/test_perf_faults.py, for both the plain and the grouped claim.)"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from conftest import REPO, Proc, deferrun_env, wait_until
+from hostile_ops import Steps
+
+from deferrun.client import AsyncClient, Client
+from deferrun.models import TaskState
+from deferrun.store import Store
+from deferrun.worker import Worker
+
+
+class RefusesOne:
+    """The real store, refusing (as a database refuses a value) the completion of one task,
+    alone or inside a group; records which groups it saw."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+        self.bad: str | None = None
+        self.groups: list[list[str]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def record_outcomes(self, writes: Any, claim: Any = None) -> Any:
+        ids = [args[0] for _, args, _ in writes]
+        self.groups.append(ids)
+        if self.bad in ids:
+            raise ValueError("simulated: the database refused a value")
+        return await self.inner.record_outcomes(writes, claim)
+
+    async def complete_task(self, task_id: str, *args: Any, **kwargs: Any) -> Any:
+        if task_id == self.bad:
+            raise ValueError("simulated: the database refused a value")
+        return await self.inner.complete_task(task_id, *args, **kwargs)
+
+
+@pytest.mark.anyio
+async def test_one_refused_outcome_fails_alone_in_its_group(store: Store, tmp_path: Path) -> None:
+    log = tmp_path / "steps.log"
+    refusing = RefusesOne(store)
+    worker = Worker(refusing, slots=4, dead_after=3.0, grace_period=2.0)  # type: ignore[arg-type]
+    worker._claim_in_record = True
+    client = AsyncClient(store=store)
+    # same length: the four finish in one loop turn and their outcomes form one group
+    ids = [await client.submit(Steps(log=str(log), steps=1, step=0.3)) for _ in range(8)]
+    refusing.bad = ids[1]
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.run)
+        try:
+            with anyio.fail_after(30):
+                infos = [await client.wait(i, timeout=30) for i in ids]
+        finally:
+            worker.stop()
+    assert any(ids[1] in g and len(g) > 1 for g in refusing.groups), refusing.groups
+    by_id = {i.id: i for i in infos}
+    bad = by_id.pop(ids[1])
+    assert bad.state is TaskState.FAILED and "could not be stored" in (bad.error or ""), bad
+    assert all(i.state is TaskState.SUCCESS for i in by_id.values()), by_id
+    starts = [line.split()[1] for line in log.read_text().splitlines() if line.startswith("start")]
+    assert sorted(starts) == sorted(ids)  # each ran exactly once
+
+
+def test_sigkill_of_a_worker_holding_a_batch_runs_each_try_once(
+    db_url: str, procs: Callable[..., Proc], tmp_path: Path
+) -> None:
+    """A worker SIGKILLed while it holds a full batch of claims (one statement claimed them
+    all): once it counts as dead its tasks are retried elsewhere, each try running once."""
+    log = tmp_path / "steps.log"
+    env = deferrun_env(db_url, REPO / "tests", dead_after="2")
+    with Client(db_url) as client:
+        ids = [
+            client.submit(Steps(log=str(log), steps=200, step=0.05, retries=1, retry_delay=0))
+            for _ in range(8)
+        ]
+        first = procs(["worker", "--slots", "8"], env)
+
+        def started() -> int:
+            text = log.read_text() if log.exists() else ""
+            return sum(1 for line in text.splitlines() if line.startswith("start"))
+
+        wait_until(lambda: started() == 8, 30, message="all eight to start on the first worker")
+        first.kill(signal.SIGKILL)
+        first.popen.wait(10)
+        killed_at = time.monotonic()
+        procs(["worker", "--slots", "8"], env)
+        infos = [client.wait(i, timeout=60) for i in ids]
+    assert all(i.state is TaskState.SUCCESS for i in infos), [(i.state, i.error) for i in infos]
+    assert all(i.try_number == 2 for i in infos), [i.try_number for i in infos]
+    tries = [tuple(line.split()[1:3]) for line in log.read_text().splitlines() if "start" in line]
+    assert len(tries) == len(set(tries)) == 16, tries  # each (task, try) started once
+    assert time.monotonic() - killed_at < 45
