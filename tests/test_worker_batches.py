@@ -15,6 +15,7 @@ import anyio
 import pytest
 from conftest import REPO, Proc, deferrun_env, wait_until
 from hostile_ops import Steps
+from tests_support import runtime_for
 
 from deferrun.client import AsyncClient, Client
 from deferrun.models import TaskState
@@ -103,3 +104,33 @@ def test_sigkill_of_a_worker_holding_a_batch_runs_each_try_once(
     tries = [tuple(line.split()[1:3]) for line in log.read_text().splitlines() if "start" in line]
     assert len(tries) == len(set(tries)) == 16, tries  # each (task, try) started once
     assert time.monotonic() - killed_at < 45
+
+
+@pytest.mark.anyio
+async def test_a_thread_that_cannot_start_fails_only_its_attempt(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loop starts each sync attempt's thread without waiting for it; when the OS refuses
+    a thread, that attempt fails (and is retried) and the worker goes on."""
+    from hostile_ops import Returns
+
+    import deferrun.attempt
+
+    real = deferrun.attempt._start_nowait
+    refused: list[str] = []
+
+    def flaky(thread: Any) -> None:
+        if not refused:
+            refused.append(thread.name)
+            raise RuntimeError("can't start new thread")
+        real(thread)
+
+    monkeypatch.setattr(deferrun.attempt, "_start_nowait", flaky)
+    monkeypatch.setattr(deferrun.attempt, "_NOWAIT", True)
+    async with runtime_for(store, slots=2, triggerer=False) as rt:
+        info = await rt.run_to_end(Returns(what="fine", retries=1, retry_delay=0), timeout=20)
+        other = await rt.run_to_end(Returns(what="thread"), timeout=20)
+    assert refused, "the fault was never injected"
+    assert info.state is TaskState.SUCCESS and info.try_number == 2, info
+    assert info.result == "ok", info
+    assert other.state is TaskState.SUCCESS and other.result == f"deferrun-task-{other.id}", other
