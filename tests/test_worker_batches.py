@@ -14,7 +14,7 @@ from typing import Any
 import anyio
 import pytest
 from conftest import REPO, Proc, deferrun_env, wait_until
-from hostile_ops import Steps
+from hostile_ops import Returns, Steps
 from tests_support import runtime_for
 
 from deferrun.client import AsyncClient, Client
@@ -112,7 +112,6 @@ async def test_a_thread_that_cannot_start_fails_only_its_attempt(
 ) -> None:
     """The loop starts each sync attempt's thread without waiting for it; when the OS refuses
     a thread, that attempt fails (and is retried) and the worker goes on."""
-    from hostile_ops import Returns
 
     import deferrun.attempt
 
@@ -134,3 +133,27 @@ async def test_a_thread_that_cannot_start_fails_only_its_attempt(
     assert info.state is TaskState.SUCCESS and info.try_number == 2, info
     assert info.result == "ok", info
     assert other.state is TaskState.SUCCESS and other.result == f"deferrun-task-{other.id}", other
+
+
+@pytest.mark.anyio
+async def test_grouped_completions_each_keep_their_fence(store: Store) -> None:
+    """Plain completions of a group go as one batch of statements: each still lands only for
+    the claim that holds its task, and the rest of the group stands."""
+    client = AsyncClient(store=store)
+    ids = [await client.submit(Returns(what="fine")) for _ in range(4)]
+    claimed = await store.claim_tasks("w1", ["default"], 4)
+    assert len(claimed) == 4
+    stale = claimed[1]
+    assert await store.requeue_task(stale.id, stale.claim_token)
+    [again] = await store.claim_tasks("w2", ["default"], 1)
+    assert again.id == stale.id and again.claim_token > stale.claim_token
+    writes = [("complete", (t.id, t.claim_token, f'"{t.id}"'), None) for t in claimed]
+    writes.append(("fail", (claimed[3].id, claimed[3].claim_token, "after", False), None))
+    results, _ = await store.record_outcomes(writes)
+    assert results[:4] == [True, False, True, True], results
+    assert results[4] is None  # fenced off: that claim already completed its task
+    infos = {i: await client.get(i) for i in ids}
+    for t in (claimed[0], claimed[2], claimed[3]):
+        assert infos[t.id].state is TaskState.SUCCESS and infos[t.id].result == t.id
+    assert infos[stale.id].state is TaskState.RUNNING  # still the second claim's
+    assert await store.complete_task(again.id, again.claim_token, '"late"')

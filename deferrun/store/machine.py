@@ -29,7 +29,7 @@ from deferrun.models import (
     TaskState,
 )
 from deferrun.store import pipelines
-from deferrun.store.sql import Notify, Program, Query, Row, run, run_many, states_sql
+from deferrun.store.sql import Notify, Program, Query, Row, run, run_each, run_many, states_sql
 
 #: an error text kept in a task row is cut to this many characters (its head and its tail)
 MAX_ERROR_CHARS = 65536
@@ -137,7 +137,7 @@ COMPLETE = Query(
     "complete",
     f"""UPDATE deferrun_tasks SET state = 'success', result = :result, error = NULL,
         worker_id = NULL, updated_at = {{now}}, finished_at = {{now}}
-    WHERE {FENCE} RETURNING id, has_downstream""",
+    WHERE {FENCE} RETURNING id, has_downstream, claim_token""",
 )
 FAIL = Query(
     "fail",
@@ -338,6 +338,17 @@ def complete(task_id: str, claim_token: int, result: str | None) -> Program[bool
     rows = yield run(COMPLETE, task_id=task_id, claim_token=claim_token, result=result)
     yield from _ended(rows)
     return _one(rows)
+
+
+def complete_each(items: Sequence[tuple[str, int, str | None]]) -> Program[list[bool]]:
+    """Several attempts' completions, (task_id, claim_token, result) each: one statement per
+    item, each fenced on its own claim, sent together; whether each one was ours."""
+    rows = yield run_each(
+        COMPLETE, [{"task_id": t, "claim_token": c, "result": r} for t, c, r in items]
+    )
+    yield from _ended(rows)
+    done = {(r[0], int(r[2])) for r in rows}
+    return [(t, c) in done for t, c, _ in items]
 
 
 def fail(task_id: str, claim_token: int, error: str, retry: bool) -> Program[TaskState | None]:

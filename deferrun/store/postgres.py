@@ -69,6 +69,9 @@ class PostgresConnector:
 
     async def _execute(self, conn: asyncpg.Connection, step: Run) -> list[Row]:
         rendered = self.dialect.render(step.query)
+        if step.each:
+            each = [rendered.args(p) for p in step.params]  # type: ignore[arg-type]
+            return list(await conn.fetchmany(rendered.text, each)) if each else []
         if rendered.many:
             items = [rendered.args(p) for p in step.params]  # type: ignore[arg-type]
             if not items:
