@@ -121,9 +121,14 @@ def run_burst(
         env,
         workdir / f"burst-triggerer-{n}.log",
     )  # fmt: skip
+    worker_ports = [free_port() for _ in range(workers)]
     worker_procs = [
-        Process(["worker", "--slots", str(slots)], env, workdir / f"burst-worker-{n}-{i}.log")
-        for i in range(workers)
+        Process(
+            ["worker", "--slots", str(slots), *_metrics_args(wport)],
+            env,
+            workdir / f"burst-worker-{n}-{i}.log",
+        )
+        for i, wport in enumerate(worker_ports)
     ]
     out: dict[str, Any] = {
         "mode": "burst", "n": n, "workers": workers, "slots": slots, "distinct": distinct
@@ -144,6 +149,7 @@ def run_burst(
         rss = triggerer.rss_mib()
         procs = [triggerer, *worker_procs]
         cpu0 = [p.cpu_seconds() for p in procs]
+        calls0 = [store_calls(_scrape(p)) for p in worker_ports]
         spies = []
         if profile:
             budget = 5.0 + n / 1000.0
@@ -153,6 +159,10 @@ def run_burst(
             time.sleep(0.3)
         wait_for(lambda: anyio.run(_counts, db).get("success", 0) >= n, 900, 0.25)
         cpu = [round(p.cpu_seconds() - c, 2) for p, c in zip(procs, cpu0, strict=True)]
+        calls: collections.Counter[str] = collections.Counter()
+        for wport, before in zip(worker_ports, calls0, strict=True):
+            calls.update(store_calls(_scrape(wport)))
+            calls.subtract(before)
         results = [r for r in anyio.run(_results, db, n) if isinstance(r, dict)]
         counts = anyio.run(_counts, db)
         lateness = [r["fired"] - r["at"] for r in results]
@@ -174,6 +184,11 @@ def run_burst(
                 "succeeded": counts.get("success", 0),
                 "resumed_once": len(results),
                 "lost": n - counts.get("success", 0),
+                # store calls (each one round trip or one transaction) by all workers in
+                # the burst, per resumed task
+                "worker_store_calls_per_task": {
+                    k: round(v / n, 3) for k, v in sorted(calls.items()) if v
+                },
             }
         )
         for name, raw, spy in spies:
@@ -192,6 +207,20 @@ def run_burst(
         triggerer.stop()
         for worker in worker_procs:
             worker.stop()
+    return out
+
+
+def _metrics_args(port: int) -> list[str]:
+    return ["--metrics-port", str(port), "--metrics-host", "127.0.0.1"]
+
+
+def store_calls(text: str) -> dict[str, float]:
+    """deferrun_store_calls_total by method from a metrics page."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("deferrun_store_calls_total{"):
+            method = line.split('method="', 1)[1].split('"', 1)[0]
+            out[method] = float(line.rsplit(" ", 1)[1])
     return out
 
 

@@ -237,8 +237,8 @@ async def load_xcoms(store: Any, attempt: Attempt) -> None:
     a deferral, its upstreams' when it has upstreams."""
     task = attempt.claimed
     resumed = not is_fresh(task.next_method)
-    if not resumed and task.trigger_rule is None:
-        return
+    if task.trigger_rule is None and not (resumed and task.has_xcoms):
+        return  # nothing it could pull: no read (the claim said whether it has any)
     stored = await store.load_xcoms(task.id)
     if not resumed:
         stored.pop(task.id, None)  # an earlier try's values: a fresh try starts without them

@@ -110,6 +110,8 @@ class ClaimedTask(msgspec.Struct, frozen=True):
     claim_token: int
     #: set when the task has upstreams (whose results its context shows)
     trigger_rule: str | None = None
+    #: the task has XCom values stored (read only then: most resumes have none to pull)
+    has_xcoms: bool = True
 
 
 class ClaimedTrigger(msgspec.Struct, frozen=True):

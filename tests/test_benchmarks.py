@@ -110,11 +110,16 @@ def test_cycle_smoke(tmp_path: Path) -> None:
         "200",
         "--slots",
         "4",
+        "--workers",
+        "2",
+        "--bulk",
     )
     assert "event->resume" in out
     assert sorted(p.name for p in out_dir.iterdir()) == ["cycle-sqlite.json"]
     data = json.loads((out_dir / "cycle-sqlite.json").read_text())
     assert data["cycle"]["tasks"] == 40 and data["live_triggers"]["count"] == 200
+    assert data["workers"] == 2 and data["cycle"]["bulk_submit"]
+    assert len(data["cycle"]["cpu_s_workers"]) == 2
 
 
 @pytest.mark.e2e

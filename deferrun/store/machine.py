@@ -29,7 +29,7 @@ from deferrun.models import (
     TaskState,
 )
 from deferrun.store import pipelines
-from deferrun.store.sql import Notify, Program, Query, Row, run, run_many, states_sql
+from deferrun.store.sql import Notify, Program, Query, Row, run, run_each, run_many, states_sql
 
 #: an error text kept in a task row is cut to this many characters (its head and its tail)
 MAX_ERROR_CHARS = 65536
@@ -38,7 +38,10 @@ EXPIRE_BATCH = 5000
 
 
 FINISHED = states_sql(FINISHED_STATES)
-RUNNABLE = states_sql([TaskState.QUEUED, TaskState.UP_FOR_RETRY, TaskState.UP_FOR_RESCHEDULE])
+#: Written exactly as the partial index deferrun_tasks_runnable's WHERE (same order): SQLite
+#: uses a partial index only for a term identical to its own, and otherwise claimed through
+#: the (queue, created_at) listing index, reading and sorting every row of the queue.
+RUNNABLE = "('queued', 'up_for_retry', 'up_for_reschedule')"
 LIVE_PROCESSES = "SELECT id FROM deferrun_processes WHERE heartbeat_at >= {now} - :dead_after"
 
 # -- the rules --------------------------------------------------------------------------------
@@ -98,7 +101,8 @@ DROP_TRIGGER = Query(
 
 _CLAIMED = """id, name, classpath, kwargs, queue, try_number, max_tries, retry_delay,
     execution_timeout, next_method, next_kwargs, event, try_started_at, created_at, claim_token,
-    trigger_rule"""
+    trigger_rule,
+    EXISTS (SELECT 1 FROM deferrun_xcom x WHERE x.task_id = deferrun_tasks.id)"""
 
 
 def _claim_tasks(name: str, queue_match: str) -> Query:
@@ -133,7 +137,7 @@ COMPLETE = Query(
     "complete",
     f"""UPDATE deferrun_tasks SET state = 'success', result = :result, error = NULL,
         worker_id = NULL, updated_at = {{now}}, finished_at = {{now}}
-    WHERE {FENCE} RETURNING id, has_downstream""",
+    WHERE {FENCE} RETURNING id, has_downstream, claim_token""",
 )
 FAIL = Query(
     "fail",
@@ -334,6 +338,17 @@ def complete(task_id: str, claim_token: int, result: str | None) -> Program[bool
     rows = yield run(COMPLETE, task_id=task_id, claim_token=claim_token, result=result)
     yield from _ended(rows)
     return _one(rows)
+
+
+def complete_each(items: Sequence[tuple[str, int, str | None]]) -> Program[list[bool]]:
+    """Several attempts' completions, (task_id, claim_token, result) each: one statement per
+    item, each fenced on its own claim, sent together; whether each one was ours."""
+    rows = yield run_each(
+        COMPLETE, [{"task_id": t, "claim_token": c, "result": r} for t, c, r in items]
+    )
+    yield from _ended(rows)
+    done = {(r[0], int(r[2])) for r in rows}
+    return [(t, c) in done for t, c, _ in items]
 
 
 def fail(task_id: str, claim_token: int, error: str, retry: bool) -> Program[TaskState | None]:

@@ -285,15 +285,23 @@ class SqlStore(Observe):
         then = None
         if claim is not None and claim[2] > 0 and claim[1]:
             then = machine.claim_tasks(*claim)
-        results, claimed = await self.db.transact(
-            machine.together(
-                [
-                    with_xcoms(args[0], args[1], xcoms, programs[kind](*args))
-                    for kind, args, xcoms in writes
-                ],
-                then,
-            )
-        )
+        # plain completions (no XComs) go as one batch of statements: one round trip
+        plain = [i for i, (kind, _, xcoms) in enumerate(writes) if kind == "complete" and not xcoms]
+        if len(plain) < 2:
+            plain = []
+        others = [i for i in range(len(writes)) if i not in plain]
+        steps: list[Program[Any]] = []
+        if plain:
+            steps.append(machine.complete_each([writes[i][1] for i in plain]))  # type: ignore[misc]
+        for i in others:
+            kind, args, xcoms = writes[i]
+            steps.append(with_xcoms(args[0], args[1], xcoms, programs[kind](*args)))
+        answers, claimed = await self.db.transact(machine.together(steps, then))
+        results: list[Any] = [None] * len(writes)
+        for i, answer in zip(
+            plain + others, [*(answers[0] if plain else []), *answers[bool(plain) :]], strict=True
+        ):
+            results[i] = answer
         return results, claimed or []
 
     async def requeue_task(self, task_id: str, claim_token: int) -> bool:

@@ -69,6 +69,9 @@ class PostgresConnector:
 
     async def _execute(self, conn: asyncpg.Connection, step: Run) -> list[Row]:
         rendered = self.dialect.render(step.query)
+        if step.each:
+            each = [rendered.args(p) for p in step.params]  # type: ignore[arg-type]
+            return list(await conn.fetchmany(rendered.text, each)) if each else []
         if rendered.many:
             items = [rendered.args(p) for p in step.params]  # type: ignore[arg-type]
             if not items:
@@ -80,9 +83,9 @@ class PostgresConnector:
         try:
             async with self.pool.acquire() as conn:
                 if not atomic:  # each statement commits on its own: no BEGIN/COMMIT trips
-                    return await self._drive(conn, program, notify_after=True)
+                    return await self._drive(conn, program)
                 async with conn.transaction():
-                    return await self._drive(conn, program, notify_after=False)
+                    return await self._drive(conn, program)
         except Exception as exc:
             # one list for the whole runtime of what means "the server or the connection
             # is gone": anything else is the statement's own error and propagates as is
@@ -90,18 +93,18 @@ class PostgresConnector:
                 raise
             raise StoreUnavailable(f"PostgreSQL unavailable: {exc!r}") from exc
 
-    async def _drive(self, conn: asyncpg.Connection, program: Program[R], notify_after: bool) -> R:
-        """Run ``program``'s steps; NOTIFY inside the transaction, or after the statements."""
+    async def _drive(self, conn: asyncpg.Connection, program: Program[R]) -> R:
+        """Run ``program``'s steps, then NOTIFY (inside the transaction when there is one)."""
         rows: list[Row] | None = None
         channels: list[str] = []
         try:
             while True:
                 step = program.send(rows)  # type: ignore[arg-type]
                 if isinstance(step, Notify):
+                    # one NOTIFY statement per program, after its last statement: inside a
+                    # transaction it is delivered at COMMIT either way (a group of outcomes
+                    # made one per deferral)
                     channels += [CHANNELS[c] for c in step.channels if CHANNELS[c] not in channels]
-                    if not notify_after:
-                        await self._notify(conn, channels)
-                        channels = []
                     rows = []
                 else:
                     rows = await self._execute(conn, step)

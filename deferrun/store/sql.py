@@ -45,6 +45,8 @@ class Run:
 
     query: Query
     params: Mapping[str, Any] | Sequence[Mapping[str, Any]]
+    #: run once per parameter set (a list); the program receives every row of all of them
+    each: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +71,11 @@ def run(query: Query, **params: Any) -> Run:
 
 def run_many(query: Query, items: Sequence[Mapping[str, Any]]) -> Run:
     return Run(query, list(items))
+
+
+def run_each(query: Query, items: Sequence[Mapping[str, Any]]) -> Run:
+    """``query`` once per item, every row returned: one round trip on PostgreSQL (pipelined)."""
+    return Run(query, list(items), each=True)
 
 
 @dataclass(frozen=True, slots=True)

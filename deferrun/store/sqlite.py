@@ -118,6 +118,11 @@ class SQLiteConnector:
     def _execute(self, step: Run) -> list[Row]:
         text = self.dialect.render(step.query).text
         now = time.time()
+        if step.each:
+            out: list[Row] = []
+            for p in step.params:  # type: ignore[union-attr]
+                out += self.conn.execute(text, dict(_bind(p), now_=now)).fetchall()
+            return out
         if step.query.many:
             items = [dict(_bind(p), now_=now) for p in step.params]  # type: ignore[union-attr]
             return [(self.conn.executemany(text, items).rowcount,)]
