@@ -388,6 +388,10 @@ async def _call_sync(
         try:
             try:
                 with attempt._guard:
+                    # The thread starts after the loop moved on: a cancel or timeout that came
+                    # first found nothing to interrupt, so the code must not run at all.
+                    if attempt.cancel_event.is_set():
+                        raise AttemptCancelled
                     attempt._thread_ident = threading.get_ident()
                 box.append(_Returned(ctx.run(fn, context, **kwargs)))
             except BaseException as exc:  # operator code may raise anything

@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ import pytest
 import shared_userland
 import structlog
 from shared_userland import WaitOn
-from tests_support import runtime_for
+from tests_support import runtime_for, wait_for
 
 from deferrun import TaskState
 from deferrun.store import Store
@@ -29,12 +29,6 @@ def arrived() -> Iterator[set[str]]:
     shared_userland.ARRIVED.clear()
     yield shared_userland.ARRIVED
     shared_userland.ARRIVED.clear()
-
-
-async def wait_for(condition: Callable[[], Any], timeout: float = 20.0) -> None:
-    with anyio.fail_after(timeout):
-        while not condition():
-            await anyio.sleep(0.05)
 
 
 def resumes(log: Path) -> Counter[str]:

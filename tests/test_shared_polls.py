@@ -13,6 +13,7 @@ import pytest
 import shared_userland
 from services import FakeServices, Moto
 from shared_userland import FeedTrigger
+from tests_support import wait_for
 
 from deferrun import TriggerEvent
 from deferrun.connections import close_shared_clients
@@ -78,12 +79,6 @@ async def run_all(triggers: list[Any], timeout: float = 20.0) -> list[Any]:
         for i in range(len(triggers)):
             tg.start_soon(one, i)
     return results
-
-
-async def wait_for(condition: Any, timeout: float = 10.0) -> None:
-    with anyio.fail_after(timeout):
-        while not condition():
-            await anyio.sleep(0.02)
 
 
 async def test_identical_requests_share_one_request_with_checks_per_trigger(api: Any) -> None:

@@ -10,14 +10,13 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import anyio
 import pytest
 from conftest import Proc, deferrun_env, wait_until
 from services import FakeServices
 from shared_userland import WaitHttp
-from tests_support import TESTS_DIR, runtime_for
+from tests_support import TESTS_DIR, runtime_for, wait_for
 
 from deferrun import Client, TaskState
 from deferrun.store import Store, open_store
@@ -29,12 +28,6 @@ pytestmark = pytest.mark.anyio
 def api(services: FakeServices, monkeypatch: pytest.MonkeyPatch) -> FakeServices:
     monkeypatch.setenv("DEFERRUN_CONN_HTTP_DEFAULT", services.uri())
     return services
-
-
-async def wait_for(condition: Callable[[], Any], timeout: float = 20.0) -> None:
-    with anyio.fail_after(timeout):
-        while not condition():
-            await anyio.sleep(0.05)
 
 
 def resumes(log: Path) -> Counter[str]:

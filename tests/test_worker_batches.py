@@ -15,7 +15,7 @@ import anyio
 import pytest
 from conftest import REPO, Proc, deferrun_env, wait_until
 from hostile_ops import Returns, Steps
-from tests_support import runtime_for
+from tests_support import runtime_for, wait_for
 
 from deferrun.client import AsyncClient, Client
 from deferrun.models import TaskState
@@ -157,3 +157,39 @@ async def test_grouped_completions_each_keep_their_fence(store: Store) -> None:
         assert infos[t.id].state is TaskState.SUCCESS and infos[t.id].result == t.id
     assert infos[stale.id].state is TaskState.RUNNING  # still the second claim's
     assert await store.complete_task(again.id, again.claim_token, '"late"')
+
+
+@pytest.mark.anyio
+async def test_a_thread_scheduled_after_its_cancel_never_runs_the_code(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loop does not wait for a sync attempt's thread to be scheduled; a cancel that
+    comes before the OS runs the thread finds nothing to interrupt, so the thread itself must
+    see the cancel and not start the operator's code."""
+    import threading
+
+    import deferrun.attempt
+
+    real = deferrun.attempt._start_nowait
+    held: list[Any] = []
+    release = threading.Event()
+
+    def late(thread: Any) -> None:  # the OS schedules this thread only once released
+        held.append(thread)
+        threading.Thread(target=lambda: (release.wait(30), real(thread)), daemon=True).start()
+
+    monkeypatch.setattr(deferrun.attempt, "_start_nowait", late)
+    monkeypatch.setattr(deferrun.attempt, "_NOWAIT", True)
+    log = tmp_path / "steps.log"
+    async with runtime_for(store, slots=2, triggerer=False) as rt:
+        assert rt.worker is not None
+        client = AsyncClient(store=store)
+        task_id = await client.submit(Steps(log=str(log), steps=2, step=0.01))
+        await wait_for(lambda: bool(held))
+        await client.cancel(task_id)
+        await wait_for(lambda: not rt.worker.running)  # type: ignore[union-attr]
+        release.set()
+        await wait_for(lambda: held[0].ident is not None and not held[0].is_alive())
+        info = await client.get(task_id)
+    assert info.state is TaskState.CANCELLED, info
+    assert not log.exists(), log.read_text()  # the operator's code never ran

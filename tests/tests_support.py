@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,13 @@ class Runtime:
     async def run_to_end(self, op: Any, timeout: float = 20.0) -> Any:
         task_id = await self.client.submit(op)
         return await self.client.wait(task_id, timeout=timeout)
+
+
+async def wait_for(condition: Callable[[], Any], timeout: float = 20.0) -> None:
+    """Await until ``condition()`` is true, polling every 20 ms for at most ``timeout`` s."""
+    with anyio.fail_after(timeout):
+        while not condition():
+            await anyio.sleep(0.02)
 
 
 @asynccontextmanager
