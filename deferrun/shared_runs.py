@@ -104,7 +104,8 @@ class SharedRuns:
             group = lead.group = Group(key, loaded, lead, poll_key=_poll_key(loaded), owner=self)
             self.groups[key] = group
             group.members[lead.id] = lead
-            shared_polls.serve(loaded.trigger, group.served)
+            if group.poll_key is not None:  # only a shared poll asks whom a run serves
+                shared_polls.serve(loaded.trigger, group.served)
             task = asyncio.get_running_loop().create_task(
                 run_until_event(
                     loaded,
@@ -189,7 +190,8 @@ class SharedRuns:
         """Done callback of a shared run's task: one outcome per member still waiting, all in
         this one step (a callback, not a coroutine around the run: one frame less per run)."""
         self.tasks.discard(task)
-        shared_polls.unserve(group.loaded.trigger)
+        if group.poll_key is not None:
+            shared_polls.unserve(group.loaded.trigger)
         if self.groups.get(group.key) is group:
             del self.groups[group.key]
         lead = group.lead
