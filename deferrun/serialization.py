@@ -109,12 +109,19 @@ def to_jsonable(value: Any, path: str = "value") -> Any:
                         for k, x in value.items()
                     ],
                 }
-            out[key] = to_jsonable(item, f"{path}[{key!r}]")
+            kind = type(item)
+            if kind in _PLAIN or (kind is float and item - item == 0):  # finite: no NaN/inf
+                out[key] = item  # the common case, without formatting a path per item
+            else:
+                out[key] = to_jsonable(item, f"{path}[{key!r}]")
         if TAG in out:
             return {TAG: "dict", "v": out}
         return out
     if isinstance(value, list):
-        return [to_jsonable(item, f"{path}[{i}]") for i, item in enumerate(value)]
+        return [
+            item if type(item) in _PLAIN else to_jsonable(item, f"{path}[{i}]")
+            for i, item in enumerate(value)
+        ]
     if isinstance(value, tuple):
         return {TAG: "tuple", "v": [to_jsonable(x, f"{path}[{i}]") for i, x in enumerate(value)]}
     if isinstance(value, set | frozenset):
