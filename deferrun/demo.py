@@ -100,6 +100,8 @@ class StartJobRun(BaseOperator):
         self.rows = rows
 
     def execute(self, context: Context) -> Any:
+        # a job API takes a moment to accept a run; the demo shows its downstream waiting
+        time.sleep(1.0)
         run_id = f"run-{context['task_id'][-8:]}"
         path = os.path.join(self.runs_dir, f"{run_id}.json")
         os.makedirs(self.runs_dir, exist_ok=True)
