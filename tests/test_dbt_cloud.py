@@ -163,6 +163,11 @@ async def test_cancelling_the_task_cancels_the_run(store: Store, dbt_conn: FakeD
             while (await rt.client.get(task_id)).state is not TaskState.DEFERRED:
                 await anyio.sleep(0.05)
         run = max(dbt_conn.runs.values(), key=lambda r: r.id)
+        # a cancel reaches the run only while a triggerer runs the trigger (README): wait
+        # until it has polled the run once, not only until the trigger row is stored
+        with anyio.fail_after(15):
+            while run.polls == 0:
+                await anyio.sleep(0.05)
         await rt.client.cancel(task_id)
         with anyio.fail_after(10):
             while run.cancels == 0:
