@@ -132,6 +132,12 @@ class Attempt:
                     ctypes.c_ulong(ident), ctypes.py_object(exc_type)
                 )
 
+    @property
+    def thread_running(self) -> bool:
+        """The attempt's sync code still runs in its thread (e.g. past execution_timeout,
+        blocked in a C call that the interrupt cannot reach until it returns)."""
+        return self._in_thread
+
     def end_code(self) -> None:
         """Mark the attempt's code as finished unless its thread still runs."""
         if not self._in_thread:
@@ -432,8 +438,8 @@ async def _call_sync(
     attempt.cancel_event.set()
     attempt.interrupt(AttemptTimedOut)
     log.warning(
-        "execution_timeout passed: the task fails now; its thread was interrupted and ends "
-        "at its next Python instruction",
+        "execution_timeout passed: its thread was interrupted and ends at its next Python "
+        "instruction; the task fails once that code has stopped",
         thread=thread_name,
     )
     return _TIMED_OUT

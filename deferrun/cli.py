@@ -259,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=30.0,
         metavar="SECONDS",
-        help="on SIGTERM, let running tasks finish this long, then re-queue them",
+        help="on SIGTERM, let running tasks finish this long, then re-queue them; also how "
+        "long code past its execution_timeout may take to stop before the timeout is recorded",
     )
     _add_metrics(p)
     _add_imports(p)

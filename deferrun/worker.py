@@ -291,6 +291,8 @@ class Worker:
                             attempt.upstream = await self.store.upstream_results(task.id)
                         await load_xcoms(self.store, attempt)
                         outcome = await run_attempt(attempt)
+                        if attempt.thread_running:
+                            await self._timed_out_code_stopped(attempt)
                     except Exception as exc:  # nothing a row holds may stop the worker
                         if is_connection_error(exc):  # could not read its upstreams: later
                             log.warning("database unavailable; re-queueing", error=repr(exc))
@@ -321,6 +323,22 @@ class Worker:
             self.tasks_done += 1
             if self._wakeup:
                 self._wakeup.set()
+
+    async def _timed_out_code_stopped(self, attempt: Attempt) -> None:
+        """Hold the claim until timed-out code really stops, at most ``grace_period`` s.
+
+        Recording the timeout frees the task for its retry, perhaps on another worker; while
+        this try's thread is still blocked in a C call (or swallows the interrupt) that retry
+        would run beside it: one task running twice at once.
+        """
+        with anyio.move_on_after(self.grace_period):
+            await attempt.code_done.wait()
+            return
+        log.error(
+            "execution_timeout passed and the attempt's code has not stopped; recording the "
+            "timeout now, so a retry may start while that code still runs",
+            waited=self.grace_period,
+        )
 
     async def _older_stopped(self, older: list[Attempt]) -> bool:
         """Stop older attempts of this task still running here; False if one will not stop."""
