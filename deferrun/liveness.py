@@ -16,11 +16,12 @@ import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import anyio
 import structlog
 
-from deferrun.store.base import ReapReport, Store
+from deferrun.store.base import ReapReport, Store, Wakeup, is_connection_error
 
 log = structlog.get_logger("deferrun.liveness")
 
@@ -38,6 +39,27 @@ def log_reap(report: ReapReport) -> None:
         released_triggers=report.released_triggers,
         dead_processes=report.dead_processes,
     )
+
+
+async def register(
+    store: Store, process_id: str, role: str, queues: Any, capacity: int, within: float = 30.0
+) -> Wakeup:
+    """Register this process, retrying a lost connection for up to ``within`` seconds.
+
+    A connection dropped just as a process starts (a failover, a proxy restart) is the
+    network's fault, not a reason to exit with a traceback; anything else is raised at once.
+    """
+    deadline = time.monotonic() + within
+    delay = 0.25
+    while True:
+        try:
+            return await store.register_process(process_id, role, queues, capacity)
+        except Exception as exc:
+            if not is_connection_error(exc) or time.monotonic() + delay > deadline:
+                raise
+            log.warning("could not register with the database; retrying", error=repr(exc))
+        await anyio.sleep(delay)
+        delay = min(delay * 2, 2.0)
 
 
 def heartbeat_interval(dead_after: float) -> float:

@@ -26,7 +26,7 @@ from deferrun.basetrigger import BaseTrigger
 from deferrun.connections import close_shared_clients, format_error
 from deferrun.containment import TriggerCode
 from deferrun.event_writer import EventWriter
-from deferrun.liveness import heartbeat_loop, new_process_id
+from deferrun.liveness import heartbeat_loop, new_process_id, register
 from deferrun.metrics import Metrics
 from deferrun.models import ClaimedTrigger, TaskState
 from deferrun.outcome_log import OutcomeLog
@@ -162,9 +162,7 @@ class Triggerer:
     async def run(self) -> None:
         containment.install()  # user code's own tasks must not stop this process
         self.outcomes.start()
-        self._wakeup = await self.store.register_process(
-            self.id, "triggerer", self.queues, self.capacity
-        )
+        self._wakeup = await register(self.store, self.id, "triggerer", self.queues, self.capacity)
         log.info(
             "triggerer started",
             triggerer_id=self.id,

@@ -30,7 +30,7 @@ from deferrun.connections import close_shared_clients, format_error
 from deferrun.context import kill_if_cancelled, load_xcoms, xcom_write
 from deferrun.deferral import prepare_deferral
 from deferrun.exceptions import SerializationError, SkipTask, TaskDeferred, TaskReschedule
-from deferrun.liveness import heartbeat_loop, new_process_id
+from deferrun.liveness import heartbeat_loop, new_process_id, register
 from deferrun.metrics import Metrics
 from deferrun.models import ClaimedTask
 from deferrun.recording import Recorder, Write
@@ -103,7 +103,7 @@ class Worker:
 
     async def run(self) -> None:
         containment.install()  # user code's own tasks must not stop this process
-        self._wakeup = await self.store.register_process(self.id, "worker", self.queues, self.slots)
+        self._wakeup = await register(self.store, self.id, "worker", self.queues, self.slots)
         log.info(
             "worker started",
             worker_id=self.id,

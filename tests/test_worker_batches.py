@@ -193,3 +193,46 @@ async def test_a_thread_scheduled_after_its_cancel_never_runs_the_code(
         info = await client.get(task_id)
     assert info.state is TaskState.CANCELLED, info
     assert not log.exists(), log.read_text()  # the operator's code never ran
+
+
+class DropsRegistration:
+    """The real store, whose first two registrations lose their connection (a failover or a
+    proxy restart just as the process starts); a bad registration fails for good."""
+
+    def __init__(self, inner: Store, error: Exception) -> None:
+        self.inner = inner
+        self.error = error
+        self.refused = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def register_process(self, *args: Any) -> Any:
+        if self.refused < 2:
+            self.refused += 1
+            raise self.error
+        return await self.inner.register_process(*args)
+
+
+@pytest.mark.anyio
+async def test_a_connection_lost_at_registration_is_retried(store: Store) -> None:
+    from deferrun.exceptions import StoreUnavailable
+    from deferrun.triggerer import Triggerer
+
+    for make in (
+        lambda s: Worker(s, slots=1, dead_after=3.0),
+        lambda s: Triggerer(s, dead_after=3.0),
+    ):
+        flaky = DropsRegistration(store, StoreUnavailable("simulated: connection lost"))
+        process = make(flaky)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(process.run)
+            with anyio.fail_after(20):
+                await process.started.wait()
+            process.stop()
+        assert flaky.refused == 2
+    # a registration the database refuses for good (not a lost connection) is not retried
+    refused = DropsRegistration(store, ValueError("simulated: a bad value"))
+    with pytest.raises(BaseException) as caught:
+        await Worker(refused, slots=1, dead_after=3.0).run()  # type: ignore[arg-type]
+    assert refused.refused == 1, caught.value
