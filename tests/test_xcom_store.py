@@ -33,6 +33,23 @@ async def test_xcom_writes_are_fenced_and_reach_downstream(store: Store) -> None
     assert await store.load_xcoms(down.id) == {up.id: {"c": "3"}}
 
 
+@pytest.mark.anyio
+async def test_a_user_retry_drops_the_earlier_tries_xcoms_with_its_result(store: Store) -> None:
+    """A downstream task reading a retried task before its new try ends saw the old try's
+    pushes beside no return value (the retry had cleared only the result)."""
+    up = build_task(DeferOnce(value=1))
+    await store.submit(up)
+    [claim] = await store.claim_tasks("w1", ["default"], 10)
+    assert await store.write_xcoms(up.id, claim.claim_token, {"k": '{"try": 1}'}, clear=False)
+    await store.complete_task(up.id, claim.claim_token, '"r1"')
+    down = build_task(DeferOnce(value=2), after=[up.id])
+    await store.submit(down)
+    assert await store.load_xcoms(down.id) == {up.id: {"k": '{"try": 1}'}}
+    assert await store.retry_task(up.id) == [up.id]
+    assert await store.load_xcoms(down.id) == {}
+    assert (await store.get_task(up.id)).result is None  # type: ignore[union-attr]
+
+
 def _ti() -> TaskInstance:
     claimed = SimpleNamespace(id="t-1", try_number=1, max_tries=1, queue="default")
     attempt = SimpleNamespace(claimed=claimed, xcom=XComState(), upstream={})

@@ -16,7 +16,7 @@ from typing import Any
 from deferrun import serialization
 from deferrun.exceptions import TaskNotFound
 from deferrun.models import FINISHED_STATES, Deferral, NewTask, TaskState
-from deferrun.store import machine
+from deferrun.store import machine, xcom
 from deferrun.store.sql import Notify, Program, Query, run, run_many, states_sql
 
 FINISHED = states_sql(FINISHED_STATES)
@@ -335,6 +335,9 @@ def retry(task_id: str, downstream: bool, stop_delay: float) -> Program[list[str
             f"task {task_id} is {state}, not finished; only a finished task can be retried "
             "(cancel it first to stop it)"
         )
+    # its earlier try's XComs go with its result: a downstream task that reads it before the
+    # new try ends must not see one try's return value gone and another's pushes kept
+    yield run(xcom.CLEAR, task_id=task_id)
     held = {"task_id": task_id, "stop_delay": stop_delay}
     if rule is not None:
         yield run_many(REARM, [held])

@@ -21,7 +21,7 @@ LOAD = Query(
     JOIN deferrun_deps d ON d.upstream_id = x.task_id WHERE d.task_id = :task_id""",
 )
 _HOLDS = Query("xcom_holds", f"SELECT id FROM deferrun_tasks WHERE {FENCE} {{lock}}")
-_CLEAR = Query("xcom_clear", "DELETE FROM deferrun_xcom WHERE task_id = :task_id")
+CLEAR = Query("xcom_clear", "DELETE FROM deferrun_xcom WHERE task_id = :task_id")
 _PUT = Query(
     "xcom_put",
     """INSERT INTO deferrun_xcom (task_id, xcom_key, value) VALUES (:task_id, :xcom_key, :value)
@@ -56,7 +56,7 @@ def write(task_id: str, claim_token: int, values: Mapping[str, str], clear: bool
     if not held:
         return False
     if clear:
-        yield run(_CLEAR, task_id=task_id)
+        yield run(CLEAR, task_id=task_id)
     if values:
         yield run_many(
             _PUT, [{"task_id": task_id, "xcom_key": k, "value": v} for k, v in values.items()]
