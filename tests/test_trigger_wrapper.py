@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -112,6 +113,8 @@ def json_logs() -> Iterator[LogCapture]:
     """The processes' real logging processors (they add the ids and store task lines), with
     the rendered output captured instead of printed; restored after."""
     saved = structlog.get_config()
+    root = logging.getLogger()
+    saved_root = (root.level, list(root.handlers))
     configure_logging("json", "info")
     capture = LogCapture()
     processors = structlog.get_config()["processors"]
@@ -120,6 +123,8 @@ def json_logs() -> Iterator[LogCapture]:
         yield capture
     finally:
         structlog.configure(**saved)
+        root.setLevel(saved_root[0])
+        root.handlers[:] = saved_root[1]
 
 
 async def test_trigger_code_lines_and_fired_reach_the_task_log(

@@ -12,7 +12,9 @@ def make_store(
 ) -> Store:
     """A store for ``url`` (``--db``/``DEFERRUN_DB``/default), not yet opened.
 
-    ``create=False`` (read-only commands) refuses to create a missing SQLite file.
+    ``create=False`` (read-only commands) creates no database and no tables and migrates
+    no older schema: a missing SQLite file, or a database without deferrun's current schema,
+    is refused with one line.
     """
     url = config.db_url(url)
     dead = config.dead_after() if dead_after is None else dead_after
@@ -26,7 +28,7 @@ def make_store(
             from deferrun.store.postgres import PostgresStore
         except ImportError as exc:
             raise ConfigError(f"the PostgreSQL backend could not be loaded: {exc}") from exc
-        return PostgresStore(url, dead_after=dead)
+        return PostgresStore(url, dead_after=dead, create=create)
     raise ConfigError(
         f"unsupported database URL {config.redact_url(url)!r}: use sqlite:///path/to/file.db "
         "(one host) or postgresql://user:password@host:5432/dbname (several hosts)"

@@ -50,9 +50,10 @@ class PostgresConnector:
     ping_every = 10.0
     ping_timeout = 2.0
 
-    def __init__(self, url: str, *, pool_size: int = 10) -> None:
+    def __init__(self, url: str, *, pool_size: int = 10, create: bool = True) -> None:
         self.url = url
         self.pool_size = pool_size
+        self.create = create  # False for read-only commands: no tables created, none migrated
         self._pool: asyncpg.Pool | None = None
         self._listener: asyncpg.Connection | None = None
         self._pinged = 0.0
@@ -231,7 +232,27 @@ class PostgresConnector:
                     "(DEFERRUN_CONNECT_TIMEOUT); is it a PostgreSQL server, and is it up?"
                 )
             raise ConfigError(f"cannot connect to {safe}: {reason}") from exc
-        await self._migrate()
+        try:
+            await (self._migrate() if self.create else self._check_schema())
+        except BaseException:
+            pool, self._pool = self._pool, None
+            pool.terminate()
+            raise
+
+    async def _check_schema(self) -> None:
+        """For read-only commands: refuse, without writing anything, a database that has no
+        deferrun tables (another application's) or an older schema (its migration is a
+        worker's or triggerer's job, not a listing's)."""
+        safe = config.redact_url(self.url)
+        async with self.pool.acquire() as conn:
+            if await conn.fetchval("SELECT to_regclass('deferrun_schema')") is None:
+                raise ConfigError(
+                    f"{safe} has no deferrun tables (another application's database, or "
+                    "deferrun never ran there); deferrun left it untouched - point --db at "
+                    "deferrun's database, or start a worker or triggerer once to create them"
+                )
+            version = await conn.fetchval("SELECT max(version) FROM deferrun_schema") or 0
+        _check_version(safe, version, create=False)
 
     async def _migrate(self) -> None:
         schema = resources.files("deferrun.store").joinpath("postgres_schema.sql").read_text()
@@ -242,11 +263,7 @@ class PostgresConnector:
                 "CREATE TABLE IF NOT EXISTS deferrun_schema (version integer NOT NULL)"
             )
             version = await conn.fetchval("SELECT max(version) FROM deferrun_schema") or 0
-            if version > SCHEMA_VERSION:
-                raise ConfigError(
-                    f"the database has deferrun schema version {version}, newer than this "
-                    f"deferrun understands ({SCHEMA_VERSION}); upgrade deferrun"
-                )
+            _check_version("the database", version, create=True)
             if version < SCHEMA_VERSION:
                 await conn.execute(schema)
                 await conn.execute(
@@ -267,7 +284,23 @@ class PostgresConnector:
             await pool.close()
 
 
+def _check_version(where: str, version: int, *, create: bool) -> None:
+    if version > SCHEMA_VERSION:
+        raise ConfigError(
+            f"{where} has deferrun schema version {version}, newer than this "
+            f"deferrun understands ({SCHEMA_VERSION}); upgrade deferrun"
+        )
+    if version < SCHEMA_VERSION and not create:
+        raise ConfigError(
+            f"{where} has deferrun schema version {version}, older than this deferrun's "
+            f"({SCHEMA_VERSION}); this command only reads, so it does not migrate it - start a "
+            "worker or triggerer of this version once to migrate it, or use the older deferrun"
+        )
+
+
 class PostgresStore(SqlStore):
-    def __init__(self, url: str, *, dead_after: float = 10.0, pool_size: int = 10) -> None:
-        self.connector = PostgresConnector(url, pool_size=pool_size)
+    def __init__(
+        self, url: str, *, dead_after: float = 10.0, pool_size: int = 10, create: bool = True
+    ) -> None:
+        self.connector = PostgresConnector(url, pool_size=pool_size, create=create)
         super().__init__(self.connector, dead_after=dead_after)

@@ -223,6 +223,8 @@ class SQLiteConnector:
         try:
             conn, self._guard = sqlite_file.connect(self.path, create=self.create)
             conn.execute("PRAGMA busy_timeout = 30000")
+            if not self.create:  # before WAL: a refused file is left as it was
+                self._check_schema(conn)
             mode = self._enable_wal(conn)
             conn.execute("PRAGMA synchronous = NORMAL")
         except sqlite3.DatabaseError as exc:
@@ -252,6 +254,25 @@ class SQLiteConnector:
                     raise
                 time.sleep(delay)
                 delay = min(delay * 2, 0.25)
+
+    def _check_schema(self, conn: sqlite3.Connection) -> None:
+        """For read-only commands: an empty file is not created into a database, and an older
+        schema is not migrated (that is a worker's or triggerer's job, not a listing's)."""
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version == 0:
+            conn.close()
+            raise ConfigError(
+                f"{self.path} has no deferrun tables; deferrun left it untouched - point --db at "
+                "deferrun's database, or start a worker or triggerer once to create them"
+            )
+        if 0 < version < SCHEMA_VERSION:
+            conn.close()
+            raise ConfigError(
+                f"{self.path} has deferrun schema version {version}, older than this deferrun's "
+                f"({SCHEMA_VERSION}); this command only reads, so it does not migrate it - start "
+                "a worker or triggerer of this version once to migrate it, or use the older "
+                "deferrun"
+            )
 
     def _migrate(self) -> None:
         schema = resources.files("deferrun.store").joinpath("sqlite_schema.sql").read_text()

@@ -1,0 +1,114 @@
+"""Lines logged through the standard library's ``logging`` (as ported Airflow code does, with a
+module-level ``logging.getLogger(__name__)``) get the same treatment as structlog's: the task's
+and trigger's ids, the task's stored log, JSON rendering with ``--log-format json`` (an
+exception as one field), and ``--log-level`` filtering - in a real process, on both backends."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import Proc, deferrun_env, wait_until
+from tests_support import install_user_module
+
+from deferrun import TaskState
+from deferrun.client import Client
+
+pytestmark = pytest.mark.e2e
+
+USER_MODULE = """
+import logging
+from typing import Any
+
+from deferrun import BaseOperator, BaseTrigger, TriggerEvent
+
+log = logging.getLogger(__name__)
+
+
+class StdlibTrigger(BaseTrigger):
+    def __init__(self, lines: int = 3) -> None:
+        self.lines = lines
+
+    async def run(self):
+        for i in range(self.lines):
+            log.warning("stdlib trigger line %d", i)
+        logging.getLogger("x").debug("stdlib trigger debug")  # below --log-level info
+        try:
+            raise ValueError("boom\\nsecond line")
+        except ValueError:
+            log.exception("stdlib trigger exception")
+        yield TriggerEvent(self.lines)
+
+
+class StdlibOperator(BaseOperator):
+    def execute(self, context: Any) -> Any:
+        logging.getLogger("x").warning("stdlib operator line %d", 1)
+        self.defer(trigger=StdlibTrigger(), method_name="resume")
+
+    def resume(self, context: Any, event: Any = None) -> Any:
+        log.info("stdlib operator resumed with %s", event)
+        return event
+"""
+
+
+def _stored(task_id: str, env: dict[str, str]) -> list[dict[str, object]]:
+    done = subprocess.run(
+        [sys.executable, "-m", "deferrun", "logs", task_id, "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+
+
+def test_stdlib_logging_carries_ids_reaches_task_log_and_renders_json(
+    db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, procs: Callable[..., Proc]
+) -> None:
+    moddir = install_user_module(tmp_path, monkeypatch, "stdlib_ops", USER_MODULE)
+    from stdlib_ops import StdlibOperator  # type: ignore[import-not-found]
+
+    env = deferrun_env(db_url, moddir)
+    proc = procs(["standalone", "--log-level", "info"], env)
+    with Client(db_url) as client:
+        task_id = client.submit(StdlibOperator())
+        info = client.wait(task_id, timeout=30)
+    assert info.state is TaskState.SUCCESS, info.error
+
+    wanted = ("stdlib operator line 1", "stdlib trigger line 2", "stdlib operator resumed with 3")
+    wait_until(
+        lambda: all(any(e.get("event") == w for e in _stored(task_id, env)) for w in wanted),
+        15,
+        message="the standard library's lines in the task's stored log",
+    )
+    stored = {str(e["event"]): e for e in _stored(task_id, env)}
+    for i in range(3):
+        line = stored[f"stdlib trigger line {i}"]
+        assert line["task_id"] == task_id and line.get("trigger_id"), line
+        assert line["level"] == "warning" and line["logger"] == "stdlib_ops", line
+    assert stored["stdlib operator line 1"]["task_id"] == task_id
+    assert stored["stdlib operator resumed with 3"]["task_id"] == task_id
+    assert "stdlib trigger exception" in stored
+    assert not any("debug" in event for event in stored)
+
+    wait_until(lambda: "stdlib operator resumed" in proc.output(), 10, message="printed")
+    proc.stop()
+    printed = []
+    for line in proc.output().splitlines():
+        if line.strip():
+            printed.append(json.loads(line))  # every line is one JSON object
+    by_event = {str(e.get("event")): e for e in printed}
+    assert by_event["stdlib trigger line 0"]["task_id"] == task_id
+    assert by_event["stdlib trigger line 0"].get("trigger_id")
+    assert by_event["stdlib operator line 1"]["task_id"] == task_id
+    failure = by_event["stdlib trigger exception"]
+    assert failure["task_id"] == task_id
+    assert "boom" in json.dumps(failure["exception"])  # the traceback is one field
+    assert not any("debug" in event for event in by_event)
+    # rendered once: no second handler prints the same line
+    assert sum(e.get("event") == "stdlib trigger line 1" for e in printed) == 1
