@@ -136,7 +136,9 @@ async def test_trigger_code_lines_and_fired_reach_the_task_log(
     n = 20
     async with anyio.create_task_group() as tg:
         tg.start_soon(sink.run)
-        async with runtime_for(store, slots=4) as rt:
+        # a generous liveness window: on a loaded machine a 2 s one lets a slow heartbeat
+        # count as a death, and a trigger re-run on adoption would fire (and count) twice
+        async with runtime_for(store, slots=4, dead_after=10.0) as rt:
             ids = [await rt.client.submit(DeferOn(n=i)) for i in range(n)]
             for task_id in ids:
                 info = await rt.client.wait(task_id, timeout=30)
