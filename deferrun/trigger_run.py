@@ -356,7 +356,11 @@ async def bounded(
         except BaseException as exc:
             log.error(f"trigger {classpath} {what} raised", error=format_error(exc))
 
-    job = asyncio.ensure_future(call_logged())
+    # named after the trigger (``trigger:<id>:cleanup``) so the watchdog can say what ran
+    code = containment.current_trigger()
+    role = what.replace("()", "").replace("run() ", "").split()[-1]
+    name = None if code is None else f"trigger:{code.trigger_id}:{role}"
+    job = asyncio.get_running_loop().create_task(call_logged(), name=name)
     deadline = time.monotonic() + timeout
     cancelled = False
     while not job.done():

@@ -359,11 +359,12 @@ class Triggerer:
         self._frozen_at = len(self.running)
 
     def _describe_task(self, name: str) -> dict[str, Any]:
-        """Called from the watchdog thread while the loop is blocked in task ``name``."""
+        """Called from the watchdog thread while the loop is blocked in task ``name``
+        (``trigger:<id>``, or ``trigger:<id>:cleanup`` and the like for its other code)."""
         if not name.startswith("trigger:"):
             return {}
         try:
-            run = self.running.get(int(name.split(":", 1)[1]))
+            run = self.running.get(int(name.split(":", 2)[1]))
         except ValueError:
             return {}
         if not isinstance(run, _Running):
