@@ -232,7 +232,9 @@ class LoopWatchdog:
         if details.get("trigger_id") is not None:
             log.warning(
                 f"trigger {details['trigger_id']} ({details.get('trigger')}) blocked the event "
-                f"loop for {seconds:.2f}s in one step; every other trigger waited. Use await, "
+                f"loop for {seconds:.2f}s in one step"
+                + (f" of {details['ran']}" if details.get("ran") else "")
+                + "; every other trigger waited. Use await, "
                 "or anyio.to_thread.run_sync for blocking calls",
                 blocked_seconds=round(seconds, 3),
                 lag_seconds=round(lag, 3),

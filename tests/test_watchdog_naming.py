@@ -39,6 +39,11 @@ CASES = {
         {"seconds": 0.6, "name": "users-own-name"},
         "a background task its run() started",
     ),
+    "finally": (
+        "watchdog_userland.BlockingFinally",
+        {"seconds": 0.6},
+        "the finally of its run()",
+    ),
     "hook": ("watchdog_userland.BlockingHook", {"seconds": 0.6}, "on_task_cancelled()"),
 }
 

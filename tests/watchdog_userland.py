@@ -25,6 +25,21 @@ class BlockingCleanup(BaseTrigger):
         time.sleep(self.seconds)
 
 
+class BlockingFinally(BaseTrigger):
+    """Fires at once; the finally of its run() blocks the loop when the generator is closed."""
+
+    shareable = False
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        try:
+            yield TriggerEvent("fired")
+        finally:
+            time.sleep(self.seconds)
+
+
 class BlockingBackground(BaseTrigger):
     """Starts a background task that blocks the loop, then fires once it is done."""
 
