@@ -16,7 +16,9 @@ from typing import Any
 import anyio
 import pytest
 from conftest import TESTS_DIR, Proc, deferrun_env, wait_until
+from pgcluster import free_port
 from structlog.testing import capture_logs
+from test_operations import get, metric
 from tests_support import runtime_for
 from watchdog_userland import DeferToTicker
 
@@ -101,10 +103,13 @@ def test_sigstop_is_a_pause_not_a_blocking_trigger(
 ) -> None:
     """Stop a triggerer whose 16 triggers keep it busy in their steps most of the time (so one
     is likely mid-step) three times for 1.5 s: each pause is logged once as a pause, no trigger
-    is blamed and nothing is called load."""
+    is blamed, nothing is called load and deferrun_loop_blocked_total stays 0."""
     marker = tmp_path / "started"
     env = deferrun_env(db_url, TESTS_DIR, dead_after="30")
-    triggerer = procs(["triggerer"], env)
+    port = free_port()
+    triggerer = procs(
+        ["triggerer", "--metrics-port", str(port), "--metrics-host", "127.0.0.1"], env
+    )
     procs(["worker", "--slots", "8"], env)
     with Client(db=db_url) as client:
         client.submit_many([DeferToTicker(n=i, marker=str(marker)) for i in range(16)])
@@ -130,6 +135,8 @@ def test_sigstop_is_a_pause_not_a_blocking_trigger(
     assert not _lines(triggerer, "lagging under load"), triggerer.output()[-3000:]
     paused = _lines(triggerer, "process was paused")
     assert len(paused) == 3 and all(p["paused_seconds"] >= 1.0 for p in paused), paused
+    status, text = get(f"http://127.0.0.1:{port}/metrics")
+    assert status == 200 and metric(text, "deferrun_loop_blocked_total") == 0, text[-2000:]
 
 
 LOOP_WARNINGS = ("blocked the event loop", "event loop blocked", "lagging under load", "paused")
