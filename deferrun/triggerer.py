@@ -385,7 +385,10 @@ class Triggerer:
                 claimed.task_id,
             )
         took = time.monotonic() - began
-        if took > self.block_threshold:  # its __init__ or timer() ran on the loop that long
+        # its __init__ or timer() ran on the loop that long, unless the process was stopped
+        if took > self.block_threshold and not (
+            self.watchdog is not None and self.watchdog.paused_during(began, began + took)
+        ):
             log.warning(
                 "a trigger blocked the event loop while it was rebuilt (__init__ or timer()); "
                 "do no blocking work there",

@@ -153,9 +153,10 @@ class LoopWatchdog:
                     if details.get("ran"):
                         self._best_streak = (now - since, name, details)
 
-    def _pause_in(self, start: float, end: float) -> float:
-        """Seconds the process was paused between ``start`` and ``end`` (each pause once)."""
-        if time.monotonic() - self._woke > self.interval + self.threshold:
+    def _pause_in(self, start: float, end: float, consume: bool = True) -> float:
+        """Seconds the process was paused between ``start`` and ``end`` (each pause once,
+        unless ``consume`` is false)."""
+        if self.running and time.monotonic() - self._woke > self.interval + self.threshold:
             # the sampler has not run since: let it wake up and say whether it was stopped
             for _ in range(20):
                 time.sleep(0.002)
@@ -165,8 +166,14 @@ class LoopWatchdog:
         for pause in list(self._pauses):
             if pause[1] > start and pause[0] < end:
                 paused += pause[1] - pause[0]
-                self._pauses.remove(pause)
+                if consume:
+                    self._pauses.remove(pause)
         return paused
+
+    def paused_during(self, start: float, end: float) -> bool:
+        """Whether the process was stopped between ``start`` and ``end`` (monotonic): a slow
+        call that overlaps a pause says nothing about the code that ran."""
+        return self._pause_in(start, end, consume=False) > 0
 
     async def run(self) -> None:
         """Run the ticker; a second caller on the same loop returns at once."""
