@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import weakref
 from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -76,6 +77,23 @@ def add_trigger_ids(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, An
     return event_dict
 
 
+# every task started while a trigger's code ran (its own background tasks, the runtime's
+# cleanup/hook tasks): the watchdog names the trigger when one of them blocks the loop
+_TASK_CODE: weakref.WeakKeyDictionary[asyncio.Future[Any], TriggerCode] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def code_of(task: asyncio.Future[Any] | None) -> TriggerCode | None:
+    """The trigger whose code started ``task``, if one did."""
+    if task is None:
+        return None
+    try:
+        return _TASK_CODE.get(task)
+    except TypeError:  # not weak-referenceable: a foreign task class
+        return None
+
+
 class UserTaskExit(Exception):
     """A task started by user code raised SystemExit or KeyboardInterrupt."""
 
@@ -116,14 +134,18 @@ def install(loop: asyncio.AbstractEventLoop | None = None) -> None:
         coro: Coroutine[Any, Any, Any],
         context: contextvars.Context | None = None,
     ) -> asyncio.Future[Any]:
-        label = (context or contextvars.copy_context()).get(_USER_CODE)
+        code = label = (context or contextvars.copy_context()).get(_USER_CODE)
         if isinstance(label, TriggerCode):
             label = label.label
         if label is not None and asyncio.iscoroutine(coro):
             coro = _contained(coro, label)
         if previous is not None:
-            return previous(loop, coro, context=context)  # type: ignore[call-arg]
-        return asyncio.Task(coro, loop=loop, context=context)
+            task = previous(loop, coro, context=context)  # type: ignore[call-arg]
+        else:
+            task = asyncio.Task(coro, loop=loop, context=context)
+        if isinstance(code, TriggerCode):
+            _TASK_CODE[task] = code
+        return task
 
     factory._deferrun_contains = True  # type: ignore[attr-defined]
     loop.set_task_factory(factory)  # type: ignore[arg-type]

@@ -169,6 +169,7 @@ class SharedRuns:
         """Watchdog describer: the trigger behind a shared run's task ``trigger:<lead>``."""
         if not name.startswith("trigger:"):
             return {}
+        name = ":".join(name.split(":", 2)[:2])  # trigger:<lead>:cleanup is the lead's code too
         for group in self.groups.values():
             if group.task is not None and group.task.get_name() == name:
                 lead = group.lead

@@ -28,6 +28,7 @@ from deferrun.connections import format_error, redact
 from deferrun.exceptions import ConfigError
 from deferrun.models import ClaimedTrigger
 from deferrun.store.machine import clean_text
+from deferrun.watchdog import LoopWatchdog
 
 log = structlog.get_logger("deferrun.triggerer")
 
@@ -356,7 +357,11 @@ async def bounded(
         except BaseException as exc:
             log.error(f"trigger {classpath} {what} raised", error=format_error(exc))
 
-    job = asyncio.ensure_future(call_logged())
+    # named after the trigger (``trigger:<id>:cleanup``) so the watchdog can say what ran
+    code = containment.current_trigger()
+    role = what.replace("()", "").replace("run() ", "").split()[-1]
+    name = None if code is None else f"trigger:{code.trigger_id}:{role}"
+    job = asyncio.get_running_loop().create_task(call_logged(), name=name)
     deadline = time.monotonic() + timeout
     cancelled = False
     while not job.done():
@@ -379,6 +384,7 @@ async def close_generator(agen: Any, timeout: float, classpath: str) -> None:
     start 10,000 tasks); only one that awaits goes on in ``bounded``."""
     what = "run() closing"
     closer = agen.aclose()
+    began = time.monotonic()
     try:
         awaiting = closer.send(None)
     except StopIteration:
@@ -386,7 +392,22 @@ async def close_generator(agen: Any, timeout: float, classpath: str) -> None:
     except BaseException as exc:  # the same report bounded() makes
         log.error(f"trigger {classpath} {what} raised", error=format_error(exc))
         return
+    finally:
+        _timed_close(time.monotonic() - began)
     await bounded(lambda: _Resumed(closer, awaiting), timeout, classpath, what)
+
+
+def _timed_close(seconds: float) -> None:
+    """The step that ran the finally of a trigger's run() is not one of run()'s own timed
+    steps: report it to the watchdog when it blocked the loop."""
+    dog = LoopWatchdog.of_running_loop()
+    code = containment.current_trigger()
+    if dog is None or seconds <= dog.threshold or code is None:
+        return
+    task = asyncio.current_task()
+    details = {"trigger_id": code.trigger_id, "task_id": code.task_id, "trigger": code.classpath}
+    details["ran"] = "the finally of its run()"
+    dog.note_step(task.get_name() if task is not None else "?", seconds, details)
 
 
 class _Resumed:

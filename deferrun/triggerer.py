@@ -357,11 +357,12 @@ class Triggerer:
         self._frozen_at = len(self.running)
 
     def _describe_task(self, name: str) -> dict[str, Any]:
-        """Called from the watchdog thread while the loop is blocked in task ``name``."""
+        """Called from the watchdog thread while the loop is blocked in task ``name``
+        (``trigger:<id>``, or ``trigger:<id>:cleanup`` and the like for its other code)."""
         if not name.startswith("trigger:"):
             return {}
         try:
-            run = self.running.get(int(name.split(":", 1)[1]))
+            run = self.running.get(int(name.split(":", 2)[1]))
         except ValueError:
             return {}
         if not isinstance(run, _Running):
@@ -382,7 +383,10 @@ class Triggerer:
                 claimed.task_id,
             )
         took = time.monotonic() - began
-        if took > self.block_threshold:  # its __init__ or timer() ran on the loop that long
+        # its __init__ or timer() ran on the loop that long, unless the process was stopped
+        if took > self.block_threshold and not (
+            self.watchdog is not None and self.watchdog.paused_during(began, began + took)
+        ):
             log.warning(
                 "a trigger blocked the event loop while it was rebuilt (__init__ or timer()); "
                 "do no blocking work there",

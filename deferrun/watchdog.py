@@ -8,6 +8,14 @@ watchdog names a culprit only if one step of one task really blocked that long:
 - for other tasks (``task:<id>`` in a worker) a daemon thread samples the current task while
   the loop is silent, and blames it only if every sample saw that same task.
 
+A trigger's other code (its ``cleanup()``, ``on_task_cancelled()``, a background task its
+``run()`` started) runs in tasks :mod:`deferrun.containment` knows; the sampler blames one of
+them when it saw that task without a break for the threshold.
+
+When the whole process is stopped (SIGSTOP, a VM pause, swap) the sampler thread stops too and
+wakes up far later than it asked without the process having used the CPU: a lag or a step that
+overlaps such a gap is logged once as a pause, blamed on nobody and not counted as blocked.
+
 Otherwise the loop was merely busy with many short steps (a burst of 20,000 wake-ups): that
 is logged as "loop lagging under load" with counts, and nobody is blamed. There is one
 watchdog per event loop, shared by the worker and triggerer of a standalone process.
@@ -25,6 +33,8 @@ from typing import Any, TypeVar
 
 import anyio
 import structlog
+
+from deferrun import containment
 
 log = structlog.get_logger("deferrun.watchdog")
 
@@ -51,6 +61,11 @@ class LoopWatchdog:
         self._samples = 0
         self._tasks_seen: set[str] = set()
         self._long_steps: list[tuple[float, str, dict[str, Any]]] = []
+        self._streak: tuple[str, float, float] = ("", 0.0, 0.0)  # task seen since, until
+        self._best_streak: tuple[float, str, dict[str, Any]] | None = None
+        self._woke = time.monotonic()  # the sampler's last wake-up, and the CPU time then
+        self._woke_cpu = time.process_time()
+        self._pauses: deque[tuple[float, float]] = deque(maxlen=16)
         self._stop = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -81,9 +96,36 @@ class LoopWatchdog:
         """One step of task ``name`` ran ``seconds`` without yielding (called on the loop)."""
         self._long_steps.append((seconds, name, details))
 
+    def _describe_task(self, task: asyncio.Task[Any] | None) -> tuple[str, dict[str, Any]]:
+        """The task's name and who it belongs to; a trigger's code says what of it ran."""
+        name = task.get_name() if task is not None else "<between tasks>"
+        code = containment.code_of(task)
+        if code is None:
+            return name, self._describe(name)
+        role = name.split(":")[2] if name.startswith(f"trigger:{code.trigger_id}:") else ""
+        ran = _RAN.get(role, "a background task its run() started")
+        return name, {
+            "trigger_id": code.trigger_id,
+            "task_id": code.task_id,
+            "trigger": code.classpath,
+            "ran": ran,
+            "asyncio_task": name,
+        }
+
+    def _woke_up(self) -> None:
+        """Note the sampler's wake-up; one far later than asked, while the process used
+        little CPU, means the process was stopped or starved."""
+        now, cpu = time.monotonic(), time.process_time()
+        late = now - self._woke - self.interval
+        if late > self.threshold and cpu - self._woke_cpu < late / 2:
+            self._pauses.append((self._woke, now))
+        self._woke, self._woke_cpu = now, cpu
+
     def _sample(self) -> None:
         while not self._stop.wait(self.interval):
-            silent = time.monotonic() - self._last_tick
+            self._woke_up()
+            now = time.monotonic()
+            silent = now - self._last_tick
             if silent <= self.threshold / 2 or not self._loop:
                 continue
             try:
@@ -95,9 +137,43 @@ class LoopWatchdog:
             if len(self._tasks_seen) < 1000:
                 self._tasks_seen.add(name)
             if self._culprit is None:
-                self._culprit = (name, self._describe(name))
+                self._culprit = self._describe_task(task)
             elif self._culprit[0] != name:
                 self._consistent = False
+            # the longest run of samples that saw one task of a trigger's code, other than the
+            # run() steps (timed exactly): it did not yield all that time
+            seen, since, _ = self._streak
+            if seen != name:
+                since = now
+            self._streak = (name, since, now)
+            if now - since >= self.threshold / 2 and task is not None:
+                best = self._best_streak
+                if best is None or best[1] != name or now - since > best[0]:
+                    details = self._describe_task(task)[1]
+                    if details.get("ran"):
+                        self._best_streak = (now - since, name, details)
+
+    def _pause_in(self, start: float, end: float, consume: bool = True) -> float:
+        """Seconds the process was paused between ``start`` and ``end`` (each pause once,
+        unless ``consume`` is false)."""
+        if self.running and time.monotonic() - self._woke > self.interval + self.threshold:
+            # the sampler has not run since: let it wake up and say whether it was stopped
+            for _ in range(20):
+                time.sleep(0.002)
+                if time.monotonic() - self._woke <= self.interval + self.threshold:
+                    break
+        paused = 0.0
+        for pause in list(self._pauses):
+            if pause[1] > start and pause[0] < end:
+                paused += pause[1] - pause[0]
+                if consume:
+                    self._pauses.remove(pause)
+        return paused
+
+    def paused_during(self, start: float, end: float) -> bool:
+        """Whether the process was stopped between ``start`` and ``end`` (monotonic): a slow
+        call that overlaps a pause says nothing about the code that ran."""
+        return self._pause_in(start, end, consume=False) > 0
 
     async def run(self) -> None:
         """Run the ticker; a second caller on the same loop returns at once."""
@@ -122,12 +198,25 @@ class LoopWatchdog:
                 samples, self._samples = self._samples, 0
                 seen, self._tasks_seen = self._tasks_seen, set()
                 long_steps, self._long_steps = self._long_steps, []
-                if lag > self.threshold:
+                streak, self._best_streak = self._best_streak, None
+                self._streak = ("", 0.0, 0.0)
+                paused = self._pause_in(before, time.monotonic()) if lag > self.threshold else 0
+                if paused:
+                    log.warning(
+                        f"process was paused or starved for {paused:.2f}s (SIGSTOP, VM pause, "
+                        "swap); not blamed on a trigger",
+                        paused_seconds=round(paused, 3),
+                        lag_seconds=round(lag, 3),
+                    )
+                elif lag > self.threshold:
                     self.blocked_total += 1
                     if self.metrics is not None:
                         self.metrics.loop_blocked.inc()
                     if long_steps:
                         self._report_step(lag, max(long_steps, key=lambda s: s[0]))
+                    elif streak is not None:
+                        seconds = min(lag, streak[0] + self.threshold / 2)
+                        self._report(seconds, (streak[1], streak[2]))
                     elif (
                         culprit and consistent and samples >= 2 and not culprit[1].get("trigger_id")
                     ):
@@ -150,7 +239,9 @@ class LoopWatchdog:
         if details.get("trigger_id") is not None:
             log.warning(
                 f"trigger {details['trigger_id']} ({details.get('trigger')}) blocked the event "
-                f"loop for {seconds:.2f}s in one step; every other trigger waited. Use await, "
+                f"loop for {seconds:.2f}s in one step"
+                + (f" of {details['ran']}" if details.get("ran") else "")
+                + "; every other trigger waited. Use await, "
                 "or anyio.to_thread.run_sync for blocking calls",
                 blocked_seconds=round(seconds, 3),
                 lag_seconds=round(lag, 3),
@@ -161,7 +252,15 @@ class LoopWatchdog:
 
     def _report(self, seconds: float, culprit: tuple[str, dict[str, Any]] | None) -> None:
         name, details = culprit or (None, {})
-        if details.get("trigger_id") is not None:
+        if details.get("ran"):
+            log.warning(
+                f"trigger {details['trigger_id']} ({details.get('trigger')}) blocked the event "
+                f"loop for about {seconds:.2f}s in {details['ran']}; every other trigger "
+                "waited. Use await, or anyio.to_thread.run_sync for blocking calls",
+                blocked_seconds=round(seconds, 3),
+                **details,
+            )
+        elif details.get("trigger_id") is not None:
             log.warning(
                 f"trigger {details['trigger_id']} ({details.get('trigger')}) blocked the event "
                 f"loop for {seconds:.2f}s; every other trigger waited. Use await, or "
@@ -183,6 +282,13 @@ class LoopWatchdog:
                 blocked_by=name,
                 blocked_seconds=round(seconds, 3),
             )
+
+
+_RAN = {
+    "cleanup": "cleanup()",
+    "on_task_cancelled": "on_task_cancelled()",
+    "closing": "the finally of its run()",
+}
 
 
 def timed_steps(
