@@ -123,3 +123,45 @@ def test_triggerer_and_worker_on_uvloop(db_url: str, procs: Callable[..., Proc])
         except subprocess.TimeoutExpired:
             pytest.fail(f"ignored SIGTERM under uvloop:\n{proc.output()[-3000:]}")
         assert code == 0, proc.output()[-3000:]
+
+
+def test_time_triggers_never_fire_before_their_moment_on_uvloop(tmp_path: Path) -> None:
+    """uvloop's timers count whole milliseconds and may wake a sleep up to 1 ms early; the
+    built-in time triggers still never fire before their moment (README, uvloop)."""
+    need_uvloop()
+    import asyncio
+    from datetime import UTC, datetime
+
+    import anyio
+
+    from deferrun.models import ClaimedTrigger
+    from deferrun.serialization import dumps
+    from deferrun.store import open_store
+    from deferrun.triggerer import Triggerer
+
+    async def main() -> list[tuple[float, float]]:
+        assert "uvloop" in type(asyncio.get_running_loop()).__module__
+        store = await open_store(f"sqlite:///{tmp_path / 'timers.db'}")
+        try:
+            triggerer = Triggerer(store, dead_after=5.0)
+            fired: dict[int, float] = {}
+            triggerer.writer.put = lambda o: fired.setdefault(o.trigger_id, time.time())  # type: ignore[method-assign,assignment,return-value]
+            start = time.time() + 0.3
+            moments = {i + 1: start + i * 0.00037 for i in range(400)}  # not on whole ms
+            for tid, at in moments.items():
+                kwargs = dumps({"moment": datetime.fromtimestamp(at, UTC)})
+                row = ClaimedTrigger(tid, f"t{tid}", "triggers.time.DateTimeTrigger", kwargs, None)
+                triggerer._start(row)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(triggerer._timer_loop)
+                with anyio.fail_after(20):
+                    while len(fired) < len(moments):
+                        await anyio.sleep(0.01)
+                tg.cancel_scope.cancel()
+            return [(fired[tid], at) for tid, at in moments.items()]
+        finally:
+            await store.close()
+
+    pairs = anyio.run(main, backend_options={"use_uvloop": True})
+    early = [(round((at - f) * 1000, 3), at) for f, at in pairs if f < at]
+    assert not early, early  # ms early, moment
