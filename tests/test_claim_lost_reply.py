@@ -1,6 +1,6 @@
 """A trigger claim whose COMMIT reached PostgreSQL but whose reply was lost.
 
-A loopback proxy in front of PostgreSQL (tests/cut_proxy.py) lets the triggerer's first claim
+A loopback proxy in front of PostgreSQL (tests/loopback_proxy.py) lets the triggerer's first claim
 transaction commit, then drops the answer and the connection. The triggers it claimed are
 assigned to a live triggerer that does not run them; the test checks they are not lost, each
 runs and fires exactly once, and bounds how long they stay stranded (the triggerer reconciles
@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 import pytest
 from conftest import TESTS_DIR, Proc, deferrun_env, wait_until
-from cut_proxy import CommitCutProxy
+from loopback_proxy import CommitCutProxy
 
 from deferrun import Client, TaskState
 

@@ -14,7 +14,7 @@ from typing import Any
 import anyio
 import pytest
 from hostile_ops import Returns, Steps, ThreadLocalPeek
-from silent_proxy import SilencingProxy
+from loopback_proxy import SilencingProxy
 from tests_support import runtime_for
 
 from deferrun.client import AsyncClient
