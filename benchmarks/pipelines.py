@@ -42,6 +42,7 @@ from benchmarks._harness import (
     wait_for,
     write_json,
 )
+from benchmarks.burst import store_calls
 from benchmarks.ops import Nop
 from deferrun.client import build_task
 from deferrun.models import NewTask
@@ -73,13 +74,7 @@ async def _submit(db: str, tasks: list[NewTask], chunk: int = 500) -> None:
 def _store_calls(port: int) -> dict[str, float]:
     """deferrun_store_calls_total by method, from one process's /metrics."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-        text = resp.read().decode()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("deferrun_store_calls_total{"):
-            method = line.split('method="', 1)[1].split('"', 1)[0]
-            out[method] = float(line.rsplit(" ", 1)[1])
-    return out
+        return store_calls(resp.read().decode())
 
 
 def _calls(ports: list[int]) -> dict[str, float]:

@@ -252,19 +252,13 @@ class LoopWatchdog:
 
     def _report(self, seconds: float, culprit: tuple[str, dict[str, Any]] | None) -> None:
         name, details = culprit or (None, {})
-        if details.get("ran"):
+        if details.get("trigger_id") is not None:
+            # code outside run()'s own steps is timed by sampling: "about", and where it ran
+            where = f"about {seconds:.2f}s in {details['ran']}" if details.get("ran") else ""
             log.warning(
                 f"trigger {details['trigger_id']} ({details.get('trigger')}) blocked the event "
-                f"loop for about {seconds:.2f}s in {details['ran']}; every other trigger "
-                "waited. Use await, or anyio.to_thread.run_sync for blocking calls",
-                blocked_seconds=round(seconds, 3),
-                **details,
-            )
-        elif details.get("trigger_id") is not None:
-            log.warning(
-                f"trigger {details['trigger_id']} ({details.get('trigger')}) blocked the event "
-                f"loop for {seconds:.2f}s; every other trigger waited. Use await, or "
-                "anyio.to_thread.run_sync for blocking calls",
+                f"loop for {where or f'{seconds:.2f}s'}; every other trigger waited. Use "
+                "await, or anyio.to_thread.run_sync for blocking calls",
                 blocked_seconds=round(seconds, 3),
                 **details,
             )
