@@ -297,6 +297,10 @@ async def _call_async(
         return _TIMED_OUT
     if attempt.scope.cancel_called:
         return _STOPPED
+    if anyio.current_time() > deadline:
+        # it blocked the loop past the deadline (no await to cancel): late is late, as for
+        # a plain def that overran
+        return _TIMED_OUT
     return raw
 
 

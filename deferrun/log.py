@@ -40,6 +40,11 @@ class _StdlibHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
+            record.getMessage()
+        except Exception as exc:  # the caller's own %-args do not fit its message
+            record.msg = f"{record.msg!r} (could not format it with {record.args!r}: {exc!r})"
+            record.args = None
+        try:
             self._printer.msg(self.format(record))
         except Exception:
             self.handleError(record)  # logging's own report on stderr, never silent

@@ -71,6 +71,28 @@ def _encode_line(event_dict: dict[str, Any]) -> str:
         return repr(event_dict)
 
 
+_KEEP = ("event", "level", "timestamp", "task_id", "trigger_id", "pid", "logger")
+
+
+def _shortened(event_dict: dict[str, Any], limit: int) -> str:
+    """The event as JSON of at most about ``limit`` characters, still one valid JSON object
+    (``deferrun logs --json`` is read by programs): long text values are cut and the line
+    says ``"truncated": true``; if that is still too long, only the main fields are kept."""
+    cut = max(limit // 4, 64)
+    short = {
+        k: v[:cut] + "...(truncated)" if isinstance(v, str) and len(v) > cut else v
+        for k, v in event_dict.items()
+    }
+    short["truncated"] = True
+    line = _encode_line(short)
+    if len(line) <= limit + len(short) * 16:
+        return line
+    kept = {k: short[k] for k in _KEEP if k in short}
+    kept["event"] = str(kept.get("event", ""))[:cut]
+    kept["truncated"] = True
+    return _encode_line(kept)
+
+
 class TaskLogSink:
     def __init__(
         self,
@@ -95,7 +117,7 @@ class TaskLogSink:
         source = "trigger" if event_dict.get("trigger_id") is not None else self.source
         line = _encode_line(event_dict)
         if len(line) > self.max_line:
-            line = line[: self.max_line] + "...(truncated)"
+            line = _shortened(event_dict, self.max_line)
         self._buffer.append((str(event_dict["task_id"]), time.time(), source, line))
 
     def _drain(self) -> list[tuple[str, float, str, str]]:

@@ -278,6 +278,7 @@ class Worker:
             task_id=task.id, task_name=task.name, try_number=task.try_number, worker_id=self.id
         )
         outcome: Outcome = None
+        timed_out = False  # past execution_timeout, its code still running when it returned
         try:
             with attempt.scope:
                 if not await self._older_stopped(older):
@@ -292,6 +293,7 @@ class Worker:
                         await load_xcoms(self.store, attempt)
                         outcome = await run_attempt(attempt)
                         if attempt.thread_running:
+                            timed_out = True
                             await self._timed_out_code_stopped(attempt)
                     except Exception as exc:  # nothing a row holds may stop the worker
                         if is_connection_error(exc):  # could not read its upstreams: later
@@ -303,7 +305,9 @@ class Worker:
                                 f"deferrun could not run this attempt:\n{format_error(exc)}",
                                 False,
                             )
-            if attempt.cancel_reason:
+            # A shutdown while timed-out code was still stopping records the timeout (it
+            # uses up its try) rather than putting the same try back on the queue.
+            if attempt.cancel_reason and not (timed_out and attempt.cancel_reason == "shutdown"):
                 outcome = None
             attempt.recording = True
             try:

@@ -112,3 +112,50 @@ def test_stdlib_logging_carries_ids_reaches_task_log_and_renders_json(
     assert not any("debug" in event for event in by_event)
     # rendered once: no second handler prints the same line
     assert sum(e.get("event") == "stdlib trigger line 1" for e in printed) == 1
+
+
+def test_a_record_whose_args_do_not_fit_is_still_one_json_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """User code's ``log.warning("a %s %s", 1)`` printed Python's multi-line "--- Logging
+    error ---" report into the JSON stream and lost the line."""
+    import logging
+
+    import structlog
+
+    from deferrun.log import configure_logging
+
+    saved = structlog.get_config()
+    root = logging.getLogger()
+    others = list(root.handlers)  # pytest's capture handler raises on a bad record itself
+    for handler in others:
+        root.removeHandler(handler)
+    try:
+        configure_logging("json", "info")
+        logging.getLogger("usercode").warning("a %s %s", 1)
+    finally:
+        structlog.configure(**saved)
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        for handler in others:
+            root.addHandler(handler)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    entry = json.loads(lines[0])
+    assert "a %s %s" in entry["event"] and "could not format" in entry["event"], entry
+    assert entry["logger"] == "usercode" and entry["level"] == "warning"
+
+
+def test_an_oversized_stored_line_is_still_json() -> None:
+    """``deferrun logs --json`` is read by programs: a line over the limit used to be cut
+    mid-JSON."""
+    from deferrun.tasklogs import TaskLogSink
+
+    sink = TaskLogSink(None, "worker", max_line=8192)  # type: ignore[arg-type]
+    sink.add({"event": "huge " + "x" * 100_000, "task_id": "t1", "level": "info"})
+    sink.add({"event": "blob", "task_id": "t1", "level": "info", "rows": list(range(50_000))})
+    for _task, _at, _source, line in sink._buffer:
+        entry = json.loads(line)
+        assert entry["truncated"] is True and entry["task_id"] == "t1", entry
+        assert len(line) < 2 * 8192
