@@ -38,6 +38,9 @@ from deferrun import containment
 
 log = structlog.get_logger("deferrun.watchdog")
 
+#: steps named one by one when several blocked the loop in one stall; the rest are counted
+NAMED_PER_STALL = 10
+
 Describer = Callable[[str], dict[str, Any] | None]
 T = TypeVar("T")
 
@@ -212,8 +215,19 @@ class LoopWatchdog:
                     self.blocked_total += 1
                     if self.metrics is not None:
                         self.metrics.loop_blocked.inc()
-                    if long_steps:
-                        self._report_step(lag, max(long_steps, key=lambda s: s[0]))
+                    if long_steps:  # each step that blocked is named and counted
+                        worst = sorted(long_steps, key=lambda s: s[0], reverse=True)
+                        for step in worst[:NAMED_PER_STALL]:
+                            self._report_step(lag, step)
+                        if len(worst) > NAMED_PER_STALL:
+                            log.warning(
+                                "more steps blocked the event loop in the same stall",
+                                steps=len(worst) - NAMED_PER_STALL,
+                                lag_seconds=round(lag, 3),
+                            )
+                        self.blocked_total += len(worst) - 1
+                        if self.metrics is not None:
+                            self.metrics.loop_blocked.inc(len(worst) - 1)
                     elif streak is not None:
                         seconds = min(lag, streak[0] + self.threshold / 2)
                         self._report(seconds, (streak[1], streak[2]))

@@ -146,3 +146,31 @@ def _lines(proc: Proc, *texts: str) -> list[dict[str, Any]]:
     """The process's JSON log lines whose event mentions any of ``texts``."""
     lines = [json.loads(line) for line in proc.output().splitlines() if line.startswith("{")]
     return [e for e in lines if any(t in e.get("event", "") for t in texts)]
+
+
+async def test_every_trigger_that_blocked_in_one_stall_is_named_and_counted(
+    store: Store,
+) -> None:
+    """Three triggers blocking back to back in one stall: only the longest was named, and the
+    stall counted once."""
+    with capture_logs() as logs:
+        async with runtime_for(store, worker=False, reconcile_interval=60) as rt:
+            t = rt.triggerer
+            assert t is not None
+            await anyio.sleep(0.3)  # the watchdog is ticking
+            blocked0 = t.watchdog.blocked_total if t.watchdog else 0
+            at = time.time() + 0.3
+            for i in range(3):
+                kwargs = json.dumps({"at": at, "seconds": 0.3 + i * 0.05})
+                classpath = "watchdog_userland.BlocksInRun"
+                t._start(ClaimedTrigger(900_100 + i, f"trio-{i}", classpath, kwargs, None))
+
+            def named() -> set[Any]:
+                return {e.get("trigger_id") for e in logs if "blocked the event loop" in e["event"]}
+
+            with anyio.fail_after(10):
+                while len(named()) < 3:
+                    await anyio.sleep(0.05)
+            assert t.watchdog is not None
+            assert t.watchdog.blocked_total - blocked0 == 3
+    assert named() == {900_100, 900_101, 900_102}

@@ -104,3 +104,16 @@ class DeferToTicker(BaseOperator):
 
     def execute(self, context: Context) -> Any:
         self.defer(trigger=Ticker(self.n, self.marker), method_name="execute_complete")
+
+
+class BlocksInRun(BaseTrigger):
+    """Blocks the loop in one step of run(), at ``at`` (epoch seconds), then fires."""
+
+    def __init__(self, at: float, seconds: float) -> None:
+        self.at = at
+        self.seconds = seconds
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        await asyncio.sleep(max(self.at - time.time(), 0))
+        time.sleep(self.seconds)
+        yield TriggerEvent(None)
