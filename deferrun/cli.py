@@ -19,12 +19,13 @@ import anyio.abc
 import structlog
 
 from deferrun import actions, config, loops, retention, views
-from deferrun.exceptions import DeferrunError
+from deferrun.exceptions import ConfigError, DeferrunError
 from deferrun.log import configure_logging
 from deferrun.metrics import CountingStore, Metrics, loop_and_db_health, serve
 from deferrun.models import TaskState
 from deferrun.startup import FatalGuard, configure_trust
 from deferrun.store import Store, make_store
+from deferrun.store.base import is_connection_error
 from deferrun.tasklogs import TaskLogSink
 from deferrun.triggerer import Triggerer
 from deferrun.watchdog import LoopWatchdog
@@ -91,12 +92,41 @@ async def _serve(
         tg.cancel_scope.cancel()
 
 
+async def _open_waiting(store: Store, url: str | None, within: float = 30.0) -> None:
+    """Open the store, waiting up to ``within`` s for a database that refuses connections
+    or drops one mid-handshake (restarting, failing over): a long-running process should
+    outlast that, not exit. A refused login, a missing database or a wrong URL fail at once."""
+    deadline = time.monotonic() + within
+    delay = 0.5
+    while True:
+        try:
+            await store.open()
+            return
+        except Exception as exc:
+            cause = exc.__cause__ if isinstance(exc, ConfigError) else exc
+            transient = (
+                cause is not None
+                and not isinstance(cause, TimeoutError)  # no answer at all: a wrong address
+                and is_connection_error(cause)
+            )
+            if not transient:
+                raise
+            if time.monotonic() + delay > deadline:
+                if isinstance(exc, ConfigError):
+                    raise
+                safe = config.redact_url(config.db_url(url))
+                raise ConfigError(f"cannot open {safe}: {exc!r}; is the server up?") from exc
+            log.warning("the database is not reachable yet; retrying", error=repr(exc))
+        await anyio.sleep(delay)
+        delay = min(delay * 2, 4.0)
+
+
 async def _run_processes(args: argparse.Namespace, roles: Sequence[str]) -> int:
     configure_trust(args.imports)
     metrics = Metrics()
     guard = FatalGuard(CountingStore(make_store(args.db), metrics))
     store: Store = guard  # type: ignore[assignment]
-    await store.open()
+    await _open_waiting(store, args.db)
     try:
         components: list[Worker | Triggerer] = []
         if "triggerer" in roles:

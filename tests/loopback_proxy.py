@@ -16,12 +16,12 @@ Verdict = Literal["pass", "drop", "stop"]
 
 
 class LoopbackProxy:
-    def __init__(self, target_port: int) -> None:
+    def __init__(self, target_port: int, port: int = 0) -> None:
         self.target_port = target_port
         self._stop = threading.Event()
         self._server = socket.socket()
         self._server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._server.bind(("127.0.0.1", 0))
+        self._server.bind(("127.0.0.1", port))
         self._server.listen(50)
         self._server.settimeout(0.2)
         self.port = int(self._server.getsockname()[1])

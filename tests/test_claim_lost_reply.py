@@ -67,3 +67,35 @@ def test_claim_whose_commit_reply_is_lost(
     stranded = max(float(r[1]) for r in resumed) - proxy.cut_at
     print(f"stranded {stranded:.2f} s after the lost COMMIT reply")
     assert stranded < BOUND, stranded
+
+
+def test_a_worker_waits_for_a_database_that_is_not_up_yet(
+    pg_url: str, procs: Callable[..., Proc], tmp_path: Path
+) -> None:
+    """Started while its database refuses connections (restarting, failing over), a worker
+    retries instead of exiting, and runs once the database answers; a refused login still
+    fails at once with one line."""
+    from loopback_proxy import LoopbackProxy
+    from pgcluster import free_port
+
+    port = free_port()  # nothing listens here yet: connections are refused
+    proxied = pg_url.replace(f":{urlsplit(pg_url).port}/", f":{port}/")
+    worker = procs(["worker", "--slots", "2"], deferrun_env(proxied, TESTS_DIR))
+    wait_until(lambda: "not reachable yet; retrying" in worker.output(), 20, message="a retry")
+    proxy = LoopbackProxy(urlsplit(pg_url).port or 5432, port=port)  # the database is back
+    try:
+        with Client(db=pg_url) as client:
+            from hostile_ops import Returns
+
+            info = client.wait(client.submit(Returns(what="fine")), timeout=60)
+        assert info.state is TaskState.SUCCESS, info
+        assert worker.popen.poll() is None, worker.output()[-2000:]
+    finally:
+        worker.stop()
+        proxy.close()
+    missing = pg_url.rsplit("/", 1)[0] + "/no_such_database"  # refused: not worth waiting for
+    began = time.monotonic()
+    refused = procs(["worker"], deferrun_env(missing, TESTS_DIR))
+    assert refused.popen.wait(20) == 2, refused.output()[-2000:]
+    assert time.monotonic() - began < 15
+    assert "not reachable yet" not in refused.output()
