@@ -233,7 +233,10 @@ def main() -> None:
         moto.stop()
     for r in (waiter, s3):
         polls = r["requests_per_poll_interval"] * (1.0 / interval)
-        r["cpu_ms_per_poll"] = round(r["triggerer_cpu_pct"] / 100 / polls * 1000, 3)
+        # no request in the measured window (a tiny run): no per-poll figure to give
+        r["cpu_ms_per_poll"] = (
+            round(r["triggerer_cpu_pct"] / 100 / polls * 1000, 3) if polls else None
+        )
         r["rss_kib_per_trigger"] = round(r["rss_above_idle_mib"] * 1024 / n, 1)
     out = {"machine": machine(), "sqs": sqs_result, "waiter": waiter, "s3": s3}
     path = write_json(out_dir, "aws_waits", out)

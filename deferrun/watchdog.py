@@ -189,10 +189,11 @@ class LoopWatchdog:
         thread.start()
         try:
             while True:
-                before = time.monotonic()
+                before, cpu_before = time.monotonic(), time.process_time()
                 self._last_tick = before
                 await anyio.sleep(self.interval)
                 lag = max(time.monotonic() - before - self.interval, 0.0)
+                cpu_used = time.process_time() - cpu_before
                 self.recent_lags.append(lag)
                 if self.metrics is not None:
                     self.metrics.loop_lag.observe(lag)
@@ -204,6 +205,14 @@ class LoopWatchdog:
                 streak, self._best_streak = self._best_streak, None
                 self._streak = ("", 0.0, 0.0)
                 paused = self._pause_in(before, time.monotonic()) if lag > self.threshold else 0
+                if (
+                    not paused
+                    and lag > self.threshold
+                    and not samples  # the sampler thread did not run in the silence either
+                    and not long_steps
+                    and cpu_used < lag / 2  # and nothing computed: the process was stopped
+                ):
+                    paused = lag
                 if paused:
                     log.warning(
                         f"process was paused or starved for {paused:.2f}s (SIGSTOP, VM pause, "

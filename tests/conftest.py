@@ -202,3 +202,17 @@ def pg_app_user(pg_cluster: PgCluster) -> tuple[str, str]:
     anyio.run(create)
     pg_cluster.reload()
     return user, password
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_log_handler() -> Iterator[None]:
+    """A test that runs ``cli.main`` in-process installs deferrun's root log handler on that
+    test's captured stderr; later records (aiohttp's "Unclosed client session" at exit) would
+    be written to a closed stream."""
+    import logging
+
+    yield
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if type(handler).__name__ == "_StdlibHandler":
+            root.removeHandler(handler)

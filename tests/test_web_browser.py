@@ -44,6 +44,7 @@ if not (os.path.exists(CHROMEDRIVER) and os.path.exists(CHROMIUM)):
     )
 
 from selenium import webdriver  # noqa: E402
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 
@@ -95,11 +96,13 @@ def shoot(driver: webdriver.Chrome, tmp_path: Path, name: str, expect: list[str]
 
 
 def wait_text(driver: webdriver.Chrome, selector: str, text: str, timeout: float = 20) -> Any:
-    return wait_until(
-        lambda: text in driver.find_element(By.CSS_SELECTOR, selector).text,
-        timeout,
-        message=f"{text!r} in {selector}",
-    )
+    def shown() -> bool:
+        try:
+            return text in driver.find_element(By.CSS_SELECTOR, selector).text
+        except StaleElementReferenceException:  # the page replaced it while updating live
+            return False
+
+    return wait_until(shown, timeout, message=f"{text!r} in {selector}")
 
 
 def test_status_page_in_chromium(
