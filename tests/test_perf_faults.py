@@ -8,6 +8,8 @@ each still runs exactly once."""
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -85,11 +87,12 @@ async def test_thread_local_state_never_reaches_another_task(store: Store) -> No
     assert all(i.result["name"] == f"deferrun-task-{i.id}" for i in results), results
 
 
-@pytest.mark.anyio
-async def test_silently_dropped_listen_connection_is_replaced(pg_url: str) -> None:
-    """PostgreSQL only (SQLite has no LISTEN and polls every second). Once the proxy swallows
-    the LISTEN connection's traffic, a new task still starts well before the 15 s idle poll:
-    the ping finds the connection dead and its replacement catches up."""
+@asynccontextmanager
+async def worker_behind_silencer(
+    pg_url: str,
+) -> AsyncIterator[tuple[SilencingProxy, Worker, AsyncClient]]:
+    """A started worker whose database connections go through a SilencingProxy (LISTEN
+    pinged every second), and a client that talks to the database directly."""
     real_port = int(pg_url.split("@127.0.0.1:")[1].split("/")[0])
     proxy = SilencingProxy(real_port)
     proxied = pg_url.replace(f":{real_port}/", f":{proxy.port}/")
@@ -98,30 +101,38 @@ async def test_silently_dropped_listen_connection_is_replaced(pg_url: str) -> No
     store.connector.ping_every = 1.0  # type: ignore[attr-defined]
     direct = make_store(pg_url, dead_after=2.0)
     await direct.open()
-    client = AsyncClient(store=direct)
     worker = Worker(store, slots=2, dead_after=2.0, grace_period=2.0)
-    assert worker.poll_interval == 15.0
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(worker.run)
             try:
                 with anyio.fail_after(10):
                     await worker.started.wait()
-                first = await client.wait(await client.submit(Returns(what="ok")), timeout=10)
-                proxy.silent.set()
-                beat = worker.health.get("ok_at", 0.0)
-                with anyio.fail_after(10):  # the claim loop is back in its idle wait by then
-                    while worker.health.get("ok_at", 0.0) <= beat + 0.5:
-                        await anyio.sleep(0.05)
-                submitted = time.monotonic()
-                second = await client.wait(await client.submit(Returns(what="ok")), timeout=10)
-                took = time.monotonic() - submitted
+                yield proxy, worker, AsyncClient(store=direct)
             finally:
                 worker.stop()
     finally:
         await direct.close()
         await store.close()
         proxy.close()
+
+
+@pytest.mark.anyio
+async def test_silently_dropped_listen_connection_is_replaced(pg_url: str) -> None:
+    """PostgreSQL only (SQLite has no LISTEN and polls every second). Once the proxy swallows
+    the LISTEN connection's traffic, a new task still starts well before the 15 s idle poll:
+    the ping finds the connection dead and its replacement catches up."""
+    async with worker_behind_silencer(pg_url) as (proxy, worker, client):
+        assert worker.poll_interval == 15.0
+        first = await client.wait(await client.submit(Returns(what="ok")), timeout=10)
+        proxy.silent.set()
+        beat = worker.health.get("ok_at", 0.0)
+        with anyio.fail_after(10):  # the claim loop is back in its idle wait by then
+            while worker.health.get("ok_at", 0.0) <= beat + 0.5:
+                await anyio.sleep(0.05)
+        submitted = time.monotonic()
+        second = await client.wait(await client.submit(Returns(what="ok")), timeout=10)
+        took = time.monotonic() - submitted
     assert first.state is TaskState.SUCCESS and second.state is TaskState.SUCCESS
     assert proxy.swallowed, "the LISTEN connection was never silenced"
     assert took < 10
@@ -133,43 +144,22 @@ async def test_a_hanging_listen_replacement_never_stops_the_heartbeat(pg_url: st
     the replacement hangs in the background while heartbeats go on (a stopped heartbeat got a
     live worker declared dead while it kept running its tasks); once the path recovers, a
     later replacement brings wake-ups back."""
-    real_port = int(pg_url.split("@127.0.0.1:")[1].split("/")[0])
-    proxy = SilencingProxy(real_port)
-    proxied = pg_url.replace(f":{real_port}/", f":{proxy.port}/")
-    store = make_store(proxied, dead_after=2.0)
-    await store.open()
-    store.connector.ping_every = 1.0  # type: ignore[attr-defined]
-    direct = make_store(pg_url, dead_after=2.0)
-    await direct.open()
-    client = AsyncClient(store=direct)
-    worker = Worker(store, slots=2, dead_after=2.0, grace_period=2.0)
     gaps: list[float] = []
-    try:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(worker.run)
-            try:
-                with anyio.fail_after(10):
-                    await worker.started.wait()
-                proxy.silent.set()
-                last, seen_at = worker.health.get("ok_at", 0.0), time.monotonic()
-                silent_until = time.monotonic() + 8.0
-                for _ in range(200):  # 8 s of silence, sampled every 0.05 s
-                    if time.monotonic() > silent_until:
-                        break
-                    await anyio.sleep(0.05)
-                    now, beat = time.monotonic(), worker.health.get("ok_at", 0.0)
-                    if beat != last:
-                        gaps.append(now - seen_at)
-                        last, seen_at = beat, now
-                gaps.append(time.monotonic() - seen_at)
-                proxy.silent.clear()
-                done = await client.wait(await client.submit(Returns(what="ok")), timeout=20)
-            finally:
-                worker.stop()
-    finally:
-        await direct.close()
-        await store.close()
-        proxy.close()
+    async with worker_behind_silencer(pg_url) as (proxy, worker, client):
+        proxy.silent.set()
+        last, seen_at = worker.health.get("ok_at", 0.0), time.monotonic()
+        silent_until = time.monotonic() + 8.0
+        for _ in range(200):  # 8 s of silence, sampled every 0.05 s
+            if time.monotonic() > silent_until:
+                break
+            await anyio.sleep(0.05)
+            now, beat = time.monotonic(), worker.health.get("ok_at", 0.0)
+            if beat != last:
+                gaps.append(now - seen_at)
+                last, seen_at = beat, now
+        gaps.append(time.monotonic() - seen_at)
+        proxy.silent.clear()
+        done = await client.wait(await client.submit(Returns(what="ok")), timeout=20)
     assert proxy.swallowed, "the LISTEN connection was never silenced"
     assert max(gaps) < 2.0, gaps  # never as long as dead_after
     assert done.state is TaskState.SUCCESS
