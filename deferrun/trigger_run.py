@@ -209,7 +209,11 @@ async def run_until_event(
                         break
                     finally:
                         if watchdog is not None and clock() - began > watchdog.threshold:
-                            _long_step(watchdog, clock() - began, describe, loaded, task_id)
+                            watchdog.note_current_step(
+                                clock() - began,
+                                describe,
+                                {"trigger_id": trigger_id, "task_id": task_id, "trigger": cp},
+                            )
                     error = None
                     try:
                         value = await _Pass(future)
@@ -313,27 +317,6 @@ class _Pass:
 _SENT = object()
 
 
-def _long_step(
-    watchdog: Any,
-    seconds: float,
-    describe: Callable[[str], dict[str, Any] | None] | None,
-    loaded: Loaded,
-    task_id: str | None,
-) -> None:
-    task = asyncio.current_task()
-    name = task.get_name() if task is not None else "?"
-    details: dict[str, Any] | None = None
-    if describe is not None:
-        try:
-            details = describe(name)
-        except Exception as exc:
-            details = {"describe_error": repr(exc)}
-    if not details:
-        details = {"trigger_id": loaded.trigger.trigger_id, "task_id": task_id}
-        details["trigger"] = loaded.classpath
-    watchdog.note_step(name, seconds, details)
-
-
 _END = object()
 
 
@@ -404,10 +387,8 @@ def _timed_close(seconds: float) -> None:
     code = containment.current_trigger()
     if dog is None or seconds <= dog.threshold or code is None:
         return
-    task = asyncio.current_task()
     details = {"trigger_id": code.trigger_id, "task_id": code.task_id, "trigger": code.classpath}
-    details["ran"] = "the finally of its run()"
-    dog.note_step(task.get_name() if task is not None else "?", seconds, details)
+    dog.note_current_step(seconds, None, {**details, "ran": "the finally of its run()"})
 
 
 class _Resumed:

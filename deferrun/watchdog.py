@@ -3,8 +3,9 @@
 A ticker on the loop records when it last ran. When it runs late past the threshold, the
 watchdog names a culprit only if one step of one task really blocked that long:
 
-- coroutines driven through :func:`timed_steps` (every trigger) time each of their own
-  steps exactly, and report a step over the threshold;
+- a trigger's ``run()`` (``trigger_run.run_until_event``) and coroutines driven through
+  :func:`timed_steps` (shared polls) time each of their own steps exactly, and report a
+  step over the threshold;
 - for other tasks (``task:<id>`` in a worker) a daemon thread samples the current task while
   the loop is silent, and blames it only if every sample saw that same task.
 
@@ -98,6 +99,24 @@ class LoopWatchdog:
     def note_step(self, name: str, seconds: float, details: dict[str, Any]) -> None:
         """One step of task ``name`` ran ``seconds`` without yielding (called on the loop)."""
         self._long_steps.append((seconds, name, details))
+
+    def note_current_step(
+        self,
+        seconds: float,
+        describe: Describer | None,
+        fallback: dict[str, Any] | None = None,
+    ) -> None:
+        """The current task's step ran ``seconds``: named by ``describe`` (an error of its own
+        goes into the report), else by ``fallback``."""
+        task = asyncio.current_task()
+        name = task.get_name() if task is not None else "?"
+        details: dict[str, Any] | None = None
+        if describe is not None:
+            try:
+                details = describe(name)
+            except Exception as exc:
+                details = {"describe_error": repr(exc)}
+        self.note_step(name, seconds, details or fallback or {})
 
     def _describe_task(self, task: asyncio.Task[Any] | None) -> tuple[str, dict[str, Any]]:
         """The task's name and who it belongs to; a trigger's code says what of it ran."""
@@ -339,21 +358,12 @@ class _TimedSteps:
             finally:
                 seconds = clock() - start
                 if seconds > watchdog.threshold:
-                    self._long_step(seconds)
+                    watchdog.note_current_step(seconds, self._describe)
             error = None
             try:
                 value = yield future
             except BaseException as exc:  # delivered into the coroutine on the next step
                 value, error = None, exc
-
-    def _long_step(self, seconds: float) -> None:
-        task = asyncio.current_task()
-        name = task.get_name() if task is not None else "?"
-        try:
-            details = self._describe(name) or {}
-        except Exception as exc:
-            details = {"describe_error": repr(exc)}
-        self._watchdog.note_step(name, seconds, details)
 
 
 def worst_recent_lag() -> float | None:
