@@ -20,6 +20,7 @@ import structlog
 
 from deferrun import actions, config, loops, retention, views
 from deferrun.exceptions import ConfigError, DeferrunError
+from deferrun.liveness import while_unreachable
 from deferrun.log import configure_logging
 from deferrun.metrics import CountingStore, Metrics, loop_and_db_health, serve
 from deferrun.models import TaskState
@@ -92,33 +93,28 @@ async def _serve(
         tg.cancel_scope.cancel()
 
 
-async def _open_waiting(store: Store, url: str | None, within: float = 30.0) -> None:
-    """Open the store, waiting up to ``within`` s for a database that refuses connections
-    or drops one mid-handshake (restarting, failing over): a long-running process should
-    outlast that, not exit. A refused login, a missing database or a wrong URL fail at once."""
-    deadline = time.monotonic() + within
-    delay = 0.5
-    while True:
-        try:
-            await store.open()
-            return
-        except Exception as exc:
-            cause = exc.__cause__ if isinstance(exc, ConfigError) else exc
-            transient = (
-                cause is not None
-                and not isinstance(cause, TimeoutError)  # no answer at all: a wrong address
-                and is_connection_error(cause)
-            )
-            if not transient:
-                raise
-            if time.monotonic() + delay > deadline:
-                if isinstance(exc, ConfigError):
-                    raise
-                safe = config.redact_url(config.db_url(url))
-                raise ConfigError(f"cannot open {safe}: {exc!r}; is the server up?") from exc
-            log.warning("the database is not reachable yet; retrying", error=repr(exc))
-        await anyio.sleep(delay)
-        delay = min(delay * 2, 4.0)
+def _unreachable_at_open(exc: BaseException) -> bool:
+    """The database refused the connection or dropped it mid-handshake (restarting, failing
+    over); not a refused login, a missing database, a wrong URL, or no answer at all."""
+    cause = exc.__cause__ if isinstance(exc, ConfigError) else exc
+    return (
+        cause is not None
+        and not isinstance(cause, TimeoutError)  # no answer at all: a wrong address
+        and is_connection_error(cause)
+    )
+
+
+async def _open_waiting(store: Store, url: str | None) -> None:
+    """Open the store, waiting out an unreachable database (``liveness.while_unreachable``);
+    what is still wrong once time is up is one line."""
+    try:
+        reason = "the database is not reachable yet"
+        await while_unreachable(store.open, reason, _unreachable_at_open)
+    except Exception as exc:
+        if isinstance(exc, ConfigError) or not _unreachable_at_open(exc):
+            raise
+        safe = config.redact_url(config.db_url(url))
+        raise ConfigError(f"cannot open {safe}: {exc!r}; is the server up?") from exc
 
 
 async def _run_processes(args: argparse.Namespace, roles: Sequence[str]) -> int:

@@ -16,7 +16,7 @@ import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import structlog
@@ -24,6 +24,8 @@ import structlog
 from deferrun.store.base import ReapReport, Store, Wakeup, is_connection_error
 
 log = structlog.get_logger("deferrun.liveness")
+
+T = TypeVar("T")
 
 
 def new_process_id(role: str) -> str:
@@ -41,25 +43,37 @@ def log_reap(report: ReapReport) -> None:
     )
 
 
-async def register(
-    store: Store, process_id: str, role: str, queues: Any, capacity: int, within: float = 30.0
-) -> Wakeup:
-    """Register this process, retrying a lost connection for up to ``within`` seconds.
+async def while_unreachable(
+    call: Callable[[], Awaitable[T]],
+    retrying: str,
+    transient: Callable[[BaseException], bool] = is_connection_error,
+    within: float = 30.0,
+) -> T:
+    """``call()``, again while it fails with a ``transient`` error, for up to ``within`` s.
 
-    A connection dropped just as a process starts (a failover, a proxy restart) is the
-    network's fault, not a reason to exit with a traceback; anything else is raised at once.
+    A process starting while its database restarts, fails over or drops a connection
+    mid-handshake should outlast that, not exit with a traceback; anything else (a refused
+    login, a bad value) is raised at once, and the last error once time is up.
     """
     deadline = time.monotonic() + within
     delay = 0.25
     while True:
         try:
-            return await store.register_process(process_id, role, queues, capacity)
+            return await call()
         except Exception as exc:
-            if not is_connection_error(exc) or time.monotonic() + delay > deadline:
+            if not transient(exc) or time.monotonic() + delay > deadline:
                 raise
-            log.warning("could not register with the database; retrying", error=repr(exc))
+            log.warning(f"{retrying}; retrying", error=repr(exc))
         await anyio.sleep(delay)
         delay = min(delay * 2, 2.0)
+
+
+async def register(store: Store, process_id: str, role: str, queues: Any, capacity: int) -> Wakeup:
+    """Register this process, retrying a lost connection (``while_unreachable``)."""
+    return await while_unreachable(
+        lambda: store.register_process(process_id, role, queues, capacity),
+        "could not register with the database",
+    )
 
 
 def heartbeat_interval(dead_after: float) -> float:
