@@ -182,7 +182,7 @@ def print_task(info: TaskInfo, args: argparse.Namespace, deps: Dependencies | No
 
 
 async def _reader(args: argparse.Namespace) -> tuple[AsyncClient, Store]:
-    store = await open_store(args.db, create=False)
+    store = await open_store(args.db, create=False, one_shot=True)
     return AsyncClient(store=store, owns_store=True), store
 
 
@@ -237,7 +237,7 @@ async def task(args: argparse.Namespace) -> int:
 
 
 async def triggers(args: argparse.Namespace) -> int:
-    store = await open_store(args.db, create=False)
+    store = await open_store(args.db, create=False, one_shot=True)
     try:
         triggers = await store.list_triggers()
         processes = await store.list_processes()
@@ -306,7 +306,7 @@ _LOG_META = {"timestamp", "level", "event", "task_id", "pid"}
 
 
 async def logs(args: argparse.Namespace) -> int:
-    store = await open_store(args.db, create=False)
+    store = await open_store(args.db, create=False, one_shot=True)
     try:
         if await store.get_task(args.task_id) is None:
             raise UsageError(

@@ -8,13 +8,18 @@ from deferrun.store.base import ReapReport, Store, Wakeup
 
 
 def make_store(
-    url: str | None = None, *, dead_after: float | None = None, create: bool = True
+    url: str | None = None,
+    *,
+    dead_after: float | None = None,
+    create: bool = True,
+    one_shot: bool = False,
 ) -> Store:
     """A store for ``url`` (``--db``/``DEFERRUN_DB``/default), not yet opened.
 
     ``create=False`` (read-only commands) creates no database and no tables and migrates
     no older schema: a missing SQLite file, or a database without deferrun's current schema,
-    is refused with one line.
+    is refused with one line. ``one_shot`` (a command that makes a few queries, one at a
+    time, and exits) opens one plain PostgreSQL connection instead of a pool.
     """
     url = config.db_url(url)
     dead = config.dead_after() if dead_after is None else dead_after
@@ -28,7 +33,7 @@ def make_store(
             from deferrun.store.postgres import PostgresStore
         except ImportError as exc:
             raise ConfigError(f"the PostgreSQL backend could not be loaded: {exc}") from exc
-        return PostgresStore(url, dead_after=dead, create=create)
+        return PostgresStore(url, dead_after=dead, create=create, pool_size=1 if one_shot else 10)
     raise ConfigError(
         f"unsupported database URL {config.redact_url(url)!r}: use sqlite:///path/to/file.db "
         "(one host) or postgresql://user:password@host:5432/dbname (several hosts)"
@@ -36,9 +41,13 @@ def make_store(
 
 
 async def open_store(
-    url: str | None = None, *, dead_after: float | None = None, create: bool = True
+    url: str | None = None,
+    *,
+    dead_after: float | None = None,
+    create: bool = True,
+    one_shot: bool = False,
 ) -> Store:
-    store = make_store(url, dead_after=dead_after, create=create)
+    store = make_store(url, dead_after=dead_after, create=create, one_shot=one_shot)
     await store.open()
     return store
 
