@@ -8,7 +8,8 @@ rows, newest first), the page after it (keyset, before=the last TaskInfo), the f
 state, the state counts (capped per state, and every row with --exact-counts), and the whole
 `deferrun tasks` command: in-process (cli.main, opening and closing the store) and as a
 subprocess for reference (interpreter start included): median of 5 calls each (3 for the
-subprocess). Writes DIR/listing.json.
+subprocess, and 3 of a subprocess that only starts and imports what the command imports,
+to show how much of it is imports). Writes DIR/listing.json.
 """
 
 from __future__ import annotations
@@ -108,17 +109,16 @@ def command_ms(db: str, *extra: str) -> float:
     return round(statistics.median(times), 1)
 
 
-def subprocess_ms(db: str) -> float:
+def subprocess_ms(db: str, imports_only: bool = False) -> float:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    backend = "sqlite" if db.startswith("sqlite") else "postgres"
+    argv = ["-m", "deferrun", "tasks", "--db", db]
+    if imports_only:
+        argv = ["-c", f"import deferrun.cli, deferrun.store.{backend}"]
     times = []
     for _ in range(3):
         t0 = time.perf_counter()
-        subprocess.run(
-            [sys.executable, "-m", "deferrun", "tasks", "--db", db],
-            env=env,
-            check=True,
-            stdout=subprocess.DEVNULL,
-        )
+        subprocess.run([sys.executable, *argv], env=env, check=True, stdout=subprocess.DEVNULL)
         times.append((time.perf_counter() - t0) * 1000)
     return round(statistics.median(times), 1)
 
@@ -147,6 +147,7 @@ def main() -> None:
             row["tasks_command_ms"] = command_ms(db)
             row["tasks_command_exact_counts_ms"] = command_ms(db, "--exact-counts")
             row["tasks_subprocess_ms"] = subprocess_ms(db)
+            row["subprocess_imports_only_ms"] = subprocess_ms(db, imports_only=True)
             rows.append(row)
             print(f"  {row}", flush=True)
         finally:
@@ -163,6 +164,7 @@ def main() -> None:
         "tasks_command_ms",
         "tasks_command_exact_counts_ms",
         "tasks_subprocess_ms",
+        "subprocess_imports_only_ms",
     ]
     print(
         table(
