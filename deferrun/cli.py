@@ -2,7 +2,7 @@
 
 The read-only views (tasks, task, triggers, logs) live in :mod:`deferrun.views`. What only
 the process commands use (worker, triggerer, metrics with aiohttp) is imported when one
-runs: those imports were ~60 % of a `deferrun tasks` subprocess's time.
+runs: those imports were about half of a `deferrun tasks` subprocess's CPU.
 """
 
 from __future__ import annotations
