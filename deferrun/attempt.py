@@ -318,13 +318,14 @@ async def _call_sync(
 ) -> _Returned | _Raised | str:
     """Run ``fn`` in a dedicated thread; on timeout or cancel, interrupt it and move on."""
     loop = asyncio.get_running_loop()
-    finished = anyio.Event()
+    finished: asyncio.Future[None] = loop.create_future()
     box: list[_Returned | _Raised] = []
     ctx = contextvars.copy_context()  # the task's bound log fields
 
     def on_thread_end() -> None:
         attempt._in_thread = False
-        finished.set()
+        if not finished.done():  # (cancelled when the wait for it was)
+            finished.set_result(None)
         attempt.code_done.set()
 
     def main() -> bool:
@@ -368,8 +369,11 @@ async def _call_sync(
         attempt._in_thread = False
         raise
     try:
-        with anyio.move_on_after(timeout if timeout else math.inf):
-            await finished.wait()
+        if not timeout:
+            await finished
+            return box[0]
+        with anyio.move_on_after(timeout):
+            await finished
             return box[0]
     except BaseException:  # stopped from outside (cancel, lost, shutdown)
         attempt.cancel_event.set()
