@@ -161,7 +161,7 @@ def run_burst(
                 raw = out_dir / f"burst-profile{tag}-{name}-{n}.raw"
                 spies.append((name, raw, _py_spy(proc.popen.pid, raw, budget)))
             time.sleep(0.3)
-        wait_for(lambda: watch.counts().get("success", 0) >= n, 900, 0.1)
+        wait_for(lambda: watch.counts().get("success", 0) >= n, 900, 0.25)
         cpu = [round(p.cpu_seconds() - c, 2) for p, c in zip(procs, cpu0, strict=True)]
         db_cpu1 = database_cpu_seconds(db)
         calls: collections.Counter[str] = collections.Counter()
