@@ -172,6 +172,65 @@ def wait_for(predicate: Any, timeout: float, interval: float = 0.2) -> None:
     raise TimeoutError(f"benchmark condition not met within {timeout}s")
 
 
+class DbWatch:
+    """One store kept open on a background event loop, for the many polls a run makes.
+
+    Opening a store per poll (a new connection, on PostgreSQL a new server process) cost
+    the harness and the database CPU that the measured processes share on this machine.
+    """
+
+    def __init__(self, db: str) -> None:
+        from anyio.from_thread import start_blocking_portal
+
+        from deferrun.store import open_store
+
+        self._portal_cm = start_blocking_portal()
+        self.portal = self._portal_cm.__enter__()
+        try:
+            self.store = self.portal.call(open_store, db)
+        except BaseException:
+            self._portal_cm.__exit__(None, None, None)
+            raise
+
+    def counts(self) -> dict[str, int]:
+        return self.portal.call(self.store.count_tasks)
+
+    def call(self, fn: Any, *args: Any) -> Any:
+        """``await fn(store, *args)`` on the watch's loop."""
+        return self.portal.call(fn, self.store, *args)
+
+    def close(self) -> None:
+        try:
+            self.portal.call(self.store.close)
+        finally:
+            self._portal_cm.__exit__(None, None, None)
+
+
+def database_cpu_seconds(db: str) -> float | None:
+    """CPU seconds used so far by the PostgreSQL cluster serving ``db`` (its postmaster, the
+    server processes that ended, and those still running); None for SQLite, whose work is
+    counted in the processes that use it."""
+    if not db.startswith("postgres"):
+        return None
+    port = db.split("@", 1)[-1].split("/", 1)[0].rsplit(":", 1)[-1]
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        if proc.info["name"] == "postgres" and "-p" in cmd and port in cmd:
+            try:
+                own = proc.cpu_times()
+                total = own.user + own.system + own.children_user + own.children_system
+                for child in proc.children(recursive=True):
+                    try:
+                        t = child.cpu_times()
+                        total += t.user + t.system
+                    except psutil.NoSuchProcess:
+                        continue
+                return total
+            except psutil.NoSuchProcess:
+                return None
+    return None
+
+
 def start_pg_cluster() -> Any:
     """A throwaway PostgreSQL cluster (the test suite's helper, tests/pgcluster.py)."""
     from pgcluster import PgCluster, find_bindir

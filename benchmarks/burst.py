@@ -11,7 +11,8 @@ triggers share one run() in the triggerer; with ``--distinct`` each trigger diff
 sequence number), so each runs as its own coroutine (the per-trigger wrapper's cost). Reported:
 triggerer RSS per live trigger (RSS with all N live minus idle RSS), fire lateness p50/p99
 (the event's own "fired" stamp minus the moment), event->resume p50/p99, the time from the
-moment to the last resume, and the CPU seconds each process spent in the burst. With
+moment to the last resume, and the CPU seconds each process (and the PostgreSQL cluster)
+spent in the burst. With
 ``--profile``, py-spy samples the triggerer and the first worker during the burst and the
 top frames (self and inclusive) are written to DIR/burst-profile-*.txt.
 """
@@ -27,7 +28,15 @@ from typing import Any
 
 import anyio
 
-from benchmarks._harness import Process, env_for, free_port, pct, wait_for
+from benchmarks._harness import (
+    DbWatch,
+    Process,
+    database_cpu_seconds,
+    env_for,
+    free_port,
+    pct,
+    wait_for,
+)
 from benchmarks.ops import BurstOp
 from deferrun.client import build_task
 from deferrun.store import open_store
@@ -39,14 +48,6 @@ async def _submit(db: str, ops: list[Any]) -> None:
         tasks = [build_task(op) for op in ops]
         for i in range(0, len(tasks), 5000):
             await store.submit_many(tasks[i : i + 5000])
-    finally:
-        await store.close()
-
-
-async def _counts(db: str) -> dict[str, int]:
-    store = await open_store(db)
-    try:
-        return await store.count_tasks()
     finally:
         await store.close()
 
@@ -133,6 +134,7 @@ def run_burst(
     out: dict[str, Any] = {
         "mode": "burst", "n": n, "workers": workers, "slots": slots, "distinct": distinct
     }  # fmt: skip
+    watch: DbWatch | None = None
     try:
         wait_for(lambda: "deferrun_triggers_running" in _scrape(port), 30, 0.3)
         time.sleep(1.0)
@@ -148,7 +150,9 @@ def run_burst(
         time.sleep(min(1.0, max(0.0, moment - time.time() - 1.5)))
         rss = triggerer.rss_mib()
         procs = [triggerer, *worker_procs]
+        watch = DbWatch(db)
         cpu0 = [p.cpu_seconds() for p in procs]
+        db_cpu0 = database_cpu_seconds(db)
         calls0 = [store_calls(_scrape(p)) for p in worker_ports]
         spies = []
         if profile:
@@ -157,14 +161,15 @@ def run_burst(
                 raw = out_dir / f"burst-profile{tag}-{name}-{n}.raw"
                 spies.append((name, raw, _py_spy(proc.popen.pid, raw, budget)))
             time.sleep(0.3)
-        wait_for(lambda: anyio.run(_counts, db).get("success", 0) >= n, 900, 0.25)
+        wait_for(lambda: watch.counts().get("success", 0) >= n, 900, 0.25)
         cpu = [round(p.cpu_seconds() - c, 2) for p, c in zip(procs, cpu0, strict=True)]
+        db_cpu1 = database_cpu_seconds(db)
         calls: collections.Counter[str] = collections.Counter()
         for wport, before in zip(worker_ports, calls0, strict=True):
             calls.update(store_calls(_scrape(wport)))
             calls.subtract(before)
         results = [r for r in anyio.run(_results, db, n) if isinstance(r, dict)]
-        counts = anyio.run(_counts, db)
+        counts = watch.counts()
         lateness = [r["fired"] - r["at"] for r in results]
         resume = [r["resumed"] - r["fired"] for r in results]
         last = max(r["resumed"] for r in results) - moment
@@ -181,6 +186,10 @@ def run_burst(
                 "resumes_per_s": round(n / max(last, 1e-9), 1),
                 "cpu_s_triggerer": cpu[0],
                 "cpu_s_workers": cpu[1:],
+                # the PostgreSQL cluster's own processes (None on SQLite)
+                "cpu_s_database": None
+                if db_cpu0 is None or db_cpu1 is None
+                else round(db_cpu1 - db_cpu0, 2),
                 "succeeded": counts.get("success", 0),
                 "resumed_once": len(results),
                 "lost": n - counts.get("success", 0),
@@ -204,6 +213,8 @@ def run_burst(
                 raw.unlink()
                 out[f"profile_{name}"] = str(raw.with_suffix(".txt"))
     finally:
+        if watch is not None:
+            watch.close()
         triggerer.stop()
         for worker in worker_procs:
             worker.stop()
@@ -238,7 +249,7 @@ HEADERS = [
     "fire lateness p50/p99 ms",
     "event->resume p50/p99 ms",
     "last resumed s",
-    "CPU s trig / workers",
+    "CPU s trig / workers / db",
     "lost",
 ]
 
@@ -253,7 +264,7 @@ def rows_for_table(rows: list[dict[str, Any]]) -> list[list[Any]]:
             f"{r['fire_lateness_p50_ms']} / {r['fire_lateness_p99_ms']}",
             f"{r['event_to_resume_p50_ms']} / {r['event_to_resume_p99_ms']}",
             r["last_resumed_after_moment_s"],
-            f"{r['cpu_s_triggerer']} / {r['cpu_s_workers']}",
+            f"{r['cpu_s_triggerer']} / {r['cpu_s_workers']} / {r.get('cpu_s_database', '-')}",
             r["lost"],
         ]
         for r in rows

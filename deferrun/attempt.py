@@ -2,8 +2,9 @@
 whatever happens into an outcome, under execution_timeout and cancellation.
 
 Operator code is hostile until proven otherwise. Sync methods run in a thread of their own
-(one per attempt, never anyio's shared pool, which the SQLite store uses), so a signal injected
-into that thread can only ever land in this attempt. The injected signals (AttemptTimedOut,
+(never anyio's shared pool, which the SQLite store uses; reused only as attempt_threads
+describes, never after a signal was injected), so a signal injected into that thread can only
+ever land in this attempt. The injected signals (AttemptTimedOut,
 AttemptCancelled) are BaseExceptions, so ``except Exception`` in operator code cannot swallow
 them. Anything operator code raises - SystemExit, KeyboardInterrupt, GeneratorExit and
 CancelledError included - fails only its own task, never the worker.
@@ -16,8 +17,6 @@ import contextvars
 import ctypes
 import inspect
 import math
-import queue
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -29,6 +28,7 @@ import anyio
 import structlog
 
 from deferrun import serialization
+from deferrun.attempt_threads import AttemptThreads
 from deferrun.baseoperator import BaseOperator
 from deferrun.connections import format_error
 from deferrun.containment import user_code
@@ -79,6 +79,9 @@ class _Raised:
     exc: BaseException
 
 
+#: threads for attempts run outside a worker
+SHARED_THREADS = AttemptThreads()
+
 _TIMED_OUT = "timed out"
 _STOPPED = "stopped"
 
@@ -106,6 +109,8 @@ class Attempt:
         self.xcom = XComState()
         #: the operator once built (for on_kill when a user cancels the task)
         self.operator: Any = None
+        #: where its sync code runs (a worker gives each attempt its own pool)
+        self.threads = SHARED_THREADS
 
     @property
     def key(self) -> tuple[str, int]:
@@ -304,78 +309,6 @@ async def _call_async(
     return raw
 
 
-#: a sync attempt's code, its thread's name, and what to do if the thread cannot start
-_Job = tuple[Callable[[], None], str, Callable[[BaseException], None]]
-
-
-def _start_nowait(thread: threading.Thread) -> None:
-    """``thread.start()`` without its wait for the new thread to be scheduled.
-
-    That wait is a round of GIL hand-offs per attempt (measured: a quarter of a busy worker's
-    loop time when the loop did it; done on a helper thread, that thread's hand-offs delayed
-    the loop's own socket writes). Everything else is what ``Thread.start`` does on CPython
-    3.11 and 3.12.
-    """
-    with threading._active_limbo_lock:  # type: ignore[attr-defined]
-        threading._limbo[thread] = thread  # type: ignore[attr-defined]
-    try:
-        threading._start_new_thread(thread._bootstrap, ())  # type: ignore[attr-defined]
-    except BaseException:
-        with threading._active_limbo_lock:  # type: ignore[attr-defined]
-            threading._limbo.pop(thread, None)  # type: ignore[attr-defined]
-        raise
-
-
-#: CPython 3.13 starts threads differently: there, ``Thread.start`` on a helper thread
-_NOWAIT = sys.version_info < (3, 13) and all(
-    hasattr(threading, name) for name in ("_active_limbo_lock", "_limbo", "_start_new_thread")
-)
-
-
-class _ThreadStarter:
-    """Starts each sync attempt's own thread without blocking the event loop.
-
-    ``Thread.start`` blocks its caller until the OS schedules the new thread, so the loop
-    either starts it without that wait, or (where that is not possible) hands the job to a
-    helper thread that calls ``Thread.start``. Threads are never reused: thread-local state
-    one attempt sets must not reach the next.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._inbox: queue.SimpleQueue[_Job] | None = None
-
-    def start(
-        self, job: Callable[[], None], name: str, failed: Callable[[BaseException], None]
-    ) -> str:
-        if _NOWAIT:
-            try:
-                _start_nowait(threading.Thread(target=job, name=name, daemon=True))
-            except Exception as exc:  # e.g. "can't start new thread": the attempt fails
-                failed(exc)
-            return name
-        with self._lock:
-            if self._inbox is None:
-                self._inbox = queue.SimpleQueue()
-                threading.Thread(
-                    target=self._serve, args=(self._inbox,), name="deferrun-starter", daemon=True
-                ).start()
-        self._inbox.put((job, name, failed))
-        return name
-
-    @staticmethod
-    def _serve(inbox: queue.SimpleQueue[_Job]) -> None:
-        while True:
-            job, name, failed = inbox.get()
-            try:
-                threading.Thread(target=job, name=name, daemon=True).start()
-            except BaseException as exc:  # e.g. "can't start new thread": the attempt fails
-                failed(exc)
-
-
-_THREADS = _ThreadStarter()
-
-
 async def _call_sync(
     attempt: Attempt,
     fn: Callable[..., Any],
@@ -385,16 +318,19 @@ async def _call_sync(
 ) -> _Returned | _Raised | str:
     """Run ``fn`` in a dedicated thread; on timeout or cancel, interrupt it and move on."""
     loop = asyncio.get_running_loop()
-    finished = anyio.Event()
+    finished: asyncio.Future[None] = loop.create_future()
     box: list[_Returned | _Raised] = []
     ctx = contextvars.copy_context()  # the task's bound log fields
 
     def on_thread_end() -> None:
         attempt._in_thread = False
-        finished.set()
+        if not finished.done():  # (cancelled when the wait for it was)
+            finished.set_result(None)
         attempt.code_done.set()
 
-    def main() -> None:
+    def main() -> bool:
+        """The attempt's code; True if nothing was injected into the thread (reusable)."""
+        armed = False
         try:
             try:
                 with attempt._guard:
@@ -408,32 +344,36 @@ async def _call_sync(
                 box.append(_Raised(exc))
             finally:
                 with attempt._guard:
-                    attempt._thread_ident = None
+                    armed, attempt._thread_ident = attempt._thread_ident is not None, None
         except BaseException as exc:  # a signal injected just as the method returned
             if not box:
                 box.append(_Raised(exc))
-        finally:
-            try:
-                loop.call_soon_threadsafe(on_thread_end)
-            except RuntimeError:  # the loop is closed: the worker has exited
-                pass
+            return False
+        return armed  # disarmed by interrupt(): its exception may still be pending
 
-    def not_started(exc: BaseException) -> None:
-        box.append(_Raised(exc))
+    def done() -> None:
         try:
             loop.call_soon_threadsafe(on_thread_end)
         except RuntimeError:  # the loop is closed: the worker has exited
             pass
 
+    def not_started(exc: BaseException) -> None:
+        box.append(_Raised(exc))
+        done()
+
     attempt._in_thread = True
+    thread_name = f"deferrun-task-{attempt.claimed.id}"
     try:
-        thread_name = _THREADS.start(main, f"deferrun-task-{attempt.claimed.id}", not_started)
+        attempt.threads.start(main, done, thread_name, not_started)
     except BaseException:
         attempt._in_thread = False
         raise
     try:
-        with anyio.move_on_after(timeout if timeout else math.inf):
-            await finished.wait()
+        if not timeout:
+            await finished
+            return box[0]
+        with anyio.move_on_after(timeout):
+            await finished
             return box[0]
     except BaseException:  # stopped from outside (cancel, lost, shutdown)
         attempt.cancel_event.set()

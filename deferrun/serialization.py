@@ -421,8 +421,35 @@ def _load_class(classpath: str, base: type[T]) -> type[T]:
     return obj
 
 
+@functools.lru_cache(maxsize=4096)
+def _keyword_shape(cls: type) -> tuple[frozenset[str], frozenset[str], bool] | None:
+    """The names ``cls(...)`` takes by keyword, those it requires, and whether it takes
+    ``**kwargs``; None when a positional-only parameter needs the full check."""
+    sig = _signature(cls)
+    if sig is None:
+        return None
+    names: set[str] = set()
+    required: set[str] = set()
+    var_kw = False
+    for p in sig.parameters.values():
+        if p.kind is p.POSITIONAL_ONLY:
+            return None
+        if p.kind is p.VAR_KEYWORD:
+            var_kw = True
+        elif p.kind is not p.VAR_POSITIONAL:
+            names.add(p.name)
+            if p.default is p.empty:
+                required.add(p.name)
+    return frozenset(names), frozenset(required), var_kw
+
+
 def check_kwargs_fit(cls: type, kwargs: dict[str, Any], what: str) -> None:
     """Fail with a readable message when ``kwargs`` cannot be passed to ``cls(...)``."""
+    shape = _keyword_shape(cls)
+    if shape is not None:  # the common case, without Signature.bind's cost on every attempt
+        names, required, var_kw = shape
+        if required.issubset(kwargs) and (var_kw or names.issuperset(kwargs)):
+            return
     sig = _signature(cls)
     if sig is None:
         return

@@ -25,6 +25,7 @@ import structlog
 
 from deferrun import config, containment, serialization
 from deferrun.attempt import Attempt, Failed, Outcome, Succeeded, run_attempt
+from deferrun.attempt_threads import AttemptThreads
 from deferrun.baseoperator import DEFAULT_QUEUE
 from deferrun.connections import close_shared_clients, format_error
 from deferrun.context import kill_if_cancelled, load_xcoms, xcom_write
@@ -75,6 +76,7 @@ class Worker:
         self.id = process_id or new_process_id("worker")
         #: slots in use: attempts by (task id, claim token)
         self.running: dict[tuple[str, int], Attempt] = {}
+        self.threads = AttemptThreads()
         #: attempts whose operator code may still run here, by task id (threads included)
         self._live: dict[str, list[Attempt]] = {}
         self.tasks_done = 0
@@ -131,6 +133,7 @@ class Worker:
             with anyio.CancelScope(shield=True):
                 await self.store.deregister_process(self.id)
                 await close_shared_clients()
+            self.threads.close()
             log.info("worker stopped", worker_id=self.id, tasks_done=self.tasks_done)
 
     async def _claim_loop(self, slots_tg: anyio.abc.TaskGroup) -> None:
@@ -191,6 +194,7 @@ class Worker:
 
     def _start(self, tg: anyio.abc.TaskGroup, task: ClaimedTask) -> None:
         attempt = Attempt(task)
+        attempt.threads = self.threads
         self.running[attempt.key] = attempt
         older = [a for a in self._live.get(task.id, []) if not a.code_done.is_set()]
         self._live[task.id] = [*older, attempt]
