@@ -1,24 +1,27 @@
 """A million time triggers in one real `deferrun triggerer` process, through a database.
 
     python -m benchmarks.triggerer_scale --mode heap --db postgres --out DIR
-        [--sizes 1000000] [--fire-rate 5000] [--window 250000] [--claim-rate-guess 20000]
+        [--sizes 1000000] [--fire-rate 5000] [--window 250000]
 
 One real triggerer starts on a fresh database (PostgreSQL cluster or SQLite file); then N
-tasks are stored deferred on distinct ``DateTimeTrigger``s in one transaction (bulk SQL, rows
-as a deferral writes them, as ``benchmarks/fleet.py`` does: loading 1M through workers takes
-far longer than this machine allows). The first ``--window`` of them come due at
-``--fire-rate`` per second, starting once the guessed claim time has passed; the rest a day
-later, so they stay live. No worker runs: a fired task stays ``queued``. Reported: the time to
-claim all N (``deferrun_triggers_running``), RSS with all N live and per timer above the idle
-RSS, then over the window: fire lateness as stored (each re-queued task's ``updated_at``,
-stamped by the statement that stored its event, minus its moment) p50/p99/max, the
-triggerer's own lateness histogram (when its timer loop popped them), the rate at which
-events reached the database, and the triggerer's CPU.
+tasks are stored deferred on distinct ``DateTimeTrigger``s, in two transactions of bulk SQL
+(rows as a deferral writes them, as ``benchmarks/fleet.py`` does: loading 1M through workers
+takes far longer than this machine allows): first the N - ``--window`` due a day later (they
+stay live), then, once the triggerer holds those, the window's, due at ``--fire-rate`` per
+second from when that load and its claims should be over at the first load's pace. No
+worker runs: a fired task stays ``queued``. Reported: the time to claim all N
+(``deferrun_triggers_running``), RSS with all N live and per timer above the idle RSS, then
+over the window: fire lateness as stored (each re-queued task's ``updated_at``, stamped by
+the statement that stored its event, minus its moment) p50/p99/max, the triggerer's own
+lateness histogram (when its timer loop popped them), the rate at which events reached the
+database, and the triggerer's CPU.
 """
 
 from __future__ import annotations
 
+import signal
 import sqlite3
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,15 +41,15 @@ PG_TASKS = f"""INSERT INTO deferrun_tasks (id, name, classpath, kwargs, queue, s
 SELECT 't' || g, 'AtMoment', 'benchmarks.ops.AtMoment', '{{"at":' || {_PG_DUE} || '}}',
     'default', 'deferred', 1, 1, 0, 'resume', extract(epoch from now()),
     extract(epoch from now())
-FROM generate_series(1, $1::bigint) AS g"""
+FROM generate_series($5::bigint, $1::bigint) AS g"""
 PG_TRIGGERS = f"""INSERT INTO deferrun_triggers (task_id, classpath, kwargs, queue, created_at)
 SELECT 't' || g, 'triggers.time.DateTimeTrigger',
     '{{"moment":{{"__deferrun__":"datetime","v":"'
     || to_char(to_timestamp({_PG_DUE}) AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US')
     || '","tz":0.0}}}}', 'default', extract(epoch from now())
-FROM generate_series(1, $1::bigint) AS g"""
+FROM generate_series($5::bigint, $1::bigint) AS g"""
 PG_LINK = """UPDATE deferrun_tasks t SET trigger_id = g.id FROM deferrun_triggers g
-WHERE g.task_id = t.id"""
+WHERE g.task_id = t.id AND t.trigger_id IS NULL"""
 #: moment, stored stamp of every task whose event reached the database
 PG_FIRED = """SELECT (kwargs::json->>'at')::float8, updated_at FROM deferrun_tasks
 WHERE state = 'queued'"""
@@ -54,7 +57,7 @@ WHERE state = 'queued'"""
 # SQLite keeps milliseconds in the moment's text, so the window's moments are whole ms.
 _SQ_DUE = """(CASE WHEN x <= :k THEN :base + round((x - 1) * 1000.0 / :rate) / 1000.0
     ELSE :base + 86400 + x / 1000.0 END)"""
-_SERIES = "WITH RECURSIVE s(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM s WHERE x < :n)"
+_SERIES = "WITH RECURSIVE s(x) AS (SELECT :lo UNION ALL SELECT x + 1 FROM s WHERE x < :n)"
 SQ_TASKS = f"""{_SERIES} INSERT INTO deferrun_tasks (id, name, classpath, kwargs, queue, state,
     try_number, max_tries, retry_delay, next_method, created_at, updated_at)
 SELECT 't' || x, 'AtMoment', 'benchmarks.ops.AtMoment', '{{"at":' || {_SQ_DUE} || '}}',
@@ -66,19 +69,19 @@ SELECT 't' || x, 'triggers.time.DateTimeTrigger',
     || strftime('%Y-%m-%dT%H:%M:%f', {_SQ_DUE}, 'unixepoch') || '","tz":0.0}}}}',
     'default', :now FROM s"""
 SQ_LINK = """UPDATE deferrun_tasks SET trigger_id = (SELECT g.id FROM deferrun_triggers g
-    WHERE g.task_id = deferrun_tasks.id)"""
+    WHERE g.task_id = deferrun_tasks.id) WHERE trigger_id IS NULL"""
 SQ_FIRED = """SELECT json_extract(kwargs, '$.at'), updated_at FROM deferrun_tasks
 WHERE state = 'queued'"""
 
 
-async def _pg_bulk(db: str, n: int, k: int, base: float, rate: float) -> None:
+async def _pg_bulk(db: str, n: int, k: int, base: float, rate: float, lo: int) -> None:
     import asyncpg
 
     conn = await asyncpg.connect(db)
     try:
         async with conn.transaction():
             for sql in (PG_TASKS, PG_TRIGGERS):
-                await conn.execute(sql, n, k, base, rate)
+                await conn.execute(sql, n, k, base, rate, lo)
             await conn.execute(PG_LINK)
             await conn.execute("NOTIFY deferrun_triggers")
         # statistics for the new rows now, as autovacuum would soon: claims read the
@@ -86,6 +89,10 @@ async def _pg_bulk(db: str, n: int, k: int, base: float, rate: float) -> None:
         await conn.execute("ANALYZE deferrun_triggers")
     finally:
         await conn.close()
+
+
+def _pg_bulk_sync(db: str, n: int, k: int, base: float, rate: float, lo: int) -> None:
+    anyio.run(_pg_bulk, db, n, k, base, rate, lo)
 
 
 async def _pg_fired(db: str) -> list[tuple[float, float]]:
@@ -102,10 +109,10 @@ def _sqlite_path(db: str) -> str:
     return db.removeprefix("sqlite:///")
 
 
-def _sq_bulk(db: str, n: int, k: int, base: float, rate: float) -> None:
+def _sq_bulk(db: str, n: int, k: int, base: float, rate: float, lo: int) -> None:
     conn = sqlite3.connect(_sqlite_path(db), timeout=60)
     try:
-        args = {"n": n, "k": k, "base": base, "rate": rate, "now": time.time()}
+        args = {"n": n, "k": k, "base": base, "rate": rate, "now": time.time(), "lo": lo}
         with conn:
             conn.execute(SQ_TASKS, args)
             conn.execute(SQ_TRIGGERS, args)
@@ -127,7 +134,6 @@ def run_timer_db(
     n: int,
     fire_rate: float,
     window: int,
-    claim_rate_guess: float,
     workdir: Path,
 ) -> dict[str, Any]:
     """One full run against a fresh database of ``backend`` (postgres or sqlite)."""
@@ -149,20 +155,27 @@ def run_timer_db(
         wait_for(lambda: gauge(scrape(port), "deferrun_triggers_running") is not None, 60, 0.3)
         time.sleep(2.0)  # registered, first (empty) claim done
         idle_rss = triggerer.rss_mib()
-        t0 = time.perf_counter()
-        base = time.time() + 10.0 + n / claim_rate_guess
-        if cluster is not None:
-            anyio.run(_pg_bulk, db, n, window, base, fire_rate)
-        else:
-            _sq_bulk(db, n, window, base, fire_rate)
-        stored_s = time.perf_counter() - t0
+        # Two loads: the triggers due a day later first, then the window's, whose moments
+        # start once that load and its claims would be over at the first load's pace.
+        bulk = _pg_bulk_sync if cluster is not None else _sq_bulk
+
+        def running() -> float:
+            return gauge(scrape(port), "deferrun_triggers_running") or 0
+
         cpu0 = triggerer.cpu_seconds()
-        wait_for(
-            lambda: (gauge(scrape(port), "deferrun_triggers_running") or 0) >= n,
-            max(600.0, base - time.time()),
-            0.5,
-        )
-        claimed_s = time.perf_counter() - t0 - stored_s
+        t0 = time.perf_counter()
+        bulk(db, n, window, time.time(), fire_rate, window + 1)
+        stored_s = time.perf_counter() - t0
+        wait_for(lambda: running() >= n - window, 900, 0.5)
+        first_claim_s = time.perf_counter() - t0 - stored_s
+        per_trigger = (stored_s + first_claim_s) / max(n - window, 1)
+        base = time.time() + 5.0 + 1.5 * per_trigger * window
+        t1 = time.perf_counter()
+        bulk(db, window, window, base, fire_rate, 1)
+        t2 = time.perf_counter()
+        stored_s += t2 - t1
+        wait_for(lambda: running() >= n, max(600.0, base - time.time()), 0.2)
+        claimed_s = first_claim_s + time.perf_counter() - t2
         claim_cpu = triggerer.cpu_seconds() - cpu0
         loaded_before = time.time() < base
         time.sleep(min(2.0, max(base - time.time() - 1.0, 0.0)))
@@ -190,6 +203,7 @@ def run_timer_db(
             "window": window,
             "fire_rate_target": fire_rate,
             "stored_s": round(stored_s, 1),
+            "claim_first_load_s": round(first_claim_s, 1),
             "claim_all_s": round(claimed_s, 1),
             "claim_rate_per_s": round(n / claimed_s) if claimed_s > 0 else None,
             "claim_cpu_s": round(claim_cpu, 1),
@@ -256,13 +270,15 @@ def _fired_count(cluster: Any, db: str) -> int:
 
 
 def run_many(
-    backends: list[str], sizes: list[int], fire_rate: float, window: int, guess: float
+    backends: list[str], sizes: list[int], fire_rate: float, window: int
 ) -> list[dict[str, Any]]:
+    # a SIGTERM ends the run through its finally blocks (the triggerer and the cluster)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     rows = []
     for backend in backends:
         for n in sizes:
             workdir = Path(tempfile.mkdtemp(prefix="deferrun-timers-"))
-            row = run_timer_db(backend, n, fire_rate, window, guess, workdir)
+            row = run_timer_db(backend, n, fire_rate, window, workdir)
             rows.append(row)
             print(f"  {backend} N={n}: {row}", flush=True)
     return rows

@@ -276,7 +276,7 @@ def main_heap_db(args: argparse.Namespace, out_dir: Path, fire_rate: float) -> N
     from benchmarks.timer_db_scale import run_many
 
     sizes = [int(x) for x in (args.sizes or "1000000").split(",")]
-    rows = run_many(args.db.split(","), sizes, fire_rate, args.window, args.claim_rate_guess)
+    rows = run_many(args.db.split(","), sizes, fire_rate, args.window)
     out = {"machine": machine(), "runs": rows}
     path = write_json(out_dir, "triggerer_scale-heap-db", out)
     print(
@@ -332,12 +332,6 @@ def main() -> None:
     )
     parser.add_argument(
         "--window", type=int, default=250_000, help="heap --db: how many timers fire (measured)"
-    )
-    parser.add_argument(
-        "--claim-rate-guess",
-        type=float,
-        default=20_000.0,
-        help="heap --db: claims/s guessed, to schedule the window after the load",
     )
     add_out_argument(parser)
     args = parser.parse_args()

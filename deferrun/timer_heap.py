@@ -20,7 +20,7 @@ from deferrun.trigger_run import FIRED, Outcome, failure
 
 #: shortest sleep between two firings. A sub-millisecond sleep spun: uvloop keeps time in
 #: whole milliseconds, so anyio's deadline callback ran early and re-armed itself until the
-#: clock ticked (19 % of the triggerer's CPU at 5,000 fires/s). Due timers wait at most this
+#: clock ticked (19 % of a profile of 1M timers claiming and firing). Due timers wait at most this
 #: much longer and are popped together.
 MIN_WAIT = 0.002
 

@@ -366,8 +366,6 @@ def test_triggerer_scale_heap_db_smoke(tmp_path: Path, backend: str) -> None:
         "1000",
         "--fire-rate",
         "1000",
-        "--claim-rate-guess",
-        "2000",
     )
     assert "stored lateness" in out
     [run] = json.loads((tmp_path / "triggerer_scale-heap-db.json").read_text())["runs"]
