@@ -302,7 +302,13 @@ class Triggerer:
         A trigger whose outcome waits in the writer is neither: releasing it would run it
         again while its event is about to be stored.
         """
-        owned = await self.store.owned_trigger_ids(self.id)
+        collecting = gc.isenabled()
+        gc.disable()  # a full collection over 1M fresh result rows stalled the loop for seconds
+        try:
+            owned = await self.store.owned_trigger_ids(self.id)
+        finally:
+            if collecting:
+                gc.enable()
         checked_at = time.monotonic()
         # Measured once the answer is here: paused or cut off long enough to be declared dead
         # (3/4 of dead_after, a margin), our triggers may have been adopted, and a cancel seen
@@ -310,10 +316,11 @@ class Triggerer:
         adoptable = self._gap_at > self._reconciled_at or (
             self._beat_at is not None and checked_at - self._beat_at > self.dead_after * 0.75
         )
-        for index, (trigger_id, run) in enumerate(list(self.running.items())):
+        # ids only: ints are not tracked by the cyclic gc, a list of (id, run) tuples is
+        for index, trigger_id in enumerate(list(self.running)):
             if index % RECONCILE_STEP == RECONCILE_STEP - 1:
                 await anyio.sleep(0)  # 1M live timers: let due ones fire between steps
-            if trigger_id not in owned and self.running.get(trigger_id) is run:  # else it ended
+            if trigger_id not in owned and (run := self.running.get(trigger_id)) is not None:
                 log.info("trigger no longer assigned here; cancelling it", trigger_id=trigger_id)
                 reason = "removed" if adoptable else await self._removal_reason(run)
                 if adoptable and isinstance(run, _Running) and run.on_task_cancelled:
