@@ -19,6 +19,7 @@ database, and the triggerer's CPU.
 
 from __future__ import annotations
 
+import math
 import signal
 import sqlite3
 import sys
@@ -54,7 +55,8 @@ WHERE g.task_id = t.id AND t.trigger_id IS NULL"""
 PG_FIRED = """SELECT (kwargs::json->>'at')::float8, updated_at FROM deferrun_tasks
 WHERE state = 'queued'"""
 
-# SQLite keeps milliseconds in the moment's text, so the window's moments are whole ms.
+# SQLite keeps milliseconds in the moment's text (truncated), so the window's moments are
+# whole ms (base too), written half a ms up: the text is never before the recorded moment.
 _SQ_DUE = """(CASE WHEN x <= :k THEN :base + round((x - 1) * 1000.0 / :rate) / 1000.0
     ELSE :base + 86400 + x / 1000.0 END)"""
 _SERIES = "WITH RECURSIVE s(x) AS (SELECT :lo UNION ALL SELECT x + 1 FROM s WHERE x < :n)"
@@ -66,7 +68,7 @@ SQ_TRIGGERS = f"""{_SERIES} INSERT INTO deferrun_triggers (task_id, classpath, k
     created_at)
 SELECT 't' || x, 'triggers.time.DateTimeTrigger',
     '{{"moment":{{"__deferrun__":"datetime","v":"'
-    || strftime('%Y-%m-%dT%H:%M:%f', {_SQ_DUE}, 'unixepoch') || '","tz":0.0}}}}',
+    || strftime('%Y-%m-%dT%H:%M:%f', {_SQ_DUE} + 0.0005, 'unixepoch') || '","tz":0.0}}}}',
     'default', :now FROM s"""
 SQ_LINK = """UPDATE deferrun_tasks SET trigger_id = (SELECT g.id FROM deferrun_triggers g
     WHERE g.task_id = deferrun_tasks.id) WHERE trigger_id IS NULL"""
@@ -169,7 +171,7 @@ def run_timer_db(
         wait_for(lambda: running() >= n - window, 900, 0.5)
         first_claim_s = time.perf_counter() - t0 - stored_s
         per_trigger = (stored_s + first_claim_s) / max(n - window, 1)
-        base = time.time() + 5.0 + 1.5 * per_trigger * window
+        base = math.ceil((time.time() + 5.0 + 1.5 * per_trigger * window) * 1000) / 1000
         t1 = time.perf_counter()
         bulk(db, window, window, base, fire_rate, 1)
         t2 = time.perf_counter()
