@@ -17,6 +17,10 @@ trigger and lateness).
 ``--mode heap`` holds 1,000,000 time triggers in this process (benchmarks/timer_heap_scale.py):
 memory and fire lateness at ``--fire-rate`` (default 5,000/s there), no database.
 
+``--mode heap --db postgres`` (or ``sqlite``) runs the same case in one real ``deferrun
+triggerer`` process that claims N bulk-stored timers from a database and stores their events
+(benchmarks/timer_db_scale.py); writes DIR/triggerer_scale-heap-db.json.
+
 ``--mode burst`` runs the midnight case instead (benchmarks/burst.py): N user-written coroutine
 triggers all due at one moment, 2 workers x 8 slots; writes DIR/triggerer_scale-burst.json.
 """
@@ -251,6 +255,9 @@ def main_heap(args: argparse.Namespace, out_dir: Path) -> None:
     from benchmarks.timer_heap_scale import run_heap
 
     fire_rate = args.fire_rate if args.fire_rate != 2000.0 else 5000.0  # heap default: 5,000/s
+    if args.db:
+        main_heap_db(args, out_dir, fire_rate)
+        return
     rows = []
     for n in [int(x) for x in (args.sizes or "1000000").split(",")]:
         row = run_heap(n, fire_rate, args.measure)
@@ -260,6 +267,23 @@ def main_heap(args: argparse.Namespace, out_dir: Path) -> None:
     path = write_json(out_dir, "triggerer_scale-heap", out)
     print(f"\ntimer heap, in one process ({out['machine']['cores']} cores)\n")
     print(table(HEAP_HEADERS, heap_rows(rows)))
+    print(f"\nwritten: {path}")
+
+
+def main_heap_db(args: argparse.Namespace, out_dir: Path, fire_rate: float) -> None:
+    from benchmarks.timer_db_scale import HEADERS as DB_HEADERS
+    from benchmarks.timer_db_scale import rows_for_table as db_rows
+    from benchmarks.timer_db_scale import run_many
+
+    sizes = [int(x) for x in (args.sizes or "1000000").split(",")]
+    rows = run_many(args.db.split(","), sizes, fire_rate, args.window)
+    out = {"machine": machine(), "runs": rows}
+    path = write_json(out_dir, "triggerer_scale-heap-db", out)
+    print(
+        f"\ntime triggers in one real triggerer, with a database ({out['machine']['cores']} cores)"
+    )
+    print()
+    print(table(DB_HEADERS, db_rows(rows)))
     print(f"\nwritten: {path}")
 
 
@@ -300,9 +324,20 @@ def main() -> None:
     parser.add_argument(
         "--measure", type=float, default=30.0, help="heap: seconds of firing measured"
     )
+    parser.add_argument(
+        "--db",
+        default=None,
+        help="heap: postgres and/or sqlite (comma-separated): one real triggerer process "
+        "claims the timers from that database (see benchmarks/timer_db_scale.py)",
+    )
+    parser.add_argument(
+        "--window", type=int, default=250_000, help="heap --db: how many timers fire (measured)"
+    )
     add_out_argument(parser)
     args = parser.parse_args()
     out_dir = prepare_out(args.out)
+    if args.db and args.mode != "heap":
+        parser.error("--db goes with --mode heap")
     if args.mode == "heap":
         main_heap(args, out_dir)
         return

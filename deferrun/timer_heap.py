@@ -18,6 +18,12 @@ from deferrun.models import ClaimedTrigger
 from deferrun.store.base import Wakeup
 from deferrun.trigger_run import FIRED, Outcome, failure
 
+#: shortest sleep between two firings. A sub-millisecond sleep spun: uvloop keeps time in
+#: whole milliseconds, so anyio's deadline callback ran early and re-armed itself until the
+#: clock ticked (19 % of a profile of 1M timers claiming and firing). Due timers wait at most this
+#: much longer and are popped together.
+MIN_WAIT = 0.002
+
 
 @dataclass(slots=True)
 class Timer:
@@ -108,4 +114,4 @@ async def fire_timers(
             await anyio.sleep(0)  # more due than one pass takes: let others run first
             continue
         wait = min(due - time.time(), 1.0) if due is not None else 1.0
-        await timers.wakeup.wait(wait)
+        await timers.wakeup.wait(max(wait, MIN_WAIT))

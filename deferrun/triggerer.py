@@ -52,6 +52,10 @@ log = structlog.get_logger("deferrun.triggerer")
 CLAIM_BATCH = 5000
 GC_FREEZE_GROWTH = 5000  # freeze the heap after this many more live triggers (_freeze_loaded)
 GC_UNFREEZE_EVERY = 600.0
+#: reconciling yields after this many triggers (1M in one step stalled the timers ~1 s); the
+#: next waits >= RECONCILE_SHARE x the last one's time (seconds at 500,000 live: each claim
+#: of a backlog waited on one)
+RECONCILE_STEP, RECONCILE_SHARE = 20_000, 10
 WRITER_UNHEALTHY_AFTER = 5.0  # /healthz fails once outcomes have failed to store this long
 
 
@@ -102,7 +106,7 @@ class Triggerer:
         self.dead_after = config.dead_after() if dead_after is None else dead_after
         self.health: dict[str, float] = {}
         self.poll_interval = config.idle_poll(store) if poll_interval is None else poll_interval
-        self.reconcile_interval = reconcile_interval
+        self.reconcile_interval = self._reconcile_every = reconcile_interval
         self.claim_debounce = 0.02
         if cleanup_timeout is None:
             cleanup_timeout = config.env_float("DEFERRUN_TRIGGER_CLEANUP_TIMEOUT", 10.0)
@@ -264,16 +268,19 @@ class Triggerer:
                         self._start_one(claimed)
                     if len(self.running) - self._frozen_at >= GC_FREEZE_GROWTH:
                         self._freeze_loaded()
-                if time.monotonic() - last_reconcile >= self.reconcile_interval:
+                since, every = time.monotonic() - last_reconcile, self._reconcile_every
+                if since >= every and (not full or since >= 6 * every):  # backlog claims first
                     last_reconcile = time.monotonic()
                     await self._reconcile()
+                    took = time.monotonic() - last_reconcile
+                    self._reconcile_every = max(self.reconcile_interval, RECONCILE_SHARE * took)
             except Exception as exc:
                 log.error("claiming triggers failed; retrying", error=repr(exc))
                 full = False
                 last_claim = time.monotonic() - self.poll_interval + 1.0  # again in 1 s
                 # A claim whose COMMIT landed but whose reply was lost left rows assigned here
                 # that nothing runs: reconcile in 1 s too, releasing them, not in up to 5 s.
-                last_reconcile = min(last_reconcile, time.monotonic() - self.reconcile_interval + 1)
+                last_reconcile = min(last_reconcile, time.monotonic() - self._reconcile_every + 1)
             # Reconciling keeps its own pace (it stops the triggers of cancelled tasks); a
             # claim waits for a wake-up or the poll interval, which is long on PostgreSQL.
             # A claim that found triggers may have left more (its fair share of a dead
@@ -281,7 +288,7 @@ class Triggerer:
             now = time.monotonic()
             after = 0.0 if full else min(1.0, self.poll_interval) if got else self.poll_interval
             next_claim = last_claim + after
-            wait = min(next_claim, last_reconcile + self.reconcile_interval) - now
+            wait = min(next_claim, last_reconcile + self._reconcile_every) - now
             woken = await self._wakeup.wait(max(wait, 0.0))
             claim = woken or time.monotonic() >= next_claim
             if woken:
@@ -295,7 +302,13 @@ class Triggerer:
         A trigger whose outcome waits in the writer is neither: releasing it would run it
         again while its event is about to be stored.
         """
-        owned = await self.store.owned_trigger_ids(self.id)
+        collecting = gc.isenabled()
+        gc.disable()  # a full collection over 1M fresh result rows stalled the loop for seconds
+        try:
+            owned = await self.store.owned_trigger_ids(self.id)
+        finally:
+            if collecting:
+                gc.enable()
         checked_at = time.monotonic()
         # Measured once the answer is here: paused or cut off long enough to be declared dead
         # (3/4 of dead_after, a margin), our triggers may have been adopted, and a cancel seen
@@ -303,8 +316,11 @@ class Triggerer:
         adoptable = self._gap_at > self._reconciled_at or (
             self._beat_at is not None and checked_at - self._beat_at > self.dead_after * 0.75
         )
-        for trigger_id, run in list(self.running.items()):
-            if trigger_id not in owned:
+        # ids only: ints are not tracked by the cyclic gc, a list of (id, run) tuples is
+        for index, trigger_id in enumerate(list(self.running)):
+            if index % RECONCILE_STEP == RECONCILE_STEP - 1:
+                await anyio.sleep(0)  # 1M live timers: let due ones fire between steps
+            if trigger_id not in owned and (run := self.running.get(trigger_id)) is not None:
                 log.info("trigger no longer assigned here; cancelling it", trigger_id=trigger_id)
                 reason = "removed" if adoptable else await self._removal_reason(run)
                 if adoptable and isinstance(run, _Running) and run.on_task_cancelled:
@@ -315,7 +331,12 @@ class Triggerer:
                     )
                 self._cancel(run, reason)
         self._reconciled_at = checked_at
-        strays = [tid for tid in owned if tid not in self.running and tid not in self.writer]
+        strays = []
+        for index, tid in enumerate(owned):
+            if index % RECONCILE_STEP == RECONCILE_STEP - 1:
+                await anyio.sleep(0)
+            if tid not in self.running and tid not in self.writer:
+                strays.append(tid)
         if strays:
             log.info("releasing triggers assigned here but not running", count=len(strays))
             await self.store.release_triggers(self.id, strays)

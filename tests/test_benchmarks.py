@@ -352,3 +352,29 @@ def test_triggerer_scale_heap_smoke(tmp_path: Path) -> None:
     [run] = json.loads((tmp_path / "triggerer_scale-heap.json").read_text())["runs"]
     assert run["n"] == 2000 and run["loaded_before_first_moment"]
     assert run["fired"] > 0 and 0 <= run["fire_lateness_p50_ms"] <= run["fire_lateness_p99_ms"]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_triggerer_scale_heap_db_smoke(tmp_path: Path, backend: str) -> None:
+    """A real triggerer claims bulk-stored timers and stores every event of the window."""
+    out = run_benchmark(
+        "benchmarks.triggerer_scale",
+        "--out",
+        str(tmp_path),
+        "--mode",
+        "heap",
+        "--db",
+        backend,
+        "--sizes",
+        "3000",
+        "--window",
+        "1000",
+        "--fire-rate",
+        "1000",
+    )
+    assert "stored lateness" in out
+    [run] = json.loads((tmp_path / "triggerer_scale-heap-db.json").read_text())["runs"]
+    assert run["backend"] == backend and run["n"] == 3000 and run["loaded_before_first_moment"]
+    assert run["fired_stored"] == 1000 and run["early"] == 0
+    assert 0 <= run["stored_lateness_p50_ms"] <= run["stored_lateness_p99_ms"]
+    assert run["bytes_per_timer"] > 0 and run["claim_all_s"] > 0

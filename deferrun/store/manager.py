@@ -13,6 +13,8 @@ import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+import anyio
+
 from deferrun import serialization
 from deferrun.exceptions import TaskNotFound
 from deferrun.models import (
@@ -69,6 +71,7 @@ OWNED_CLAIMS = Query(
     "owned_claims",
     "SELECT id, claim_token FROM deferrun_tasks WHERE state = 'running' AND worker_id = :worker_id",
 )
+OWNED_STEP = 50_000
 OWNED_TRIGGERS = Query(
     "owned_triggers", "SELECT id FROM deferrun_triggers WHERE triggerer_id = :triggerer_id"
 )
@@ -417,7 +420,13 @@ class SqlStore(Observe):
 
     async def owned_trigger_ids(self, triggerer_id: str) -> set[int]:
         rows = await self.db.fetch(OWNED_TRIGGERS, triggerer_id=triggerer_id)
-        return {int(r[0]) for r in rows}
+        owned: set[int] = set()
+        while rows:  # in steps, freeing the rows as it goes: 1M rows at once stalled the loop
+            owned.update(int(r[0]) for r in rows[-OWNED_STEP:])
+            del rows[-OWNED_STEP:]
+            if rows:
+                await anyio.sleep(0)
+        return owned
 
     async def fire_triggers(self, events: Sequence[tuple[int, str]]) -> int:
         if not events:
