@@ -16,6 +16,7 @@ import math
 import os
 import sys
 import time
+import types
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -128,8 +129,9 @@ def _oversized(classpath: str, size: int, limit: int) -> None:
 
 def load(row: ClaimedTrigger, limits: Limits) -> Loaded | Outcome:
     """Rebuild the trigger of ``row`` and ask it for a timer; a failure Outcome if it can't."""
-    # one shared copy of each class's path, not one per row (it lives as long as the trigger)
-    classpath = sys.intern(row.classpath) if type(row.classpath) is str else repr(row.classpath)
+    classpath = row.classpath if isinstance(row.classpath, str) else repr(row.classpath)
+    if type(classpath) is str:  # one copy of each class's path, not one per live trigger
+        classpath = sys.intern(classpath)
     timeout_in = row.timeout_in
     if timeout_in is not None and not _is_number(timeout_in):
         return failure(
@@ -258,8 +260,8 @@ def _first_step(agen: Any) -> Any:
     closed by the loop. The hook runs when ``__anext__()`` is called, before any of the
     trigger's code, so generators that code creates are registered as usual."""
     hooks = sys.get_asyncgen_hooks()
-    if hooks.firstiter is None:
-        return agen.__anext__()
+    if hooks.firstiter is None or type(agen) is not types.AsyncGeneratorType:
+        return agen.__anext__()  # another object's __anext__ is user code: hooks as usual
     sys.set_asyncgen_hooks(firstiter=None, finalizer=hooks.finalizer)
     try:
         return agen.__anext__()
