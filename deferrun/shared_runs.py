@@ -18,14 +18,16 @@ import heapq
 import itertools
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
 import structlog
 
 from deferrun import shared_polls, sharing
+from deferrun.basetrigger import BaseTrigger
 from deferrun.connections import format_error
+from deferrun.containment import TriggerCode
 from deferrun.models import ClaimedTrigger
 from deferrun.trigger_run import Limits, Loaded, Outcome, failure, run_until_event
 from deferrun.watchdog import LoopWatchdog
@@ -36,25 +38,31 @@ log = structlog.get_logger("deferrun.triggerer")
 Emit = Callable[[Outcome, str], None]
 
 
-@dataclass(slots=True, eq=False)
-class Member:
-    """One trigger row served by a shared run."""
+class Member(TriggerCode):
+    """One trigger row served by a shared run; also the lead's code marker (``TriggerCode``)
+    while its run() runs, so a live trigger holds one record, not two."""
 
-    id: int
-    task_id: str
-    classpath: str
-    group: Group
-    started: float  # monotonic
+    __slots__ = ("group",)
+
+    def __init__(self, id: int, task_id: str, classpath: str, group: Group) -> None:
+        super().__init__(classpath, id, task_id)
+        self.group = group
+
+    @property
+    def id(self) -> int:
+        return self.trigger_id
 
 
 @dataclass(slots=True, eq=False)
 class Group:
     """One ``run()`` shared by every member with the same affinity key."""
 
-    key: str
-    loaded: Loaded
+    key: str | int  # the affinity key (see _compact)
+    trigger: BaseTrigger  # the lead's trigger: the one whose run() runs
     lead: Member  # the trigger whose object runs: log lines carry its ids
-    members: dict[int, Member] = field(default_factory=dict)
+    #: the members by trigger id; None while the lead is the only one (most runs: a dict
+    #: per run costs about 220 bytes), created when an identical trigger joins
+    members: dict[int, Member] | None = None
     task: asyncio.Task[Outcome] | None = None
     #: the stored poll key (None: not in a shared poll, shown as "<classpath> (identical)")
     poll_key: str | None = None
@@ -65,7 +73,28 @@ class Group:
 
     def served(self) -> list[tuple[int, str]]:
         """The ``(trigger id, task id)`` of every member (``shared_polls.serve``)."""
-        return [(m.id, m.task_id) for m in self.members.values()]
+        return [(m.id, m.task_id) for m in self.waiting()]
+
+    def waiting(self) -> list[Member]:
+        """The members still waiting on this run."""
+        return [self.lead] if self.members is None else list(self.members.values())
+
+    def count(self) -> int:
+        return 1 if self.members is None else len(self.members)
+
+    def add(self, member: Member) -> None:
+        if self.members is None:
+            self.members = {self.lead.id: self.lead}
+        self.members[member.id] = member
+
+    def remove(self, member: Member) -> bool:
+        """Take ``member`` out; False if it was not waiting here."""
+        if self.members is None:
+            if member is not self.lead:
+                return False
+            self.members = {}
+            return True
+        return self.members.pop(member.id, None) is not None
 
 
 class SharedRuns:
@@ -82,12 +111,17 @@ class SharedRuns:
         self.emit = emit
         self.limits = limits
         self.watchdog = watchdog
-        self.groups: dict[str, Group] = {}
+        self.groups: dict[str | int, Group] = {}
+        #: runs cancelled but not ended yet (their cleanup may still run), and hook tasks:
+        #: what shutdown waits for besides the runs in ``groups``
         self.tasks: set[asyncio.Task[Any]] = set()
-        self._deadlines: list[tuple[float, int, Member]] = []
+        #: (due, seq, member, joined at): a member's start time is kept only when it has a
+        #: deadline (its timeout message says how long it ran)
+        self._deadlines: list[tuple[float, int, Member, float]] = []
         self._seq = itertools.count()
         self._deadline_changed = anyio.Event()
         self._callback_context = contextvars.copy_context()  # one for every done callback
+        self._describe = self.describe  # one bound method for every run, not one each
 
     @staticmethod
     def accepts(loaded: Loaded) -> bool:
@@ -97,62 +131,57 @@ class SharedRuns:
         """Put ``claimed`` in the group of its identical triggers (a new one if none runs)."""
         # the key stored at deferral is the one claims group by; computed only for rows
         # stored without one
-        key = claimed.affinity or sharing.affinity_key(loaded.classpath, claimed.kwargs)
+        key = _compact(claimed.affinity or sharing.affinity_key(loaded.classpath, claimed.kwargs))
         group = self.groups.get(key)
         if group is None:
-            lead = Member(claimed.id, claimed.task_id, loaded.classpath, None, time.monotonic())  # type: ignore[arg-type]
-            group = lead.group = Group(key, loaded, lead, poll_key=_poll_key(loaded), owner=self)
+            lead = Member(claimed.id, claimed.task_id, loaded.classpath, None)  # type: ignore[arg-type]
+            group = lead.group = Group(
+                key, loaded.trigger, lead, poll_key=_poll_key(loaded), owner=self
+            )
             self.groups[key] = group
-            group.members[lead.id] = lead
             if group.poll_key is not None:  # only a shared poll asks whom a run serves
                 shared_polls.serve(loaded.trigger, group.served)
             task = asyncio.get_running_loop().create_task(
                 run_until_event(
-                    loaded,
-                    lead.id,
-                    self.limits,
-                    None,
-                    task_id=lead.task_id,
-                    watchdog=self.watchdog(),
-                    describe=self.describe,
+                    loaded.trigger, lead, self.limits, None, self.watchdog(), self._describe
                 ),
                 name=f"trigger:{claimed.id}",
             )
             group.task = task
-            self.tasks.add(task)
             # also when cancelled before its first step
             task.add_done_callback(group, context=self._callback_context)
             member = lead
         else:
-            member = Member(claimed.id, claimed.task_id, loaded.classpath, group, time.monotonic())
-            group.members[member.id] = member
+            member = Member(claimed.id, claimed.task_id, loaded.classpath, group)
+            group.add(member)
             log.debug(
                 "trigger joined an identical running trigger",
                 trigger_id=claimed.id,
                 lead=group.lead.id,
-                members=len(group.members),
+                members=group.count(),
             )
         if claimed.timeout_in is not None:
-            due = time.monotonic() + max(float(claimed.timeout_in), 0.0)
+            now = time.monotonic()
+            due = now + max(float(claimed.timeout_in), 0.0)
             if not self._deadlines or due < self._deadlines[0][0]:
                 self._deadline_changed.set()
-            heapq.heappush(self._deadlines, (due, next(self._seq), member))
+            heapq.heappush(self._deadlines, (due, next(self._seq), member, now))
         return member
 
     def leave(self, member: Member) -> None:
         """``member`` stops waiting (removed, shutdown); the run stops once nobody waits."""
         group = member.group
-        if group.members.pop(member.id, None) is None:
+        if not group.remove(member):
             return
         if self.running.get(member.id) is member:
             del self.running[member.id]
-        if not group.members:
+        if not group.count():
             self._close(group)
 
     def size(self, trigger_id: int) -> int:
         """How many tasks the run that serves ``trigger_id`` waits for (1 when not shared)."""
         member = self.running.get(trigger_id)
-        return len(member.group.members) if isinstance(member, Member) else 1
+        return member.group.count() if isinstance(member, Member) else 1
 
     def snapshot(self) -> list[tuple[str, int, int]]:
         """``(name, distinct triggers, tasks)`` per class of identical triggers not in a shared
@@ -162,7 +191,7 @@ class SharedRuns:
             if group.poll_key is None:
                 row = rows.setdefault(f"{group.lead.classpath} (identical)", [0, 0])
                 row[0] += 1
-                row[1] += len(group.members)
+                row[1] += group.count()
         return [(name, groups, tasks) for name, (groups, tasks) in rows.items() if tasks > 1]
 
     def describe(self, name: str) -> dict[str, Any]:
@@ -177,7 +206,7 @@ class SharedRuns:
                     "trigger_id": lead.id,
                     "task_id": lead.task_id,
                     "trigger": lead.classpath,
-                    "tasks_waiting": len(group.members),
+                    "tasks_waiting": group.count(),
                 }
         return {}
 
@@ -185,6 +214,7 @@ class SharedRuns:
         if self.groups.get(group.key) is group:
             del self.groups[group.key]
         if group.task is not None and not group.task.done():
+            self.tasks.add(group.task)  # shutdown waits for its cleanup
             group.task.cancel()
 
     def _finished(self, group: Group, task: asyncio.Task[Outcome]) -> None:
@@ -192,7 +222,7 @@ class SharedRuns:
         this one step (a callback, not a coroutine around the run: one frame less per run)."""
         self.tasks.discard(task)
         if group.poll_key is not None:
-            shared_polls.unserve(group.loaded.trigger)
+            shared_polls.unserve(group.trigger)
         if self.groups.get(group.key) is group:
             del self.groups[group.key]
         lead = group.lead
@@ -217,8 +247,8 @@ class SharedRuns:
             outcome = failure(
                 lead.id, f"triggerer internal error running {lead.classpath}: {exc!r}"
             )
-        members = list(group.members.values())
-        group.members.clear()
+        members = group.waiting()
+        group.members = {}
         if len(members) > 1:
             log.info(
                 "shared trigger run ended; every waiting task gets its outcome",
@@ -236,7 +266,7 @@ class SharedRuns:
         while True:
             now = time.monotonic()
             while self._deadlines and self._deadlines[0][0] <= now:
-                _, _, member = heapq.heappop(self._deadlines)
+                _, _, member, started = heapq.heappop(self._deadlines)
                 if self.running.get(member.id) is not member:
                     continue  # fired, left or replaced meanwhile
                 self.leave(member)
@@ -244,7 +274,7 @@ class SharedRuns:
                     failure(
                         member.id,
                         f"deferral timed out: trigger {member.id} ({member.classpath}) did not "
-                        f"fire within its timeout (ran {now - member.started:.1f}s here)",
+                        f"fire within its timeout (ran {now - started:.1f}s here)",
                         timeout=True,
                     ),
                     member.task_id,
@@ -253,6 +283,18 @@ class SharedRuns:
             self._deadline_changed = anyio.Event()
             with anyio.move_on_after(max(wait, 0.0)):
                 await self._deadline_changed.wait()
+
+
+def _compact(key: str) -> str | int:
+    """An affinity key as ``sharing.affinity_key`` makes it (32 lowercase hex digits) as an
+    int: 44 bytes instead of 81 for each live run; any other text stays as it is (a str never
+    equals an int, so the two kinds cannot collide)."""
+    if len(key) == 32 and key.isascii() and key.isalnum() and key == key.lower():
+        try:
+            return int(key, 16)
+        except ValueError:
+            pass  # not hex: used as it is
+    return key
 
 
 def _poll_key(loaded: Loaded) -> str | None:

@@ -14,7 +14,9 @@ import asyncio
 import inspect
 import math
 import os
+import sys
 import time
+import types
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -128,6 +130,8 @@ def _oversized(classpath: str, size: int, limit: int) -> None:
 def load(row: ClaimedTrigger, limits: Limits) -> Loaded | Outcome:
     """Rebuild the trigger of ``row`` and ask it for a timer; a failure Outcome if it can't."""
     classpath = row.classpath if isinstance(row.classpath, str) else repr(row.classpath)
+    if type(classpath) is str:  # one copy of each class's path, not one per live trigger
+        classpath = sys.intern(classpath)
     timeout_in = row.timeout_in
     if timeout_in is not None and not _is_number(timeout_in):
         return failure(
@@ -162,12 +166,10 @@ def load(row: ClaimedTrigger, limits: Limits) -> Loaded | Outcome:
 
 
 async def run_until_event(
-    loaded: Loaded,
-    trigger_id: int,
+    trigger: BaseTrigger,
+    code: containment.TriggerCode,
     limits: Limits,
-    timeout_in: float | None,
-    *,
-    task_id: str | None = None,
+    timeout_in: float | None = None,
     watchdog: Any = None,
     describe: Callable[[str], dict[str, Any] | None] | None = None,
 ) -> Outcome:
@@ -179,12 +181,15 @@ async def run_until_event(
     One coroutine frame per live trigger, as it is the body of the trigger's task: it steps
     the generator itself, timing each step for ``watchdog`` (a ``LoopWatchdog``, which names
     a step that blocks the loop), and marks the trigger's code and ids with one context
-    variable; no timeout object exists unless the trigger has a deadline.
+    variable, ``code`` (the triggerer's own record of the trigger, with its classpath); no
+    ``Loaded`` is kept and no timeout object exists
+    unless the trigger has a deadline. The frame stays small (it lives as long as the
+    trigger): errors and the event are turned into outcomes by helpers, exceptions are read
+    with ``sys.exception()`` rather than bound to names.
     """
-    started = time.monotonic()
+    started = None if timeout_in is None else time.monotonic()
     outcome: Outcome | None = None
-    cp = loaded.classpath
-    token = containment.enter_trigger(containment.TriggerCode(cp, trigger_id, task_id))
+    token = containment.enter_trigger(code)
     timeout = None if timeout_in is None else asyncio.timeout(max(timeout_in, 0))
     agen: Any = None
     try:
@@ -192,91 +197,127 @@ async def run_until_event(
             if timeout is not None:
                 await timeout.__aenter__()
             try:
-                agen = loaded.trigger.run()
+                agen = trigger.run()
                 if not (hasattr(agen, "__anext__") and hasattr(agen, "aclose")):
-                    raise Misbehaved(_not_async_generator(cp, agen))
-                # ``await anext(agen, _END)``, one step at a time (as a task would), timed
-                step = anext(agen, _END)
-                clock = time.monotonic
+                    raise Misbehaved(_not_async_generator(code.classpath, agen))
+                # ``await agen.__anext__()``, one step at a time (as a task would), timed
+                step = _first_step(agen)
                 value: Any = None
                 error: BaseException | None = None
                 while True:
-                    began = clock()
+                    began = time.monotonic()
                     try:
                         future = step.send(value) if error is None else step.throw(error)
-                    except StopIteration as stop:
-                        event = stop.value
+                    except StopIteration:
+                        value = sys.exception().value  # type: ignore[union-attr]
+                        break
+                    except StopAsyncIteration:  # returned without an event
+                        value = _END
                         break
                     finally:
-                        if watchdog is not None and clock() - began > watchdog.threshold:
-                            watchdog.note_current_step(
-                                clock() - began,
-                                describe,
-                                {"trigger_id": trigger_id, "task_id": task_id, "trigger": cp},
-                            )
+                        if watchdog is not None and time.monotonic() - began > watchdog.threshold:
+                            _note_step(watchdog, time.monotonic() - began, describe, code)
                     error = None
                     try:
                         value = await _Pass(future)
-                    except BaseException as exc:  # delivered into the generator next step
-                        value, error = None, exc
+                    except BaseException:  # delivered into the generator next step
+                        value, error = None, sys.exception()
                 del step
-                if event is _END:
-                    raise Misbehaved(f"{cp}.run() returned without yielding an event")
-                if not isinstance(event, TriggerEvent):
-                    raise Misbehaved(
-                        f"{cp}.run() yielded {_short(event)} ({type(event).__name__}), "
-                        "not a TriggerEvent; yield TriggerEvent(payload)"
-                    )
-                payload = event_payload(event.payload, cp, limits.max_event_bytes)
-                if isinstance(event, TaskEndEvent):
-                    outcome = Outcome(
-                        trigger_id, ENDED, payload, event.error, end_state=event.state
-                    )
-                else:
-                    outcome = Outcome(trigger_id, FIRED, payload)
-                del event
-            except Misbehaved as exc:
-                outcome = failure(trigger_id, str(exc))
-            except asyncio.CancelledError as exc:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
+                outcome = _event_outcome(value, code.trigger_id, code.classpath, limits)
+            except BaseException:
+                outcome = _error_outcome(code.trigger_id, code.classpath)
+                if outcome is None:
                     raise  # ours: shutdown, removal or the deadline
-                outcome = failure(
-                    trigger_id,
-                    f"trigger {cp} raised CancelledError by itself (nothing cancelled it); "
-                    f"a trigger must not raise it:\n{format_error(exc)}",
-                    exc=exc,
-                )
-            except BaseException as exc:  # SystemExit, KeyboardInterrupt, GeneratorExit included
-                log.warning("trigger raised", trigger=cp, error=repr(exc))
-                outcome = failure(trigger_id, f"trigger {cp} raised:\n{format_error(exc)}", exc=exc)
             finally:
                 if agen is not None and hasattr(agen, "aclose"):
-                    await close_generator(agen, limits.cleanup_timeout, cp)
-        except BaseException as exc:
+                    await close_generator(agen, limits.cleanup_timeout, code.classpath)
+        except BaseException:
             # the deadline's cancellation becomes TimeoutError here; anything else goes on
             if timeout is None:
                 raise
-            await timeout.__aexit__(type(exc), exc, exc.__traceback__)
+            await timeout.__aexit__(*sys.exc_info())
             raise
         else:
             if timeout is not None:
                 await timeout.__aexit__(None, None, None)
     except TimeoutError:  # the trigger's own errors became outcomes above
-        outcome = failure(
-            trigger_id,
-            f"deferral timed out: trigger {trigger_id} ({cp}) did not fire "
-            f"within its timeout (ran {time.monotonic() - started:.1f}s here)",
-            timeout=True,
-        )
+        outcome = _timed_out(code.trigger_id, code.classpath, started)
     finally:
         try:
-            if type(loaded.trigger).cleanup is not BaseTrigger.cleanup:  # the default: no-op
-                await bounded(loaded.trigger.cleanup, limits.cleanup_timeout, cp, "cleanup()")
+            if type(trigger).cleanup is not BaseTrigger.cleanup:  # the default: no-op
+                await bounded(trigger.cleanup, limits.cleanup_timeout, code.classpath, "cleanup()")
         finally:
             containment.leave(token)
     assert outcome is not None
     return outcome
+
+
+def _first_step(agen: Any) -> Any:
+    """``agen.__anext__()`` (one object less than ``anext(agen, _END)``), without the loop's
+    ``firstiter`` hook: the loop would keep the generator in a weak set of its own (about 130
+    bytes per live trigger) only to close it at loop shutdown, and ``run_until_event`` always
+    closes it itself. The ``finalizer`` hook stays, so a generator dropped unfinished is still
+    closed by the loop. The hook runs when ``__anext__()`` is called, before any of the
+    trigger's code, so generators that code creates are registered as usual."""
+    hooks = sys.get_asyncgen_hooks()
+    if hooks.firstiter is None or type(agen) is not types.AsyncGeneratorType:
+        return agen.__anext__()  # another object's __anext__ is user code: hooks as usual
+    sys.set_asyncgen_hooks(firstiter=None, finalizer=hooks.finalizer)
+    try:
+        return agen.__anext__()
+    finally:
+        sys.set_asyncgen_hooks(*hooks)
+
+
+def _note_step(watchdog: Any, seconds: float, describe: Any, code: containment.TriggerCode) -> None:
+    details = {"trigger_id": code.trigger_id, "task_id": code.task_id, "trigger": code.classpath}
+    watchdog.note_current_step(seconds, describe, details)
+
+
+def _event_outcome(event: Any, trigger_id: int, cp: str, limits: Limits) -> Outcome:
+    """The outcome of what ``run()`` gave (``_END``: it returned); Misbehaved if unstorable."""
+    if event is _END:
+        raise Misbehaved(f"{cp}.run() returned without yielding an event")
+    if not isinstance(event, TriggerEvent):
+        raise Misbehaved(
+            f"{cp}.run() yielded {_short(event)} ({type(event).__name__}), "
+            "not a TriggerEvent; yield TriggerEvent(payload)"
+        )
+    payload = event_payload(event.payload, cp, limits.max_event_bytes)
+    if isinstance(event, TaskEndEvent):
+        return Outcome(trigger_id, ENDED, payload, event.error, end_state=event.state)
+    return Outcome(trigger_id, FIRED, payload)
+
+
+def _error_outcome(trigger_id: int, cp: str) -> Outcome | None:
+    """The failure for the exception being handled; None when it is our own cancellation."""
+    exc = sys.exception()
+    assert exc is not None
+    if isinstance(exc, Misbehaved):
+        return failure(trigger_id, str(exc))
+    if isinstance(exc, asyncio.CancelledError):
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            return None  # ours: shutdown, removal or the deadline
+        return failure(
+            trigger_id,
+            f"trigger {cp} raised CancelledError by itself (nothing cancelled it); "
+            f"a trigger must not raise it:\n{format_error(exc)}",
+            exc=exc,
+        )
+    # SystemExit, KeyboardInterrupt, GeneratorExit included
+    log.warning("trigger raised", trigger=cp, error=repr(exc))
+    return failure(trigger_id, f"trigger {cp} raised:\n{format_error(exc)}", exc=exc)
+
+
+def _timed_out(trigger_id: int, cp: str, started: float | None) -> Outcome:
+    ran = 0.0 if started is None else time.monotonic() - started
+    return failure(
+        trigger_id,
+        f"deferral timed out: trigger {trigger_id} ({cp}) did not fire "
+        f"within its timeout (ran {ran:.1f}s here)",
+        timeout=True,
+    )
 
 
 class _Pass:
@@ -420,7 +461,8 @@ async def run_to_first_event(row: ClaimedTrigger, limits: Limits) -> Outcome:
     if isinstance(loaded, Outcome):
         return loaded
     if loaded.timer is None:
-        return await run_until_event(loaded, row.id, limits, row.timeout_in)
+        code = containment.TriggerCode(loaded.classpath, row.id, None)
+        return await run_until_event(loaded.trigger, code, limits, row.timeout_in)
     fire_at, payload = loaded.timer
     wait = fire_at - time.time()
     if row.timeout_in is not None and row.timeout_in < wait:

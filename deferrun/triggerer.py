@@ -15,7 +15,6 @@ import contextvars
 import gc
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -59,19 +58,24 @@ RECONCILE_STEP, RECONCILE_SHARE = 20_000, 10
 WRITER_UNHEALTHY_AFTER = 5.0  # /healthz fails once outcomes have failed to store this long
 
 
-@dataclass(slots=True)
-class _Running:
-    """A trigger whose ``run()`` executes as its own asyncio task ``trigger:<id>``."""
+class _Running(TriggerCode):
+    """A trigger whose ``run()`` executes as its own asyncio task ``trigger:<id>``; also its
+    code marker (``TriggerCode``) while that runs: one record per live trigger, not two."""
 
-    id: int
-    task_id: str
-    classpath: str
-    task: asyncio.Task[Outcome] | None = None
-    cancel_reason: str | None = None
-    #: the trigger's own on_task_cancelled(), when it overrides BaseTrigger's (else None)
-    on_task_cancelled: Any = None
-    #: called with the task once it is done (Triggerer._finished); no partial per trigger
-    owner: Any = None
+    __slots__ = ("cancel_reason", "on_task_cancelled", "owner", "task")
+
+    def __init__(self, id: int, task_id: str, classpath: str, owner: Any = None) -> None:
+        super().__init__(classpath, id, task_id)
+        self.task: asyncio.Task[Outcome] | None = None
+        self.cancel_reason: str | None = None
+        #: the trigger's own on_task_cancelled(), when it overrides BaseTrigger's (else None)
+        self.on_task_cancelled: Any = None
+        #: called with the task once it is done (Triggerer._finished); no partial per trigger
+        self.owner = owner
+
+    @property
+    def id(self) -> int:
+        return self.trigger_id
 
     def __call__(self, task: asyncio.Task[Outcome]) -> None:
         self.owner._finished(self, task)
@@ -144,6 +148,7 @@ class Triggerer:
         self.watchdog: LoopWatchdog | None = None
         #: done callbacks of trigger tasks share one context instead of a copy each
         self._callback_context = contextvars.copy_context()
+        self._describe = self._describe_task  # one bound method for every run, not one each
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -443,13 +448,7 @@ class Triggerer:
         self.running[tid] = run
         task = asyncio.get_running_loop().create_task(
             run_until_event(
-                loaded,
-                tid,
-                self.limits,
-                claimed.timeout_in,
-                task_id=claimed.task_id,
-                watchdog=self.watchdog,
-                describe=self._describe_task,
+                loaded.trigger, run, self.limits, claimed.timeout_in, self.watchdog, self._describe
             ),
             name=f"trigger:{tid}",
         )
@@ -485,8 +484,7 @@ class Triggerer:
     def _call_hook(self, run: _Running) -> None:
         """Run the trigger's on_task_cancelled() (bounded) in a task marked as its code."""
         context = contextvars.copy_context()
-        code = TriggerCode(run.classpath, run.id, run.task_id)
-        context.run(containment.enter_trigger, code)
+        context.run(containment.enter_trigger, run)
         hook = bounded(
             run.on_task_cancelled, self.cleanup_timeout, run.classpath, "on_task_cancelled()"
         )

@@ -76,14 +76,24 @@ class WaitOn(BaseOperator):
     """Defers on ``tclass(**tkwargs)`` (a class of this module); each resume appends the task
     id to ``log``."""
 
-    def __init__(self, *, tclass: str, tkwargs: dict[str, Any], log: str, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        tclass: str,
+        tkwargs: dict[str, Any],
+        log: str,
+        defer_timeout: float | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.tclass = tclass
         self.tkwargs = tkwargs
         self.log_path = log
+        self.defer_timeout = defer_timeout
 
     def execute(self, context: dict[str, Any]) -> None:
-        self.defer(trigger=globals()[self.tclass](**self.tkwargs), method_name="resume")
+        trigger = globals()[self.tclass](**self.tkwargs)
+        self.defer(trigger=trigger, method_name="resume", timeout=self.defer_timeout)
 
     def resume(self, context: dict[str, Any], event: Any = None) -> Any:
         with open(self.log_path, "a") as f:

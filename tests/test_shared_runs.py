@@ -46,7 +46,7 @@ async def test_one_event_resumes_every_waiting_task_once(
             for _ in range(40)
         ]
         shared = rt.triggerer.shared
-        await wait_for(lambda: sum(len(g.members) for g in shared.groups.values()) == 40)
+        await wait_for(lambda: sum(g.count() for g in shared.groups.values()) == 40)
         assert len(shared.groups) == 1  # one run() for the 40 identical triggers
         before = api.requests[f"/health/{name}"]
         await anyio.sleep(1.0)
@@ -82,11 +82,11 @@ async def test_a_member_cancelled_or_timed_out_leaves_the_others_waiting(
         short = await rt.client.submit(
             WaitHttp(endpoint=f"health/{name}", log=str(log), defer_timeout=1.0)
         )
-        await wait_for(lambda: sum(len(g.members) for g in shared.groups.values()) == 6)
+        await wait_for(lambda: sum(g.count() for g in shared.groups.values()) == 6)
         assert len(shared.groups) == 1
         await rt.client.cancel(waiting[0])
         timed_out = await rt.client.wait(short, timeout=20)
-        await wait_for(lambda: sum(len(g.members) for g in shared.groups.values()) == 4)
+        await wait_for(lambda: sum(g.count() for g in shared.groups.values()) == 4)
         assert len(shared.groups) == 1
         requests = api.requests[f"/health/{name}"]
         await wait_for(lambda: api.requests[f"/health/{name}"] > requests + 1)  # still polling
@@ -112,7 +112,7 @@ async def test_the_run_stops_when_every_member_left(
             await rt.client.submit(WaitHttp(endpoint=f"health/{name}", log=str(tmp_path / "l")))
             for _ in range(3)
         ]
-        await wait_for(lambda: sum(len(g.members) for g in shared.groups.values()) == 3)
+        await wait_for(lambda: sum(g.count() for g in shared.groups.values()) == 3)
         for task_id in ids:
             await rt.client.cancel(task_id)
         await wait_for(lambda: not shared.groups and not shared.tasks)
