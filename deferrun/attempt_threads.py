@@ -17,8 +17,11 @@ costs about 10 µs. What a new thread gives user code, a reused one gives too:
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
+import os
 import queue
+import signal
 import sys
 import threading
 from collections.abc import Callable
@@ -184,20 +187,17 @@ class AttemptThreads:
 
     def _serve(self, first: Job) -> None:
         me = threading.current_thread()
-        own = set(vars(me))
-        trace, profile = sys.gettrace(), sys.getprofile()
-        reusable = self._reuse and _probe()
+        fresh = _Fresh(me) if self._reuse and _probe() else None
         idle = _Idle()
         job: Job | None = first
         while job is not None:
             run, done, name, _ = job
             me.name = name
-            clean = False
             try:
-                clean = run() and reusable and self._clean(me, own, trace, profile)
+                reusable = run()
             finally:
-                done()
-            if not clean:
+                done()  # the outcome is recorded now; cleaning (user __del__ code) may take long
+            if not (reusable and fresh is not None and fresh.restore(me)):
                 return
             job = self._next(idle)
 
@@ -215,12 +215,79 @@ class AttemptThreads:
                     return None
             return idle.inbox.get()  # handed a job just as the wait ran out
 
-    @staticmethod
-    def _clean(me: threading.Thread, own: set[str], trace: Any, profile: Any) -> bool:
-        for extra in set(vars(me)) - own:
-            delattr(me, extra)
-        if sys.gettrace() is not trace:
-            sys.settrace(trace)
-        if sys.getprofile() is not profile:
-            sys.setprofile(profile)
-        return _drop_thread_locals()
+
+#: thread attributes the pure-Python ``_threading_local.local`` keeps per thread: its data
+#: lives elsewhere, keyed by the thread object, and cannot be dropped from here
+_PY_LOCAL_PREFIX = "_threading_local._localimpl."
+
+
+class _Fresh:
+    """What this thread looked like when it started, and how to make it look so again.
+
+    Thread-local data, attributes set on the thread and trace or profile functions are reset.
+    Any other per-thread state an attempt changed (signal mask, CPU affinity, nice, async
+    generator hooks, coroutine origin tracking, a running event loop) ends the thread
+    instead: no later attempt may inherit it.
+    """
+
+    __slots__ = ("attrs", "interpreter_state", "os_state", "profile", "trace")
+
+    def __init__(self, me: threading.Thread) -> None:
+        self.attrs = set(vars(me))
+        self.trace, self.profile = sys.gettrace(), sys.getprofile()
+        self.os_state = _os_state()
+        self.interpreter_state = _interpreter_state()
+
+    def restore(self, me: threading.Thread) -> bool:
+        # Dropping thread-local data runs user __del__ code, which may set state again: drop
+        # until nothing comes back (a few rounds), and only then check the rest.
+        for _ in range(3):
+            extra = set(vars(me)) - self.attrs
+            if any(name.startswith(_PY_LOCAL_PREFIX) for name in extra):
+                return False
+            for name in extra:
+                delattr(me, name)
+            if not _drop_thread_locals():
+                return False
+            if not _has_thread_locals() and not set(vars(me)) - self.attrs:
+                break
+        else:
+            return False
+        if sys.gettrace() is not self.trace:
+            sys.settrace(self.trace)
+        if sys.getprofile() is not self.profile:
+            sys.setprofile(self.profile)
+        return (
+            self.os_state == _os_state()
+            and self.interpreter_state == _interpreter_state()
+            and sys.gettrace() is self.trace
+            and sys.getprofile() is self.profile
+        )
+
+
+def _has_thread_locals() -> bool:
+    state = _thread_dict()
+    return state is not None and any(
+        isinstance(k, str) and k.startswith(_PREFIX or "\0") for k in state
+    )
+
+
+def _os_state() -> tuple[Any, ...]:
+    """The calling thread's signal mask, CPU affinity and nice value (Linux: all per thread)."""
+    mask = (
+        signal.pthread_sigmask(signal.SIG_BLOCK, []) if hasattr(signal, "pthread_sigmask") else None
+    )
+    affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    try:
+        nice: int | None = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    except (AttributeError, OSError):
+        nice = None
+    return mask, affinity, nice
+
+
+def _interpreter_state() -> tuple[Any, ...]:
+    return (
+        sys.get_asyncgen_hooks(),
+        sys.get_coroutine_origin_tracking_depth(),
+        asyncio._get_running_loop(),
+    )

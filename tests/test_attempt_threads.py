@@ -87,3 +87,117 @@ def test_closing_lets_idle_threads_exit() -> None:
     pool.close()
     seen[0]["thread"].join(10)
     assert not seen[0]["thread"].is_alive()
+
+
+class _Replants:
+    """A thread-local value whose finalizer plants state for whoever runs next (a pooled
+    resource that returns itself to a per-thread cache when dropped)."""
+
+    def __del__(self) -> None:
+        _local.value = "planted by __del__"
+        threading.current_thread().user_mark = "planted by __del__"  # type: ignore[attr-defined]
+        sys.settrace(lambda *a: None)
+
+
+def _leave_replanter() -> bool:
+    _local.value = _Replants()
+    return True
+
+
+def test_state_a_finalizer_plants_while_cleaning_is_not_inherited() -> None:
+    pool = AttemptThreads()
+    try:
+        seen = _run_all(pool, [_leave_replanter, lambda: True, lambda: True])
+    finally:
+        pool.close()
+    for later in seen[1:]:
+        assert later["local"] is None and later["mark"] is None, seen
+        assert later["trace"] is None, seen
+
+
+def test_the_attempt_ends_before_its_leftovers_are_cleaned() -> None:
+    """A slow finalizer of a thread-local value must not hold the attempt's outcome: the
+    attempt is done as soon as its code returns, as with a thread of its own."""
+    release = threading.Event()
+
+    class Slow:
+        def __del__(self) -> None:
+            release.wait(30)
+
+    def leave_slow() -> bool:
+        _local.slow = Slow()
+        return True
+
+    pool = AttemptThreads()
+    finished = threading.Event()
+    try:
+        pool.start(leave_slow, finished.set, "slow", lambda exc: finished.set())
+        assert finished.wait(10), "the attempt waited for its thread's clean-up"
+        # a second attempt meanwhile gets another thread
+        second = threading.Event()
+        pool.start(lambda: True, second.set, "second", lambda exc: second.set())
+        assert second.wait(10)
+    finally:
+        release.set()
+        pool.close()
+
+
+def _os_and_interpreter_changes() -> list[Callable[[], Any]]:
+    import asyncio
+    import os
+    import signal
+
+    def nice() -> None:
+        os.nice(1)
+
+    def mask() -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1])
+
+    def affinity() -> None:
+        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+
+    def hooks() -> None:
+        sys.set_asyncgen_hooks(firstiter=lambda agen: None)
+
+    def origin() -> None:
+        sys.set_coroutine_origin_tracking_depth(5)
+
+    def running_loop() -> None:
+        asyncio.events._set_running_loop(asyncio.new_event_loop())
+
+    return [nice, mask, affinity, hooks, origin, running_loop]
+
+
+@pytest.mark.parametrize("change", _os_and_interpreter_changes(), ids=lambda f: f.__name__)
+def test_a_thread_whose_other_state_changed_is_not_reused(change: Callable[[], Any]) -> None:
+    """Per-thread state that cannot be reset (signal mask, affinity, nice, async generator
+    hooks, coroutine origin tracking, a running loop) ends the thread."""
+    pool = AttemptThreads()
+    try:
+        seen = _run_all(pool, [lambda: (change(), True)[1], lambda: True])
+    finally:
+        pool.close()
+    assert seen[0]["thread"] is not seen[1]["thread"]
+
+
+def test_pure_python_thread_locals_are_not_inherited() -> None:
+    import _threading_local
+
+    py_local = _threading_local.local()
+
+    def set_it() -> bool:
+        py_local.value = "left behind"
+        return True
+
+    got: list[Any] = []
+
+    def read_it() -> bool:
+        got.append(getattr(py_local, "value", None))
+        return True
+
+    pool = AttemptThreads()
+    try:
+        _run_all(pool, [set_it, read_it])
+    finally:
+        pool.close()
+    assert got == [None]
