@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import gc
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -25,6 +24,7 @@ from deferrun.basetrigger import BaseTrigger
 from deferrun.connections import close_shared_clients, format_error
 from deferrun.containment import TriggerCode
 from deferrun.event_writer import EventWriter
+from deferrun.gc_freeze import LoadedFreezer, collections_paused
 from deferrun.liveness import heartbeat_loop, new_process_id, register
 from deferrun.metrics import Metrics
 from deferrun.models import ClaimedTrigger, TaskState
@@ -32,10 +32,10 @@ from deferrun.outcome_log import OutcomeLog
 from deferrun.shared_runs import Member, SharedRuns
 from deferrun.store.base import Store, Wakeup
 from deferrun.timer_heap import Timer, TimerHeap, fire_timers, timer_for
+from deferrun.trigger_hooks import bounded
 from deferrun.trigger_run import (
     Limits,
     Outcome,
-    bounded,
     failure,
     load,
     max_event_bytes_from_env,
@@ -49,8 +49,6 @@ log = structlog.get_logger("deferrun.triggerer")
 #: together then share a backlog (each claim's fair share counts the live triggerers anew)
 #: instead of the first one up taking all of it.
 CLAIM_BATCH = 5000
-GC_FREEZE_GROWTH = 5000  # freeze the heap after this many more live triggers (_freeze_loaded)
-GC_UNFREEZE_EVERY = 600.0
 #: reconciling yields after this many triggers (1M in one step stalled the timers ~1 s); the
 #: next waits >= RECONCILE_SHARE x the last one's time (seconds at 500,000 live: each claim
 #: of a backlog waited on one)
@@ -130,8 +128,7 @@ class Triggerer:
         self.writer = EventWriter(store)
         self.shared = SharedRuns(self.running, self._outcome, self.limits, lambda: self.watchdog)
         self.writer_unhealthy_after = WRITER_UNHEALTHY_AFTER
-        self._last_unfreeze = time.monotonic()
-        self._frozen_at = 0
+        self._freezer = LoadedFreezer()
         # liveness gaps (monotonic): after one, vanished triggers may have been adopted
         self._beat_at: float | None = None
         self._gap_at = float("-inf")
@@ -271,8 +268,7 @@ class Triggerer:
                     got, full = len(batch), limit < free and len(batch) >= limit
                     for claimed in batch:
                         self._start_one(claimed)
-                    if len(self.running) - self._frozen_at >= GC_FREEZE_GROWTH:
-                        self._freeze_loaded()
+                    self._freezer.loaded(len(self.running))
                 since, every = time.monotonic() - last_reconcile, self._reconcile_every
                 if since >= every and (not full or since >= 6 * every):  # backlog claims first
                     last_reconcile = time.monotonic()
@@ -307,13 +303,8 @@ class Triggerer:
         A trigger whose outcome waits in the writer is neither: releasing it would run it
         again while its event is about to be stored.
         """
-        collecting = gc.isenabled()
-        gc.disable()  # a full collection over 1M fresh result rows stalled the loop for seconds
-        try:
+        with collections_paused():
             owned = await self.store.owned_trigger_ids(self.id)
-        finally:
-            if collecting:
-                gc.enable()
         checked_at = time.monotonic()
         # Measured once the answer is here: paused or cut off long enough to be declared dead
         # (3/4 of dead_after, a margin), our triggers may have been adopted, and a cancel seen
@@ -364,23 +355,6 @@ class Triggerer:
         if self._beat_at is not None and now - self._beat_at > self.dead_after * 0.75:
             self._gap_at = now  # we may have been declared dead meanwhile
         self._beat_at = now
-
-    def _freeze_loaded(self) -> None:
-        """Move what is loaded now out of the cyclic GC's reach.
-
-        With 100,000 live triggers every full collection walks them all, and a burst of
-        firings allocates enough to trigger collections over and over: the loop stalls for
-        seconds (measured: fire lateness p99 of 30 s in a 16,700/s burst). Objects freed by
-        reference counting are unaffected; cyclic garbage among frozen objects waits for the
-        periodic unfreeze.
-        """
-        now = time.monotonic()
-        if now - self._last_unfreeze > GC_UNFREEZE_EVERY:
-            gc.unfreeze()
-            gc.collect()
-            self._last_unfreeze = now
-        gc.freeze()
-        self._frozen_at = len(self.running)
 
     def _describe_task(self, name: str) -> dict[str, Any]:
         """Called from the watchdog thread while the loop is blocked in task ``name``
