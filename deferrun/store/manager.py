@@ -57,10 +57,12 @@ LIST_TASKS_IN_STATE_BEFORE = Query(
     _TASK_INFO + f" WHERE t.state = :state AND {_AFTER}" + _NEWEST_FIRST,
 )
 COUNT_TASKS = Query("count_tasks", "SELECT state, count(*) FROM deferrun_tasks GROUP BY state")
+# The first entry of the runnable index, not min(): PostgreSQL aggregated every runnable row
+# (2.5 ms at 5,000 queued, a tenth of the database's CPU in a 10,000-task burst drain)
 NEXT_DUE_ONE = Query(
     "next_due_one",
-    f"SELECT min(ready_at) - {{now}} FROM deferrun_tasks "
-    f"WHERE state IN {machine.RUNNABLE} AND queue = :queue",
+    f"SELECT ready_at - {{now}} FROM deferrun_tasks "
+    f"WHERE state IN {machine.RUNNABLE} AND queue = :queue ORDER BY ready_at LIMIT 1",
 )
 NEXT_DUE = Query(
     "next_due",
