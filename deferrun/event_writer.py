@@ -24,6 +24,8 @@ log = structlog.get_logger("deferrun.triggerer")
 
 BATCH = 2000
 MAX_BACKOFF = 5.0
+#: store calls remembered for a reconcile's quick check (one batch makes up to 3)
+UNITS_KEPT = 64
 
 #: trigger_id -> callback(event_stored) run once that trigger's outcome is written (triggers
 #: that must act only after their event is durable, e.g. delete the SQS message it carries)
@@ -48,6 +50,12 @@ class EventWriter:
         self.last_error: str | None = None
         self.written = 0
         self.dropped = 0
+        #: each store call's ids (count, id sum) by a sequence number: the recent ones, and
+        #: those whose ids are still pending (their transaction may have committed already);
+        #: a reconcile's quick check allows for them (``possibly_stored``)
+        self.units: deque[tuple[int, int, int, frozenset[int]]] = deque(maxlen=UNITS_KEPT)
+        self.unit_seq = 0
+        self.open_units: set[int] = set()
 
     def __contains__(self, trigger_id: int) -> bool:
         return trigger_id in self.pending
@@ -120,11 +128,31 @@ class EventWriter:
             if not o.fired and o.method != ENDED
         ]
         if events:
+            self._unit([e[0] for e in events])
             await self.store.fire_triggers(events)
         if ended:
+            self._unit([e[0] for e in ended])
             await self.store.end_triggers(ended)
         if failures:
+            self._unit([f[0] for f in failures])
             await self.store.fail_triggers(failures)
+
+    def _unit(self, ids: list[int]) -> None:
+        self.unit_seq += 1
+        self.units.append((self.unit_seq, len(ids), sum(ids), frozenset(ids)))
+        self.open_units.add(self.unit_seq)
+
+    def possibly_stored(self, open_before: set[int], seq_before: int) -> list[tuple[int, int]]:
+        """(count, id sum) of each store call that may have committed since a moment when
+        ``open_before`` were open and ``seq_before`` was the last sequence number; LookupError
+        when one of them is no longer kept."""
+        known = {u[0]: (u[1], u[2]) for u in self.units}
+        wanted = [q for q in open_before if q <= seq_before] + list(
+            range(seq_before + 1, self.unit_seq + 1)
+        )
+        if any(q not in known for q in wanted):
+            raise LookupError("a store call is no longer known")
+        return [known[q] for q in wanted]
 
     async def _write_one_by_one(self, batch: list[int]) -> list[int]:
         """Write each item alone; returns the ids left over by a connection-level error."""
@@ -175,6 +203,12 @@ class EventWriter:
         return True
 
     def _done(self, ids: list[int]) -> None:
+        if self.open_units:
+            done = set(ids)
+            units = {u[0]: u[3] for u in self.units}
+            for q in list(self.open_units):
+                if q not in units or not any(t in self.pending and t not in done for t in units[q]):
+                    self.open_units.discard(q)
         for tid in ids:
             outcome = self.pending.pop(tid, None)
             callback = _AFTER_WRITE.pop(tid, None) if _AFTER_WRITE else None

@@ -19,16 +19,17 @@ from typing import Any
 import anyio
 import structlog
 
-from deferrun import config, containment, shared_polls
+from deferrun import config, containment, reconcile, shared_polls
 from deferrun.basetrigger import BaseTrigger
 from deferrun.connections import close_shared_clients, format_error
 from deferrun.containment import TriggerCode
 from deferrun.event_writer import EventWriter
-from deferrun.gc_freeze import LoadedFreezer, collections_paused
+from deferrun.gc_freeze import LoadedFreezer
 from deferrun.liveness import heartbeat_loop, new_process_id, register
 from deferrun.metrics import Metrics
-from deferrun.models import ClaimedTrigger, TaskState
+from deferrun.models import ClaimedTrigger
 from deferrun.outcome_log import OutcomeLog
+from deferrun.reconcile import TASK_CANCELLED, Reconciler
 from deferrun.shared_runs import Member, SharedRuns
 from deferrun.store.base import Store, Wakeup
 from deferrun.timer_heap import Timer, TimerHeap, fire_timers, timer_for
@@ -49,10 +50,6 @@ log = structlog.get_logger("deferrun.triggerer")
 #: together then share a backlog (each claim's fair share counts the live triggerers anew)
 #: instead of the first one up taking all of it.
 CLAIM_BATCH = 5000
-#: reconciling yields after this many triggers (1M in one step stalled the timers ~1 s); the
-#: next waits >= RECONCILE_SHARE x the last one's time (seconds at 500,000 live: each claim
-#: of a backlog waited on one)
-RECONCILE_STEP, RECONCILE_SHARE = 20_000, 10
 WRITER_UNHEALTHY_AFTER = 5.0  # /healthz fails once outcomes have failed to store this long
 
 
@@ -77,10 +74,6 @@ class _Running(TriggerCode):
 
     def __call__(self, task: asyncio.Task[Outcome]) -> None:
         self.owner._finished(self, task)
-
-
-#: the reason a trigger is cancelled when a user cancelled its task (not shutdown or failover)
-TASK_CANCELLED = "task cancelled"
 
 
 class Triggerer:
@@ -129,10 +122,10 @@ class Triggerer:
         self.shared = SharedRuns(self.running, self._outcome, self.limits, lambda: self.watchdog)
         self.writer_unhealthy_after = WRITER_UNHEALTHY_AFTER
         self._freezer = LoadedFreezer()
+        self.reconciler = Reconciler(self)
         # liveness gaps (monotonic): after one, vanished triggers may have been adopted
         self._beat_at: float | None = None
         self._gap_at = float("-inf")
-        self._reconciled_at = float("-inf")
         self.block_threshold = block_threshold
         self.metrics = metrics or Metrics()
         self.outcomes = OutcomeLog(self.metrics)
@@ -274,7 +267,9 @@ class Triggerer:
                     last_reconcile = time.monotonic()
                     await self._reconcile()
                     took = time.monotonic() - last_reconcile
-                    self._reconcile_every = max(self.reconcile_interval, RECONCILE_SHARE * took)
+                    self._reconcile_every = max(
+                        self.reconcile_interval, reconcile.RECONCILE_SHARE * took
+                    )
             except Exception as exc:
                 log.error("claiming triggers failed; retrying", error=repr(exc))
                 full = False
@@ -298,53 +293,7 @@ class Triggerer:
                 await anyio.sleep(self.claim_debounce)
 
     async def _reconcile(self) -> None:
-        """Stop triggers whose row is gone or taken over; release rows we hold but don't run.
-
-        A trigger whose outcome waits in the writer is neither: releasing it would run it
-        again while its event is about to be stored.
-        """
-        with collections_paused():
-            owned = await self.store.owned_trigger_ids(self.id)
-        checked_at = time.monotonic()
-        # Measured once the answer is here: paused or cut off long enough to be declared dead
-        # (3/4 of dead_after, a margin), our triggers may have been adopted, and a cancel seen
-        # now was the adopter's to act on (it calls on_task_cancelled, not us).
-        adoptable = self._gap_at > self._reconciled_at or (
-            self._beat_at is not None and checked_at - self._beat_at > self.dead_after * 0.75
-        )
-        # ids only: ints are not tracked by the cyclic gc, a list of (id, run) tuples is
-        for index, trigger_id in enumerate(list(self.running)):
-            if index % RECONCILE_STEP == RECONCILE_STEP - 1:
-                await anyio.sleep(0)  # 1M live timers: let due ones fire between steps
-            if trigger_id not in owned and (run := self.running.get(trigger_id)) is not None:
-                log.info("trigger no longer assigned here; cancelling it", trigger_id=trigger_id)
-                reason = "removed" if adoptable else await self._removal_reason(run)
-                if adoptable and isinstance(run, _Running) and run.on_task_cancelled:
-                    log.warning(
-                        "trigger gone after a liveness gap; not calling on_task_cancelled() "
-                        "(another triggerer may have adopted it and acts on a cancel)",
-                        trigger_id=trigger_id,
-                    )
-                self._cancel(run, reason)
-        self._reconciled_at = checked_at
-        strays = []
-        for index, tid in enumerate(owned):
-            if index % RECONCILE_STEP == RECONCILE_STEP - 1:
-                await anyio.sleep(0)
-            if tid not in self.running and tid not in self.writer:
-                strays.append(tid)
-        if strays:
-            log.info("releasing triggers assigned here but not running", count=len(strays))
-            await self.store.release_triggers(self.id, strays)
-
-    async def _removal_reason(self, run: _Running | Timer) -> str:
-        """TASK_CANCELLED if a user cancelled the task (asked only of triggers with the hook)."""
-        if not isinstance(run, _Running) or run.on_task_cancelled is None:
-            return "removed"
-        info = await self.store.get_task(run.task_id)
-        return (
-            TASK_CANCELLED if info is not None and info.state is TaskState.CANCELLED else "removed"
-        )
+        await self.reconciler.run()
 
     async def _heartbeat_loop(self) -> None:
         self._beat_at = time.monotonic()  # registered just now: a beat of sorts

@@ -11,7 +11,7 @@ from typing import Any
 import anyio
 import pytest
 
-from deferrun import serialization, triggerer
+from deferrun import reconcile, serialization
 from deferrun.metrics import Metrics
 from deferrun.models import ClaimedTrigger
 from deferrun.timer_heap import MIN_WAIT, Timer, TimerHeap, fire_timers
@@ -57,7 +57,7 @@ async def test_close_timers_fire_in_few_wakeups_and_never_early() -> None:
 async def test_reconcile_over_many_triggers_yields_and_stays_exact(
     store: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(triggerer, "RECONCILE_STEP", 100)
+    monkeypatch.setattr(reconcile, "RECONCILE_STEP", 100)
     t = Triggerer(store, capacity=10_000)
     classpath, _ = DateTimeTrigger(moment=datetime.now(UTC)).serialize()
     moment = serialization.dumps({"moment": datetime.fromtimestamp(time.time() + 3600, UTC)})

@@ -137,10 +137,14 @@ async def test_writer_fails_only_the_poisoned_item_and_retries_outages() -> None
 
 
 async def test_reconcile_never_releases_a_fired_unwritten_trigger(
-    store: Store, tmp_path: Path
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The event waits in the writer (its write is held up) across many reconciles: the
-    trigger is neither released nor run again, and the task resumes once."""
+    """The event waits in the writer (its write is held up) across many full reconciles
+    (every held id fetched; the quick count check is off): the trigger is neither released
+    nor run again, and the task resumes once."""
+    from deferrun import reconcile
+
+    monkeypatch.setattr(reconcile, "FULL_RECONCILE_EVERY", 0.0)
     gate = anyio.Event()
     runs = tmp_path / "runs"
     reconciles = 0

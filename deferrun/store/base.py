@@ -224,6 +224,10 @@ class Runtime(Protocol):
 
     async def owned_trigger_ids(self, triggerer_id: str) -> set[int]: ...
 
+    async def owned_trigger_sum(self, triggerer_id: str) -> tuple[int, int]:
+        """How many triggers this triggerer holds, and the sum of their ids."""
+        ...
+
     async def fire_triggers(self, events: Sequence[tuple[int, str]]) -> int:
         """Store each (trigger_id, event JSON) and re-queue its task, exactly once per task.
 

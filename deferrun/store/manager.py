@@ -77,6 +77,11 @@ OWNED_STEP = 50_000
 OWNED_TRIGGERS = Query(
     "owned_triggers", "SELECT id FROM deferrun_triggers WHERE triggerer_id = :triggerer_id"
 )
+OWNED_TRIGGERS_SUM = Query(
+    "owned_triggers_sum",
+    "SELECT count(*), coalesce(sum(id), 0) FROM deferrun_triggers "
+    "WHERE triggerer_id = :triggerer_id",
+)
 LIST_TRIGGERS = Query(
     "list_triggers",
     "SELECT id, task_id, classpath, kwargs, queue, triggerer_id, created_at, deadline, "
@@ -419,6 +424,10 @@ class SqlStore(Observe):
             # one transaction: its claim lock keeps groups of identical triggers together
             trigger_claims.claim_triggers(triggerer_id, queues, limit, self.dead_after)
         )
+
+    async def owned_trigger_sum(self, triggerer_id: str) -> tuple[int, int]:
+        rows = await self.db.fetch(OWNED_TRIGGERS_SUM, triggerer_id=triggerer_id)
+        return int(rows[0][0]), int(rows[0][1])
 
     async def owned_trigger_ids(self, triggerer_id: str) -> set[int]:
         rows = await self.db.fetch(OWNED_TRIGGERS, triggerer_id=triggerer_id)
