@@ -175,6 +175,16 @@ class LoopWatchdog:
                     if details.get("ran"):
                         self._best_streak = (now - since, name, details)
 
+    async def _sampler_caught_up(self, since: float) -> None:
+        """Wait (a few sampler intervals at most) until the sampler thread has woken after
+        ``since``: after a SIGCONT the loop may run first, before the sampler notes the pause,
+        and the silence would be taken for load."""
+        for _ in range(20):
+            if self._woke >= since:
+                return
+            self._last_tick = time.monotonic()  # no samples of this wait
+            await anyio.sleep(self.interval / 2)
+
     def _pause_in(self, start: float, end: float, consume: bool = True) -> float:
         """Seconds the process was paused between ``start`` and ``end`` (each pause once,
         unless ``consume`` is false)."""
@@ -211,7 +221,8 @@ class LoopWatchdog:
                 before, cpu_before = time.monotonic(), time.process_time()
                 self._last_tick = before
                 await anyio.sleep(self.interval)
-                lag = max(time.monotonic() - before - self.interval, 0.0)
+                woke = time.monotonic()
+                lag = max(woke - before - self.interval, 0.0)
                 cpu_used = time.process_time() - cpu_before
                 self.recent_lags.append(lag)
                 if self.metrics is not None:
@@ -223,6 +234,8 @@ class LoopWatchdog:
                 long_steps, self._long_steps = self._long_steps, []
                 streak, self._best_streak = self._best_streak, None
                 self._streak = ("", 0.0, 0.0)
+                if lag > self.threshold:
+                    await self._sampler_caught_up(woke)
                 paused = self._pause_in(before, time.monotonic()) if lag > self.threshold else 0
                 if (
                     not paused
