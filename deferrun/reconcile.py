@@ -45,15 +45,17 @@ class Reconciler:
         #: the next full pass (every held id fetched and compared) is due by then
         self.full_at = float("-inf")
 
-    async def run(self) -> None:
+    async def run(self) -> bool:
         """Stop triggers whose row is gone or taken over; release rows we hold but don't run.
+        True if that took a full pass (the triggerer paces reconciles by what one costs: the
+        check's count is a scan of the held rows too, on the database's side).
 
         A trigger whose outcome waits in the writer is neither: releasing it would run it
         again while its event is about to be stored.
         """
         if time.monotonic() < self.full_at and await self._held_as_known():
             self.reconciled_at = time.monotonic()
-            return
+            return False
         self.full_at = time.monotonic() + FULL_RECONCILE_EVERY
         with collections_paused():
             owned = await self.owner.store.owned_trigger_ids(self.owner.id)
@@ -89,6 +91,7 @@ class Reconciler:
         if strays:
             log.info("releasing triggers assigned here but not running", count=len(strays))
             await self.owner.store.release_triggers(self.owner.id, strays)
+        return True
 
     async def _held_as_known(self) -> bool:
         """Whether the rows held here are exactly the triggers run here (or whose outcome

@@ -265,11 +265,11 @@ class Triggerer:
                 since, every = time.monotonic() - last_reconcile, self._reconcile_every
                 if since >= every and (not full or since >= 6 * every):  # backlog claims first
                     last_reconcile = time.monotonic()
-                    await self._reconcile()
-                    took = time.monotonic() - last_reconcile
-                    self._reconcile_every = max(
-                        self.reconcile_interval, reconcile.RECONCILE_SHARE * took
-                    )
+                    if await self._reconcile():  # paced by what a full pass costs
+                        took = time.monotonic() - last_reconcile
+                        self._reconcile_every = max(
+                            self.reconcile_interval, reconcile.RECONCILE_SHARE * took
+                        )
             except Exception as exc:
                 log.error("claiming triggers failed; retrying", error=repr(exc))
                 full = False
@@ -292,8 +292,8 @@ class Triggerer:
                 # claim instead of one claim per trigger (not on the event->resume path).
                 await anyio.sleep(self.claim_debounce)
 
-    async def _reconcile(self) -> None:
-        await self.reconciler.run()
+    async def _reconcile(self) -> bool:
+        return await self.reconciler.run()
 
     async def _heartbeat_loop(self) -> None:
         self._beat_at = time.monotonic()  # registered just now: a beat of sorts
