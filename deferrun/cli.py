@@ -370,6 +370,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `deferrun tasks | head`: the reader left, which is fine
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except Exception as exc:
+        # a one-shot command whose database stopped answering or dropped the connection
+        if args.command in SERVING or not (
+            isinstance(exc, TimeoutError) or is_connection_error(exc)
+        ):
+            raise
+        safe = config.redact_url(config.db_url(getattr(args, "db", None)))
+        what = "did not answer in time" if isinstance(exc, TimeoutError) else "was lost"
+        print(
+            f"error: the database at {safe} {what} ({type(exc).__name__}); check that the "
+            "server is up and not blocked, then run the command again",
+            file=sys.stderr,
+        )
+        return 2
 
 
 SERVING = ("standalone", "triggerer", "worker", "web")

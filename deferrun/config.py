@@ -94,3 +94,8 @@ def scrub(text: str, url: str) -> str:
 def connect_timeout() -> float:
     """Seconds to wait for a database server to answer a new connection."""
     return env_float("DEFERRUN_CONNECT_TIMEOUT", 10.0)
+
+
+def query_timeout() -> float:
+    """Seconds to wait for PostgreSQL to answer one statement before giving up on it."""
+    return env_float("DEFERRUN_QUERY_TIMEOUT", 60.0)

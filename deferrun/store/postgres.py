@@ -244,7 +244,9 @@ class PostgresConnector:
             if self.pool_size == 1:
                 self._pool = _OneConnection(
                     await asyncpg.connect(
-                        self.url, command_timeout=60, timeout=config.connect_timeout()
+                        self.url,
+                        command_timeout=config.query_timeout(),
+                        timeout=config.connect_timeout(),
                     )
                 )
             else:
@@ -252,7 +254,7 @@ class PostgresConnector:
                     self.url,
                     min_size=1,
                     max_size=self.pool_size,
-                    command_timeout=60,
+                    command_timeout=config.query_timeout(),
                     timeout=config.connect_timeout(),
                     reset=_no_reset,
                 )
