@@ -57,8 +57,19 @@ def _until(moment: datetime | None) -> str:
     return f"in {seconds:.0f}s" if seconds >= 0 else f"{-seconds:.0f}s ago"
 
 
+#: control characters (C0 but newline and tab, DEL, C1) shown escaped: stored text (a task name
+#: anyone who submits may choose, an error from an external API) must not drive the terminal
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0)) if c not in (9, 10)}
+
+
+def terminal_safe(text: str) -> str:
+    return text.translate(_CONTROL)
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    cells = [[str(c) for c in headers]] + [[str(c) for c in row] for row in rows]
+    cells = [[str(c) for c in headers]] + [
+        [terminal_safe(str(c)).replace("\n", " ") for c in row] for row in rows
+    ]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     lines = [
         "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
@@ -170,9 +181,10 @@ def print_task(info: TaskInfo, args: argparse.Namespace, deps: Dependencies | No
     width = max(len(k) for k, _ in fields)
     for key, value in fields:
         if value is not None:
-            print(f"{key.ljust(width)}  {value}")
+            print(f"{key.ljust(width)}  {terminal_safe(str(value))}")
     if info.error:
-        print(f"{'error'.ljust(width)}  " + info.error.replace("\n", "\n" + " " * (width + 2)))
+        error = terminal_safe(info.error)
+        print(f"{'error'.ljust(width)}  " + error.replace("\n", "\n" + " " * (width + 2)))
     for title, group in (
         (("upstream", deps.upstream), ("downstream", deps.downstream)) if deps else ()
     ):
@@ -324,12 +336,16 @@ async def logs(args: argparse.Namespace) -> int:
         try:
             event = msgspec.json.decode(line)
         except msgspec.DecodeError:
-            print(f"{datetime.fromtimestamp(at, UTC).isoformat()}  {source:<9} {line}")
+            print(
+                f"{datetime.fromtimestamp(at, UTC).isoformat()}  {source:<9} {terminal_safe(line)}"
+            )
             continue
         extra = " ".join(f"{k}={v}" for k, v in event.items() if k not in _LOG_META)
         stamp = event.get("timestamp") or datetime.fromtimestamp(at, UTC).isoformat()
         print(
-            f"{stamp}  {source:<9} {event.get('level', ''):<8} {event.get('event', '')}"
-            f"{'  ' + extra if extra else ''}"
+            terminal_safe(
+                f"{stamp}  {source:<9} {event.get('level', ''):<8} {event.get('event', '')}"
+                f"{'  ' + extra if extra else ''}"
+            )
         )
     return 0

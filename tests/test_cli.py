@@ -126,3 +126,28 @@ def test_clear_errors(sqlite_url: str, tmp_path: Path, args: list[str], message:
     assert message in done.stderr
     assert "Traceback" not in done.stderr
     assert "hunter2" not in done.stderr
+
+
+def test_stored_text_cannot_drive_the_terminal(db_url: str, tmp_path: Path) -> None:
+    """A task name or error with terminal control sequences (anyone who submits chooses the
+    name; errors often quote an external API) is shown escaped by tasks, task and logs."""
+    from hostile_ops import Returns
+
+    from deferrun.client import AsyncClient
+
+    hostile = "\x1b]0;owned-title\x07\x1b[2J\x1b[31mlooks-fine\r"
+
+    async def submit() -> str:
+        store = await open_store(db_url)
+        try:
+            return await AsyncClient(store=store).submit(Returns(what="x", task_id=hostile))
+        finally:
+            await store.close()
+
+    task_id = anyio.run(submit)
+    env = deferrun_env(db_url, TESTS_DIR)
+    for args in (["tasks"], ["task", task_id]):
+        done = cli(*args, env=env, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        assert "\x1b" not in done.stdout and "\r" not in done.stdout, repr(done.stdout)
+        assert "\\x1b]0;owned-title" in done.stdout, done.stdout
