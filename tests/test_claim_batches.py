@@ -49,3 +49,25 @@ async def test_claims_in_batches_up_to_capacity(
             t.stop()
     assert limits[:2] == [4, 2], limits
     assert len(limits) == 2 and len(t.running) <= 6, limits
+
+
+@pytest.mark.anyio
+async def test_claims_take_the_oldest_trigger_across_queues(store: Store) -> None:
+    """A triggerer serving every queue claims oldest first across queues: a busy queue whose
+    name sorts first must not hold back an older trigger of another queue (ordering by
+    queue, then id, held one back for as long as the busy queue kept coming)."""
+    from datetime import UTC, datetime, timedelta
+
+    from hostile_ops import Returns
+
+    from deferrun.client import AsyncClient
+    from triggers.time import DateTimeTrigger
+
+    client = AsyncClient(store=store)
+    later = DateTimeTrigger(moment=datetime.now(UTC) + timedelta(hours=1))
+    old = await client.submit(Returns(what="old", queue="zz"), start_trigger=later)
+    for _ in range(30):
+        await client.submit(Returns(what="new", queue="aa"), start_trigger=later)
+    await anyio.sleep(2.1)  # past the fallback age, so the single triggerer may take them all
+    claimed = await store.claim_triggers("t1", [], 5)
+    assert old in [c.task_id for c in claimed], [c.task_id for c in claimed]

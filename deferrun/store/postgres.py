@@ -29,7 +29,7 @@ from deferrun.store.sql import Notify, PostgresDialect, Program, Query, Row, Run
 
 log = structlog.get_logger("deferrun.store.postgres")
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 MIGRATION_LOCK = 0x64656672  # "defr": one advisory lock id for schema changes
 CHANNELS: dict[str, str] = {"tasks": "deferrun_tasks", "triggers": "deferrun_triggers"}
 R = TypeVar("R")

@@ -1,4 +1,4 @@
--- deferrun schema for the PostgreSQL backend. Version 8 (every statement is idempotent: applying this file upgrades any older version).
+-- deferrun schema for the PostgreSQL backend. Version 9 (every statement is idempotent: applying this file upgrades any older version).
 -- Times are double precision epoch seconds, taken from the database server's clock so that
 -- hosts with skewed clocks still agree on heartbeats and due times. JSON is stored as text,
 -- exactly as serialized.
@@ -127,3 +127,8 @@ CREATE INDEX IF NOT EXISTS deferrun_tasks_state_finished ON deferrun_tasks (stat
 CREATE INDEX IF NOT EXISTS deferrun_tasks_created ON deferrun_tasks (created_at, id);
 CREATE INDEX IF NOT EXISTS deferrun_tasks_state_created_id ON deferrun_tasks (state, created_at, id);
 DROP INDEX IF EXISTS deferrun_tasks_state_created;
+
+-- version 9 (issue 15): unclaimed triggers in id order, so a claim takes the oldest across all
+-- queues (FIFO) by walking unclaimed rows only, never the primary key past claimed ones.
+CREATE INDEX IF NOT EXISTS deferrun_triggers_unclaimed_id ON deferrun_triggers (id)
+    WHERE triggerer_id IS NULL;

@@ -27,7 +27,7 @@ from deferrun.store.local_notify import UdpListener, UdpSender
 from deferrun.store.manager import SqlStore
 from deferrun.store.sql import Program, Query, Row, Run, SQLiteDialect, drive_sync
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 R = TypeVar("R")
 
 #: sqlite3 errors that say "not now" rather than "this statement is wrong"

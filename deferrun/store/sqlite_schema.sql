@@ -59,6 +59,7 @@ CREATE TABLE IF NOT EXISTS deferrun_triggers (
 );
 
 CREATE INDEX IF NOT EXISTS deferrun_triggers_unclaimed ON deferrun_triggers (queue, id) WHERE triggerer_id IS NULL;
+CREATE INDEX IF NOT EXISTS deferrun_triggers_unclaimed_id ON deferrun_triggers (id) WHERE triggerer_id IS NULL;
 CREATE INDEX IF NOT EXISTS deferrun_triggers_owner ON deferrun_triggers (triggerer_id);
 
 CREATE TABLE IF NOT EXISTS deferrun_processes (

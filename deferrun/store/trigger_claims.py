@@ -27,7 +27,7 @@ LIVE_TRIGGERERS = Query(
 UNCLAIMED_UP_TO = Query(
     "unclaimed_up_to",
     """SELECT count(*) FROM (SELECT 1 FROM deferrun_triggers WHERE triggerer_id IS NULL
-        ORDER BY queue, id LIMIT :cap) AS u""",
+        ORDER BY id LIMIT :cap) AS u""",
 )
 
 
@@ -48,7 +48,7 @@ def _claim_triggers(name: str, queue_match: str, match: str = "") -> Query:
             SELECT id FROM deferrun_triggers
             WHERE triggerer_id IS NULL {queue_match} AND created_at <= {{now}} - :min_age
             {match}
-            ORDER BY queue, id LIMIT :limit {{skip_locked}})
+            ORDER BY id LIMIT :limit {{skip_locked}})
         UPDATE deferrun_triggers SET triggerer_id = :triggerer_id
         WHERE id IN (SELECT id FROM picked)
         RETURNING id, task_id, classpath, kwargs, deadline - {{now}}, affinity""",
@@ -88,9 +88,11 @@ def claim_triggers(
     after a failover) comes along, so a group runs as one ``run()`` (shared_runs). Only the
     2 s fallback for triggers nobody took ignores groups.
 
-    Oldest first within a queue: ``ORDER BY queue, id`` is the unclaimed index's own order
-    (by ``id`` alone PostgreSQL walked the primary key past every claimed row: 320 ms a
-    claim with 345,000 claimed, quadratic over a large backlog).
+    Oldest first across queues (``ORDER BY id``, through the partial index of unclaimed
+    triggers in id order): a busy queue whose name sorts first must not hold back the others'
+    triggers (ordering by ``queue, id`` did, without limit). Without that index PostgreSQL
+    walked the primary key past every claimed row (320 ms a claim with 345,000 claimed,
+    quadratic over a large backlog).
     """
     yield run(CLAIM_LOCK)
     [(live,)] = yield run(LIVE_TRIGGERERS, dead_after=dead_after)
