@@ -388,7 +388,9 @@ class Triggerer:
             del self.running[run.id]
         ids = {"trigger_id": run.id, "task_id": run.task_id}
         outcome: Outcome | None
-        if task.cancelled():
+        # A trigger may answer its cancellation with an event (``except CancelledError:
+        # yield ...``, as Airflow triggers often do): its task was cancelled all the same.
+        if task.cancelled() or run.cancel_reason == TASK_CANCELLED:
             log.info("trigger cancelled", reason=run.cancel_reason, **ids)
             if run.cancel_reason == TASK_CANCELLED and run.on_task_cancelled is not None:
                 self._call_hook(run)

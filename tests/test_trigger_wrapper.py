@@ -80,13 +80,26 @@ class HookedNever(BaseTrigger):
             f.write(json.dumps([self.trigger_id, self.task_id, ids]) + "\n")
 
 
+class AnsweringHooked(HookedNever):
+    """Answers its cancellation with an event, as many Airflow triggers do."""
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            yield TriggerEvent({"status": "cancelled"})
+            return
+        yield TriggerEvent(None)
+
+
 class DeferHooked(BaseOperator):
-    def __init__(self, *, path: str, **kw: Any) -> None:
+    def __init__(self, *, path: str, answers: bool = False, **kw: Any) -> None:
         super().__init__(**kw)
-        self.path = path
+        self.path, self.answers = path, answers
 
     def execute(self, context: Any) -> Any:
-        self.defer(trigger=HookedNever(path=self.path), method_name="resume")
+        trigger = (AnsweringHooked if self.answers else HookedNever)(path=self.path)
+        self.defer(trigger=trigger, method_name="resume")
 
     def resume(self, context: Any, event: Any = None) -> Any:
         return event
@@ -231,6 +244,26 @@ async def test_on_task_cancelled_runs_once_on_a_user_cancel_only(
     trigger_id, task_id, ids = json.loads(line)
     assert task_id == one and ids == [trigger_id, one]
     assert not kept.exists()  # shutdown is no cancel of the task
+
+
+async def test_on_task_cancelled_runs_when_the_trigger_answers_its_cancel_with_an_event(
+    store: Store, tmp_path: Path
+) -> None:
+    """``except CancelledError: yield TriggerEvent(...)`` still means the task was cancelled:
+    the hook runs once and the task stays cancelled (the event was dropped silently)."""
+    cancelled = tmp_path / "cancelled"
+    async with runtime_for(store, slots=2, reconcile_interval=0.1) as rt:
+        one = await rt.client.submit(DeferHooked(path=str(cancelled), answers=True))
+        with anyio.fail_after(20):
+            while len(rt.triggerer.running) < 1:  # type: ignore[union-attr]
+                await anyio.sleep(0.02)
+        await rt.client.cancel(one)
+        with anyio.fail_after(20):
+            while not cancelled.exists():
+                await anyio.sleep(0.02)
+        await anyio.sleep(0.3)  # a few more reconciles: it must not run again
+        assert (await rt.client.get(one)).state is TaskState.CANCELLED
+    assert len(cancelled.read_text().splitlines()) == 1
 
 
 if __name__ == "__main__":  # pragma: no cover
