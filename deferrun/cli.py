@@ -309,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tasks", parents=[common], help="list tasks")
     p.add_argument("--state", choices=[s.value for s in TaskState])
-    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--limit", type=_at_least_one, default=50, help="most tasks listed")
     p.add_argument(
         "--exact-counts",
         action="store_true",
@@ -373,10 +373,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         # a one-shot command whose database stopped answering or dropped the connection
         if args.command in SERVING or not (
-            isinstance(exc, TimeoutError) or is_connection_error(exc)
+            isinstance(exc, TimeoutError) or is_connection_error(exc) or _database_refused(exc)
         ):
             raise
         safe = config.redact_url(config.db_url(getattr(args, "db", None)))
+        if _database_refused(exc) and not is_connection_error(exc):
+            print(
+                f"error: the database at {safe} refused a query ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}); is it a deferrun database "
+                "of this version?",
+                file=sys.stderr,
+            )
+            return 2
         what = "did not answer in time" if isinstance(exc, TimeoutError) else "was lost"
         print(
             f"error: the database at {safe} {what} ({type(exc).__name__}); check that the "
@@ -387,6 +395,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 SERVING = ("standalone", "triggerer", "worker", "web")
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is below 1; pass a count of 1 or more")
+    return value
+
+
+def _database_refused(exc: BaseException) -> bool:
+    """An error the database itself raised for a statement (not a bug of ours)."""
+    import sqlite3
+
+    module = type(exc).__module__ or ""
+    return isinstance(exc, sqlite3.Error) or module.startswith("asyncpg")
 
 
 def _logging_loop(command: Any) -> Any:

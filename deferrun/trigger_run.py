@@ -198,7 +198,7 @@ async def run_until_event(
                 await timeout.__aenter__()
             try:
                 agen = trigger.run()
-                if not (hasattr(agen, "__anext__") and hasattr(agen, "aclose")):
+                if not hasattr(agen, "__anext__"):
                     raise Misbehaved(_not_async_generator(code.classpath, agen))
                 # ``await agen.__anext__()``, one step at a time (as a task would), timed
                 step = _first_step(agen)
@@ -261,7 +261,17 @@ def _first_step(agen: Any) -> Any:
     trigger's code, so generators that code creates are registered as usual."""
     hooks = sys.get_asyncgen_hooks()
     if hooks.firstiter is None or type(agen) is not types.AsyncGeneratorType:
-        return agen.__anext__()  # another object's __anext__ is user code: hooks as usual
+        # another object's __anext__ is user code (hooks as usual); it may return any
+        # awaitable (a Future, a Task, an object with __await__), as ``async for`` accepts
+        step = agen.__anext__()
+        if hasattr(step, "send") and hasattr(step, "throw"):
+            return step
+        if not hasattr(step, "__await__"):
+            raise TypeError(
+                f"{type(agen).__qualname__}.__anext__() returned {_short(step)} "
+                f"({type(step).__name__}), which is not awaitable"
+            )
+        return step.__await__()
     sys.set_asyncgen_hooks(firstiter=None, finalizer=hooks.finalizer)
     try:
         return agen.__anext__()

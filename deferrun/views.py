@@ -66,6 +66,14 @@ def terminal_safe(text: str) -> str:
     return text.translate(_CONTROL)
 
 
+def _stamp(at: Any) -> str:
+    """A stored log time as ISO text; a forged or corrupt one (NaN, infinite) as itself."""
+    try:
+        return datetime.fromtimestamp(float(at), UTC).isoformat()
+    except (OverflowError, ValueError, OSError, TypeError):
+        return str(at)
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     cells = [[str(c) for c in headers]] + [
         [terminal_safe(str(c)).replace("\n", " ") for c in row] for row in rows
@@ -336,12 +344,12 @@ async def logs(args: argparse.Namespace) -> int:
         try:
             event = msgspec.json.decode(line)
         except msgspec.DecodeError:
-            print(
-                f"{datetime.fromtimestamp(at, UTC).isoformat()}  {source:<9} {terminal_safe(line)}"
-            )
+            event = None
+        if not isinstance(event, dict):  # not a JSON object: shown as stored
+            print(f"{_stamp(at)}  {source:<9} {terminal_safe(str(line))}")
             continue
         extra = " ".join(f"{k}={v}" for k, v in event.items() if k not in _LOG_META)
-        stamp = event.get("timestamp") or datetime.fromtimestamp(at, UTC).isoformat()
+        stamp = event.get("timestamp") or _stamp(at)
         print(
             terminal_safe(
                 f"{stamp}  {source:<9} {event.get('level', ''):<8} {event.get('event', '')}"

@@ -299,3 +299,48 @@ class CountRuns(BaseTrigger):
         if not self.fire:
             await anyio.sleep_forever()
         yield TriggerEvent({"trigger_id": self.trigger_id, "task_id": self.task_id})
+
+
+class _AwaitableSteps:
+    """An async iterator (not a generator) whose ``__anext__`` returns ``kind`` of awaitable."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+    def __aiter__(self) -> _AwaitableSteps:
+        return self
+
+    def __anext__(self) -> Any:
+        loop = asyncio.get_running_loop()
+        event = TriggerEvent({"via": self.kind})
+        if self.kind == "future":
+            future = loop.create_future()
+            loop.call_later(0.01, future.set_result, event)
+            return future
+        if self.kind == "task":
+
+            async def later() -> TriggerEvent:
+                await asyncio.sleep(0.01)
+                return event
+
+            return loop.create_task(later())
+        if self.kind == "await":
+
+            class Awaitable:
+                def __await__(self) -> Any:
+                    yield from asyncio.sleep(0.01).__await__()
+                    return event
+
+            return Awaitable()
+        return 42  # not awaitable at all
+
+
+class AwaitablesRun(BaseTrigger):
+    """run() returns an async iterator whose steps are Futures, Tasks or __await__ objects,
+    all of which ``async for`` accepts."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+    def run(self) -> Any:  # type: ignore[override]
+        return _AwaitableSteps(self.kind)

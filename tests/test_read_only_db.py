@@ -192,3 +192,40 @@ def test_a_server_that_stops_answering_is_one_line(pg_url: str, tmp_path: Path) 
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "did not answer in time" in lines[0], done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_odd_arguments_and_rows_are_one_line(pg_url: str, tmp_path: Path) -> None:
+    """A bad --limit, a log line stored with a NaN time, and a database whose tasks table
+    is gone: each one line (or shown), never a traceback."""
+
+    async def prepare() -> str:
+        from hostile_ops import Returns
+
+        from deferrun.client import AsyncClient
+
+        store = await open_store(pg_url)
+        try:
+            task_id = await AsyncClient(store=store).submit(Returns(what="x"))
+        finally:
+            await store.close()
+        conn = await asyncpg.connect(pg_url)
+        try:
+            await conn.execute(
+                "INSERT INTO deferrun_task_logs (task_id, at, source, line) "
+                "VALUES ($1, 'NaN', 'worker', 'not json \x1b[2J')",
+                task_id,
+            )
+        finally:
+            await conn.close()
+        return task_id
+
+    task_id = anyio.run(prepare)
+    done = cli("tasks", "--limit", "-1", url=pg_url, cwd=tmp_path)
+    assert done.returncode == 2 and "below 1" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+    done = cli("logs", task_id, url=pg_url, cwd=tmp_path)
+    assert done.returncode == 0 and "nan" in done.stdout and "\x1b" not in done.stdout, done
+    anyio.run(_pg, pg_url, "DROP TABLE deferrun_tasks CASCADE")
+    done = cli("tasks", url=pg_url, cwd=tmp_path)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and "refused a query" in lines[0], done

@@ -268,3 +268,22 @@ async def test_on_task_cancelled_runs_when_the_trigger_answers_its_cancel_with_a
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+@pytest.mark.parametrize("kind", ["future", "task", "await"])
+def test_an_async_iterator_may_step_with_any_awaitable(kind: str) -> None:
+    from hostile_userland import AwaitablesRun
+
+    from deferrun.testing import run_trigger
+
+    assert run_trigger(AwaitablesRun(kind=kind), timeout=10).payload == {"via": kind}
+
+
+def test_a_step_that_is_not_awaitable_names_the_iterator() -> None:
+    from hostile_userland import AwaitablesRun
+
+    from deferrun.exceptions import TriggerFailed
+    from deferrun.testing import run_trigger
+
+    with pytest.raises((TriggerFailed, TypeError), match="not awaitable"):
+        run_trigger(AwaitablesRun(kind="int"), timeout=10)
