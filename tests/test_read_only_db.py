@@ -129,9 +129,11 @@ def test_read_only_commands_do_not_migrate_an_older_schema(db_url: str, tmp_path
     assert cli("tasks", url=db_url, cwd=tmp_path).returncode == 0
 
 
-def test_a_connection_lost_mid_command_is_one_line(pg_url: str, tmp_path: Path) -> None:
-    """The database drops the connection once the command reads the tasks (after the schema
-    check): one line, exit 2, no traceback."""
+def _tasks_through(
+    pg_url: str, tmp_path: Path, silences: bool, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """``deferrun tasks`` through a proxy that, once the command reads the tasks (after the
+    schema check), cuts the connection or (``silences``) swallows everything after."""
     from loopback_proxy import LoopbackProxy
 
     async def init_schema() -> None:
@@ -140,17 +142,34 @@ def test_a_connection_lost_mid_command_is_one_line(pg_url: str, tmp_path: Path) 
 
     anyio.run(init_schema)
 
-    class CutsTheListing(LoopbackProxy):
-        def handle(self, from_client: bool, data: bytes, state: object, server: object) -> str:
-            return "stop" if from_client and b"FROM deferrun_tasks" in data else "pass"
+    class AtTheListing(LoopbackProxy):
+        def handle(self, from_client: bool, data: bytes, state: dict, server: object) -> str:
+            if from_client and b"FROM deferrun_tasks" in data:
+                state["hit"] = True
+            if not state.get("hit"):
+                return "pass"
+            return "drop" if silences else "stop"
 
     real_port = int(pg_url.split("@127.0.0.1:")[1].split("/")[0])
-    proxy = CutsTheListing(real_port)
+    proxy = AtTheListing(real_port)
     try:
         proxied = pg_url.replace(f":{real_port}/", f":{proxy.port}/")
-        done = cli("tasks", url=proxied, cwd=tmp_path)
+        return subprocess.run(
+            [sys.executable, "-m", "deferrun", "tasks"],
+            env={**deferrun_env(proxied), **env},
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     finally:
         proxy.close()
+
+
+def test_a_connection_lost_mid_command_is_one_line(pg_url: str, tmp_path: Path) -> None:
+    """The database drops the connection once the command reads the tasks (after the schema
+    check): one line, exit 2, no traceback."""
+    done = _tasks_through(pg_url, tmp_path, silences=False)
     assert done.returncode == 2, done.stdout + done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "unavailable" in lines[0], done.stderr
@@ -160,34 +179,7 @@ def test_a_connection_lost_mid_command_is_one_line(pg_url: str, tmp_path: Path) 
 def test_a_server_that_stops_answering_is_one_line(pg_url: str, tmp_path: Path) -> None:
     """The server accepts the connection and the schema check, then never answers the
     listing: the command gives up after DEFERRUN_QUERY_TIMEOUT with one line and exit 2."""
-    from loopback_proxy import LoopbackProxy
-
-    async def init_schema() -> None:
-        store = await open_store(pg_url)
-        await store.close()
-
-    anyio.run(init_schema)
-
-    class SwallowsTheListing(LoopbackProxy):
-        def handle(self, from_client: bool, data: bytes, state: dict, server: object) -> str:
-            if from_client and b"FROM deferrun_tasks" in data:
-                state["silent"] = True
-            return "drop" if state.get("silent") else "pass"
-
-    real_port = int(pg_url.split("@127.0.0.1:")[1].split("/")[0])
-    proxy = SwallowsTheListing(real_port)
-    try:
-        proxied = pg_url.replace(f":{real_port}/", f":{proxy.port}/")
-        done = subprocess.run(
-            [sys.executable, "-m", "deferrun", "tasks"],
-            env={**deferrun_env(proxied), "DEFERRUN_QUERY_TIMEOUT": "2"},
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-    finally:
-        proxy.close()
+    done = _tasks_through(pg_url, tmp_path, silences=True, DEFERRUN_QUERY_TIMEOUT="2")
     assert done.returncode == 2, done.stdout + done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "did not answer in time" in lines[0], done.stderr

@@ -222,15 +222,18 @@ async def test_timeout_through_the_runtime(store: Store) -> None:
     assert info.state is TaskState.FAILED and "timed out" in (info.error or ""), info
 
 
+@pytest.mark.parametrize("answers", [False, True], ids=["waits", "answers-with-an-event"])
 async def test_on_task_cancelled_runs_once_on_a_user_cancel_only(
-    store: Store, tmp_path: Path
+    store: Store, tmp_path: Path, answers: bool
 ) -> None:
     """The hook runs (once, marked as that trigger's code) when a user cancels the waiting
-    task, and not when the triggerer shuts down."""
+    task, and not when the triggerer shuts down; also when the trigger answers its
+    cancellation with an event (``except CancelledError: yield TriggerEvent(...)``, as many
+    Airflow triggers do): the task stays cancelled and the event is dropped."""
     cancelled, kept = tmp_path / "cancelled", tmp_path / "kept"
     async with runtime_for(store, slots=2, reconcile_interval=0.1) as rt:
-        one = await rt.client.submit(DeferHooked(path=str(cancelled)))
-        two = await rt.client.submit(DeferHooked(path=str(kept)))
+        one = await rt.client.submit(DeferHooked(path=str(cancelled), answers=answers))
+        two = await rt.client.submit(DeferHooked(path=str(kept), answers=answers))
         with anyio.fail_after(20):
             while len(rt.triggerer.running) < 2:  # type: ignore[union-attr]
                 await anyio.sleep(0.02)
@@ -239,35 +242,12 @@ async def test_on_task_cancelled_runs_once_on_a_user_cancel_only(
             while not cancelled.exists():
                 await anyio.sleep(0.02)
         await anyio.sleep(0.3)  # a few more reconciles: it must not run again
+        assert (await rt.client.get(one)).state is TaskState.CANCELLED
         assert (await rt.client.get(two)).state is TaskState.DEFERRED
     [line] = cancelled.read_text().splitlines()
     trigger_id, task_id, ids = json.loads(line)
     assert task_id == one and ids == [trigger_id, one]
     assert not kept.exists()  # shutdown is no cancel of the task
-
-
-async def test_on_task_cancelled_runs_when_the_trigger_answers_its_cancel_with_an_event(
-    store: Store, tmp_path: Path
-) -> None:
-    """``except CancelledError: yield TriggerEvent(...)`` still means the task was cancelled:
-    the hook runs once and the task stays cancelled (the event was dropped silently)."""
-    cancelled = tmp_path / "cancelled"
-    async with runtime_for(store, slots=2, reconcile_interval=0.1) as rt:
-        one = await rt.client.submit(DeferHooked(path=str(cancelled), answers=True))
-        with anyio.fail_after(20):
-            while len(rt.triggerer.running) < 1:  # type: ignore[union-attr]
-                await anyio.sleep(0.02)
-        await rt.client.cancel(one)
-        with anyio.fail_after(20):
-            while not cancelled.exists():
-                await anyio.sleep(0.02)
-        await anyio.sleep(0.3)  # a few more reconciles: it must not run again
-        assert (await rt.client.get(one)).state is TaskState.CANCELLED
-    assert len(cancelled.read_text().splitlines()) == 1
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(pytest.main([__file__, "-q"]))
 
 
 @pytest.mark.parametrize("kind", ["future", "task", "await"])
@@ -287,3 +267,7 @@ def test_a_step_that_is_not_awaitable_names_the_iterator() -> None:
 
     with pytest.raises((TriggerFailed, TypeError), match="not awaitable"):
         run_trigger(AwaitablesRun(kind="int"), timeout=10)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(pytest.main([__file__, "-q"]))
