@@ -175,16 +175,6 @@ class LoopWatchdog:
                     if details.get("ran"):
                         self._best_streak = (now - since, name, details)
 
-    async def _sampler_caught_up(self, since: float) -> None:
-        """Wait (a few sampler intervals at most) until the sampler thread has woken after
-        ``since``: after a SIGCONT the loop may run first, before the sampler notes the pause,
-        and the silence would be taken for load."""
-        for _ in range(20):
-            if self._woke >= since:
-                return
-            self._last_tick = time.monotonic()  # no samples of this wait
-            await anyio.sleep(self.interval / 2)
-
     def _pause_in(self, start: float, end: float, consume: bool = True) -> float:
         """Seconds the process was paused between ``start`` and ``end`` (each pause once,
         unless ``consume`` is false)."""
@@ -234,13 +224,14 @@ class LoopWatchdog:
                 long_steps, self._long_steps = self._long_steps, []
                 streak, self._best_streak = self._best_streak, None
                 self._streak = ("", 0.0, 0.0)
-                if lag > self.threshold:
-                    await self._sampler_caught_up(woke)
                 paused = self._pause_in(before, time.monotonic()) if lag > self.threshold else 0
+                # after a SIGCONT the loop may run before the sampler notes the pause: a
+                # sampler that has not woken in the latter half of the silence was stopped too
+                sampler_silent = self._woke < woke - lag / 2
                 if (
                     not paused
                     and lag > self.threshold
-                    and not samples  # the sampler thread did not run in the silence either
+                    and (not samples or sampler_silent)  # nor did the sampler thread
                     and not long_steps
                     and cpu_used < lag / 2  # and nothing computed: the process was stopped
                 ):
