@@ -50,10 +50,10 @@ class EventWriter:
         self.last_error: str | None = None
         self.written = 0
         self.dropped = 0
-        #: each store call's ids (count, id sum) by a sequence number: the recent ones, and
+        #: each store call's ids by a sequence number: the recent ones, and
         #: those whose ids are still pending (their transaction may have committed already);
         #: a reconcile's quick check allows for them (``possibly_stored``)
-        self.units: deque[tuple[int, int, int, frozenset[int]]] = deque(maxlen=UNITS_KEPT)
+        self.units: deque[tuple[int, frozenset[int]]] = deque(maxlen=UNITS_KEPT)
         self.unit_seq = 0
         self.open_units: set[int] = set()
 
@@ -139,20 +139,20 @@ class EventWriter:
 
     def _unit(self, ids: list[int]) -> None:
         self.unit_seq += 1
-        self.units.append((self.unit_seq, len(ids), sum(ids), frozenset(ids)))
+        self.units.append((self.unit_seq, frozenset(ids)))
         self.open_units.add(self.unit_seq)
 
     def possibly_stored(self, open_before: set[int], seq_before: int) -> list[tuple[int, int]]:
         """(count, id sum) of each store call that may have committed since a moment when
         ``open_before`` were open and ``seq_before`` was the last sequence number; LookupError
         when one of them is no longer kept."""
-        known = {u[0]: (u[1], u[2]) for u in self.units}
+        known = dict(self.units)
         wanted = [q for q in open_before if q <= seq_before] + list(
             range(seq_before + 1, self.unit_seq + 1)
         )
         if any(q not in known for q in wanted):
             raise LookupError("a store call is no longer known")
-        return [known[q] for q in wanted]
+        return [(len(known[q]), sum(known[q])) for q in wanted]
 
     async def _write_one_by_one(self, batch: list[int]) -> list[int]:
         """Write each item alone; returns the ids left over by a connection-level error."""
@@ -205,7 +205,7 @@ class EventWriter:
     def _done(self, ids: list[int]) -> None:
         if self.open_units:
             done = set(ids)
-            units = {u[0]: u[3] for u in self.units}
+            units = dict(self.units)
             for q in list(self.open_units):
                 if q not in units or not any(t in self.pending and t not in done for t in units[q]):
                     self.open_units.discard(q)
