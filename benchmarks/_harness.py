@@ -15,8 +15,8 @@ from typing import Any
 
 import psutil
 
-from deferrun import loops
 from deferrun.exceptions import ConfigError
+from deferrun.process import loops
 
 REPO = Path(__file__).resolve().parent.parent
 

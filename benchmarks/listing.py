@@ -98,7 +98,7 @@ async def measure(db: str) -> dict[str, Any]:
 
 def command_ms(db: str, *extra: str) -> float:
     """The whole `deferrun tasks` in this process: what the CLI runs, store open to close."""
-    from deferrun import cli
+    from deferrun.cli import commands as cli
 
     times = []
     for _ in range(5):
@@ -114,7 +114,7 @@ def subprocess_ms(db: str, imports_only: bool = False) -> float:
     backend = "sqlite" if db.startswith("sqlite") else "postgres"
     argv = ["-m", "deferrun", "tasks", "--db", db]
     if imports_only:
-        argv = ["-c", f"import deferrun.cli, deferrun.store.{backend}"]
+        argv = ["-c", f"import deferrun.cli.commands, deferrun.store.{backend}"]
     times = []
     for _ in range(3):
         t0 = time.perf_counter()

@@ -45,7 +45,7 @@ from benchmarks._harness import (
 from benchmarks.burst import store_calls
 from benchmarks.ops import Nop
 from deferrun.client import build_task
-from deferrun.models import NewTask
+from deferrun.core.models import NewTask
 from deferrun.store import Store, open_store
 from deferrun.store.sql import Query
 from triggers.file import FileTrigger

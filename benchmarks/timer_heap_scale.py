@@ -25,10 +25,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from benchmarks._harness import pct
-from deferrun import serialization
-from deferrun.models import ClaimedTrigger
+from deferrun.core import serialization
+from deferrun.core.models import ClaimedTrigger
 from deferrun.store import open_store
-from deferrun.triggerer import Triggerer
+from deferrun.triggerer.triggerer import Triggerer
 from triggers.time import DateTimeTrigger
 
 CLAIM_BATCH = 10_000

@@ -28,8 +28,8 @@ CLASSPATH = "benchmarks.ops.SleepUntilTrigger"
 
 
 def _rows(start: int, n: int, at: float) -> list[Any]:
-    from deferrun import sharing
-    from deferrun.models import ClaimedTrigger
+    from deferrun.core.models import ClaimedTrigger
+    from deferrun.sharing import keys as sharing
 
     rows = []
     for i in range(start, start + n):
@@ -47,10 +47,10 @@ async def _measure(n: int, top: int) -> dict[str, Any]:
     import time
     import tracemalloc
 
-    from deferrun import containment
+    from deferrun.process import containment
+    from deferrun.process.watchdog import LoopWatchdog
     from deferrun.store import open_store
-    from deferrun.triggerer import Triggerer
-    from deferrun.watchdog import LoopWatchdog
+    from deferrun.triggerer.triggerer import Triggerer
 
     store = await open_store(f"sqlite:///{Path(tempfile.mkdtemp()) / 'unused.db'}")
     triggerer = Triggerer(store, capacity=n + 1000)

@@ -48,7 +48,7 @@ from benchmarks._harness import (
 )
 from benchmarks.ops import Roundtrip
 from deferrun.client import build_task
-from deferrun.models import TaskState
+from deferrun.core.models import TaskState
 from deferrun.store import Store, open_store
 from deferrun.web.app import build_app
 

@@ -5,8 +5,9 @@ stored, and one asyncio triggerer process waits on thousands of triggers at once
 each task through the queue when its event fires.
 """
 
-from deferrun.baseoperator import BaseOperator, Context
-from deferrun.basetrigger import (
+from deferrun.client import AsyncClient, Client
+from deferrun.core.baseoperator import BaseOperator, Context
+from deferrun.core.basetrigger import (
     BaseTrigger,
     PollingTrigger,
     TaskFailedEvent,
@@ -14,7 +15,7 @@ from deferrun.basetrigger import (
     TaskSuccessEvent,
     TriggerEvent,
 )
-from deferrun.client import AsyncClient, Client
+from deferrun.core.models import TaskInfo, TaskState, TriggerInfo
 from deferrun.exceptions import (
     ConfigError,
     DeferrunError,
@@ -28,7 +29,6 @@ from deferrun.exceptions import (
     TransientError,
     TriggerFailed,
 )
-from deferrun.models import TaskInfo, TaskState, TriggerInfo
 from deferrun.sensors import BaseSensor
 
 __version__ = "0.1.0"

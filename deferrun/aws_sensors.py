@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from deferrun.basetrigger import BaseTrigger
+from deferrun.core.basetrigger import BaseTrigger
 from deferrun.sensors import TriggerSensor, check_poke_interval
 
 

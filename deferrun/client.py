@@ -12,12 +12,12 @@ from typing import Any, TypeVar
 import anyio
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
-from deferrun import serialization
-from deferrun.baseoperator import BaseOperator
-from deferrun.basetrigger import BaseTrigger
-from deferrun.deferral import prepare_deferral
+from deferrun.core import serialization
+from deferrun.core.baseoperator import BaseOperator
+from deferrun.core.basetrigger import BaseTrigger
+from deferrun.core.deferral import prepare_deferral
+from deferrun.core.models import NewTask, TaskInfo, TaskState, TriggerInfo
 from deferrun.exceptions import SerializationError, TaskDeferred, TaskEnded, TaskNotFound
-from deferrun.models import NewTask, TaskInfo, TaskState, TriggerInfo
 from deferrun.store import Store, make_store
 from deferrun.store.pipelines import TRIGGER_RULES
 

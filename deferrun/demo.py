@@ -17,11 +17,12 @@ from typing import Any
 
 import anyio
 
-from deferrun import config, views
-from deferrun.baseoperator import BaseOperator, Context
-from deferrun.basetrigger import BaseTrigger, TaskSuccessEvent, TriggerEvent
+from deferrun.cli import views
 from deferrun.client import AsyncClient
-from deferrun.models import FINISHED_STATES, TaskState
+from deferrun.core import config
+from deferrun.core.baseoperator import BaseOperator, Context
+from deferrun.core.basetrigger import BaseTrigger, TaskSuccessEvent, TriggerEvent
+from deferrun.core.models import FINISHED_STATES, TaskState
 from deferrun.store import Store
 from triggers.time import TimeDeltaTrigger
 

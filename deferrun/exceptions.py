@@ -10,7 +10,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from deferrun.basetrigger import BaseTrigger
+    from deferrun.core.basetrigger import BaseTrigger
 
 
 class DeferrunError(Exception):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from deferrun.baseoperator import BaseOperator, Context
+from deferrun.connections.clients import dotted
+from deferrun.core.baseoperator import BaseOperator, Context
 from deferrun.exceptions import FailTask
 from deferrun.sensors import JobRunFailed, job_result
-from deferrun.shared_clients import dotted
 
 __all__ = ["DbtCloudRunJobOperator", "JobRunFailed", "RunJobOperator"]
 
@@ -132,7 +132,7 @@ class DbtCloudRunJobOperator(BaseOperator):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        from deferrun.basetrigger import check_interval as checked
+        from deferrun.core.basetrigger import check_interval as checked
 
         self.job_id = job_id
         self.account_id = account_id

@@ -13,8 +13,8 @@ import time
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from deferrun.baseoperator import BaseOperator, Context, as_seconds
-from deferrun.basetrigger import BaseTrigger
+from deferrun.core.baseoperator import BaseOperator, Context, as_seconds
+from deferrun.core.basetrigger import BaseTrigger
 from deferrun.exceptions import FailTask, SkipTask, TaskReschedule, TaskTimeout
 
 Mode = Literal["poke", "reschedule", "deferrable"]
@@ -109,7 +109,7 @@ class BaseSensor(BaseOperator):
 def check_poke_interval(sensor: BaseSensor) -> None:
     """Built-in sensors refuse a zero, tiny, NaN or infinite poke_interval (a busy loop or
     no poke at all); the same rule as the triggers' poll_interval."""
-    from deferrun.basetrigger import check_interval
+    from deferrun.core.basetrigger import check_interval
 
     check_interval(sensor.poke_interval, "poke_interval")
 
@@ -199,7 +199,7 @@ class TriggerSensor(BaseSensor):
             return super().execute(context)
         from anyio.from_thread import start_blocking_portal
 
-        from deferrun.connections import close_shared_clients
+        from deferrun.connections.uri import close_shared_clients
 
         with start_blocking_portal() as portal:
             self._portal = portal
@@ -210,7 +210,7 @@ class TriggerSensor(BaseSensor):
                 self._portal = None
 
     def poke(self, context: Context) -> Any:
-        from deferrun.basetrigger import PollingTrigger
+        from deferrun.core.basetrigger import PollingTrigger
         from deferrun.exceptions import TransientError
 
         trigger = self.trigger()
@@ -279,7 +279,7 @@ class HttpSensor(TriggerSensor):
     ) -> None:
         super().__init__(**kwargs)
         check_poke_interval(self)
-        from deferrun.shared_clients import check_endpoint
+        from deferrun.connections.clients import check_endpoint
 
         self.endpoint = check_endpoint(endpoint)
         self.http_conn_id = http_conn_id
@@ -337,7 +337,7 @@ class JobRunFailed(Exception):
 def job_result(payload: Any, what: str, error_field: str | None) -> Any:
     """A job event's body on success; JobRunFailed with the run's state and error otherwise."""
     if isinstance(payload, dict) and payload.get("status") == "failed":
-        from deferrun.shared_clients import dotted
+        from deferrun.connections.clients import dotted
 
         error = ""
         if error_field:
@@ -365,7 +365,7 @@ class JobRunSensor(TriggerSensor):
     ) -> None:
         super().__init__(**kwargs)
         check_poke_interval(self)
-        from deferrun.shared_clients import check_endpoint
+        from deferrun.connections.clients import check_endpoint
 
         self.status_endpoint = check_endpoint(status_endpoint, "status_endpoint")
         self.http_conn_id = http_conn_id

@@ -3,19 +3,25 @@
 ``run_trigger`` runs a trigger exactly as the triggerer does: it stores it (``serialize()`` and
 JSON), rebuilds it from that row, takes the ``timer()`` shortcut when the trigger offers one,
 and otherwise runs ``run()`` through the same function the triggerer uses
-(``deferrun.trigger_run``), with the same checks, size limit, ids and ``cleanup()``.
+(``deferrun.triggerer.trigger_run``), with the same checks, size limit, ids and ``cleanup()``.
 """
 
 from __future__ import annotations
 
 import anyio
 
-from deferrun import containment, serialization
-from deferrun.basetrigger import BaseTrigger, TriggerEvent
-from deferrun.connections import close_shared_clients
+from deferrun.connections.uri import close_shared_clients
+from deferrun.core import serialization
+from deferrun.core.basetrigger import BaseTrigger, TriggerEvent
+from deferrun.core.models import ClaimedTrigger
 from deferrun.exceptions import TriggerFailed
-from deferrun.models import ClaimedTrigger
-from deferrun.trigger_run import TIMED_OUT, Limits, max_event_bytes_from_env, run_to_first_event
+from deferrun.process import containment
+from deferrun.triggerer.trigger_run import (
+    TIMED_OUT,
+    Limits,
+    max_event_bytes_from_env,
+    run_to_first_event,
+)
 
 
 async def arun_trigger(

@@ -9,7 +9,7 @@ from typing import Any
 import anyio
 
 from deferrun import BaseOperator, BaseTrigger, TriggerEvent
-from deferrun.basetrigger import PollingTrigger
+from deferrun.core.basetrigger import PollingTrigger
 from triggers.http import HttpTrigger
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from deferrun.attempt_threads import _NOWAIT, AttemptThreads
+from deferrun.worker.attempt_threads import _NOWAIT, AttemptThreads
 
 pytestmark = pytest.mark.skipif(not _NOWAIT, reason="threads are reused on CPython 3.11/3.12")
 

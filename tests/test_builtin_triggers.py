@@ -11,7 +11,7 @@ import anyio.to_thread
 import pytest
 from services import FakeServices, Moto
 
-from deferrun.connections import Connection, redact, shared_clients
+from deferrun.connections.uri import Connection, redact, shared_clients
 from deferrun.exceptions import TransientError
 from deferrun.testing import arun_trigger
 from triggers.http import HttpTrigger
@@ -237,8 +237,8 @@ async def test_http_other_4xx_fails_and_slow_response_is_transient(
 ) -> None:
     with pytest.raises(RuntimeError, match="HTTP 400"):
         await arun_trigger(HttpTrigger(endpoint="bad-request"), timeout=10)
-    monkeypatch.setattr("deferrun.shared_clients.HTTP_TIMEOUT", 0.3)
-    from deferrun.connections import close_shared_clients
+    monkeypatch.setattr("deferrun.connections.clients.HTTP_TIMEOUT", 0.3)
+    from deferrun.connections.uri import close_shared_clients
 
     await close_shared_clients()
     with pytest.raises(TransientError, match="Timeout"):

@@ -11,9 +11,9 @@ import pytest
 from hostile_userland import HostileDefer
 from tests_support import runtime_for
 
-from deferrun import triggerer as triggerer_module
 from deferrun.store import Store
-from deferrun.triggerer import Triggerer
+from deferrun.triggerer import triggerer as triggerer_module
+from deferrun.triggerer.triggerer import Triggerer
 
 pytestmark = pytest.mark.anyio
 

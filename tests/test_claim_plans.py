@@ -17,9 +17,9 @@ import pytest
 
 from deferrun.store import machine, open_store, trigger_claims
 from deferrun.store.manager import NEXT_DUE, NEXT_DUE_ONE
-from deferrun.store.postgres import PostgresConnector
+from deferrun.store.postgres.connector import PostgresConnector
 from deferrun.store.sql import Query
-from deferrun.store.sqlite import SQLiteConnector
+from deferrun.store.sqlite.connector import SQLiteConnector
 
 
 @pytest.mark.anyio

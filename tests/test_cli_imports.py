@@ -15,7 +15,7 @@ from deferrun.store import open_store
 PROCESS_ONLY = ["aiohttp", "prometheus_client", "deferrun.worker", "deferrun.triggerer"]
 CHECK = """
 import contextlib, io, json, sys
-from deferrun import cli
+from deferrun.cli import commands as cli
 with contextlib.redirect_stdout(io.StringIO()):
     code = cli.main(["tasks", "--db", sys.argv[1]])
 print(json.dumps({"code": code, "loaded": [m for m in sys.argv[2:] if m in sys.modules]}))

@@ -21,12 +21,12 @@ from airflow_style import (
 )
 
 from deferrun import FailTask, SkipTask
-from deferrun.attempt import _classify, _Raised
 from deferrun.client import build_task
-from deferrun.connections import redact
-from deferrun.deferral import prepare_deferral
+from deferrun.connections.uri import redact
+from deferrun.core.deferral import prepare_deferral
+from deferrun.core.serialization import dumps, instantiate, loads
 from deferrun.exceptions import TaskDeferred
-from deferrun.serialization import dumps, instantiate, loads
+from deferrun.worker.attempt import _classify, _Raised
 
 NAMES = [
     "BaseTrigger",

@@ -18,8 +18,8 @@ from tests_support import TESTS_DIR, OutageStore, runtime_for
 from deferrun import Client, TaskState
 from deferrun.client import AsyncClient
 from deferrun.store import Store
-from deferrun.triggerer import Triggerer
-from deferrun.worker import Worker
+from deferrun.triggerer.triggerer import Triggerer
+from deferrun.worker.worker import Worker
 
 
 def _runs(marker: Path) -> int:

@@ -17,7 +17,7 @@ from test_cli import _create_database
 
 from deferrun import Client, TaskState
 from deferrun.compat.airflow import BaseHook
-from deferrun.connections import redact
+from deferrun.connections.uri import redact
 from deferrun.exceptions import ConfigError
 
 #: conn id -> (URI, fragments of its secrets that must never be seen)

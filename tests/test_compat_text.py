@@ -18,7 +18,7 @@ pytestmark = pytest.mark.e2e
 
 
 def test_log_line_with_a_surrogate_is_escaped() -> None:
-    from deferrun.tasklogs import _encode_line
+    from deferrun.process.tasklogs import _encode_line
 
     line = _encode_line({"event": "log \udcff line", "task_id": "t"})
     assert "udcff" in line and line.encode("utf-8")

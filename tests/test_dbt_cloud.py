@@ -11,9 +11,9 @@ from fake_dbt import ACCOUNT, DBT_TOKEN, DbtRun, FakeDbtCloud
 from tests_support import runtime_for
 
 from deferrun import Client, TaskState
-from deferrun.connections import Connection, redact
+from deferrun.connections.clients import http_headers
+from deferrun.connections.uri import Connection, redact
 from deferrun.operators import DbtCloudRunJobOperator, RunJobOperator
-from deferrun.shared_clients import http_headers
 from deferrun.store import Store
 from deferrun.testing import arun_trigger
 from triggers.http import HttpTrigger

@@ -33,7 +33,7 @@ from tests_support import TESTS_DIR, OutageStore, runtime_for
 from deferrun import Client, TaskState
 from deferrun.client import AsyncClient
 from deferrun.store import Store
-from deferrun.worker import Worker
+from deferrun.worker.worker import Worker
 
 # --------------------------------------------------------------------------- in-process
 

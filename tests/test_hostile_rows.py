@@ -22,9 +22,9 @@ from tests_support import runtime_for
 from userland import DeferOnce, Outcome
 
 from deferrun import TaskState
-from deferrun.baseoperator import as_seconds
 from deferrun.client import build_task
-from deferrun.config import redact_url, scrub
+from deferrun.core.baseoperator import as_seconds
+from deferrun.core.config import redact_url, scrub
 from deferrun.exceptions import ConfigError
 from deferrun.store import Store
 
@@ -33,8 +33,8 @@ pytestmark = pytest.mark.anyio
 
 async def _forge(store: Store, task_id: str, column: str, value: Any) -> None:
     """Write ``value`` into a task's column behind the store's back, as a hostile writer would."""
-    from deferrun.store.postgres import PostgresStore
-    from deferrun.store.sqlite import SQLiteStore
+    from deferrun.store.postgres.connector import PostgresStore
+    from deferrun.store.sqlite.connector import SQLiteStore
 
     sql = f"UPDATE deferrun_tasks SET {column} = $1 WHERE id = $2"
     if isinstance(store, SQLiteStore):
@@ -63,7 +63,7 @@ async def test_forged_column_fails_only_its_task(
     await store.submit(task)
     if column == "next_kwargs":  # a resume: defer once, then corrupt what the resume reads
         [claim] = await store.claim_tasks("forger", ["default"], 1)
-        from deferrun.models import Deferral
+        from deferrun.core.models import Deferral
 
         deferral = Deferral("userland.EchoTrigger", '{"value": 1}', "resume", "{}", None)
         trigger_id = await store.defer_task(task.id, claim.claim_token, deferral)
@@ -116,7 +116,7 @@ def test_durations_no_clock_can_wait_for_are_refused() -> None:
 def test_environment_durations_must_be_finite(
     monkeypatch: pytest.MonkeyPatch, name: str, raw: str
 ) -> None:
-    from deferrun import config
+    from deferrun.core import config
 
     monkeypatch.setenv(name, raw)
     with pytest.raises(ConfigError, match=name):

@@ -8,8 +8,8 @@ import pytest
 from userland import DeferOnce
 
 from deferrun.client import build_task
+from deferrun.core.models import TaskState
 from deferrun.exceptions import TaskNotFound
-from deferrun.models import TaskState
 from deferrun.store import Store
 from deferrun.store.sql import Query, run
 

@@ -13,7 +13,7 @@ from conftest import Proc, deferrun_env, wait_until
 from hostile_ops import Steps
 
 from deferrun import Client
-from deferrun.models import TaskState
+from deferrun.core.models import TaskState
 
 TESTS_DIR = Path(__file__).parent
 

@@ -6,7 +6,7 @@ import json
 import re
 from pathlib import Path
 
-from deferrun.metrics import Metrics
+from deferrun.process.metrics import Metrics
 
 REPO = Path(__file__).parent.parent
 SUFFIXES = {

@@ -14,7 +14,7 @@ import pytest
 from conftest import TESTS_DIR, Proc, deferrun_env
 
 from deferrun import Client
-from deferrun.connections import Connection
+from deferrun.connections.uri import Connection
 from deferrun.testing import arun_trigger
 from triggers.sql import SqlTrigger
 

@@ -20,10 +20,10 @@ from loopback_proxy import SilencingProxy
 from tests_support import runtime_for
 
 from deferrun.client import AsyncClient
+from deferrun.core.models import TaskState
 from deferrun.exceptions import StoreUnavailable
-from deferrun.models import TaskState
 from deferrun.store import Store, make_store
-from deferrun.worker import Worker
+from deferrun.worker.worker import Worker
 
 
 class LostReplyStore:

@@ -21,7 +21,7 @@ from pipeline_userland import Step
 from tests_support import run_model, wipe
 
 from deferrun.client import build_task
-from deferrun.models import TaskState
+from deferrun.core.models import TaskState
 from deferrun.store import Store, make_store
 from deferrun.store.pipelines import TRIGGER_RULES, verdict
 

@@ -16,7 +16,7 @@ from conftest import deferrun_env
 from pgcluster import free_port
 
 from deferrun.store import open_store
-from deferrun.store.sqlite import SCHEMA_VERSION
+from deferrun.store.sqlite.connector import SCHEMA_VERSION
 
 pytestmark = pytest.mark.e2e
 

@@ -12,8 +12,8 @@ from hostile_ops import Returns
 
 from deferrun.client import AsyncClient
 from deferrun.store.base import Store
-from deferrun.trigger_run import Outcome
-from deferrun.triggerer import Triggerer
+from deferrun.triggerer.trigger_run import Outcome
+from deferrun.triggerer.triggerer import Triggerer
 from triggers.time import DateTimeTrigger
 
 

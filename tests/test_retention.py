@@ -15,7 +15,7 @@ from conftest import TESTS_DIR, Proc, deferrun_env
 from userland import DeferOnce, Outcome
 
 from deferrun.client import build_task
-from deferrun.models import TaskState
+from deferrun.core.models import TaskState
 from deferrun.store import Store, make_store
 from deferrun.store.sql import Program, Query, run
 

@@ -12,7 +12,7 @@ from tests_support import runtime_for
 from userland import AsyncDefer, DeferOnce, FlagSensor, Flaky, Outcome, SlowAsync
 
 from deferrun import TaskEnded, TaskState
-from deferrun.models import Deferral
+from deferrun.core.models import Deferral
 from deferrun.sensors import DateTimeSensor, FileSensor, TimeDeltaSensor
 from deferrun.store import Store
 

@@ -13,9 +13,9 @@ from userland import AirflowStyleTrigger, DeferOnce, EchoTrigger, ForgedTrigger
 
 from deferrun import BaseOperator, BaseTrigger, SerializationError
 from deferrun.client import build_task
-from deferrun.deferral import prepare_deferral
+from deferrun.core.deferral import prepare_deferral
+from deferrun.core.serialization import dumps, instantiate, load_class, loads
 from deferrun.exceptions import ClassLoadError
-from deferrun.serialization import dumps, instantiate, load_class, loads
 from triggers.time import DateTimeTrigger, TimeDeltaTrigger
 
 ROUND_TRIP = [

@@ -11,8 +11,8 @@ import pendulum
 import pytest
 from airflow_style import JobStatus, Priority
 
+from deferrun.core.serialization import dumps, loads, set_trusted_modules
 from deferrun.exceptions import ClassLoadError, SerializationError
-from deferrun.serialization import dumps, loads, set_trusted_modules
 
 
 @pytest.mark.parametrize(

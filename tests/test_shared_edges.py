@@ -161,7 +161,7 @@ async def test_generator_exit_from_poll_many_fails_members_with_a_clear_error(
 
 
 def test_large_kwargs_are_hashed_as_stored_not_reparsed(monkeypatch: pytest.MonkeyPatch) -> None:
-    from deferrun import sharing
+    from deferrun.sharing import keys as sharing
 
     small = sharing.affinity_key("c.T", '{"a":1,"b":2}')
     assert small == sharing.affinity_key("c.T", '{"b": 2, "a": 1}')  # key order ignored

@@ -16,11 +16,11 @@ from shared_userland import FeedTrigger
 from tests_support import wait_for
 
 from deferrun import TriggerEvent
-from deferrun.connections import close_shared_clients
-from deferrun.models import ClaimedTrigger
-from deferrun.serialization import dumps, loads
-from deferrun.shared_clients import aws_client
-from deferrun.trigger_run import Limits, run_to_first_event
+from deferrun.connections.clients import aws_client
+from deferrun.connections.uri import close_shared_clients
+from deferrun.core.models import ClaimedTrigger
+from deferrun.core.serialization import dumps, loads
+from deferrun.triggerer.trigger_run import Limits, run_to_first_event
 from triggers import s3_shared
 from triggers.http import HttpTrigger
 from triggers.job import JobStatusTrigger

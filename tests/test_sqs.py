@@ -18,7 +18,7 @@ from tests_support import runtime_for
 
 from deferrun import Client, TaskState
 from deferrun.aws_sensors import SqsSensor, airflow_filter
-from deferrun.connections import shared_clients
+from deferrun.connections.uri import shared_clients
 from deferrun.store import Store
 from triggers import sqs
 from triggers.sqs import matches

@@ -14,7 +14,7 @@ import anyio
 import pytest
 import structlog
 
-from deferrun import cli
+from deferrun.cli import commands as cli
 from deferrun.store import open_store
 from deferrun.store.observe import STATE_COUNT_CAP
 

@@ -123,7 +123,7 @@ def test_a_record_whose_args_do_not_fit_is_still_one_json_line(
 
     import structlog
 
-    from deferrun.log import configure_logging
+    from deferrun.process.log import configure_logging
 
     saved = structlog.get_config()
     root = logging.getLogger()
@@ -150,7 +150,7 @@ def test_a_record_whose_args_do_not_fit_is_still_one_json_line(
 def test_an_oversized_stored_line_is_still_json() -> None:
     """``deferrun logs --json`` is read by programs: a line over the limit used to be cut
     mid-JSON."""
-    from deferrun.tasklogs import TaskLogSink
+    from deferrun.process.tasklogs import TaskLogSink
 
     sink = TaskLogSink(None, "worker", max_line=8192)  # type: ignore[arg-type]
     sink.add({"event": "huge " + "x" * 100_000, "task_id": "t1", "level": "info"})

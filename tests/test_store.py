@@ -8,10 +8,10 @@ import anyio
 import pytest
 from userland import DeferOnce, Flaky
 
-from deferrun import serialization
-from deferrun.baseoperator import BaseOperator
 from deferrun.client import build_task
-from deferrun.models import Deferral, TaskState
+from deferrun.core import serialization
+from deferrun.core.baseoperator import BaseOperator
+from deferrun.core.models import Deferral, TaskState
 from deferrun.store import Store
 
 pytestmark = pytest.mark.anyio
@@ -249,7 +249,7 @@ async def test_schema_v1_database_is_migrated(db_url: str) -> None:
         await store.append_task_logs([(task_id, 1.0, "worker", "x")], keep=5)
         assert len(await store.task_logs(task_id)) == 1
         assert (await store.get_task(task_id)) is not None  # data kept
-        from deferrun.store.sqlite import SCHEMA_VERSION
+        from deferrun.store.sqlite.connector import SCHEMA_VERSION
 
         assert await _schema_version(store) == SCHEMA_VERSION
         assert await store.load_xcoms(task_id) == {}  # the v6 xcom table exists again
@@ -261,8 +261,8 @@ async def test_schema_v1_database_is_migrated(db_url: str) -> None:
 
 
 async def _downgrade_to_v1(store: Store) -> None:
-    from deferrun.store.postgres import PostgresStore
-    from deferrun.store.sqlite import SQLiteStore
+    from deferrun.store.postgres.connector import PostgresStore
+    from deferrun.store.sqlite.connector import SQLiteStore
 
     if isinstance(store, SQLiteStore):
         # Version 1 had no logs table, no claim tokens and no deferrun_ prefix on SQLite.
@@ -301,8 +301,8 @@ async def _downgrade_to_v1(store: Store) -> None:
 
 
 async def _schema_version(store: Store) -> int:
-    from deferrun.store.postgres import PostgresStore
-    from deferrun.store.sqlite import SQLiteStore
+    from deferrun.store.postgres.connector import PostgresStore
+    from deferrun.store.sqlite.connector import SQLiteStore
 
     if isinstance(store, SQLiteStore):
         return int(store.connector.conn.execute("PRAGMA user_version").fetchone()[0])

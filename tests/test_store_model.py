@@ -20,10 +20,10 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 from tests_support import run_model, wipe
 from userland import Flaky
 
-from deferrun import serialization
-from deferrun.baseoperator import BaseOperator
 from deferrun.client import build_task
-from deferrun.models import Deferral, TaskState
+from deferrun.core import serialization
+from deferrun.core.baseoperator import BaseOperator
+from deferrun.core.models import Deferral, TaskState
 from deferrun.store import Store, make_store
 
 T = TypeVar("T")

@@ -17,9 +17,9 @@ from tests_support import runtime_for
 
 from deferrun import BaseOperator
 from deferrun.client import AsyncClient, Client
-from deferrun.models import TaskState
+from deferrun.core.models import TaskState
 from deferrun.store import Store
-from deferrun.worker import Worker
+from deferrun.worker.worker import Worker
 
 
 def test_the_retry_starts_only_after_the_timed_out_code_stopped(

@@ -11,11 +11,12 @@ from typing import Any
 import anyio
 import pytest
 
-from deferrun import reconcile, serialization
-from deferrun.metrics import Metrics
-from deferrun.models import ClaimedTrigger
-from deferrun.timer_heap import MIN_WAIT, Timer, TimerHeap, fire_timers
-from deferrun.triggerer import Triggerer
+from deferrun.core import serialization
+from deferrun.core.models import ClaimedTrigger
+from deferrun.process.metrics import Metrics
+from deferrun.triggerer import reconcile
+from deferrun.triggerer.timers import MIN_WAIT, Timer, TimerHeap, fire_timers
+from deferrun.triggerer.triggerer import Triggerer
 from triggers.time import DateTimeTrigger
 
 pytestmark = pytest.mark.anyio

@@ -23,7 +23,7 @@ from services import HostileApi
 from tests_support import runtime_for
 
 from deferrun import TaskState
-from deferrun.basetrigger import BaseTrigger, PollingTrigger, TriggerEvent
+from deferrun.core.basetrigger import BaseTrigger, PollingTrigger, TriggerEvent
 from deferrun.exceptions import ConfigError, TransientError, TriggerFailed
 from deferrun.sensors import (
     DateTimeSensor,
@@ -378,7 +378,7 @@ async def test_sql_bad_parameter_fails_and_refused_connection_is_transient(
     with pytest.raises(TransientError) as err:
         await SqlTrigger(sql="SELECT 1", conn_id="pg_down").poll()
     no_secret(str(err.value))
-    from deferrun.connections import close_shared_clients
+    from deferrun.connections.uri import close_shared_clients
 
     await close_shared_clients()
 

@@ -19,10 +19,10 @@ from shared_userland import WaitOn
 from tests_support import runtime_for, wait_for
 
 from deferrun import TaskState
-from deferrun.basetrigger import BaseTrigger, TriggerEvent
-from deferrun.containment import TriggerCode
+from deferrun.core.basetrigger import BaseTrigger, TriggerEvent
+from deferrun.process.containment import TriggerCode
 from deferrun.store import Store
-from deferrun.trigger_run import Limits, run_until_event
+from deferrun.triggerer.trigger_run import Limits, run_until_event
 
 pytestmark = pytest.mark.anyio
 

@@ -18,15 +18,16 @@ import structlog
 from structlog.testing import LogCapture
 from tests_support import runtime_for
 
-from deferrun import TaskState, containment
-from deferrun.baseoperator import BaseOperator
-from deferrun.basetrigger import BaseTrigger, TriggerEvent
-from deferrun.log import configure_logging
-from deferrun.models import ClaimedTrigger
+from deferrun import TaskState
+from deferrun.core.baseoperator import BaseOperator
+from deferrun.core.basetrigger import BaseTrigger, TriggerEvent
+from deferrun.core.models import ClaimedTrigger
+from deferrun.process import containment
+from deferrun.process.log import configure_logging
+from deferrun.process.tasklogs import TaskLogSink
 from deferrun.store import Store
-from deferrun.tasklogs import TaskLogSink
-from deferrun.trigger_run import FIRED, TIMED_OUT
-from deferrun.triggerer import Triggerer
+from deferrun.triggerer.trigger_run import FIRED, TIMED_OUT
+from deferrun.triggerer.triggerer import Triggerer
 
 pytestmark = pytest.mark.anyio
 

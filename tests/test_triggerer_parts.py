@@ -19,16 +19,16 @@ from test_hostile_triggers import BAD
 from tests_support import runtime_for
 
 from deferrun import TaskState
-from deferrun.event_writer import EventWriter
+from deferrun.core.models import ClaimedTrigger
 from deferrun.exceptions import StoreUnavailable, TriggerFailed
-from deferrun.metrics import serve
-from deferrun.models import ClaimedTrigger
+from deferrun.process.metrics import serve
+from deferrun.process.watchdog import LoopWatchdog, timed_steps
 from deferrun.store import Store
 from deferrun.store.base import is_connection_error
 from deferrun.testing import arun_trigger
-from deferrun.trigger_run import FAILED, FIRED, Limits, Outcome, load
-from deferrun.triggerer import Triggerer
-from deferrun.watchdog import LoopWatchdog, timed_steps
+from deferrun.triggerer.event_writer import EventWriter
+from deferrun.triggerer.trigger_run import FAILED, FIRED, Limits, Outcome, load
+from deferrun.triggerer.triggerer import Triggerer
 from triggers.time import DateTimeTrigger
 
 pytestmark = pytest.mark.anyio
@@ -142,7 +142,7 @@ async def test_reconcile_never_releases_a_fired_unwritten_trigger(
     """The event waits in the writer (its write is held up) across many full reconciles
     (every held id fetched; the quick count check is off): the trigger is neither released
     nor run again, and the task resumes once."""
-    from deferrun import reconcile
+    from deferrun.triggerer import reconcile
 
     monkeypatch.setattr(reconcile, "FULL_RECONCILE_EVERY", 0.0)
     gate = anyio.Event()
@@ -269,7 +269,7 @@ async def test_healthz_503_while_events_cannot_be_stored(store: Store) -> None:
 
 
 def test_event_payload_size_limit() -> None:
-    from deferrun.trigger_run import Misbehaved, event_payload
+    from deferrun.triggerer.trigger_run import Misbehaved, event_payload
 
     assert event_payload({"k": "v" * 100}, "c.T", 1024).startswith("{")
     for payload in ("x" * 2000, {"nested": ["y" * 2000]}, "é" * 600):

@@ -18,13 +18,14 @@ import anyio
 import pytest
 from conftest import Proc, deferrun_env, wait_until
 
-from deferrun import TaskDeferred, serialization
-from deferrun.baseoperator import BaseOperator
-from deferrun.basetrigger import BaseTrigger
+from deferrun import TaskDeferred
 from deferrun.client import new_task_id
-from deferrun.deferral import prepare_deferral
+from deferrun.core import serialization
+from deferrun.core.baseoperator import BaseOperator
+from deferrun.core.basetrigger import BaseTrigger
+from deferrun.core.deferral import prepare_deferral
+from deferrun.core.models import Deferral, NewTask, TaskInfo
 from deferrun.exceptions import ClassLoadError, ConfigError
-from deferrun.models import Deferral, NewTask, TaskInfo
 from deferrun.store import open_store
 
 GOOD = '''

@@ -22,8 +22,10 @@ import pytest
 import structlog
 from conftest import TESTS_DIR, Proc, deferrun_env, wait_until
 
-from deferrun import Client, TaskState, cli, loops
+from deferrun import Client, TaskState
+from deferrun.cli import commands as cli
 from deferrun.exceptions import ConfigError
+from deferrun.process import loops
 
 HAS_UVLOOP = importlib.util.find_spec("uvloop") is not None
 
@@ -134,10 +136,10 @@ def test_time_triggers_never_fire_before_their_moment_on_uvloop(tmp_path: Path) 
 
     import anyio
 
-    from deferrun.models import ClaimedTrigger
-    from deferrun.serialization import dumps
+    from deferrun.core.models import ClaimedTrigger
+    from deferrun.core.serialization import dumps
     from deferrun.store import open_store
-    from deferrun.triggerer import Triggerer
+    from deferrun.triggerer.triggerer import Triggerer
 
     async def main() -> list[tuple[float, float]]:
         assert "uvloop" in type(asyncio.get_running_loop()).__module__

@@ -20,7 +20,7 @@ from pgcluster import free_port
 from deferrun.client import build_task
 from deferrun.store import make_store
 from deferrun.store.base import Wakeup
-from deferrun.store.local_notify import MIN_WAKE_INTERVAL, WAKE_BURST, UdpListener
+from deferrun.store.sqlite.notify import MIN_WAKE_INTERVAL, WAKE_BURST, UdpListener
 
 pytestmark = pytest.mark.e2e
 

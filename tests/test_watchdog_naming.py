@@ -23,9 +23,9 @@ from tests_support import runtime_for
 from watchdog_userland import DeferToTicker
 
 from deferrun import Client
-from deferrun.models import ClaimedTrigger
+from deferrun.core.models import ClaimedTrigger
 from deferrun.store import Store
-from deferrun.triggerer import TASK_CANCELLED
+from deferrun.triggerer.triggerer import TASK_CANCELLED
 
 pytestmark = pytest.mark.anyio
 

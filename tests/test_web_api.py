@@ -12,7 +12,7 @@ from aiohttp import web
 from webland import SECRETS, SecretOp, every_state
 
 from deferrun.client import build_task
-from deferrun.models import TaskState
+from deferrun.core.models import TaskState
 from deferrun.store import Store
 from deferrun.web.app import build_app
 

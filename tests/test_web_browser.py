@@ -25,7 +25,7 @@ from pgcluster import free_port
 from webland import DSN, SECRET_PASSWORD, SECRETS, Sleepy, WaitChatty, every_state
 
 from deferrun.client import build_task
-from deferrun.models import TaskState
+from deferrun.core.models import TaskState
 from deferrun.store import make_store
 
 CHROMIUM = "/usr/bin/chromium"

@@ -18,9 +18,9 @@ from hostile_ops import Returns, Steps
 from tests_support import runtime_for, wait_for
 
 from deferrun.client import AsyncClient, Client
-from deferrun.models import TaskState
+from deferrun.core.models import TaskState
 from deferrun.store import Store
-from deferrun.worker import Worker
+from deferrun.worker.worker import Worker
 
 
 class RefusesOne:
@@ -113,9 +113,9 @@ async def test_a_thread_that_cannot_start_fails_only_its_attempt(
     """The loop starts each sync attempt's thread without waiting for it; when the OS refuses
     a thread, that attempt fails (and is retried) and the worker goes on."""
 
-    import deferrun.attempt_threads
+    import deferrun.worker.attempt_threads
 
-    real = deferrun.attempt_threads._start_nowait
+    real = deferrun.worker.attempt_threads._start_nowait
     refused: list[str] = []
 
     def flaky(thread: Any) -> None:
@@ -124,8 +124,8 @@ async def test_a_thread_that_cannot_start_fails_only_its_attempt(
             raise RuntimeError("can't start new thread")
         real(thread)
 
-    monkeypatch.setattr(deferrun.attempt_threads, "_start_nowait", flaky)
-    monkeypatch.setattr(deferrun.attempt_threads, "_NOWAIT", True)
+    monkeypatch.setattr(deferrun.worker.attempt_threads, "_start_nowait", flaky)
+    monkeypatch.setattr(deferrun.worker.attempt_threads, "_NOWAIT", True)
     async with runtime_for(store, slots=2, triggerer=False) as rt:
         info = await rt.run_to_end(Returns(what="fine", retries=1, retry_delay=0), timeout=20)
         other = await rt.run_to_end(Returns(what="thread"), timeout=20)
@@ -168,9 +168,9 @@ async def test_a_thread_scheduled_after_its_cancel_never_runs_the_code(
     see the cancel and not start the operator's code."""
     import threading
 
-    import deferrun.attempt_threads
+    import deferrun.worker.attempt_threads
 
-    real = deferrun.attempt_threads._start_nowait
+    real = deferrun.worker.attempt_threads._start_nowait
     held: list[Any] = []
     release = threading.Event()
 
@@ -178,8 +178,8 @@ async def test_a_thread_scheduled_after_its_cancel_never_runs_the_code(
         held.append(thread)
         threading.Thread(target=lambda: (release.wait(30), real(thread)), daemon=True).start()
 
-    monkeypatch.setattr(deferrun.attempt_threads, "_start_nowait", late)
-    monkeypatch.setattr(deferrun.attempt_threads, "_NOWAIT", True)
+    monkeypatch.setattr(deferrun.worker.attempt_threads, "_start_nowait", late)
+    monkeypatch.setattr(deferrun.worker.attempt_threads, "_NOWAIT", True)
     log = tmp_path / "steps.log"
     async with runtime_for(store, slots=2, triggerer=False) as rt:
         assert rt.worker is not None
@@ -217,7 +217,7 @@ class DropsRegistration:
 @pytest.mark.anyio
 async def test_a_connection_lost_at_registration_is_retried(store: Store) -> None:
     from deferrun.exceptions import StoreUnavailable
-    from deferrun.triggerer import Triggerer
+    from deferrun.triggerer.triggerer import Triggerer
 
     for make in (
         lambda s: Worker(s, slots=1, dead_after=3.0),

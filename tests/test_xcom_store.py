@@ -9,8 +9,8 @@ import pytest
 from userland import DeferOnce
 
 from deferrun.client import build_task
-from deferrun.context import MAX_XCOM_BYTES, TaskInstance, XComError, XComState
 from deferrun.store import Store
+from deferrun.worker.context import MAX_XCOM_BYTES, TaskInstance, XComError, XComState
 
 
 @pytest.mark.anyio

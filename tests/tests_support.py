@@ -12,8 +12,8 @@ import anyio
 from deferrun.client import AsyncClient
 from deferrun.exceptions import StoreUnavailable
 from deferrun.store import Store
-from deferrun.triggerer import Triggerer
-from deferrun.worker import Worker
+from deferrun.triggerer.triggerer import Triggerer
+from deferrun.worker.worker import Worker
 
 TESTS_DIR = Path(__file__).parent
 

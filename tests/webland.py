@@ -11,11 +11,11 @@ import anyio
 import msgspec
 from userland import Flaky, NeverTrigger
 
-from deferrun import serialization
-from deferrun.baseoperator import BaseOperator, Context
-from deferrun.basetrigger import BaseTrigger, TriggerEvent
 from deferrun.client import build_task
-from deferrun.models import Deferral
+from deferrun.core import serialization
+from deferrun.core.baseoperator import BaseOperator, Context
+from deferrun.core.basetrigger import BaseTrigger, TriggerEvent
+from deferrun.core.models import Deferral
 from deferrun.store import Store
 
 SECRET_PASSWORD = "hunter2-SECRET-pw"

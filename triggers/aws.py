@@ -14,8 +14,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from deferrun.basetrigger import PollingTrigger, TriggerEvent, check_interval
-from deferrun.shared_clients import aws_client
+from deferrun.connections.clients import aws_client
+from deferrun.core.basetrigger import PollingTrigger, TriggerEvent, check_interval
 from triggers.s3 import classify
 
 OWN_WAITERS = Path(__file__).with_name("aws_waiters")

@@ -9,7 +9,7 @@ import asyncio
 import time
 from typing import Any
 
-from deferrun.basetrigger import TriggerEvent
+from deferrun.core.basetrigger import TriggerEvent
 from deferrun.exceptions import TransientError
 from triggers.http import excerpt, fetch, raise_for_auth, raise_transient
 from triggers.job import JobStatusTrigger

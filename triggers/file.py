@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import anyio
 import anyio.to_thread
 
-from deferrun.basetrigger import BaseTrigger, TriggerEvent, check_interval
+from deferrun.core.basetrigger import BaseTrigger, TriggerEvent, check_interval
 
 MAX_PATHS = 1000
 

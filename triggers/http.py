@@ -8,17 +8,17 @@ from datetime import UTC
 from email.utils import parsedate_to_datetime
 from typing import Any, NamedTuple
 
-from deferrun.basetrigger import PollingTrigger, TriggerEvent, check_interval
-from deferrun.connections import get_connection, redact
-from deferrun.exceptions import TransientError
-from deferrun.shared_clients import (
+from deferrun.connections.clients import (
     auth_scheme,
     check_endpoint,
     dotted,
     http_session,
     join_url,
 )
-from deferrun.sharing import digest
+from deferrun.connections.uri import get_connection, redact
+from deferrun.core.basetrigger import PollingTrigger, TriggerEvent, check_interval
+from deferrun.exceptions import TransientError
+from deferrun.sharing.keys import digest
 
 MAX_BODY_BYTES = 1_000_000
 NOT_YET = {404, 425}

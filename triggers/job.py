@@ -12,8 +12,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from deferrun.basetrigger import PollingTrigger, TriggerEvent, check_interval
-from deferrun.shared_clients import aws_client, check_endpoint, dotted
+from deferrun.connections.clients import aws_client, check_endpoint, dotted
+from deferrun.core.basetrigger import PollingTrigger, TriggerEvent, check_interval
 from triggers.http import (
     MAX_BODY_BYTES,
     answer_of,

@@ -9,10 +9,10 @@ from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from typing import Any
 
-from deferrun.basetrigger import PollingTrigger, TriggerEvent, check_interval
-from deferrun.connections import shared_clients
+from deferrun.connections.clients import aws_client
+from deferrun.connections.uri import shared_clients
+from deferrun.core.basetrigger import PollingTrigger, TriggerEvent, check_interval
 from deferrun.exceptions import TransientError
-from deferrun.shared_clients import aws_client
 
 PERMANENT_CODES = {
     "AccessDenied",

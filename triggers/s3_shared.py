@@ -17,7 +17,7 @@ import bisect
 import fnmatch
 from typing import Any
 
-from deferrun.basetrigger import TriggerEvent
+from deferrun.core.basetrigger import TriggerEvent
 
 #: pages a listing of (conn, bucket, prefix) needed last time (a floor when abandoned)
 LISTING_PAGES: dict[tuple[str, str, str], int] = {}

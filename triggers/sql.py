@@ -6,11 +6,11 @@ import ssl
 from collections.abc import Sequence
 from typing import Any
 
-from deferrun.basetrigger import PollingTrigger, TriggerEvent, check_interval
-from deferrun.connections import redact
+from deferrun.connections.clients import pg_pool
+from deferrun.connections.uri import redact
+from deferrun.core.basetrigger import PollingTrigger, TriggerEvent, check_interval
 from deferrun.exceptions import ConfigError, TransientError
-from deferrun.shared_clients import pg_pool
-from deferrun.sharing import digest
+from deferrun.sharing.keys import digest
 
 # Raised before any byte reaches the server, by options in the connection's URI (asyncpg's
 # ClientConfigurationError is also a ValueError) or a certificate/key file it names: retrying

@@ -20,11 +20,11 @@ from typing import Any
 
 import structlog
 
-from deferrun.basetrigger import BaseTrigger, TriggerEvent
-from deferrun.connections import shared_clients
-from deferrun.event_writer import after_write
+from deferrun.connections.clients import aws_client, dotted
+from deferrun.connections.uri import shared_clients
+from deferrun.core.basetrigger import BaseTrigger, TriggerEvent
 from deferrun.exceptions import TransientError
-from deferrun.shared_clients import aws_client, dotted
+from deferrun.triggerer.event_writer import after_write
 from triggers.s3 import classify
 
 log = structlog.get_logger("deferrun.sqs")

@@ -12,8 +12,8 @@ from collections.abc import AsyncIterator, Sequence
 
 import anyio
 
-from deferrun.basetrigger import BaseTrigger, TriggerEvent
-from deferrun.models import FINISHED_STATES
+from deferrun.core.basetrigger import BaseTrigger, TriggerEvent
+from deferrun.core.models import FINISHED_STATES
 
 #: the end states a watcher fails on unless told otherwise
 DEFAULT_FAILED_STATES = ("failed", "upstream_failed", "cancelled")

@@ -9,7 +9,7 @@ from typing import Any
 
 import anyio
 
-from deferrun.basetrigger import BaseTrigger, TriggerEvent
+from deferrun.core.basetrigger import BaseTrigger, TriggerEvent
 
 
 def _aware(moment: datetime) -> datetime:

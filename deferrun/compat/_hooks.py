@@ -10,8 +10,8 @@ from typing import Any
 import anyio
 import structlog
 
-from deferrun import connections
 from deferrun.compat._exceptions import AirflowNotFoundException
+from deferrun.connections import uri as connections
 from deferrun.exceptions import ConfigError
 
 

@@ -16,14 +16,14 @@ from typing import Any, ClassVar
 
 import structlog
 
-from deferrun import baseoperator, basetrigger, serialization
-from deferrun.baseoperator import DEFAULT_QUEUE, Context
 from deferrun.compat._exceptions import (
     AirflowException,
     AirflowSensorTimeout,
     AirflowSkipException,
     TaskDeferralError,
 )
+from deferrun.core import baseoperator, basetrigger, serialization
+from deferrun.core.baseoperator import DEFAULT_QUEUE, Context
 from deferrun.exceptions import SkipTask, TaskDeferred
 from deferrun.sensors import BaseSensor
 
@@ -146,7 +146,7 @@ class BaseTrigger(basetrigger.BaseTrigger):
 def _check_trigger(operator: Any, trigger: Any, method_name: str, signal: TaskDeferred) -> None:
     """Everything the worker will check when it stores the deferral, done now: an operator
     learns at its ``defer()`` call, not after its side effects, that the wait cannot happen."""
-    from deferrun.deferral import prepare_deferral
+    from deferrun.core.deferral import prepare_deferral
 
     what = f"{type(operator).__qualname__} cannot defer"
     if not isinstance(method_name, str) or not method_name:

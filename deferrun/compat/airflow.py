@@ -16,8 +16,6 @@ from typing import Any
 
 import structlog
 
-from deferrun import basetrigger
-from deferrun.basetrigger import TriggerEvent
 from deferrun.compat import _timezone as timezone
 from deferrun.compat._conf import conf
 from deferrun.compat._exceptions import (
@@ -49,8 +47,10 @@ from deferrun.compat._operators import (
     StartTriggerArgs,
     determine_kwargs,
 )
-from deferrun.context import DagRun, TaskInstance
-from deferrun.context import XComError as XComError
+from deferrun.core import basetrigger
+from deferrun.core.basetrigger import TriggerEvent
+from deferrun.worker.context import DagRun, TaskInstance
+from deferrun.worker.context import XComError as XComError
 
 #: the Airflow API level this layer follows (provider ``version_compat`` modules compare it)
 __version__ = "3.1.0"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from deferrun import config
+from deferrun.core import config
 from deferrun.exceptions import ConfigError
 from deferrun.store.base import ReapReport, Store, Wakeup
 
@@ -25,12 +25,12 @@ def make_store(
     dead = config.dead_after() if dead_after is None else dead_after
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
     if scheme == "sqlite":
-        from deferrun.store.sqlite import SQLiteStore
+        from deferrun.store.sqlite.connector import SQLiteStore
 
         return SQLiteStore(url, dead_after=dead, create=create)
     if scheme in ("postgresql", "postgres"):
         try:
-            from deferrun.store.postgres import PostgresStore
+            from deferrun.store.postgres.connector import PostgresStore
         except ImportError as exc:
             raise ConfigError(f"the PostgreSQL backend could not be loaded: {exc}") from exc
         return PostgresStore(url, dead_after=dead, create=create, pool_size=1 if one_shot else 10)

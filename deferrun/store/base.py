@@ -18,8 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import anyio
 import msgspec
 
-from deferrun.exceptions import StoreUnavailable
-from deferrun.models import (
+from deferrun.core.models import (
     ClaimedTask,
     ClaimedTrigger,
     Deferral,
@@ -30,6 +29,7 @@ from deferrun.models import (
     TriggerInfo,
     UpstreamWait,
 )
+from deferrun.exceptions import StoreUnavailable
 from deferrun.store.sql import Channel
 
 if TYPE_CHECKING:

@@ -18,16 +18,16 @@ from typing import Any
 
 import msgspec
 
-from deferrun import serialization
-from deferrun.baseoperator import BaseOperator
-from deferrun.exceptions import TaskNotFound
-from deferrun.models import (
+from deferrun.core import serialization
+from deferrun.core.baseoperator import BaseOperator
+from deferrun.core.models import (
     FINISHED_STATES,
     ClaimedTask,
     Deferral,
     NewTask,
     TaskState,
 )
+from deferrun.exceptions import TaskNotFound
 from deferrun.store import pipelines
 from deferrun.store.sql import Notify, Program, Query, Row, run, run_each, run_many, states_sql
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from deferrun import serialization
-from deferrun.baseoperator import BaseOperator
-from deferrun.models import TaskState
+from deferrun.core import serialization
+from deferrun.core.baseoperator import BaseOperator
+from deferrun.core.models import TaskState
 from deferrun.store import pipelines
 from deferrun.store.machine import (
     EXPIRE_BATCH,

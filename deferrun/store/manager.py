@@ -15,9 +15,8 @@ from typing import Any, Protocol
 
 import anyio
 
-from deferrun import serialization
-from deferrun.exceptions import TaskNotFound
-from deferrun.models import (
+from deferrun.core import serialization
+from deferrun.core.models import (
     ClaimedTask,
     ClaimedTrigger,
     Deferral,
@@ -29,13 +28,14 @@ from deferrun.models import (
     UpstreamWait,
     ts,
 )
+from deferrun.exceptions import TaskNotFound
+from deferrun.process.watchdog import worst_recent_lag
 from deferrun.store import machine, maintenance, pipelines, trigger_claims, xcom
 from deferrun.store.base import ROLE_CHANNEL, Channel, ReapReport, Role, Wakeup
 from deferrun.store.observe import Observe
 from deferrun.store.rows import TASK_INFO_COLUMNS, load_or_raw, task_info
 from deferrun.store.sql import Program, Query, R, Row
 from deferrun.store.xcom import XComWrite, with_xcoms
-from deferrun.watchdog import worst_recent_lag
 
 _TASK_INFO = (
     f"SELECT {TASK_INFO_COLUMNS} FROM deferrun_tasks t "

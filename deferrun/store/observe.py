@@ -15,7 +15,7 @@ from typing import Any
 import anyio
 import msgspec
 
-from deferrun.models import TaskInfo, TaskState, ts
+from deferrun.core.models import TaskInfo, TaskState, ts
 from deferrun.store.retention import COUNT_CANDIDATES, check_states, clean_batch
 from deferrun.store.rows import TASK_INFO_COLUMNS, load_or_raw, task_info
 from deferrun.store.sql import Query

@@ -13,9 +13,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from deferrun import serialization
+from deferrun.core import serialization
+from deferrun.core.models import FINISHED_STATES, Deferral, NewTask, TaskState
 from deferrun.exceptions import TaskNotFound
-from deferrun.models import FINISHED_STATES, Deferral, NewTask, TaskState
 from deferrun.store import machine, xcom
 from deferrun.store.sql import Notify, Program, Query, run, run_many, states_sql
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from deferrun.models import FINISHED_STATES
+from deferrun.core.models import FINISHED_STATES
 from deferrun.store.sql import Program, Query, run, states_sql
 
 FINISHED = states_sql(FINISHED_STATES)

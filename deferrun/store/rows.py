@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from deferrun import serialization
-from deferrun.models import TaskInfo, TaskState, ts
+from deferrun.core import serialization
+from deferrun.core.models import TaskInfo, TaskState, ts
 
 # Column order both backends select for TaskInfo (tasks t LEFT JOIN triggers g).
 TASK_INFO_COLUMNS = """t.id, t.name, t.classpath, t.queue, t.state, t.try_number, t.max_tries,

@@ -2,7 +2,7 @@
 
 Split from :mod:`deferrun.store.machine` (the task state machine): claiming triggers changes
 no task state, only which triggerer holds a trigger row. Identical triggers (one affinity key)
-stay on one triggerer so they run as one ``run()`` (:mod:`deferrun.shared_runs`).
+stay on one triggerer so they run as one ``run()`` (:mod:`deferrun.triggerer.shared_runs`).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from deferrun.models import ClaimedTrigger
+from deferrun.core.models import ClaimedTrigger
 from deferrun.store.sql import Notify, Program, Query, Row, run
 
 #: seconds after which a trigger nobody claimed is taken by any triggerer with room

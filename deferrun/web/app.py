@@ -23,8 +23,8 @@ import msgspec
 import structlog
 from aiohttp import web
 
+from deferrun.core.models import FINISHED_STATES
 from deferrun.exceptions import TaskNotFound
-from deferrun.models import FINISHED_STATES
 from deferrun.store import Store
 from deferrun.store.base import is_connection_error
 from deferrun.web import data

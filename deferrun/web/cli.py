@@ -32,7 +32,7 @@ async def watch_database_file(store: object) -> None:
     deleted or replaced, as the other processes do: a status page must not go on showing a
     database no one else sees. Reads do not pass the store's write-time file check, so this
     looks every second."""
-    from deferrun.store import sqlite_file
+    from deferrun.store.sqlite import file as sqlite_file
 
     guard = getattr(getattr(store, "db", None), "_guard", None)
     if not isinstance(guard, sqlite_file.FileGuard):

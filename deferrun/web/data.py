@@ -14,8 +14,9 @@ import anyio
 import msgspec
 import structlog
 
-from deferrun import config, connections
-from deferrun.models import FINISHED_STATES, TaskInfo, TaskState
+from deferrun.connections import uri as connections
+from deferrun.core import config
+from deferrun.core.models import FINISHED_STATES, TaskInfo, TaskState
 from deferrun.store import Store
 
 log = structlog.get_logger("deferrun.web")

@@ -1,0 +1,73 @@
+"""Start-up of worker/triggerer processes: which modules stored rows may name, and the store
+guard that turns a fatal store error into a clean stop of the whole process."""
+
+from __future__ import annotations
+
+import inspect
+import os
+from typing import Any
+
+import structlog
+
+from deferrun.core import serialization
+from deferrun.exceptions import DeferrunError, StoreGone
+
+log = structlog.get_logger("deferrun.cli")
+
+
+class FatalGuard:
+    """Wraps the store so that a fatal store error (the database file deleted or replaced)
+    stops the whole process: the worker and triggerer loops retry every other error."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+        self.fatal: DeferrunError | None = None
+        self.on_fatal: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._store, name)
+        if name.startswith("_") or not inspect.iscoroutinefunction(attr):
+            return attr
+
+        async def guarded(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return await attr(*args, **kwargs)
+            except StoreGone as exc:
+                if self.fatal is None:
+                    self.fatal = exc
+                    log.error("stopping: the database is gone", error=str(exc))
+                    if self.on_fatal is not None:
+                        self.on_fatal()
+                raise
+
+        setattr(self, name, guarded)
+        return guarded
+
+
+def trusted_packages(imports: list[str] | None) -> list[str] | None:
+    """``--import`` packages, else ``DEFERRUN_IMPORTS``; None when neither is given."""
+    if imports:
+        return [p for p in imports if p]
+    env = os.environ.get("DEFERRUN_IMPORTS", "")
+    packages = [p.strip() for p in env.split(",") if p.strip()]
+    return packages or None
+
+
+def configure_trust(imports: list[str] | None) -> None:
+    """Import the trusted packages and restrict loading to them, or warn once that every
+    module is allowed."""
+    packages = trusted_packages(imports)
+    if packages is None:
+        log.warning(
+            "no --import given: stored classpaths may name any installed module, so whoever can "
+            "write to the database can make this process import it; pass --import PKG (or "
+            "DEFERRUN_IMPORTS=PKG,...) to load only your packages, deferrun and triggers"
+        )
+        serialization.set_trusted_modules(None)
+        return
+    serialization.import_trusted(packages)
+    serialization.set_trusted_modules(packages)
+    log.info("loading classes only from trusted packages", packages=list(packages))
+
+
+# --------------------------------------------------------------------------- process commands

@@ -1,0 +1,1 @@
+"""The PostgreSQL backend, through asyncpg: its connector and schema."""

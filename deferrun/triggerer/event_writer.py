@@ -1,0 +1,226 @@
+"""Writes trigger outcomes (events and failures) to the store, in batches, never twice in flight.
+
+``pending`` holds every outcome not yet written: the triggerer consults it so a trigger that
+fired is neither released nor started again while its event waits here. A batch that fails
+on a connection-level error is retried with backoff (the database will come back). Any other
+error means some item in it can never be written: the batch is split item by item and only
+the poisoned item's task is failed, so one bad trigger cannot stall everyone else's events.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+
+import anyio
+import structlog
+
+from deferrun.core import serialization
+from deferrun.store.base import Store, is_connection_error
+from deferrun.triggerer.trigger_run import ENDED, FAILED, Outcome
+
+log = structlog.get_logger("deferrun.triggerer")
+
+BATCH = 2000
+MAX_BACKOFF = 5.0
+#: store calls remembered for a reconcile's quick check (one batch makes up to 3)
+UNITS_KEPT = 64
+
+#: trigger_id -> callback(event_stored) run once that trigger's outcome is written (triggers
+#: that must act only after their event is durable, e.g. delete the SQS message it carries)
+_AFTER_WRITE: dict[int, Callable[[bool], None]] = {}
+
+
+def after_write(trigger_id: int, callback: Callable[[bool], None]) -> None:
+    """Call ``callback(True)`` once the event of ``trigger_id`` is stored, ``callback(False)``
+    if a failure is stored instead. Never called if the process dies first."""
+    _AFTER_WRITE[trigger_id] = callback
+
+
+class EventWriter:
+    def __init__(self, store: Store, *, batch_size: int = BATCH) -> None:
+        self.store = store
+        self.batch_size = batch_size
+        self.pending: dict[int, Outcome] = {}
+        self._order: deque[int] = deque()
+        self._ready = anyio.Event()
+        self._closed = False
+        self.failing_since: float | None = None  # monotonic; set while writes keep failing
+        self.last_error: str | None = None
+        self.written = 0
+        self.dropped = 0
+        #: each store call's ids by a sequence number: the recent ones, and
+        #: those whose ids are still pending (their transaction may have committed already);
+        #: a reconcile's quick check allows for them (``possibly_stored``)
+        self.units: deque[tuple[int, frozenset[int]]] = deque(maxlen=UNITS_KEPT)
+        self.unit_seq = 0
+        self.open_units: set[int] = set()
+
+    def __contains__(self, trigger_id: int) -> bool:
+        return trigger_id in self.pending
+
+    def put(self, outcome: Outcome) -> bool:
+        """Queue ``outcome``; False (and ignored) if one for that trigger is already queued."""
+        if outcome.trigger_id in self.pending:
+            log.warning(
+                "second outcome for a trigger already waiting to be written; ignored",
+                trigger_id=outcome.trigger_id,
+            )
+            return False
+        self.pending[outcome.trigger_id] = outcome
+        self._order.append(outcome.trigger_id)
+        self._ready.set()
+        return True
+
+    def close(self) -> None:
+        """No more outcomes: ``run`` returns once everything pending is written."""
+        self._closed = True
+        self._ready.set()
+
+    def failing_for(self) -> float:
+        """Seconds the writer has been failing to write pending outcomes (0 when fine)."""
+        if self.failing_since is None or not self.pending:
+            return 0.0
+        return time.monotonic() - self.failing_since
+
+    async def run(self) -> None:
+        delay = 0.1
+        while True:
+            if not self._order:
+                if self._closed:
+                    return
+                await self._ready.wait()
+                self._ready = anyio.Event()
+                continue
+            batch = [self._order.popleft() for _ in range(min(self.batch_size, len(self._order)))]
+            try:
+                await self._write([self.pending[tid] for tid in batch])
+            except Exception as exc:
+                if not is_connection_error(exc):
+                    log.error(
+                        "a batch of trigger outcomes was refused; writing them one by one",
+                        error=repr(exc),
+                        batch=len(batch),
+                    )
+                    batch = await self._write_one_by_one(batch)
+                if batch:  # the database is unreachable: keep them, back off, retry
+                    self._failed(exc, len(self.pending))
+                    self._order.extendleft(reversed(batch))
+                    await anyio.sleep(delay)
+                    delay = min(delay * 2, MAX_BACKOFF)
+                    continue
+            else:
+                self._done(batch)
+            delay = 0.1
+            self.failing_since = None
+
+    async def _write(self, outcomes: list[Outcome]) -> None:
+        events = [(o.trigger_id, o.payload) for o in outcomes if o.fired]
+        ended = [
+            (o.trigger_id, o.end_state or "failed", o.payload, o.error)
+            for o in outcomes
+            if o.method == ENDED
+        ]
+        failures = [
+            (o.trigger_id, o.method, o.payload)
+            for o in outcomes
+            if not o.fired and o.method != ENDED
+        ]
+        if events:
+            self._unit([e[0] for e in events])
+            await self.store.fire_triggers(events)
+        if ended:
+            self._unit([e[0] for e in ended])
+            await self.store.end_triggers(ended)
+        if failures:
+            self._unit([f[0] for f in failures])
+            await self.store.fail_triggers(failures)
+
+    def _unit(self, ids: list[int]) -> None:
+        self.unit_seq += 1
+        self.units.append((self.unit_seq, frozenset(ids)))
+        self.open_units.add(self.unit_seq)
+
+    def possibly_stored(self, open_before: set[int], seq_before: int) -> list[tuple[int, int]]:
+        """(count, id sum) of each store call that may have committed since a moment when
+        ``open_before`` were open and ``seq_before`` was the last sequence number; LookupError
+        when one of them is no longer kept."""
+        known = dict(self.units)
+        wanted = [q for q in open_before if q <= seq_before] + list(
+            range(seq_before + 1, self.unit_seq + 1)
+        )
+        if any(q not in known for q in wanted):
+            raise LookupError("a store call is no longer known")
+        return [(len(known[q]), sum(known[q])) for q in wanted]
+
+    async def _write_one_by_one(self, batch: list[int]) -> list[int]:
+        """Write each item alone; returns the ids left over by a connection-level error."""
+        for index, tid in enumerate(batch):
+            outcome = self.pending[tid]
+            try:
+                await self._write([outcome])
+            except Exception as exc:
+                if is_connection_error(exc) or not await self._poisoned(outcome, exc):
+                    return batch[index:]
+            else:
+                self._done([tid])
+        return []
+
+    async def _poisoned(self, outcome: Outcome, exc: Exception) -> bool:
+        """This outcome can never be written: fail its task instead, or drop it loudly.
+
+        False if the database went away meanwhile: the failure then replaces the outcome in
+        ``pending`` and is retried with the rest.
+        """
+        tid = outcome.trigger_id
+        what = "event" if outcome.fired else "failure"
+        error = (
+            f"the triggerer could not store the {what} of trigger {tid}: {exc!r}; "
+            "the database refused it (check the event payload)"
+        )
+        log.error(
+            "trigger outcome refused by the database; failing its task",
+            trigger_id=tid,
+            error=repr(exc),
+        )
+        replacement = Outcome(tid, FAILED, serialization.dumps({"error": error[:4096]}), error)
+        try:
+            await self.store.fail_triggers([(tid, FAILED, replacement.payload)])
+        except Exception as second:
+            if is_connection_error(second):
+                self.pending[tid] = replacement
+                return False
+            self.dropped += 1
+            log.error(
+                "DROPPED a trigger outcome: neither it nor a failure could be stored; the task "
+                "stays deferred until its deadline or an operator acts",
+                trigger_id=tid,
+                error=repr(second),
+            )
+        self.pending[tid] = replacement  # so a post-write callback sees "not stored"
+        self._done([tid])
+        return True
+
+    def _done(self, ids: list[int]) -> None:
+        if self.open_units:
+            done = set(ids)
+            units = dict(self.units)
+            for q in list(self.open_units):
+                if q not in units or not any(t in self.pending and t not in done for t in units[q]):
+                    self.open_units.discard(q)
+        for tid in ids:
+            outcome = self.pending.pop(tid, None)
+            callback = _AFTER_WRITE.pop(tid, None) if _AFTER_WRITE else None
+            if callback is not None:
+                try:
+                    callback(outcome is not None and outcome.fired)
+                except Exception as exc:
+                    log.error("a post-write callback failed", trigger_id=tid, error=repr(exc))
+        self.written += len(ids)
+
+    def _failed(self, exc: Exception, pending: int) -> None:
+        if self.failing_since is None:
+            self.failing_since = time.monotonic()
+        self.last_error = repr(exc)
+        log.error("storing trigger outcomes failed; retrying", error=repr(exc), pending=pending)
