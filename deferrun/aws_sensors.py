@@ -185,3 +185,14 @@ class SqsSensor(TriggerSensor):
             self.delete_message_on_reception,
         )
         return {"messages": messages} if messages else False
+
+
+__all__ = [
+    "AthenaQuerySensor",
+    "AwsWaiterSensor",
+    "BatchJobSensor",
+    "EmrJobFlowSensor",
+    "EmrStepSensor",
+    "GlueCrawlerSensor",
+    "SqsSensor",
+]

@@ -315,3 +315,9 @@ class Client:
     def counts(self) -> dict[str, int]:
         """Number of tasks per state."""
         return self._call(self._async.counts)
+
+
+__all__ = [
+    "AsyncClient",
+    "Client",
+]

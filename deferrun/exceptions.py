@@ -128,3 +128,25 @@ class TransientError(Exception):
     def __init__(self, *args: object, retry_after: float | None = None) -> None:
         super().__init__(*args)
         self.retry_after = retry_after
+
+
+__all__ = [
+    "AttemptCancelled",
+    "AttemptInterrupted",
+    "AttemptTimedOut",
+    "ClassLoadError",
+    "ConfigError",
+    "DeferrunError",
+    "FailTask",
+    "SerializationError",
+    "SkipTask",
+    "StoreGone",
+    "StoreUnavailable",
+    "TaskDeferred",
+    "TaskEnded",
+    "TaskNotFound",
+    "TaskReschedule",
+    "TaskTimeout",
+    "TransientError",
+    "TriggerFailed",
+]

@@ -120,11 +120,11 @@ class DateTimeSensor(BaseSensor):
     def __init__(self, *, target_time: datetime | str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         check_poke_interval(self)
-        from triggers.time import _aware
+        from triggers.time import checked_aware
 
         if isinstance(target_time, str):
             target_time = datetime.fromisoformat(target_time)
-        self.target_time = _aware(target_time)
+        self.target_time = checked_aware(target_time)
 
     def poke(self, context: Context) -> Any:
         return self.target_time if time.time() >= self.target_time.timestamp() else False
@@ -199,14 +199,14 @@ class TriggerSensor(BaseSensor):
             return super().execute(context)
         from anyio.from_thread import start_blocking_portal
 
-        from deferrun.connections.uri import close_shared_clients
+        from deferrun.connections.cache import close_loop_clients
 
         with start_blocking_portal() as portal:
             self._portal = portal
             try:
                 return super().execute(context)
             finally:
-                portal.call(close_shared_clients)
+                portal.call(close_loop_clients)
                 self._portal = None
 
     def poke(self, context: Context) -> Any:
@@ -443,3 +443,19 @@ class TaskSensor(BaseSensor):
         if self.soft_fail:
             raise SkipTask(message)
         raise FailTask(message)
+
+
+__all__ = [
+    "BaseSensor",
+    "DateTimeSensor",
+    "FileSensor",
+    "HttpSensor",
+    "JobRunFailed",
+    "JobRunSensor",
+    "S3KeySensor",
+    "SensorTimeout",
+    "SqlSensor",
+    "TaskSensor",
+    "TimeDeltaSensor",
+    "TriggerSensor",
+]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import anyio
 
-from deferrun.connections.uri import close_shared_clients
+from deferrun.connections.cache import close_loop_clients
 from deferrun.core import serialization
 from deferrun.core.basetrigger import BaseTrigger, TriggerEvent
 from deferrun.core.models import ClaimedTrigger
@@ -54,7 +54,7 @@ async def arun_trigger(
         outcome = await run_to_first_event(row, limits)
     finally:
         with anyio.CancelScope(shield=True):
-            await close_shared_clients()
+            await close_loop_clients()
     if outcome.fired:
         return TriggerEvent(serialization.loads(outcome.payload))
     if outcome.method == TIMED_OUT:
@@ -71,3 +71,9 @@ def run_trigger(trigger: BaseTrigger, timeout: float = 30.0, **options: object) 
         return await arun_trigger(trigger, timeout, **options)  # type: ignore[arg-type]
 
     return anyio.run(main)
+
+
+__all__ = [
+    "arun_trigger",
+    "run_trigger",
+]

@@ -207,3 +207,9 @@ class AwsWaiterTrigger(PollingTrigger):
                 f"attempts; last response: {failure_reason(response) or storable(response)}"
             )
         return None
+
+
+__all__ = [
+    "AwsWaiterTrigger",
+    "WaiterFailed",
+]

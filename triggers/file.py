@@ -43,3 +43,8 @@ class FileTrigger(BaseTrigger):
                 yield TriggerEvent(found[:MAX_PATHS])
                 return
             await anyio.sleep(self.poll_interval)
+
+
+__all__ = [
+    "FileTrigger",
+]

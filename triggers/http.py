@@ -15,10 +15,11 @@ from deferrun.connections.clients import (
     http_session,
     join_url,
 )
-from deferrun.connections.uri import get_connection, redact
+from deferrun.connections.redaction import redact
+from deferrun.connections.uri import get_connection
 from deferrun.core.basetrigger import PollingTrigger, TriggerEvent, check_interval
+from deferrun.core.trigger_keys import digest
 from deferrun.exceptions import TransientError
-from deferrun.sharing.keys import digest
 
 MAX_BODY_BYTES = 1_000_000
 NOT_YET = {404, 425}
@@ -312,3 +313,8 @@ def answer_of(results: list[TriggerEvent | BaseException | None]) -> TriggerEven
     if isinstance(result, BaseException):
         raise result
     return result
+
+
+__all__ = [
+    "HttpTrigger",
+]

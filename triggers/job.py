@@ -193,3 +193,9 @@ class GlueJobRunTrigger(PollingTrigger):
             if k in ("Id", "JobName", "JobRunState", "ErrorMessage", "ExecutionTime", "Attempt")
         }
         return terminal_event(run["JobRunState"], body, set(self.SUCCESS), set(self.FAILURE))
+
+
+__all__ = [
+    "GlueJobRunTrigger",
+    "JobStatusTrigger",
+]

@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from typing import Any
 
+from deferrun.connections.cache import loop_client_cache
 from deferrun.connections.clients import aws_client
-from deferrun.connections.uri import shared_clients
 from deferrun.core.basetrigger import PollingTrigger, TriggerEvent, check_interval
 from deferrun.exceptions import TransientError
 
@@ -149,7 +149,7 @@ class S3KeyTrigger(PollingTrigger):
                 raise classify(exc, f"checking bucket {bucket!r}") from exc
             return True
 
-        await shared_clients().get("s3-bucket", f"{self.aws_conn_id}/{bucket}", check)
+        await loop_client_cache().get("s3-bucket", f"{self.aws_conn_id}/{bucket}", check)
 
     async def _exists(self, client: Any, bucket: str, key: str) -> bool:
         from botocore.exceptions import ClientError
@@ -214,3 +214,8 @@ class S3KeyTrigger(PollingTrigger):
         from triggers.s3_shared import poll_shared
 
         return await poll_shared(triggers)
+
+
+__all__ = [
+    "S3KeyTrigger",
+]

@@ -7,10 +7,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from deferrun.connections.clients import pg_pool
-from deferrun.connections.uri import redact
+from deferrun.connections.redaction import redact
 from deferrun.core.basetrigger import PollingTrigger, TriggerEvent, check_interval
+from deferrun.core.trigger_keys import digest
 from deferrun.exceptions import ConfigError, TransientError
-from deferrun.sharing.keys import digest
 
 # Raised before any byte reaches the server, by options in the connection's URI (asyncpg's
 # ClientConfigurationError is also a ValueError) or a certificate/key file it names: retrying
@@ -133,3 +133,8 @@ class SqlTrigger(PollingTrigger):
         if row is None or not row[0]:
             return None
         return TriggerEvent(dict(row.items()))
+
+
+__all__ = [
+    "SqlTrigger",
+]

@@ -20,11 +20,10 @@ from typing import Any
 
 import structlog
 
+from deferrun.connections.cache import loop_client_cache
 from deferrun.connections.clients import aws_client, dotted
-from deferrun.connections.uri import shared_clients
 from deferrun.core.basetrigger import BaseTrigger, TriggerEvent
 from deferrun.exceptions import TransientError
-from deferrun.triggerer.event_writer import after_write
 from triggers.s3 import classify
 
 log = structlog.get_logger("deferrun.sqs")
@@ -386,7 +385,7 @@ async def queue_loop(conn_id: str, queue_url: str) -> QueueLoop:
         stack.push_async_callback(loop.aclose)
         return loop
 
-    return await shared_clients().get("sqs-queue", f"{conn_id}|{queue_url}", factory)
+    return await loop_client_cache().get("sqs-queue", f"{conn_id}|{queue_url}", factory)
 
 
 def slim(message: dict[str, Any]) -> dict[str, Any]:
@@ -440,15 +439,21 @@ class SqsTrigger(BaseTrigger):
             if handed and waiter.future.exception() is None:  # handed over, then cancelled
                 loop.finish(waiter.future.result(), "release")
             raise
-        # From here the writer owns them: deleted once the event is stored, released if a
-        # failure is stored instead; if neither happens (killed), they time out back.
+        # From here the event writer owns them: deleted once the event is stored, released if
+        # a failure is stored instead (on_event_written); if neither happens (killed), they
+        # time out back.
         if self.trigger_id is not None:
-            after_write(self.trigger_id, lambda stored: self._written(loop, messages, stored))
+            self._handed = (loop, messages)
         else:  # run outside a triggerer: nothing will tell us the event was stored
             loop.finish(messages, "keep")
         yield TriggerEvent({"messages": [slim(m) for m in messages]})
 
-    def _written(self, loop: QueueLoop, messages: list[dict[str, Any]], stored: bool) -> None:
+    def on_event_written(self, stored: bool) -> None:
+        handed: tuple[QueueLoop, list[dict[str, Any]]] | None = getattr(self, "_handed", None)
+        if handed is None:
+            return
+        self._handed = None
+        loop, messages = handed
         if not stored:
             loop.finish(messages, "release")  # the task did not get them: offer them again
         else:
@@ -494,3 +499,8 @@ async def receive_once(
     except Exception as exc:
         raise classify(exc, what) from exc
     return [slim(m) for m in wanted]
+
+
+__all__ = [
+    "SqsTrigger",
+]

@@ -59,3 +59,8 @@ class TaskStateTrigger(BaseTrigger):
     async def run(self) -> AsyncIterator[TriggerEvent]:
         await anyio.sleep_forever()  # the store fires this trigger; nothing to poll
         yield TriggerEvent(None)
+
+
+__all__ = [
+    "TaskStateTrigger",
+]

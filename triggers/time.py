@@ -12,7 +12,9 @@ import anyio
 from deferrun.core.basetrigger import BaseTrigger, TriggerEvent
 
 
-def _aware(moment: datetime) -> datetime:
+def checked_aware(moment: datetime) -> datetime:
+    """``moment`` if it is an aware datetime; a naive one would mean a different time on
+    each host."""
     if not isinstance(moment, datetime):
         raise TypeError(f"moment must be a datetime, got {moment!r}")
     if moment.tzinfo is None or moment.utcoffset() is None:
@@ -27,7 +29,7 @@ class DateTimeTrigger(BaseTrigger):
     """Fires once ``moment`` (a tz-aware datetime) has passed; the event is the moment."""
 
     def __init__(self, moment: datetime) -> None:
-        self.moment = _aware(moment)
+        self.moment = checked_aware(moment)
 
     def fire_at(self) -> float:
         return self.moment.timestamp()
@@ -62,3 +64,9 @@ class TimeDeltaTrigger(DateTimeTrigger):
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return "triggers.time.DateTimeTrigger", {"moment": self.moment}
+
+
+__all__ = [
+    "DateTimeTrigger",
+    "TimeDeltaTrigger",
+]

@@ -163,7 +163,7 @@ async def _run_processes(args: argparse.Namespace, roles: Sequence[str]) -> int:
         if getattr(args, "demo", False):
 
             async def after() -> None:
-                from deferrun.demo import run_demo
+                from deferrun.cli.demo_runner import run_demo
 
                 await run_demo(store)
 

@@ -11,7 +11,7 @@ import anyio
 import structlog
 
 from deferrun.compat._exceptions import AirflowNotFoundException
-from deferrun.connections import uri as connections
+from deferrun.connections import redaction, uri
 from deferrun.exceptions import ConfigError
 
 
@@ -40,8 +40,8 @@ class Connection:
         self.schema = schema
         self.port = port
         self.extra = json.dumps(extra) if isinstance(extra, dict) else extra
-        connections.register_secret(password)
-        connections.register_extra_secrets(self.extra_dejson)
+        redaction.register_secret(password)
+        redaction.register_extra_secrets(self.extra_dejson)
 
     @property
     def extra_dejson(self) -> dict[str, Any]:
@@ -59,7 +59,7 @@ class Connection:
         return self.extra_dejson
 
     @classmethod
-    def from_deferrun(cls, conn: connections.Connection) -> Connection:
+    def from_deferrun(cls, conn: uri.Connection) -> Connection:
         extra: dict[str, Any] = dict(conn.extra)
         if "__extra__" in extra:  # Airflow's URI form: the whole extra as JSON
             try:
@@ -111,14 +111,14 @@ class BaseHook:
     def get_connection(cls, conn_id: str) -> Connection:
         """The connection ``conn_id`` from ``DEFERRUN_CONN_<ID>``; AirflowNotFoundException
         (a ConfigError) when the variable is not set."""
-        name = connections.env_var(conn_id)
+        name = uri.env_var(conn_id)
         if not os.environ.get(name):
             raise AirflowNotFoundException(
                 f"The conn_id `{conn_id}` isn't defined: set {name} to its URI "
                 "(e.g. https://login:password@host:443/base?key=value) for the triggerer and "
                 "the workers"
             )
-        return Connection.from_deferrun(connections.get_connection(conn_id))
+        return Connection.from_deferrun(uri.get_connection(conn_id))
 
     @classmethod
     async def aget_connection(cls, conn_id: str) -> Connection:

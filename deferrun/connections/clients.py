@@ -17,7 +17,9 @@ import anyio
 import anyio.to_thread
 import structlog
 
-from deferrun.connections.uri import Connection, get_connection, register_secret, shared_clients
+from deferrun.connections.cache import loop_client_cache
+from deferrun.connections.redaction import register_secret
+from deferrun.connections.uri import Connection, get_connection
 from deferrun.core.config import connect_timeout
 
 HTTP_TIMEOUT = 30.0
@@ -69,7 +71,7 @@ async def aws_client(service: str, conn_id: str) -> Any:
             session.create_client(service, config=config, **{k: v for k, v in options.items() if v})
         )
 
-    return await shared_clients().get(f"aws:{service}", conn_id, factory)
+    return await loop_client_cache().get(f"aws:{service}", conn_id, factory)
 
 
 AUTH_SCHEMES = ("basic", "token", "bearer")
@@ -150,7 +152,7 @@ async def http_session(conn_id: str) -> tuple[Any, Connection]:
         stack.push_async_callback(session.close)
         return session
 
-    return await shared_clients().get("http", conn_id, factory), conn
+    return await loop_client_cache().get("http", conn_id, factory), conn
 
 
 async def pg_pool(conn_id: str) -> Any:
@@ -169,7 +171,7 @@ async def pg_pool(conn_id: str) -> Any:
         stack.push_async_callback(pool.close)
         return pool
 
-    return await shared_clients().get("postgres", conn_id, factory)
+    return await loop_client_cache().get("postgres", conn_id, factory)
 
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")

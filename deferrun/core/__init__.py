@@ -1,4 +1,5 @@
 """What every room shares: the operator and trigger base classes, task states and the records
 that cross the store boundary, the stored forms of values and classpaths, and settings.
 
-Public names are re-exported by ``deferrun``; import them from there."""
+Internal as modules: the public names (``BaseOperator``, ``BaseTrigger``, ``TaskState``, ...)
+are re-exported by ``deferrun``; import them from there."""

@@ -161,6 +161,16 @@ class BaseTrigger:
         trigger is alive when the cancel happens (it notices within its reconcile interval).
         """
 
+    def on_event_written(self, stored: bool) -> None:
+        """Called in the triggerer once this trigger's outcome is in the database: ``stored``
+        is True when its event was stored (its task will resume with it), False when a failure
+        was stored instead.
+
+        For a trigger that may act only once its event is durable, such as deleting the message
+        the event carries. Never called if the process dies first, nor outside a triggerer.
+        Runs on the event loop: keep it short and never block.
+        """
+
     def watched_task(self) -> str | None:
         """The id of a task whose end fires this trigger from the store itself, or None.
 
@@ -232,7 +242,8 @@ class PollingTrigger(BaseTrigger):
         """What this trigger polls, when one request can answer several triggers (e.g. one
         listing for many keys under a prefix); None (the default) polls alone. Triggers in
         one process with the same class (owner of ``poll_many``) and key share one poll loop
-        (``deferrun.sharing.polls``); the key is shown by ``deferrun triggers``: no secrets."""
+        (``deferrun.triggerer.shared_polls``); the key is shown by ``deferrun triggers``: no
+        secrets."""
         return None
 
     @classmethod
@@ -264,7 +275,7 @@ class PollingTrigger(BaseTrigger):
         check_interval(self.poll_interval)
         key = self.shared_poll_key()
         if key is not None:
-            from deferrun.sharing import polls as shared_polls
+            from deferrun.triggerer import shared_polls
 
             yield await shared_polls.join(self, key)
             return

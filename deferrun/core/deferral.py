@@ -5,11 +5,11 @@ trigger), so both refuse exactly the same triggers."""
 from __future__ import annotations
 
 from deferrun.core import serialization
+from deferrun.core import trigger_keys as sharing
 from deferrun.core.baseoperator import as_seconds
 from deferrun.core.basetrigger import BaseTrigger
 from deferrun.core.models import Deferral
 from deferrun.exceptions import SerializationError, TaskDeferred
-from deferrun.sharing import keys as sharing
 
 
 def prepare_deferral(signal: TaskDeferred) -> Deferral:

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import anyio
 import structlog
 
+from deferrun.process.watchdog import worst_recent_lag
 from deferrun.store.base import ReapReport, Store, Wakeup, is_connection_error
 
 log = structlog.get_logger("deferrun.liveness")
@@ -97,7 +98,7 @@ async def heartbeat_loop(
         await anyio.sleep(interval)
         try:
             began = time.monotonic()
-            await store.heartbeat(process_id)
+            await store.heartbeat(process_id, worst_recent_lag())
             now = time.monotonic()
             if health is not None:
                 health["ok_at"] = now

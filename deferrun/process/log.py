@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import structlog
 
-from deferrun.connections import uri as connections
+from deferrun.connections import redaction
 from deferrun.process import containment, tasklogs
 
 LogFormat = Literal["console", "json"]
@@ -63,7 +63,7 @@ def configure_logging(fmt: LogFormat | None = None, level: str = "info") -> None
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         _add_pid,
-        connections.redact_processor,
+        redaction.redact_processor,
     ]
     if fmt == "json":
         exceptions: list[Any] = [structlog.processors.dict_tracebacks]

@@ -1,4 +1,6 @@
-"""Store backends behind one protocol; ``open_store(url)`` picks one by URL scheme."""
+"""The store room: one protocol (``base``), the task state machine written once as SQL programs
+(``machine``), and one folder per backend (``sqlite/``, ``postgres/``); ``open_store(url)``
+picks one by URL scheme. Internal: users reach the store through ``Client``."""
 
 from __future__ import annotations
 

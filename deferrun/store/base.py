@@ -135,7 +135,9 @@ class Runtime(Protocol):
     ) -> Wakeup:
         """Record a live worker/triggerer and return the Wakeup its loop sleeps on."""
 
-    async def heartbeat(self, process_id: str) -> None: ...
+    async def heartbeat(self, process_id: str, loop_lag: float | None = None) -> None:
+        """Refresh this process's liveness; ``loop_lag`` (its event loop's worst recent lag,
+        seconds) is shown on the status page."""
 
     async def deregister_process(self, process_id: str) -> None:
         """Graceful exit: release this process's triggers and requeue its running tasks."""

@@ -242,6 +242,16 @@ def clean_text(text: str | None) -> str | None:
     return text
 
 
+def stored_error(text: str | None) -> str | None:
+    """An error or reason as a task row keeps it: text any backend stores (see
+    :func:`clean_text`), cut to its head and tail past ``MAX_ERROR_CHARS`` so a huge traceback
+    cannot clog the writes it rides in. Every stored error goes through here."""
+    text = clean_text(text)
+    if text is not None and len(text) > MAX_ERROR_CHARS:
+        text = text[: MAX_ERROR_CHARS // 2] + "\n...[truncated]...\n" + text[-4096:]
+    return text
+
+
 def _one(rows: list[Row]) -> bool:
     return len(rows) == 1
 
@@ -353,7 +363,7 @@ def complete_each(items: Sequence[tuple[str, int, str | None]]) -> Program[list[
 
 def fail(task_id: str, claim_token: int, error: str, retry: bool) -> Program[TaskState | None]:
     rows = yield run(
-        FAIL, task_id=task_id, claim_token=claim_token, error=clean_text(error), retry=retry
+        FAIL, task_id=task_id, claim_token=claim_token, error=stored_error(error), retry=retry
     )
     if not rows:
         return None
@@ -366,7 +376,7 @@ def fail(task_id: str, claim_token: int, error: str, retry: bool) -> Program[Tas
 
 
 def skip(task_id: str, claim_token: int, reason: str | None) -> Program[bool]:
-    rows = yield run(SKIP, task_id=task_id, claim_token=claim_token, reason=clean_text(reason))
+    rows = yield run(SKIP, task_id=task_id, claim_token=claim_token, reason=stored_error(reason))
     yield from _ended(rows)
     return _one(rows)
 
@@ -447,14 +457,12 @@ def end_from_triggers(items: Sequence[tuple[int, str, str | None, str | None]]) 
     """Triggers that ended their task themselves: (trigger_id, state, result JSON, error)."""
     ended: list[Row] = []
     for trigger_id, state, result, error in items:
-        if error is not None and len(error) > MAX_ERROR_CHARS:
-            error = error[: MAX_ERROR_CHARS // 2] + "\n...[truncated]...\n" + error[-4096:]
         ended += yield run(
             END_FROM_TRIGGER,
             trigger_id=trigger_id,
             state=state,
             result=result,
-            error=clean_text(error),
+            error=stored_error(error),
         )
     yield run_many(DROP_TRIGGER, [{"trigger_id": t} for t, _, _, _ in items])
     yield from _ended(ended)

@@ -29,7 +29,6 @@ from deferrun.core.models import (
     ts,
 )
 from deferrun.exceptions import TaskNotFound
-from deferrun.process.watchdog import worst_recent_lag
 from deferrun.store import machine, maintenance, pipelines, trigger_claims, xcom
 from deferrun.store.base import ROLE_CHANNEL, Channel, ReapReport, Role, Wakeup
 from deferrun.store.observe import Observe
@@ -168,10 +167,10 @@ class SqlStore(Observe):
         await self.db.upkeep()
         return wakeup
 
-    async def heartbeat(self, process_id: str) -> None:
+    async def heartbeat(self, process_id: str, loop_lag: float | None = None) -> None:
         process = self._processes.get(process_id)
         if process is not None:
-            process["loop_lag"] = worst_recent_lag()  # shown on the status page
+            process["loop_lag"] = loop_lag  # shown on the status page
             await self.db.transact(maintenance.heartbeat(process), atomic=False)
         await self.db.upkeep()
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable
 
 import anyio
 import structlog
@@ -26,16 +25,6 @@ BATCH = 2000
 MAX_BACKOFF = 5.0
 #: store calls remembered for a reconcile's quick check (one batch makes up to 3)
 UNITS_KEPT = 64
-
-#: trigger_id -> callback(event_stored) run once that trigger's outcome is written (triggers
-#: that must act only after their event is durable, e.g. delete the SQS message it carries)
-_AFTER_WRITE: dict[int, Callable[[bool], None]] = {}
-
-
-def after_write(trigger_id: int, callback: Callable[[bool], None]) -> None:
-    """Call ``callback(True)`` once the event of ``trigger_id`` is stored, ``callback(False)``
-    if a failure is stored instead. Never called if the process dies first."""
-    _AFTER_WRITE[trigger_id] = callback
 
 
 class EventWriter:
@@ -185,6 +174,7 @@ class EventWriter:
             error=repr(exc),
         )
         replacement = Outcome(tid, FAILED, serialization.dumps({"error": error[:4096]}), error)
+        replacement.on_written = outcome.on_written  # told "not stored" once this is written
         try:
             await self.store.fail_triggers([(tid, FAILED, replacement.payload)])
         except Exception as second:
@@ -198,7 +188,7 @@ class EventWriter:
                 trigger_id=tid,
                 error=repr(second),
             )
-        self.pending[tid] = replacement  # so a post-write callback sees "not stored"
+        self.pending[tid] = replacement  # so on_event_written() hears "not stored"
         self._done([tid])
         return True
 
@@ -211,12 +201,11 @@ class EventWriter:
                     self.open_units.discard(q)
         for tid in ids:
             outcome = self.pending.pop(tid, None)
-            callback = _AFTER_WRITE.pop(tid, None) if _AFTER_WRITE else None
-            if callback is not None:
+            if outcome is not None and outcome.on_written is not None:
                 try:
-                    callback(outcome is not None and outcome.fired)
+                    outcome.on_written(outcome.fired)
                 except Exception as exc:
-                    log.error("a post-write callback failed", trigger_id=tid, error=repr(exc))
+                    log.error("on_event_written() raised", trigger_id=tid, error=repr(exc))
         self.written += len(ids)
 
     def _failed(self, exc: Exception, pending: int) -> None:

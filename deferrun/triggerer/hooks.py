@@ -13,7 +13,7 @@ from typing import Any
 
 import structlog
 
-from deferrun.connections.uri import format_error
+from deferrun.connections.redaction import format_error
 from deferrun.process import containment
 from deferrun.process.watchdog import LoopWatchdog
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -22,7 +23,8 @@ from deferrun.core.models import TaskState
 from deferrun.triggerer.gc_freeze import collections_paused
 
 if TYPE_CHECKING:
-    from deferrun.triggerer.triggerer import Triggerer
+    from deferrun.store.base import Store
+    from deferrun.triggerer.event_writer import EventWriter
 
 log = structlog.get_logger("deferrun.triggerer")
 
@@ -37,9 +39,49 @@ FULL_RECONCILE_EVERY, QUICK_CHECK_UNITS = 60.0, 6
 TASK_CANCELLED = "task cancelled"
 
 
+class LivenessGaps:
+    """When this process's heartbeats stalled long enough that it may have been declared dead
+    (3/4 of dead_after, a margin): after such a gap, triggers that vanished from its rows may
+    have been adopted by another triggerer."""
+
+    def __init__(self, dead_after: float) -> None:
+        self.dead_after = dead_after
+        self.beat_at: float | None = None  # monotonic
+        self.gap_at = float("-inf")
+
+    def beat(self) -> None:
+        now = time.monotonic()
+        if self.beat_at is not None and now - self.beat_at > self.dead_after * 0.75:
+            self.gap_at = now  # we may have been declared dead meanwhile
+        self.beat_at = now
+
+    def since(self, moment: float, now: float) -> bool:
+        """Whether a gap began after ``moment``, or one is under way at ``now``."""
+        return self.gap_at > moment or (
+            self.beat_at is not None and now - self.beat_at > self.dead_after * 0.75
+        )
+
+
 class Reconciler:
-    def __init__(self, owner: Triggerer) -> None:
-        self.owner = owner
+    """Takes what it compares and acts on: the store and this process's id, the triggers run
+    here and the event writer's pending outcomes, ``cancel(run, reason)`` to stop one, and
+    the process's liveness gaps."""
+
+    def __init__(
+        self,
+        store: Store,
+        process_id: str,
+        running: dict[int, Any],
+        writer: EventWriter,
+        cancel: Callable[[Any, str], None],
+        gaps: LivenessGaps,
+    ) -> None:
+        self.store = store
+        self.process_id = process_id
+        self.running = running
+        self.writer = writer
+        self.cancel = cancel
+        self.gaps = gaps
         #: when every trigger run here was last seen held here (monotonic)
         self.reconciled_at = float("-inf")
         #: the next full pass (every held id fetched and compared) is due by then
@@ -58,20 +100,17 @@ class Reconciler:
             return False
         self.full_at = time.monotonic() + FULL_RECONCILE_EVERY
         with collections_paused():
-            owned = await self.owner.store.owned_trigger_ids(self.owner.id)
+            owned = await self.store.owned_trigger_ids(self.process_id)
         checked_at = time.monotonic()
         # Measured once the answer is here: paused or cut off long enough to be declared dead
         # (3/4 of dead_after, a margin), our triggers may have been adopted, and a cancel seen
         # now was the adopter's to act on (it calls on_task_cancelled, not us).
-        adoptable = self.owner._gap_at > self.reconciled_at or (
-            self.owner._beat_at is not None
-            and checked_at - self.owner._beat_at > self.owner.dead_after * 0.75
-        )
+        adoptable = self.gaps.since(self.reconciled_at, checked_at)
         # ids only: ints are not tracked by the cyclic gc, a list of (id, run) tuples is
-        for index, trigger_id in enumerate(list(self.owner.running)):
+        for index, trigger_id in enumerate(list(self.running)):
             if index % RECONCILE_STEP == RECONCILE_STEP - 1:
                 await anyio.sleep(0)  # 1M live timers: let due ones fire between steps
-            if trigger_id not in owned and (run := self.owner.running.get(trigger_id)) is not None:
+            if trigger_id not in owned and (run := self.running.get(trigger_id)) is not None:
                 log.info("trigger no longer assigned here; cancelling it", trigger_id=trigger_id)
                 reason = "removed" if adoptable else await self._removal_reason(run)
                 if adoptable and getattr(run, "on_task_cancelled", None):
@@ -80,17 +119,17 @@ class Reconciler:
                         "(another triggerer may have adopted it and acts on a cancel)",
                         trigger_id=trigger_id,
                     )
-                self.owner._cancel(run, reason)
+                self.cancel(run, reason)
         self.reconciled_at = checked_at
         strays = []
         for index, tid in enumerate(owned):
             if index % RECONCILE_STEP == RECONCILE_STEP - 1:
                 await anyio.sleep(0)
-            if tid not in self.owner.running and tid not in self.owner.writer:
+            if tid not in self.running and tid not in self.writer:
                 strays.append(tid)
         if strays:
             log.info("releasing triggers assigned here but not running", count=len(strays))
-            await self.owner.store.release_triggers(self.owner.id, strays)
+            await self.store.release_triggers(self.process_id, strays)
         return True
 
     async def _held_as_known(self) -> bool:
@@ -99,15 +138,15 @@ class Reconciler:
         calls under way: fetching 1,000,000 ids and comparing them took both cores for
         about 0.2 s at every reconcile. Any other difference (a trigger removed elsewhere,
         one adopted, a stray claim) means a full reconcile."""
-        pending = [t for t in self.owner.writer.pending if t not in self.owner.running]
+        pending = [t for t in self.writer.pending if t not in self.running]
         count, total = (
-            len(self.owner.running) + len(pending),
-            sum(self.owner.running) + sum(pending),
+            len(self.running) + len(pending),
+            sum(self.running) + sum(pending),
         )
-        open_before, seq_before = set(self.owner.writer.open_units), self.owner.writer.unit_seq
-        held = await self.owner.store.owned_trigger_sum(self.owner.id)
+        open_before, seq_before = set(self.writer.open_units), self.writer.unit_seq
+        held = await self.store.owned_trigger_sum(self.process_id)
         try:
-            units = self.owner.writer.possibly_stored(open_before, seq_before)
+            units = self.writer.possibly_stored(open_before, seq_before)
         except LookupError:
             return False
         if len(units) > QUICK_CHECK_UNITS:
@@ -124,7 +163,7 @@ class Reconciler:
         a run of one trigger, never a timer or a shared run's member)."""
         if getattr(run, "on_task_cancelled", None) is None:
             return "removed"
-        info = await self.owner.store.get_task(run.task_id)
+        info = await self.store.get_task(run.task_id)
         return (
             TASK_CANCELLED if info is not None and info.state is TaskState.CANCELLED else "removed"
         )

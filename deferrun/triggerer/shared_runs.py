@@ -24,13 +24,13 @@ from typing import Any
 import anyio
 import structlog
 
-from deferrun.connections.uri import format_error
+from deferrun.connections.redaction import format_error
+from deferrun.core import trigger_keys as sharing
 from deferrun.core.basetrigger import BaseTrigger
 from deferrun.core.models import ClaimedTrigger
 from deferrun.process.containment import TriggerCode
 from deferrun.process.watchdog import LoopWatchdog
-from deferrun.sharing import keys as sharing
-from deferrun.sharing import polls as shared_polls
+from deferrun.triggerer import shared_polls
 from deferrun.triggerer.trigger_run import Limits, Loaded, Outcome, failure, run_until_event
 
 log = structlog.get_logger("deferrun.triggerer")

@@ -23,20 +23,19 @@ from typing import Any
 
 import structlog
 
-from deferrun.connections.uri import format_error, redact
+from deferrun.connections.redaction import format_error, redact
 from deferrun.core import serialization
 from deferrun.core.baseoperator import BaseOperator
 from deferrun.core.basetrigger import BaseTrigger, TaskEndEvent, TriggerEvent
 from deferrun.core.models import ClaimedTrigger
 from deferrun.exceptions import ConfigError
 from deferrun.process import containment
-from deferrun.store.machine import clean_text
+from deferrun.store.machine import stored_error
 from deferrun.triggerer.hooks import bounded, close_generator
 
 log = structlog.get_logger("deferrun.triggerer")
 
 DEFAULT_MAX_EVENT_BYTES = 1024 * 1024
-MAX_ERROR_CHARS = 64 * 1024  # a failure message is stored too; a huge one must not clog writes
 FIRED = ""  # Outcome.method of an event (the task resumes into its own next_method)
 FAILED = BaseOperator.TRIGGER_FAILED_METHOD
 TIMED_OUT = BaseOperator.DEFERRAL_TIMEOUT_METHOD
@@ -73,6 +72,9 @@ class Outcome:
     error: str | None = None
     exc: BaseException | None = None  # what the trigger raised, for run_trigger's caller
     end_state: str | None = None  # with ENDED: the state the trigger gave its task
+    #: the trigger's on_event_written(), where its class has one: the event writer calls it
+    #: once this outcome is stored
+    on_written: Callable[[bool], None] | None = None
 
     @property
     def fired(self) -> bool:
@@ -95,9 +97,7 @@ class Misbehaved(Exception):
 def failure(
     trigger_id: int, error: str, *, timeout: bool = False, exc: BaseException | None = None
 ) -> Outcome:
-    error = clean_text(redact(error)) or ""  # a lone surrogate in a message must not lose it
-    if len(error) > MAX_ERROR_CHARS:
-        error = error[: MAX_ERROR_CHARS // 2] + "\n...[truncated]...\n" + error[-4096:]
+    error = stored_error(redact(error)) or ""  # a lone surrogate in a message must not lose it
     payload = serialization.dumps({"error": error})
     return Outcome(trigger_id, TIMED_OUT if timeout else FAILED, payload, error, exc)
 
@@ -250,6 +250,8 @@ async def run_until_event(
         finally:
             containment.leave(token)
     assert outcome is not None
+    if type(trigger).on_event_written is not BaseTrigger.on_event_written:
+        outcome.on_written = trigger.on_event_written
     return outcome
 
 

@@ -19,7 +19,8 @@ from typing import Any
 import anyio
 import structlog
 
-from deferrun.connections.uri import close_shared_clients, format_error
+from deferrun.connections.cache import close_loop_clients
+from deferrun.connections.redaction import format_error
 from deferrun.core import config
 from deferrun.core.basetrigger import BaseTrigger
 from deferrun.core.models import ClaimedTrigger
@@ -28,14 +29,13 @@ from deferrun.process.containment import TriggerCode
 from deferrun.process.liveness import heartbeat_loop, new_process_id, register
 from deferrun.process.metrics import Metrics
 from deferrun.process.watchdog import LoopWatchdog
-from deferrun.sharing import polls as shared_polls
 from deferrun.store.base import Store, Wakeup
-from deferrun.triggerer import reconcile
+from deferrun.triggerer import reconcile, shared_polls
 from deferrun.triggerer.event_writer import EventWriter
 from deferrun.triggerer.gc_freeze import LoadedFreezer
 from deferrun.triggerer.hooks import bounded
 from deferrun.triggerer.outcomes import OutcomeLog
-from deferrun.triggerer.reconcile import TASK_CANCELLED, Reconciler
+from deferrun.triggerer.reconcile import TASK_CANCELLED, LivenessGaps, Reconciler
 from deferrun.triggerer.shared_runs import Member, SharedRuns
 from deferrun.triggerer.timers import Timer, TimerHeap, fire_timers, timer_for
 from deferrun.triggerer.trigger_run import (
@@ -125,10 +125,11 @@ class Triggerer:
         self.shared = SharedRuns(self.running, self._outcome, self.limits, lambda: self.watchdog)
         self.writer_unhealthy_after = WRITER_UNHEALTHY_AFTER
         self._freezer = LoadedFreezer()
-        self.reconciler = Reconciler(self)
         # liveness gaps (monotonic): after one, vanished triggers may have been adopted
-        self._beat_at: float | None = None
-        self._gap_at = float("-inf")
+        self.gaps = LivenessGaps(self.dead_after)
+        self.reconciler = Reconciler(
+            store, self.id, self.running, self.writer, self._cancel, self.gaps
+        )
         self.block_threshold = block_threshold
         self.metrics = metrics or Metrics()
         self.outcomes = OutcomeLog(self.metrics)
@@ -197,7 +198,7 @@ class Triggerer:
                 tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
-                await close_shared_clients()
+                await close_loop_clients()
                 try:
                     await self.store.deregister_process(self.id)
                 except Exception as exc:
@@ -299,14 +300,11 @@ class Triggerer:
         return await self.reconciler.run()
 
     async def _heartbeat_loop(self) -> None:
-        self._beat_at = time.monotonic()  # registered just now: a beat of sorts
+        self.gaps.beat_at = time.monotonic()  # registered just now: a beat of sorts
         await heartbeat_loop(self.store, self.id, self.dead_after, self._on_beat, self.health)
 
     async def _on_beat(self) -> None:
-        now = time.monotonic()
-        if self._beat_at is not None and now - self._beat_at > self.dead_after * 0.75:
-            self._gap_at = now  # we may have been declared dead meanwhile
-        self._beat_at = now
+        self.gaps.beat()
 
     def _describe_task(self, name: str) -> dict[str, Any]:
         """Called from the watchdog thread while the loop is blocked in task ``name``

@@ -14,7 +14,7 @@ import anyio
 import msgspec
 import structlog
 
-from deferrun.connections import uri as connections
+from deferrun.connections import redaction
 from deferrun.core import config
 from deferrun.core.models import FINISHED_STATES, TaskInfo, TaskState
 from deferrun.store import Store
@@ -51,7 +51,7 @@ def redact_text(text: str) -> str:
     if "://" in text:
         text = config.redact_url(text)
     text = _SECRET_TEXT.sub(_hide, text)
-    return connections.redact(text)
+    return redaction.redact(text)
 
 
 def redact(value: Any) -> Any:
@@ -76,7 +76,7 @@ def register_env_secrets() -> None:
         if name.startswith("DEFERRUN_CONN_") and "@" in uri:
             userinfo = uri.partition("://")[2].rpartition("@")[0]
             if ":" in userinfo:
-                connections.register_secret(userinfo.split(":", 1)[1])
+                redaction.register_secret(userinfo.split(":", 1)[1])
 
 
 def age(seconds: float | None) -> str:

@@ -27,7 +27,7 @@ from typing import Any
 import anyio
 import structlog
 
-from deferrun.connections.uri import format_error
+from deferrun.connections.redaction import format_error
 from deferrun.core import serialization
 from deferrun.core.baseoperator import BaseOperator
 from deferrun.core.models import ClaimedTask

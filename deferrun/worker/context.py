@@ -14,18 +14,15 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import structlog
 
-from deferrun.connections.uri import format_error
+from deferrun.connections.redaction import format_error
 from deferrun.core import serialization
-from deferrun.core.models import TaskState
+from deferrun.core.models import ClaimedTask, TaskState
 from deferrun.exceptions import SerializationError
 from deferrun.store.xcom import XComWrite
-
-if TYPE_CHECKING:
-    from deferrun.worker.attempt import Attempt
 
 XCOM_RETURN_KEY = "return_value"
 DEFAULT_DAG_ID = "deferrun"
@@ -56,6 +53,16 @@ class XComState:
     pushed: dict[str, str] = field(default_factory=dict)
 
 
+class AttemptState(Protocol):
+    """What the context reads of an attempt (:class:`deferrun.worker.attempt.Attempt`), so this
+    module does not import the one that calls it."""
+
+    claimed: ClaimedTask
+    xcom: XComState
+    upstream: dict[str, Any]
+    operator: Any
+
+
 @dataclass
 class DagRun:
     """Airflow's dag_run fields; a deferrun task is its own run, submitted at ``run_after``."""
@@ -79,7 +86,7 @@ class DagRun:
 class TaskInstance:
     """``context["ti"]``: the running try of the task and its XCom."""
 
-    def __init__(self, attempt: Attempt, op: Any, dag_id: str, run_id: str) -> None:
+    def __init__(self, attempt: AttemptState, op: Any, dag_id: str, run_id: str) -> None:
         task = attempt.claimed
         self._attempt = attempt
         self.task = op
@@ -170,7 +177,7 @@ class TaskInstance:
         return f"<TaskInstance {self.dag_id}.{self.task_id} try {self.try_number}>"
 
 
-def airflow_context(attempt: Attempt, op: Any) -> dict[str, Any]:
+def airflow_context(attempt: AttemptState, op: Any) -> dict[str, Any]:
     """The keys Airflow operators read from ``context``."""
     task = attempt.claimed
     dag_id = getattr(op, "dag_id", None) or DEFAULT_DAG_ID
@@ -232,7 +239,7 @@ def is_fresh(next_method: str | None) -> bool:
     return next_method is None or next_method == BaseOperator.START_METHOD
 
 
-async def load_xcoms(store: Any, attempt: Attempt) -> None:
+async def load_xcoms(store: Any, attempt: AttemptState) -> None:
     """Read the values the attempt may pull, when there can be any: its own when it resumes
     a deferral, its upstreams' when it has upstreams."""
     task = attempt.claimed
@@ -245,7 +252,7 @@ async def load_xcoms(store: Any, attempt: Attempt) -> None:
     attempt.xcom.stored = stored
 
 
-def xcom_write(attempt: Attempt) -> XComWrite | None:
+def xcom_write(attempt: AttemptState) -> XComWrite | None:
     """What the attempt pushed, to be written with its outcome (a fresh retry also drops the
     earlier try's values); None when there is nothing to write."""
     task = attempt.claimed
@@ -255,7 +262,7 @@ def xcom_write(attempt: Attempt) -> XComWrite | None:
     return None
 
 
-async def kill_if_cancelled(store: Any, attempt: Attempt) -> None:
+async def kill_if_cancelled(store: Any, attempt: AttemptState) -> None:
     """Airflow's ``on_kill``: called (on a thread of its own) when a user cancelled the running
     task; never on timeouts, reassignment or shutdown."""
     on_kill = getattr(attempt.operator, "on_kill", None)

@@ -23,7 +23,8 @@ from typing import Any
 import anyio
 import structlog
 
-from deferrun.connections.uri import close_shared_clients, format_error
+from deferrun.connections.cache import close_loop_clients
+from deferrun.connections.redaction import format_error
 from deferrun.core import config, serialization
 from deferrun.core.baseoperator import DEFAULT_QUEUE
 from deferrun.core.deferral import prepare_deferral
@@ -133,7 +134,7 @@ class Worker:
         finally:
             with anyio.CancelScope(shield=True):
                 await self.store.deregister_process(self.id)
-                await close_shared_clients()
+                await close_loop_clients()
             self.threads.close()
             log.info("worker stopped", worker_id=self.id, tasks_done=self.tasks_done)
 

@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
-from importlib import resources
 from typing import Any, TypeVar
 
 import asyncpg
@@ -25,11 +24,11 @@ from deferrun.core import config
 from deferrun.exceptions import ConfigError, StoreUnavailable
 from deferrun.store.base import Channel, Wakeup, is_connection_error
 from deferrun.store.manager import SqlStore
+from deferrun.store.schema import SCHEMA_VERSION, migrations
 from deferrun.store.sql import Notify, PostgresDialect, Program, Query, Row, Run
 
 log = structlog.get_logger("deferrun.store.postgres")
 
-SCHEMA_VERSION = 9
 MIGRATION_LOCK = 0x64656672  # "defr": one advisory lock id for schema changes
 CHANNELS: dict[str, str] = {"tasks": "deferrun_tasks", "triggers": "deferrun_triggers"}
 R = TypeVar("R")
@@ -291,20 +290,8 @@ class PostgresConnector:
         _check_version(safe, version, create=False)
 
     async def _migrate(self) -> None:
-        schema = resources.files("deferrun.store.postgres").joinpath("schema.sql").read_text()
-        async with self.pool.acquire() as conn, conn.transaction():
-            # Several processes may start at once: one migrates, the rest wait here.
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
-            await conn.execute(
-                "CREATE TABLE IF NOT EXISTS deferrun_schema (version integer NOT NULL)"
-            )
-            version = await conn.fetchval("SELECT max(version) FROM deferrun_schema") or 0
-            _check_version("the database", version, create=True)
-            if version < SCHEMA_VERSION:
-                await conn.execute(schema)
-                await conn.execute(
-                    "INSERT INTO deferrun_schema (version) VALUES ($1)", SCHEMA_VERSION
-                )
+        async with self.pool.acquire() as conn:
+            await migrate(conn)
 
     async def close(self) -> None:
         if self._replacing is not None and not self._replacing.done():
@@ -332,6 +319,33 @@ def _check_version(where: str, version: int, *, create: bool) -> None:
             f"({SCHEMA_VERSION}); this command only reads, so it does not migrate it - start a "
             "worker or triggerer of this version once to migrate it, or use the older deferrun"
         )
+
+
+async def migrate(conn: asyncpg.Connection, *, target: int = SCHEMA_VERSION) -> None:
+    """Bring the database up to schema ``target`` through the numbered migrations.
+
+    One transaction per migration, each under a transaction-scoped advisory lock and reading
+    the version first: of several processes starting at once, one migrates while the rest
+    wait, and each migration runs once.
+    """
+    more = True
+    while more:
+        async with conn.transaction():
+            more = await _migrate_once(conn, target)
+
+
+async def _migrate_once(conn: asyncpg.Connection, target: int) -> bool:
+    """Apply the migration after the database's version, if that is below ``target``."""
+    await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+    await conn.execute("CREATE TABLE IF NOT EXISTS deferrun_schema (version integer NOT NULL)")
+    version = await conn.fetchval("SELECT max(version) FROM deferrun_schema") or 0
+    _check_version("the database", version, create=True)
+    if version >= target:
+        return False
+    migration = migrations("deferrun.store.postgres")[version]
+    await conn.execute(migration.sql)
+    await conn.execute("INSERT INTO deferrun_schema (version) VALUES ($1)", migration.version)
+    return True
 
 
 class PostgresStore(SqlStore):

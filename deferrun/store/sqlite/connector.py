@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import re
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from importlib import resources
 from typing import Any, TypeVar
 
 import msgspec
@@ -23,27 +23,25 @@ import msgspec
 from deferrun.exceptions import ConfigError, StoreUnavailable
 from deferrun.store.base import Channel, Wakeup
 from deferrun.store.manager import SqlStore
+from deferrun.store.schema import SCHEMA_VERSION, migrations
 from deferrun.store.sql import Program, Query, Row, Run, SQLiteDialect, drive_sync
 from deferrun.store.sqlite import file as sqlite_file
 from deferrun.store.sqlite.notify import UdpListener, UdpSender
 
-SCHEMA_VERSION = 9
 R = TypeVar("R")
 
 #: sqlite3 errors that say "not now" rather than "this statement is wrong"
 _UNAVAILABLE = ("locked", "busy", "disk i/o error", "disk is full", "unable to open")
-#: tables (and their indexes) renamed in version 3 to the names PostgreSQL always had
-_RENAMED = {
-    "tasks": ["tasks_runnable", "tasks_running", "tasks_defer_deadline", "tasks_state_created"],
-    "triggers": ["triggers_unclaimed", "triggers_owner"],
-    "processes": [],
-    "task_logs": ["task_logs_task"],
-}
 _PORTS = (
     "SELECT role, wake_port FROM deferrun_processes WHERE wake_port IS NOT NULL "
     "AND heartbeat_at >= ?"
 )
 _NEWEST = "SELECT max(started_at) FROM deferrun_processes"
+#: PostgreSQL's ``ADD COLUMN IF NOT EXISTS``, which SQLite lacks: migrate() gives it that meaning
+_ADD_COLUMN = re.compile(
+    r"\s*ALTER\s+TABLE\s+(\w+)\s+ADD\s+COLUMN\s+IF\s+NOT\s+EXISTS\s+(\w+)\s+(.*?);?\s*",
+    re.IGNORECASE | re.DOTALL,
+)
 
 
 def parse_sqlite_url(url: str) -> str:
@@ -235,7 +233,7 @@ class SQLiteConnector:
                 "a network file system? Use a local disk or PostgreSQL"
             )
         self._conn = conn
-        self._migrate()
+        migrate(conn, self.path)
 
     @staticmethod
     def _enable_wal(conn: sqlite3.Connection) -> str:
@@ -274,92 +272,59 @@ class SQLiteConnector:
                 "deferrun"
             )
 
-    def _migrate(self) -> None:
-        schema = resources.files("deferrun.store.sqlite").joinpath("schema.sql").read_text()
-        with self._tx() as c:
-            version = c.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise ConfigError(
-                    f"{self.path} has schema version {version}, newer than this deferrun "
-                    f"understands ({SCHEMA_VERSION}); upgrade deferrun"
-                )
-            if version == SCHEMA_VERSION:
-                return
-            if 0 < version < 3:
-                self._rename_v2_tables(c)
-            if 0 < version < 4:
-                self._add_v4_columns(c)
-            if 0 < version < 5:
-                self._add_v5_columns(c)
-            if 0 < version < 6:
-                self._add_v6_xcom(c)
-            if 0 < version < 7:
-                self._add_v7_columns(c)
-            if 0 < version < 8:
-                self._add_v8_indexes(c)
-            code = "\n".join(
-                line for line in schema.splitlines() if not line.lstrip().startswith("--")
-            )
-            for statement in code.split(";"):
-                if statement.strip():
-                    c.execute(statement)
-            c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
-    @staticmethod
-    def _add_v8_indexes(c: sqlite3.Connection) -> None:
-        """Version 8: newest-first listing by (created_at, id); the schema file creates them."""
-        c.execute("DROP INDEX IF EXISTS deferrun_tasks_state_created")
+def migrate(conn: sqlite3.Connection, where: str, *, target: int = SCHEMA_VERSION) -> None:
+    """Bring the database up to schema ``target`` through the numbered migrations.
 
-    @staticmethod
-    def _add_v4_columns(c: sqlite3.Connection) -> None:
-        """Version 4: pipelines (SQLite has no ADD COLUMN IF NOT EXISTS)."""
-        for table, column, kind in (
-            ("deferrun_tasks", "trigger_rule", "TEXT"),
-            ("deferrun_tasks", "has_downstream", "INTEGER NOT NULL DEFAULT 0"),
-            ("deferrun_tasks", "retries", "INTEGER"),
-            ("deferrun_tasks", "start_trigger", "TEXT"),
-            ("deferrun_tasks", "hold_until", "REAL"),
-            ("deferrun_triggers", "watch_task_id", "TEXT"),
-        ):
-            if column not in {r[1] for r in c.execute(f"PRAGMA table_info({table})")}:
-                c.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+    One ``BEGIN IMMEDIATE`` transaction per migration, which reads the version first:
+    processes starting together on one file take turns, and each migration runs once.
+    """
+    more = True
+    while more:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            more = _migrate_once(conn, where, target)
+        except BaseException:
+            sqlite_file.rollback(conn)
+            raise
+        conn.execute("COMMIT")
 
-    @staticmethod
-    def _add_v5_columns(c: sqlite3.Connection) -> None:
-        """Version 5 (issue 12): the affinity key and shared-poll key of a trigger."""
-        columns = {r[1] for r in c.execute("PRAGMA table_info(deferrun_triggers)")}
-        for column in ("affinity", "poll_key"):
-            if column not in columns:
-                c.execute(f"ALTER TABLE deferrun_triggers ADD COLUMN {column} TEXT")
 
-    @staticmethod
-    def _add_v6_xcom(c: sqlite3.Connection) -> None:
-        """Version 6: XCom values pushed by tasks (issue 16)."""
-        c.execute(
-            "CREATE TABLE IF NOT EXISTS deferrun_xcom (task_id TEXT NOT NULL, xcom_key TEXT "
-            "NOT NULL, value TEXT NOT NULL, PRIMARY KEY (task_id, xcom_key))"
+def _migrate_once(conn: sqlite3.Connection, where: str, target: int) -> bool:
+    """Apply the migration after the database's version, if that is below ``target``."""
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise ConfigError(
+            f"{where} has schema version {version}, newer than this deferrun "
+            f"understands ({SCHEMA_VERSION}); upgrade deferrun"
         )
+    if version >= target:
+        return False
+    migration = migrations("deferrun.store.sqlite")[version]
+    for statement in _statements(migration.sql):
+        add = _ADD_COLUMN.fullmatch(statement)
+        if add:  # a column an older release already added is left as it is
+            table, column, kind = add.groups()
+            if column in {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}:
+                continue
+            statement = f"ALTER TABLE {table} ADD COLUMN {column} {kind}"
+        conn.execute(statement)
+    conn.execute(f"PRAGMA user_version = {migration.version}")
+    return True
 
-    @staticmethod
-    def _add_v7_columns(c: sqlite3.Connection) -> None:
-        """Version 7 (issue 13): each process's recent event-loop lag, for the status page."""
-        if "loop_lag" not in {r[1] for r in c.execute("PRAGMA table_info(deferrun_processes)")}:
-            c.execute("ALTER TABLE deferrun_processes ADD COLUMN loop_lag REAL")
 
-    @staticmethod
-    def _rename_v2_tables(c: sqlite3.Connection) -> None:
-        """Version 3: PostgreSQL's table names, so one set of statements serves both."""
-        tables = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        for old, indexes in _RENAMED.items():
-            for index in indexes:
-                c.execute(f"DROP INDEX IF EXISTS {index}")
-            if old in tables:
-                c.execute(f"ALTER TABLE {old} RENAME TO deferrun_{old}")
-        columns = {r[1] for r in c.execute("PRAGMA table_info(deferrun_tasks)")}
-        if "claim_token" not in columns:
-            c.execute(
-                "ALTER TABLE deferrun_tasks ADD COLUMN claim_token INTEGER NOT NULL DEFAULT 0"
-            )
+def _statements(sql: str) -> Iterator[str]:
+    """A migration file's statements, one at a time (whole-line comments left out)."""
+    pending = ""
+    for line in sql.splitlines(keepends=True):
+        if line.lstrip().startswith("--"):
+            continue
+        pending += line
+        if sqlite3.complete_statement(pending):
+            yield pending
+            pending = ""
+    if pending.strip():
+        yield pending
 
 
 class SQLiteStore(SqlStore):
