@@ -17,15 +17,10 @@ import psutil
 
 from deferrun.exceptions import ConfigError
 from deferrun.process import loops
+from tests.support.pgcluster import free_port  # the test suite's helpers (tests/support/)
+from tests.support.services import FakeServices
 
 REPO = Path(__file__).resolve().parent.parent
-
-# The test suite's throwaway-PostgreSQL and service helpers live in tests/.
-if str(REPO / "tests") not in sys.path:
-    sys.path.insert(0, str(REPO / "tests"))
-
-from pgcluster import free_port  # noqa: E402
-from services import FakeServices  # noqa: E402
 
 __all__ = ["FakeServices", "free_port"]
 
@@ -232,8 +227,8 @@ def database_cpu_seconds(db: str) -> float | None:
 
 
 def start_pg_cluster() -> Any:
-    """A throwaway PostgreSQL cluster (the test suite's helper, tests/pgcluster.py)."""
-    from pgcluster import PgCluster, find_bindir
+    """A throwaway PostgreSQL cluster (the test suite's helper, tests/support/pgcluster.py)."""
+    from tests.support.pgcluster import PgCluster, find_bindir
 
     bindir = find_bindir()
     if bindir is None:

@@ -123,7 +123,7 @@ def _start_run(services: FakeServices) -> str:
 def _basic() -> str:
     import base64
 
-    from services import PASSWORD, USER
+    from tests.support.services import PASSWORD, USER
 
     return "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
 

@@ -28,8 +28,8 @@ CLASSPATH = "benchmarks.ops.SleepUntilTrigger"
 
 
 def _rows(start: int, n: int, at: float) -> list[Any]:
+    from deferrun.core import trigger_keys as sharing
     from deferrun.core.models import ClaimedTrigger
-    from deferrun.sharing import keys as sharing
 
     rows = []
     for i in range(start, start + n):

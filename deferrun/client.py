@@ -111,6 +111,7 @@ class AsyncClient:
         await self.aclose()
 
     async def aclose(self) -> None:
+        """Close the store this client opened (not one it was given)."""
         if self._store is not None and self._owns_store and self._opened:
             await self._store.close()
             self._opened = False
@@ -157,6 +158,7 @@ class AsyncClient:
         return await self.submit(operator, after=after, trigger_rule=trigger_rule)
 
     async def get(self, task_id: str) -> TaskInfo:
+        """The task as it is now; TaskNotFound if no task has that id."""
         info = await (await self._get_store()).get_task(task_id)
         if info is None:
             raise TaskNotFound(
@@ -215,9 +217,11 @@ class AsyncClient:
         return await (await self._get_store()).dependencies(task_id)
 
     async def triggers(self) -> list[TriggerInfo]:
+        """The live triggers: which triggerer holds each, with their classpaths and tasks."""
         return await (await self._get_store()).list_triggers()
 
     async def counts(self) -> dict[str, int]:
+        """How many tasks are in each state."""
         return await (await self._get_store()).count_tasks()
 
 
@@ -255,6 +259,7 @@ class Client:
         self.close()
 
     def close(self) -> None:
+        """Close the client's store and stop its event loop thread (``with Client()`` does it)."""
         atexit.unregister(self.close)
         if self._portal_cm is not None:
             try:
@@ -282,12 +287,15 @@ class Client:
         return task.id
 
     def submit_many(self, operators: Sequence[BaseOperator]) -> list[str]:
+        """Submit several operators in one transaction; their task ids in order."""
         return self._call(self._async.submit_many, list(operators))
 
     def get(self, task_id: str) -> TaskInfo:
+        """The task as it is now; TaskNotFound if no task has that id."""
         return self._call(self._async.get, task_id)
 
     def wait(self, task_id: str, timeout: float | None = None) -> TaskInfo:
+        """Block until the task ends (or ``timeout`` seconds pass: TimeoutError); its TaskInfo."""
         return self._call(self._async.wait, task_id, timeout)
 
     def list(
@@ -300,6 +308,7 @@ class Client:
         return self._call(self._async.list, state, limit, before)
 
     def cancel(self, task_id: str) -> TaskInfo:
+        """Cancel the task unless it already ended; its TaskInfo afterwards."""
         return self._call(self._async.cancel, task_id)
 
     def retry(self, task_id: str, downstream: bool = False) -> list[str]:
@@ -307,9 +316,11 @@ class Client:
         return self._call(self._async.retry, task_id, downstream)
 
     def dependencies(self, task_id: str) -> tuple[list[str], list[str]]:
+        """The task's upstream and downstream task ids (tasks submitted with ``after=``)."""
         return self._call(self._async.dependencies, task_id)
 
     def triggers(self) -> list[TriggerInfo]:
+        """The live triggers: which triggerer holds each, with their classpaths and tasks."""
         return self._call(self._async.triggers)
 
     def counts(self) -> dict[str, int]:

@@ -1,24 +1,21 @@
-"""Shared fixtures: real stores on temp files, an in-process runtime, and real subprocesses."""
+"""Fixtures shared by every room: real stores on temp files, a throwaway PostgreSQL cluster,
+real subprocesses, and servers on loopback (HTTP/job services, moto, a fake dbt Cloud)."""
 
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from pgcluster import PgCluster, find_bindir, free_port
-from services import FakeServices, Moto, start_moto
 
 from deferrun.store import Store, make_store
+from tests.support.dbt_cloud import FakeDbtCloud
+from tests.support.pgcluster import PgCluster, find_bindir, free_port
+from tests.support.processes import REPO, Proc, deferrun_env, wait_until
+from tests.support.services import FakeServices, Moto, start_moto
 
-TESTS_DIR = Path(__file__).parent
-REPO = TESTS_DIR.parent
+__all__ = ["REPO", "Proc", "deferrun_env", "wait_until"]  # importable from here, as before
 
 
 @pytest.fixture
@@ -77,58 +74,6 @@ async def store(db_url: str) -> AsyncIterator[Store]:
         await s.close()
 
 
-# --------------------------------------------------------------------------- subprocesses
-
-
-def deferrun_env(db_url: str, pythonpath: Path | None = None, **extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env["DEFERRUN_DB"] = db_url
-    env["DEFERRUN_DEAD_AFTER"] = extra.pop("dead_after", "3")
-    paths = [str(REPO)]
-    if pythonpath is not None:
-        paths.insert(0, str(pythonpath))
-    env["PYTHONPATH"] = os.pathsep.join(paths)
-    env["PYTHONUNBUFFERED"] = "1"
-    env.update(extra)
-    return env
-
-
-class Proc:
-    """A real ``deferrun`` subprocess, its output captured to a file for post-mortems."""
-
-    def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
-        self.args = args
-        self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.popen = subprocess.Popen(
-            [sys.executable, "-m", "deferrun", *args, "--log-format", "json"],
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            cwd=log_path.parent,
-        )
-
-    def output(self) -> str:
-        if not self._log.closed:
-            self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(sig)
-
-    def stop(self, timeout: float = 15.0) -> int | None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(5)
-        self._log.close()
-        return self.popen.returncode
-
-
 @pytest.fixture
 def procs(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
     started: list[Proc] = []
@@ -142,21 +87,6 @@ def procs(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
     yield start
     for proc in started:
         proc.stop()
-
-
-def wait_until(
-    predicate: Callable[[], Any], timeout: float, interval: float = 0.1, message: str = "condition"
-) -> Any:
-    """Poll ``predicate`` (bounded in time and count) until it returns a truthy value."""
-    deadline = time.monotonic() + timeout
-    for _ in range(int(timeout / interval) + 2):
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            break
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {message}")
 
 
 @pytest.fixture(scope="session")
@@ -176,6 +106,38 @@ def moto() -> Iterator[Moto]:
         yield server
     finally:
         server.server.stop()
+
+
+@pytest.fixture
+async def aws(moto: Moto, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Moto]:
+    """The session's moto server as the ``aws_default`` connection; this loop's shared AWS
+    clients are closed after the test."""
+    from deferrun.connections.cache import close_loop_clients
+
+    monkeypatch.setenv("DEFERRUN_CONN_AWS_DEFAULT", moto.uri())
+    yield moto
+    await close_loop_clients()
+
+
+@pytest.fixture
+def bucket(aws: Moto) -> str:
+    """A fresh S3 bucket on the moto server."""
+    import uuid
+
+    name = f"bucket-{uuid.uuid4().hex[:10]}"
+    aws.boto("s3").create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="module")
+def dbt() -> Iterator[FakeDbtCloud]:
+    """A fake dbt Cloud v2 API of the module's own (its runs and counters start empty)."""
+    server = FakeDbtCloud()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")

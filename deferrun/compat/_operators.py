@@ -2,8 +2,7 @@
 
 Constructors accept Airflow's common keyword arguments. Those deferrun has a concept for are
 mapped (retries, retry_delay, execution_timeout, queue, sensors' mode/poke_interval/timeout/
-soft_fail); the rest are kept readable on the operator and have no effect (README, "Porting
-from Airflow").
+soft_fail); the rest are kept readable on the operator and have no effect (docs/guide/airflow.md).
 """
 
 from __future__ import annotations
@@ -212,7 +211,7 @@ class BaseOperator(baseoperator.BaseOperator):
         if unknown:
             raise AirflowException(
                 f"Invalid arguments were passed to {type(self).__name__} (task_id: {task_id}): "
-                f"{', '.join(unknown)}; see README 'Porting from Airflow' for the accepted ones"
+                f"{', '.join(unknown)}; see docs/guide/airflow.md for the accepted ones"
             )
         given = getattr(self, "_init_kwargs", {})
         defaults = dict(default_args or {})

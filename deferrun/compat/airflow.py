@@ -7,7 +7,7 @@ Core modules are those provider code imports from Airflow itself: ``airflow``,
 ``airflow.utils`` / ``.timezone`` / ``.context`` / ``.operator_helpers``,
 ``airflow.configuration``, ``airflow.providers.common.compat.sdk`` and the providers'
 ``version_compat`` flags. Provider hooks (dbt Cloud, HTTP, ...) stay the user's own modules.
-What each name maps to, and what has no effect, is in README "Porting from Airflow".
+What each name maps to, and what has no effect, is in docs/guide/airflow.md.
 """
 
 from __future__ import annotations

@@ -103,6 +103,8 @@ class BaseOperator:
         return None
 
     def execute(self, context: Context) -> Any:
+        """The task's work, in a worker slot. Return its result (stored as JSON), or call
+        ``self.defer(...)`` to free the slot until a trigger fires; ``async def`` works too."""
         raise NotImplementedError(f"{type(self).__qualname__} must implement execute(context)")
 
     def execute_complete(self, context: Context, event: Any = None) -> Any:
@@ -125,9 +127,16 @@ class BaseOperator:
     # -- hooks for a failed wait; sensors override these (soft_fail) ---------------------------
 
     def on_deferral_timeout(self, context: Context, event: Any = None) -> Any:
+        """Called on a worker, instead of the resume method, when a deferral's ``timeout``
+        passed before its trigger fired; ``event`` is ``{"error": reason}``. By default the
+        task fails with TaskTimeout (retried as its ``retries`` allow); override it to end the
+        task another way or to defer again."""
         raise TaskTimeout(event.get("error") if isinstance(event, dict) else "deferral timed out")
 
     def on_trigger_failed(self, context: Context, event: Any = None) -> Any:
+        """Called on a worker, instead of the resume method, when the trigger raised or broke
+        its contract; ``event`` is ``{"error": message with traceback}``. By default the task
+        fails with TriggerFailed (retried as its ``retries`` allow); override it to recover."""
         raise TriggerFailed(event.get("error") if isinstance(event, dict) else "trigger failed")
 
     # -- plumbing -----------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from collections import deque
 import anyio
 import structlog
 
+from deferrun.connections.redaction import format_error
 from deferrun.core import serialization
 from deferrun.store.base import Store, is_connection_error
 from deferrun.triggerer.trigger_run import ENDED, FAILED, Outcome
@@ -204,8 +205,12 @@ class EventWriter:
             if outcome is not None and outcome.on_written is not None:
                 try:
                     outcome.on_written(outcome.fired)
-                except Exception as exc:
-                    log.error("on_event_written() raised", trigger_id=tid, error=repr(exc))
+                except BaseException as exc:  # trigger code: even SystemExit must not stop us
+                    log.error(
+                        "on_event_written() raised; the event stays stored",
+                        trigger_id=tid,
+                        error=format_error(exc),
+                    )
         self.written += len(ids)
 
     def _failed(self, exc: Exception, pending: int) -> None:
