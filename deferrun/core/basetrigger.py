@@ -162,13 +162,16 @@ class BaseTrigger:
         """
 
     def on_event_written(self, stored: bool) -> None:
-        """Called in the triggerer once this trigger's outcome is in the database: ``stored``
-        is True when its event was stored (its task will resume with it), False when a failure
-        was stored instead.
+        """Called in the triggerer once this trigger's outcome was written: ``stored`` is True
+        when its event was stored (its task resumes with it), False when it was not (a failure
+        was stored instead, the task was resumed by another triggerer meanwhile, or nothing
+        could be stored).
 
         For a trigger that may act only once its event is durable, such as deleting the message
-        the event carries. Never called if the process dies first, nor outside a triggerer.
-        Runs on the event loop: keep it short and never block.
+        the event carries. A plain ``def``: it runs on the triggerer's event loop, so keep it
+        short and never block (a slow one is named in the log). Never called if the process
+        dies first, nor outside a triggerer. A class with this hook never shares its run() with
+        identical triggers, and its ``timer()`` is not used (it runs as a coroutine).
         """
 
     def watched_task(self) -> str | None:

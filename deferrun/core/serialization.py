@@ -211,9 +211,10 @@ def _load_enum(classpath: Any, value: Any) -> enum.Enum:
     cls = load_class(classpath, enum.Enum)
     try:
         return cls(value)
-    except ValueError as exc:
+    except Exception as exc:  # ValueError; TypeError for a bare Enum; a _missing_ of its own
         raise SerializationError(
-            f"stored enum value {value!r} is not a member of {classpath}"
+            f"stored enum value {value!r} is not a member of {classpath} "
+            f"({type(exc).__name__}: {exc})"
         ) from exc
 
 
@@ -273,6 +274,10 @@ def _signature(cls: type) -> inspect.Signature | None:
         return inspect.signature(cls)
     except (TypeError, ValueError):
         return None
+
+
+class ClassNotFound(ClassLoadError):
+    """No module or attribute of that name: a path that moved may be found elsewhere."""
 
 
 class NotASubclass(ClassLoadError):
@@ -380,11 +385,14 @@ def _moved(classpath: str) -> str | None:
 def _load_class_cached(classpath: str, base: type) -> type:
     try:
         return _load_class(classpath, base)
-    except ClassLoadError:
+    except ClassNotFound as first:  # only a lookup that found nothing tries the new place
         moved = _moved(classpath) if isinstance(classpath, str) else None
         if moved is None:
             raise
-        return _load_class(moved, base)
+        try:
+            return _load_class(moved, base)
+        except ClassNotFound:
+            raise ClassNotFound(f"{first}; nor as {moved!r}, where that module moved") from None
 
 
 def load_class(classpath: str, base: type[T]) -> type[T]:
@@ -470,7 +478,7 @@ def _load_class(classpath: str, base: type[T]) -> type[T]:
             attrs = parts[cut:]
             break
     if module is None:
-        raise ClassLoadError(
+        raise ClassNotFound(
             f"cannot import {classpath!r}: no module {'.'.join(parts[:-1])!r}. Is the module "
             "installed, or on PYTHONPATH of this process?"
         )
@@ -478,7 +486,7 @@ def _load_class(classpath: str, base: type[T]) -> type[T]:
     for attr in attrs:
         obj = inspect.getattr_static(obj, attr, None)
         if obj is None:
-            raise ClassLoadError(f"{classpath!r}: module {module.__name__!r} has no {attr!r}")
+            raise ClassNotFound(f"{classpath!r}: module {module.__name__!r} has no {attr!r}")
     if not (isinstance(obj, type) and issubclass(obj, base)):
         raise NotASubclass(f"{classpath!r} is not a {base.__name__} subclass; refusing to load it")
     return obj

@@ -18,14 +18,17 @@ def shareable(cls: type) -> bool:
     """False when the class sets ``shareable = False``: its run() is not a pure function of
     its kwargs (it reads a clock, counts its own polls, holds per-task state), so two tasks
     with identical triggers must each get their own run(). A class with an
-    ``on_task_cancelled`` hook acts for one task when that task is cancelled, so it never
-    shares a run() either (its polls may still share a request)."""
+    ``on_task_cancelled`` or ``on_event_written`` hook acts for one task (when that task is
+    cancelled, or once its own event is stored), so it never shares a run() either (its polls
+    may still share a request)."""
     if not getattr(cls, "shareable", True):
         return False
     from deferrun.core.basetrigger import BaseTrigger
 
-    hook = getattr(cls, "on_task_cancelled", None)
-    return hook is getattr(BaseTrigger, "on_task_cancelled", None)
+    return all(
+        getattr(cls, hook, None) is getattr(BaseTrigger, hook, None)
+        for hook in ("on_task_cancelled", "on_event_written")
+    )
 
 
 def affinity_key(classpath: str, kwargs_json: str) -> str:

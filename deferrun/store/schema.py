@@ -26,6 +26,15 @@ class Migration:
     sql: str
 
 
+def migration_failed(where: str, version: int, exc: BaseException) -> str:
+    """The one line a failed migration reports: the database is left as it was."""
+    return (
+        f"{where}: upgrading the deferrun schema from version {version} to {version + 1} "
+        f"failed ({exc}); it is left at version {version}. It was likely made by a development "
+        "build: restore it from a backup or start with a new database"
+    )
+
+
 @functools.cache
 def migrations(package: str) -> tuple[Migration, ...]:
     """``package``'s migrations in order, one per version from 1 to SCHEMA_VERSION.

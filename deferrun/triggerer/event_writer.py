@@ -9,8 +9,10 @@ the poisoned item's task is failed, so one bad trigger cannot stall everyone els
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections import deque
+from typing import Any
 
 import anyio
 import structlog
@@ -106,6 +108,16 @@ class EventWriter:
             self.failing_since = None
 
     async def _write(self, outcomes: list[Outcome]) -> None:
+        for o in outcomes:
+            if o.hooked is not None and not o.stored:
+                # alone, so that its on_event_written() hears whether its own event was stored
+                # (the store drops one whose task another triggerer resumed meanwhile)
+                o.stored = await self._write_batch([o]) > 0
+        await self._write_batch([o for o in outcomes if o.hooked is None])
+
+    async def _write_batch(self, outcomes: list[Outcome]) -> int:
+        """Store ``outcomes`` in up to three store calls; how many of them took effect."""
+        written = 0
         events = [(o.trigger_id, o.payload) for o in outcomes if o.fired]
         ended = [
             (o.trigger_id, o.end_state or "failed", o.payload, o.error)
@@ -119,13 +131,14 @@ class EventWriter:
         ]
         if events:
             self._unit([e[0] for e in events])
-            await self.store.fire_triggers(events)
+            written += await self.store.fire_triggers(events)
         if ended:
             self._unit([e[0] for e in ended])
-            await self.store.end_triggers(ended)
+            written += await self.store.end_triggers(ended)
         if failures:
             self._unit([f[0] for f in failures])
-            await self.store.fail_triggers(failures)
+            written += await self.store.fail_triggers(failures)
+        return written
 
     def _unit(self, ids: list[int]) -> None:
         self.unit_seq += 1
@@ -175,7 +188,7 @@ class EventWriter:
             error=repr(exc),
         )
         replacement = Outcome(tid, FAILED, serialization.dumps({"error": error[:4096]}), error)
-        replacement.on_written = outcome.on_written  # told "not stored" once this is written
+        replacement.hooked = outcome.hooked  # told "not stored" once this is written
         try:
             await self.store.fail_triggers([(tid, FAILED, replacement.payload)])
         except Exception as second:
@@ -202,15 +215,8 @@ class EventWriter:
                     self.open_units.discard(q)
         for tid in ids:
             outcome = self.pending.pop(tid, None)
-            if outcome is not None and outcome.on_written is not None:
-                try:
-                    outcome.on_written(outcome.fired)
-                except BaseException as exc:  # trigger code: even SystemExit must not stop us
-                    log.error(
-                        "on_event_written() raised; the event stays stored",
-                        trigger_id=tid,
-                        error=format_error(exc),
-                    )
+            if outcome is not None and outcome.hooked is not None:
+                tell_written(outcome.hooked, tid, outcome.fired and outcome.stored)
         self.written += len(ids)
 
     def _failed(self, exc: Exception, pending: int) -> None:
@@ -218,3 +224,42 @@ class EventWriter:
             self.failing_since = time.monotonic()
         self.last_error = repr(exc)
         log.error("storing trigger outcomes failed; retrying", error=repr(exc), pending=pending)
+
+
+#: a hook slower than this blocked every other trigger of the process: named in the log
+SLOW_HOOK_SECONDS = 0.2
+
+
+def tell_written(trigger: Any, trigger_id: int, stored: bool) -> None:
+    """Call ``trigger.on_event_written(stored)``: trigger code, so nothing it does (raise even
+    SystemExit, return a coroutine, block) may stop the writer or pass unnoticed."""
+    cls = type(trigger).__qualname__
+    began = time.monotonic()
+    try:
+        result = trigger.on_event_written(stored)
+    except BaseException as exc:
+        log.error(
+            "on_event_written() raised; the outcome stays as stored",
+            trigger_id=trigger_id,
+            trigger=cls,
+            error=format_error(exc),
+        )
+        return
+    finally:
+        took = time.monotonic() - began
+        if took > SLOW_HOOK_SECONDS:
+            log.warning(
+                "on_event_written() blocked the triggerer's event loop; it must return at once",
+                trigger_id=trigger_id,
+                trigger=cls,
+                seconds=round(took, 3),
+            )
+    if inspect.isawaitable(result):
+        if inspect.iscoroutine(result):
+            result.close()
+        log.error(
+            "on_event_written() must be a plain def, not async: it returned an awaitable, "
+            "which did not run",
+            trigger_id=trigger_id,
+            trigger=cls,
+        )

@@ -11,6 +11,7 @@ wrong. Nothing a trigger does escapes except a cancellation that really came fro
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import math
 import os
@@ -72,9 +73,11 @@ class Outcome:
     error: str | None = None
     exc: BaseException | None = None  # what the trigger raised, for run_trigger's caller
     end_state: str | None = None  # with ENDED: the state the trigger gave its task
-    #: the trigger's on_event_written(), where its class has one: the event writer calls it
-    #: once this outcome is stored
-    on_written: Callable[[bool], None] | None = None
+    #: the trigger, where its class has an on_event_written() hook: the event writer writes
+    #: this outcome alone, so that the hook hears whether its own event was stored
+    hooked: BaseTrigger | None = None
+    #: set by the event writer once a store call took this outcome (never unset by a retry)
+    stored: bool = False
 
     @property
     def fired(self) -> bool:
@@ -148,7 +151,8 @@ def load(row: ClaimedTrigger, limits: Limits) -> Loaded | Outcome:
     try:
         trigger.trigger_id = row.id
         trigger.task_id = row.task_id
-        timer = trigger.timer()
+        # a timer runs in the heap, with no trigger object left to tell its event was written
+        timer = None if has_written_hook(type(trigger)) else trigger.timer()
     except BaseException as exc:
         return failure(row.id, f"{classpath}.timer() raised:\n{format_error(exc)}", exc=exc)
     if timer is None:
@@ -250,9 +254,29 @@ async def run_until_event(
         finally:
             containment.leave(token)
     assert outcome is not None
-    if type(trigger).on_event_written is not BaseTrigger.on_event_written:
-        outcome.on_written = trigger.on_event_written
+    if has_written_hook(type(trigger)):
+        outcome.hooked = trigger  # its hook is looked up and called by the writer, guarded
     return outcome
+
+
+def has_written_hook(cls: type) -> bool:
+    """Whether ``cls`` overrides ``on_event_written`` (a static lookup: no user code runs)."""
+    try:
+        return _has_written_hook(cls)
+    except TypeError:  # a class whose metaclass makes it unhashable
+        return _written_hook_of(cls) is not _NO_HOOK
+
+
+def _written_hook_of(cls: type) -> Any:
+    return inspect.getattr_static(cls, "on_event_written", None)
+
+
+_NO_HOOK = vars(BaseTrigger)["on_event_written"]
+
+
+@functools.lru_cache(maxsize=4096)
+def _has_written_hook(cls: type) -> bool:
+    return _written_hook_of(cls) is not _NO_HOOK
 
 
 def _first_step(agen: Any) -> Any:

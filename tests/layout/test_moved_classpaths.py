@@ -47,8 +47,27 @@ def test_every_moved_module_names_a_module_that_exists(old: str, new: str) -> No
 def test_an_unknown_old_path_still_fails_clearly() -> None:
     from deferrun.exceptions import ClassLoadError
 
-    with pytest.raises(ClassLoadError, match="has no 'NoSuchClass'"):
+    with pytest.raises(ClassLoadError, match=r"nor as 'deferrun\.core\.models\.NoSuchClass'"):
         load_class("deferrun.models.NoSuchClass", enum.Enum)
+
+
+def test_a_refused_old_path_is_refused_as_stored_and_never_tried_elsewhere() -> None:
+    # found by an attack: the error named our rewrite of the path, not the stored one
+    from deferrun.exceptions import ClassLoadError
+
+    with pytest.raises(ClassLoadError) as refused:
+        load_class("deferrun.cli.__main__.Anything", BaseOperator)
+    assert "__main__" in str(refused.value) and "commands" not in str(refused.value)
+
+
+def test_an_enum_tag_naming_the_enum_base_fails_as_a_serialization_error() -> None:
+    # found by an attack: Enum(1) raised a bare TypeError, stored as a raw traceback
+    from deferrun.core.serialization import TAG, loads
+    from deferrun.exceptions import SerializationError
+
+    forged = f'{{"{TAG}": "enum", "cls": "deferrun.models.enum.Enum", "v": 1}}'
+    with pytest.raises(SerializationError, match="not a member of"):
+        loads(forged)
 
 
 class ReportsState(BaseOperator):

@@ -273,3 +273,66 @@ async def test_a_newer_schema_version_is_refused(db_url: str) -> None:
     with pytest.raises(ConfigError, match=f"version {newer}, newer than this deferrun"):
         await _open(db_url)
     assert await _version(db_url) == newer
+
+
+# --------------------------------------------------------------------------- found by an attack
+
+
+async def _execute(url: str, *statements: str) -> None:
+    if _backend(url) == "sqlite":
+        conn = sqlite3.connect(url.removeprefix("sqlite:///"), isolation_level=None)
+        try:
+            for statement in statements:
+                conn.execute(statement)
+        finally:
+            conn.close()
+        return
+    pg = await asyncpg.connect(url)
+    try:
+        for statement in statements:
+            await pg.execute(statement)
+    finally:
+        await pg.close()
+
+
+async def test_a_development_build_database_without_versions_5_and_6_is_repaired(
+    db_url: str, new_url: Callable[[], str]
+) -> None:
+    """Branch builds numbered 6 to 8 before versions 5 and 6 were merged: their databases
+    lack the shared-poll columns and index and the XCom table; migrating to 9 repairs them
+    (it left a triggerer failing on 'no such column: affinity')."""
+    await _at_version(db_url, 8)
+    await _execute(
+        db_url,
+        "DROP INDEX deferrun_triggers_affinity",
+        "ALTER TABLE deferrun_triggers DROP COLUMN affinity",
+        "ALTER TABLE deferrun_triggers DROP COLUMN poll_key",
+        "DROP TABLE deferrun_xcom",
+    )
+    await _open(db_url)
+    assert await _version(db_url) == SCHEMA_VERSION
+    assert await _schema(db_url) == await _fresh_schema(new_url())
+
+
+async def test_a_migration_that_cannot_apply_fails_in_one_line_and_changes_nothing(
+    db_url: str,
+) -> None:
+    """A version-3 database of a development build with the tables' old names: one line that
+    says what failed and what to do (it was a 59-line traceback)."""
+    await _at_version(db_url, 3)
+    if _backend(db_url) == "sqlite":  # every table unprefixed, as that build named them
+        conn = sqlite3.connect(db_url.removeprefix("sqlite:///"))
+        names = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        conn.close()
+        renames = [
+            f"ALTER TABLE {n} RENAME TO {n.removeprefix('deferrun_')}"
+            for n in names
+            if n.startswith("deferrun_")
+        ]
+    else:
+        renames = ["ALTER TABLE deferrun_tasks RENAME TO tasks"]
+    await _execute(db_url, *renames)
+    with pytest.raises(ConfigError, match="from version 3 to 4 failed") as failed:
+        await _open(db_url)
+    assert "\n" not in str(failed.value) and "new database" in str(failed.value)
+    assert await _version(db_url) == 3

@@ -24,7 +24,7 @@ from deferrun.core import config
 from deferrun.exceptions import ConfigError, StoreUnavailable
 from deferrun.store.base import Channel, Wakeup, is_connection_error
 from deferrun.store.manager import SqlStore
-from deferrun.store.schema import SCHEMA_VERSION, migrations
+from deferrun.store.schema import SCHEMA_VERSION, migration_failed, migrations
 from deferrun.store.sql import Notify, PostgresDialect, Program, Query, Row, Run
 
 log = structlog.get_logger("deferrun.store.postgres")
@@ -343,7 +343,12 @@ async def _migrate_once(conn: asyncpg.Connection, target: int) -> bool:
     if version >= target:
         return False
     migration = migrations("deferrun.store.postgres")[version]
-    await conn.execute(migration.sql)
+    try:
+        await conn.execute(migration.sql)
+    except asyncpg.PostgresError as exc:
+        if is_connection_error(exc):
+            raise
+        raise ConfigError(migration_failed("the database", version, exc)) from exc
     await conn.execute("INSERT INTO deferrun_schema (version) VALUES ($1)", migration.version)
     return True
 

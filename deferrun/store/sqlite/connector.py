@@ -21,9 +21,9 @@ from typing import Any, TypeVar
 import msgspec
 
 from deferrun.exceptions import ConfigError, StoreUnavailable
-from deferrun.store.base import Channel, Wakeup
+from deferrun.store.base import Channel, Wakeup, is_connection_error
 from deferrun.store.manager import SqlStore
-from deferrun.store.schema import SCHEMA_VERSION, migrations
+from deferrun.store.schema import SCHEMA_VERSION, migration_failed, migrations
 from deferrun.store.sql import Program, Query, Row, Run, SQLiteDialect, drive_sync
 from deferrun.store.sqlite import file as sqlite_file
 from deferrun.store.sqlite.notify import UdpListener, UdpSender
@@ -301,14 +301,19 @@ def _migrate_once(conn: sqlite3.Connection, where: str, target: int) -> bool:
     if version >= target:
         return False
     migration = migrations("deferrun.store.sqlite")[version]
-    for statement in _statements(migration.sql):
-        add = _ADD_COLUMN.fullmatch(statement)
-        if add:  # a column an older release already added is left as it is
-            table, column, kind = add.groups()
-            if column in {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}:
-                continue
-            statement = f"ALTER TABLE {table} ADD COLUMN {column} {kind}"
-        conn.execute(statement)
+    try:
+        for statement in _statements(migration.sql):
+            add = _ADD_COLUMN.fullmatch(statement)
+            if add:  # a column an older release already added is left as it is
+                table, column, kind = add.groups()
+                if column in {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}:
+                    continue
+                statement = f"ALTER TABLE {table} ADD COLUMN {column} {kind}"
+            conn.execute(statement)
+    except sqlite3.OperationalError as exc:
+        if is_connection_error(exc):
+            raise  # locked, busy or a full disk: worth retrying, not a broken database
+        raise ConfigError(migration_failed(where, version, exc)) from exc
     conn.execute(f"PRAGMA user_version = {migration.version}")
     return True
 
