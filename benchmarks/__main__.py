@@ -131,6 +131,12 @@ STEPS: list[tuple[str, str, list[str], list[str]]] = [
         ["--triggers", "20000"],
         ["--triggers", "400", "--dead-after", "3"],
     ),
+    (
+        "full_triggerer",
+        "benchmarks.full_triggerer",
+        ["--triggers", "1000", "--window", "10"],
+        ["--triggers", "50", "--window", "1", "--kinds", "timer"],
+    ),
 ]
 
 

@@ -38,6 +38,7 @@ def machine() -> dict[str, Any]:
 def env_for(db: str, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update({"DEFERRUN_DB": db, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"})
+    env["DEFERRUN_IMPORTS"] = "benchmarks,tests.support"  # the user code the processes load
     env.update(extra)
     return env
 

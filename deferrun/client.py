@@ -208,7 +208,8 @@ class AsyncClient:
     async def retry(self, task_id: str, downstream: bool = False) -> list[str]:
         """Re-run a finished task with a fresh try; ``downstream`` re-arms every task after it.
 
-        Returns the ids put back to run (the task first).
+        Returns the ids put back to run (the task first). A task that has not finished (or
+        was just retried by a call that ran at the same time) raises RetryRefused.
         """
         return await (await self._get_store()).retry_task(task_id, downstream=downstream)
 

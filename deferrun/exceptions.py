@@ -48,6 +48,11 @@ class TaskEnded(DeferrunError):
     """The task has already ended: there is nothing to cancel."""
 
 
+class RetryRefused(DeferrunError, ValueError):
+    """Only a finished task can be retried: this one was already retried (two retries at
+    once: one runs, the other is refused) or has not ended yet."""
+
+
 class TaskDeferred(BaseException):
     """Raised by an operator to hand its wait to the triggerer and free its worker slot.
 
@@ -138,6 +143,7 @@ __all__ = [
     "ConfigError",
     "DeferrunError",
     "FailTask",
+    "RetryRefused",
     "SerializationError",
     "SkipTask",
     "StoreGone",

@@ -17,7 +17,7 @@ from deferrun.core import serialization
 from deferrun.core.models import TaskState
 from deferrun.exceptions import DeferrunError, TaskEnded, TaskNotFound
 from deferrun.store import open_store
-from deferrun.store.pipelines import TRIGGER_RULES
+from deferrun.store.pipelines import TRIGGER_RULES, not_retryable
 
 
 async def submit(args: argparse.Namespace) -> int:
@@ -105,11 +105,8 @@ async def retry(args: argparse.Namespace) -> int:
             info = await client.get(args.task_id)
         except TaskNotFound:
             raise _not_found(args.task_id) from None
-        if not info.finished:
-            raise views.UsageError(
-                f"task {args.task_id} is {info.state}, not finished; only a finished task can "
-                "be retried (cancel it first to stop it)"
-            )
+        if not info.finished:  # the store's own refusal: the same line as a retry at once
+            raise views.UsageError(not_retryable(args.task_id, str(info.state)))
         # the ids put back: the task, then (with --downstream) every task after it that had
         # ended or still waited; a queued or running one is left alone and not listed
         ids = await client.retry(args.task_id, downstream=args.downstream)

@@ -23,7 +23,7 @@ from deferrun.cli import actions, views
 from deferrun.cli import clean as retention
 from deferrun.core import config
 from deferrun.core.models import TaskState
-from deferrun.exceptions import ConfigError, DeferrunError
+from deferrun.exceptions import ConfigError, DeferrunError, StoreUnavailable
 from deferrun.process import loops
 from deferrun.process.log import configure_logging
 from deferrun.store.base import is_connection_error
@@ -223,7 +223,11 @@ def _add_common(parser: argparse.ArgumentParser, suppress: bool) -> None:
         default=default(None),
         help="default: console on a terminal, json otherwise",
     )
-    parser.add_argument("--log-level", default=default("info"))
+    parser.add_argument(
+        "--log-level",
+        default=default("info"),
+        help="debug, info, warning or error (default: info)",
+    )
 
 
 def _add_metrics(parser: argparse.ArgumentParser) -> None:
@@ -235,8 +239,10 @@ def _add_metrics(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--metrics-host",
-        default="0.0.0.0",
-        help="address for --metrics-port (default: all interfaces)",
+        default="127.0.0.1",
+        metavar="HOST",
+        help="address for --metrics-port (default: 127.0.0.1, this host only; 0.0.0.0 for a "
+        "Prometheus elsewhere)",
     )
 
 
@@ -249,7 +255,8 @@ def _add_imports(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="PKG",
         help="import these packages at start and load stored classes only from them (plus "
-        "deferrun and triggers); default: $DEFERRUN_IMPORTS (comma-separated), else any module",
+        "deferrun and triggers); default: $DEFERRUN_IMPORTS (comma-separated), else only "
+        "deferrun and triggers",
     )
 
 
@@ -264,10 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser(
-        "standalone", parents=[common], help="triggerer and worker in one process (development)"
+        "standalone",
+        parents=[common],
+        help="triggerer and worker in one process (development)",
+        description="Run a triggerer and a worker in one process (development, small hosts).",
     )
-    p.add_argument("--slots", type=int, default=2)
-    p.add_argument("--capacity", type=int, default=1000)
+    p.add_argument("--slots", type=int, default=2, help="tasks run at once")
+    p.add_argument("--capacity", type=int, default=1000, help="most triggers run at once")
     p.add_argument("--queue", action="append", help="queue(s) to serve (default: default)")
     p.add_argument(
         "--demo",
@@ -279,7 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_metrics(p)
     _add_imports(p)
 
-    p = sub.add_parser("triggerer", parents=[common], help="run triggers for deferred tasks")
+    p = sub.add_parser(
+        "triggerer",
+        parents=[common],
+        help="run triggers for deferred tasks",
+        description="Run the triggers of deferred tasks and resume the tasks when they fire.",
+    )
     p.add_argument("--capacity", type=int, default=1000, help="most triggers run at once")
     p.add_argument("--queue", action="append", help="queue(s) to serve (default: all)")
     p.add_argument(
@@ -291,7 +306,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_metrics(p)
     _add_imports(p)
 
-    p = sub.add_parser("worker", parents=[common], help="run tasks")
+    p = sub.add_parser(
+        "worker",
+        parents=[common],
+        help="run tasks",
+        description="Run queued tasks (and resumed ones) in worker slots.",
+    )
     p.add_argument("--slots", type=int, default=8, help="tasks run at once")
     p.add_argument("--queue", action="append", help="queue(s) to serve (default: default)")
 
@@ -324,6 +344,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("task", parents=[common], help="show one task")
     p.add_argument("task_id")
     p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--graph",
+        action="store_true",
+        help="also draw the task's pipeline: upstream and downstream tasks, a few levels",
+    )
 
     p = sub.add_parser("triggers", parents=[common], help="list live triggers and triggerers")
     p.add_argument("--json", action="store_true")
@@ -331,7 +356,39 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("logs", parents=[common], help="show a task's log lines, in order")
     p.add_argument("task_id")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
+    _describe(sub)
     return parser
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Each option's default in its help, when it has one worth showing (not None, False or
+    empty) and the help does not already say it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if not action.option_strings or "default" in text.lower() or not _shown(action.default):
+            return text
+        return f"{text} (default: %(default)s)".strip()
+
+
+def _shown(default: Any) -> bool:
+    return default not in (None, False, [], argparse.SUPPRESS)
+
+
+def _describe(sub: argparse._SubParsersAction) -> None:
+    """Give every subcommand (``db clean`` too) a one-line description (its help, unless it
+    has its own) and help that shows defaults, wherever its parser was built."""
+    helps = {a.dest: a.help for a in sub._choices_actions}
+    for name, parser in sub.choices.items():
+        parser.formatter_class = _HelpFormatter
+        if not parser.description and helps.get(name):
+            text = str(helps[name])
+            parser.description = text[0].upper() + text[1:] + "."
+        for action in parser._actions:
+            if action.help is None and action.option_strings and _shown(action.default):
+                action.help = "(default: %(default)s)"  # argparse skips an option without help
+            if isinstance(action, argparse._SubParsersAction):
+                _describe(action)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -359,6 +416,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(_logging_loop(commands[args.command]), loops.choose())
         return _run(commands[args.command])
     except (DeferrunError, ValueError) as exc:
+        if isinstance(exc.__cause__, TimeoutError) and args.command not in SERVING:
+            return _unreachable(args, exc)  # a query the server never answered
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except BaseExceptionGroup as group:
@@ -388,16 +447,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 2
-        what = "did not answer in time" if isinstance(exc, TimeoutError) else "was lost"
-        print(
-            f"error: the database at {safe} {what} ({type(exc).__name__}); check that the "
-            "server is up and not blocked, then run the command again",
-            file=sys.stderr,
-        )
-        return 2
+        return _unreachable(args, exc)
 
 
 SERVING = ("standalone", "triggerer", "worker", "web")
+
+
+def _unreachable(args: argparse.Namespace, exc: BaseException) -> int:
+    """A one-shot command whose database stopped answering or dropped the connection."""
+    safe = config.redact_url(config.db_url(getattr(args, "db", None)))
+    cause = exc.__cause__ if isinstance(exc, StoreUnavailable) and exc.__cause__ else exc
+    what = "did not answer in time" if isinstance(cause, TimeoutError) else "was lost"
+    print(
+        f"error: the database at {safe} {what} ({type(cause).__name__}); check that the "
+        "server is up and not blocked, then run the command again",
+        file=sys.stderr,
+    )
+    return 2
 
 
 def _at_least_one(text: str) -> int:

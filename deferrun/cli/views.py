@@ -150,11 +150,19 @@ async def dependencies(client: AsyncClient, store: Store, info: TaskInfo) -> Dep
     )
 
 
-def print_task(info: TaskInfo, args: argparse.Namespace, deps: Dependencies | None = None) -> None:
+def print_task(
+    info: TaskInfo,
+    args: argparse.Namespace,
+    deps: Dependencies | None = None,
+    health: dict[str, Any] | None = None,
+) -> None:
+    """``health``: the poll health of the trigger the task waits on (shown when failing)."""
     if getattr(args, "json", False):
         shown = msgspec.to_builtins(info, enc_hook=repr)
         if deps is not None:
             shown.update(msgspec.to_builtins(deps))
+        if health is not None:
+            shown["trigger_health"] = msgspec.to_builtins(health, enc_hook=repr)
         print(to_json(shown))
         return
     fields = [
@@ -180,6 +188,12 @@ def print_task(info: TaskInfo, args: argparse.Namespace, deps: Dependencies | No
             ("resumes with", info.next_method),
             ("timeout", _until(info.defer_deadline)),
         ]
+        if health is not None and health["poll_failures"]:
+            fields += [
+                ("FAILING", f"{health['poll_failures']} poll(s) in a row failed"),
+                ("last error", health["last_error"]),
+                ("last success", health["last_ok_at"] or "never (since claimed)"),
+            ]
     if info.not_before:
         fields.append(("not before", info.not_before))
     if info.worker_id:
@@ -252,7 +266,34 @@ async def task(args: argparse.Namespace) -> int:
     client, store = await _reader(args)
     async with client:
         info = await client.get(args.task_id)
-        print_task(info, args, await dependencies(client, store, info))
+        if getattr(args, "graph", False) and getattr(args, "json", False):
+            return await _print_graph(store, info.id, as_json=True)
+        health = None
+        if info.state is TaskState.DEFERRED and info.trigger_id is not None:
+            health = await store.trigger_health(info.trigger_id)
+        print_task(info, args, await dependencies(client, store, info), health)
+        if getattr(args, "graph", False):
+            await _print_graph(store, info.id, as_json=False)
+    return 0
+
+
+async def _print_graph(store: Store, task_id: str, as_json: bool) -> int:
+    """``deferrun task ID --graph``: the pipeline the task page draws, as rows (or JSON)."""
+    from deferrun.web import graph
+
+    drawn = await graph.walk(store, task_id)
+    if drawn is None:
+        raise UsageError(f"no task {task_id!r} in this database")
+    if as_json:
+        print(to_json(drawn.to_json()))
+        return 0
+    print(f"\npipeline ({graph.LEVELS} levels up and down, at most {graph.MAX_NODES} tasks):")
+    if len(drawn.nodes) == 1:
+        print("  no upstream or downstream tasks")
+    else:
+        print(table(["level", "name", "state", "id", "after"], graph.rows(drawn)))
+    for note in drawn.cut:
+        print(f"cut: {note}")
     return 0
 
 
@@ -261,11 +302,13 @@ async def triggers(args: argparse.Namespace) -> int:
     try:
         triggers = await store.list_triggers()
         processes = await store.list_processes()
+        failing = await store.failing_triggers(limit=1000)
     finally:
         await store.close()
     if args.json:
-        print(to_json({"triggers": triggers, "processes": processes}))
+        print(to_json({"triggers": triggers, "processes": processes, "failing": failing}))
         return 0
+    failures = {f["id"]: f["poll_failures"] for f in failing}
     live = [p for p in processes if p.role == "triggerer"]
     print(
         f"triggerers: {len([p for p in live if p.alive])} alive"
@@ -279,7 +322,7 @@ async def triggers(args: argparse.Namespace) -> int:
     if triggers:
         print(
             table(
-                ["id", "task", "trigger", "owner", "age", "timeout"],
+                ["id", "task", "trigger", "owner", "age", "timeout", "polls"],
                 [
                     [
                         t.id,
@@ -288,8 +331,27 @@ async def triggers(args: argparse.Namespace) -> int:
                         t.triggerer_id or "(unclaimed)",
                         _age(t.created_at),
                         _until(t.deadline),
+                        f"FAILING x{failures[t.id]}" if t.id in failures else "ok",
                     ]
                     for t in triggers
+                ],
+            )
+        )
+    if failing:
+        print(f"failing triggers: {len(failing)} (polls failing in a row; see the last error)")
+        print(
+            table(
+                ["id", "task", "trigger", "failed", "last success", "last error"],
+                [
+                    [
+                        f["id"],
+                        f["task_id"],
+                        f["classpath"],
+                        f["poll_failures"],
+                        f["last_ok_at"] or "never",
+                        terminal_safe((f["last_error"] or "")[:120]),
+                    ]
+                    for f in failing
                 ],
             )
         )

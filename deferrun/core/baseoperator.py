@@ -6,6 +6,8 @@ be rebuilt on any worker after a deferral, a retry or a crash.
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
 from datetime import timedelta
 from typing import Any, ClassVar
@@ -13,8 +15,9 @@ from typing import Any, ClassVar
 import structlog
 
 from deferrun.core.basetrigger import BaseTrigger, capture_init_kwargs, replayable_kwargs
+from deferrun.core.fieldlog import FieldLogger
 from deferrun.core.serialization import classpath_of
-from deferrun.exceptions import TaskDeferred, TaskTimeout, TriggerFailed
+from deferrun.exceptions import FailTask, TaskDeferred, TaskTimeout, TriggerFailed
 
 Context = dict[str, Any]
 
@@ -122,7 +125,32 @@ class BaseOperator:
         """Free this worker slot and wait for ``trigger`` in the triggerer."""
         if not isinstance(trigger, BaseTrigger):
             raise TypeError(f"defer(trigger=...) needs a BaseTrigger, got {trigger!r}")
+        self._check_resume_method(method_name)
         raise TaskDeferred(trigger=trigger, method_name=method_name, kwargs=kwargs, timeout=timeout)
+
+    def _check_resume_method(self, method_name: Any) -> None:
+        """Refuse a ``method_name`` the worker could not resume with, in the attempt that
+        defers (FailTask: a typo is not worth a retry), rather than when the trigger fires,
+        possibly hours later."""
+        if not isinstance(method_name, str) or not method_name:
+            raise FailTask(f"defer(method_name=...) must be a method's name, got {method_name!r}")
+        cls = type(self)
+        if method_name.startswith("_"):
+            why = "names starting with '_' are not resumed with; use a public method"
+        elif callable(getattr(self, method_name, None)):
+            return
+        elif hasattr(self, method_name):
+            why = f"{cls.__qualname__}.{method_name} is not callable"
+        else:
+            why = f"{cls.__qualname__} has no method {method_name!r}"
+        names = [  # looked up on the class: listing the candidates runs no property
+            n
+            for n in dir(cls)
+            if not n.startswith("_") and callable(inspect.getattr_static(cls, n, None))
+        ]
+        close = difflib.get_close_matches(method_name.lstrip("_"), names, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise FailTask(f"defer(method_name={method_name!r}): {why}{hint}")
 
     # -- hooks for a failed wait; sensors override these (soft_fail) ---------------------------
 
@@ -147,7 +175,7 @@ class BaseOperator:
     @property
     def log(self) -> Any:
         # Unbound on purpose: the worker binds task_id etc. in contextvars for the running task.
-        return structlog.get_logger(f"operator.{type(self).__qualname__}")
+        return FieldLogger(structlog.get_logger(f"operator.{type(self).__qualname__}"))
 
     def __repr__(self) -> str:
         return f"<{type(self).__qualname__} task_id={self.task_id!r}>"

@@ -8,15 +8,17 @@ working unchanged.
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 import math
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anyio
 import structlog
 
+from deferrun.core.fieldlog import FieldLogger
 from deferrun.core.serialization import classpath_of
 from deferrun.exceptions import SerializationError, TransientError
 
@@ -194,8 +196,10 @@ class BaseTrigger:
     @property
     def log(self) -> Any:
         if self._log is None:
-            self._log = structlog.get_logger(f"trigger.{type(self).__qualname__}").bind(
-                trigger_id=self.trigger_id, task_id=self.task_id
+            self._log = FieldLogger(
+                structlog.get_logger(f"trigger.{type(self).__qualname__}").bind(
+                    trigger_id=self.trigger_id, task_id=self.task_id
+                )
             )
         return self._log
 
@@ -223,6 +227,23 @@ def check_interval(value: Any, name: str = "poll_interval") -> float:
             f"{name} must be a finite number of seconds >= {MIN_POLL_INTERVAL:g}, got {value!r}"
         )
     return float(value)
+
+
+#: told each poll's outcome (the trigger, and its error or None) by ``PollingTrigger.run`` and
+#: the shared polls; a triggerer sets it to store each trigger's health (None elsewhere)
+poll_outcome: contextvars.ContextVar[Callable[[Any, BaseException | None], None] | None] = (
+    contextvars.ContextVar("deferrun_poll_outcome", default=None)
+)
+
+
+def report_poll(trigger: Any, error: BaseException | None) -> None:
+    """Tell the triggerer (if any) how ``trigger``'s poll went; never raises into the poll."""
+    sink = poll_outcome.get()
+    if sink is not None:
+        try:
+            sink(trigger, error)
+        except Exception:  # health is a report: it must never fail the trigger
+            pass
 
 
 class PollingTrigger(BaseTrigger):
@@ -292,6 +313,7 @@ class PollingTrigger(BaseTrigger):
                 if not isinstance(retry_after, int | float) or isinstance(retry_after, bool):
                     retry_after = None
                 delay = self.retry_delay(failures, retry_after)
+                report_poll(self, exc)
                 self.log.warning(
                     "poll failed; retrying",
                     error=str(exc),
@@ -300,7 +322,9 @@ class PollingTrigger(BaseTrigger):
                 )
                 await anyio.sleep(delay)
                 continue
-            failures = 0
+            if failures:
+                failures = 0
+            report_poll(self, None)
             if event is not None:
                 yield event
                 return

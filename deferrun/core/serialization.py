@@ -443,9 +443,12 @@ def _import(module_name: str, classpath: str) -> ModuleType | None:
         )
     if not is_trusted_module(module_name):
         allowed = ", ".join(_trusted or ())
+        top = module_name.partition(".")[0]
+        above = f" (or its package: --import {top})" if top != module_name else ""
         raise ClassLoadError(
             f"refusing to load {classpath!r}: module {module_name!r} is not trusted by this "
-            f"process (trusted: {allowed}); start it with --import for that package"
+            f"process (trusted: {allowed}); start the worker and triggerer with --import "
+            f"{module_name}{above}, or DEFERRUN_IMPORTS={module_name}"
         )
     try:
         return importlib.import_module(module_name)

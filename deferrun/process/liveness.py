@@ -64,7 +64,7 @@ async def while_unreachable(
         except Exception as exc:
             if not transient(exc) or time.monotonic() + delay > deadline:
                 raise
-            log.warning(f"{retrying}; retrying", error=repr(exc))
+            log.warning(f"{retrying}; retrying", error=_brief(exc))
         await anyio.sleep(delay)
         delay = min(delay * 2, 2.0)
 
@@ -75,6 +75,66 @@ async def register(store: Store, process_id: str, role: str, queues: Any, capaci
         lambda: store.register_process(process_id, role, queues, capacity),
         "could not register with the database",
     )
+
+
+class Outage:
+    """This process's view of whether the database is reachable, for quiet logs in an outage.
+
+    Every loop that meets a connection error reports it here instead of logging it: the
+    first makes one warning, a repeat comes at most every ``repeat_every`` s while it lasts,
+    and the first success after it one info line with the outage's length. Errors that are
+    not about reaching the database (``is_connection_error``) are the caller's to log.
+    """
+
+    def __init__(self, repeat_every: float = 30.0) -> None:
+        self.repeat_every = repeat_every
+        self.since: float | None = None  # monotonic; set while the database is unreachable
+        self._said = 0.0
+        self.failures = 0
+
+    def failed(self, during: str, exc: BaseException) -> bool:
+        """True (and logged, if due) when ``exc`` is a connection error; False otherwise."""
+        if not is_connection_error(exc):
+            return False
+        now = time.monotonic()
+        self.failures += 1
+        if self.since is None:
+            self.since = self._said = now
+            log.warning(
+                "database unreachable; retrying quietly until it is back",
+                during=during,
+                error=_brief(exc),
+            )
+        elif now - self._said >= self.repeat_every:
+            self._said = now
+            log.warning(
+                "database still unreachable",
+                seconds=round(now - self.since),
+                failed_calls=self.failures,
+                error=_brief(exc),
+            )
+        return True
+
+    def ok(self) -> None:
+        """A call reached the database: ends an outage (logged once)."""
+        if self.since is not None:
+            log.info(
+                "database reachable again",
+                outage_seconds=round(time.monotonic() - self.since, 1),
+                failed_calls=self.failures,
+            )
+            self.since = None
+            self.failures = 0
+
+
+def _brief(exc: BaseException) -> str:
+    """One line, no traceback: the store's own message, or the error's type and text."""
+    text = str(exc) or type(exc).__name__
+    return text if text.startswith(("PostgreSQL", "SQLite")) else f"{type(exc).__name__}: {text}"
+
+
+#: the one per process: every loop of every component reports to it
+outage = Outage()
 
 
 def heartbeat_interval(dead_after: float) -> float:
@@ -102,11 +162,11 @@ async def heartbeat_loop(
             now = time.monotonic()
             if health is not None:
                 health["ok_at"] = now
-            if failures:
-                log.info("database reachable again", after_failures=failures)
-                failures = 0
+            after_outage, failures = failures > 0, 0
+            outage.ok()
             if now - began > dead_after / 2 or now - last_ok > dead_after:
-                log.warning(
+                # after a failed beat the outage's own lines said it; only the pause is new
+                (log.info if after_outage else log.warning)(
                     "heartbeat held back (database locked or unreachable); judging no other "
                     "process for a full dead_after",
                     took=round(now - began, 2),
@@ -127,4 +187,5 @@ async def heartbeat_loop(
         except Exception as exc:  # a database hiccup must not kill the process
             failures += 1
             healthy_since = None
-            log.error("heartbeat failed; will retry", error=repr(exc), failures=failures)
+            if not outage.failed("heartbeat", exc):
+                log.error("heartbeat failed; will retry", error=repr(exc), failures=failures)

@@ -18,6 +18,7 @@ from typing import Any, Literal
 import structlog
 
 from deferrun.connections import redaction
+from deferrun.core.fieldlog import LOG_METHODS, log_fields
 from deferrun.process import containment, tasklogs
 
 LogFormat = Literal["console", "json"]
@@ -73,10 +74,32 @@ def configure_logging(fmt: LogFormat | None = None, level: str = "info") -> None
     _route_stdlib_logging(shared, [*exceptions, tasklogs.tap, renderer], level_no)
     structlog.configure(
         processors=[*shared, tasklogs.tap, *exceptions, renderer],
-        wrapper_class=structlog.make_filtering_bound_logger(level_no),
+        wrapper_class=_fields_logger(level_no),
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
         cache_logger_on_first_use=False,
     )
+
+
+def _fields_logger(level_no: int) -> type:
+    """structlog's filtering logger whose methods take any keyword as a field: ``event=``
+    (structlog's own name for the message) is logged as ``event_`` instead of raising
+    TypeError, for every logger of the process (a trigger's ``self.log``, a module's)."""
+    base = structlog.make_filtering_bound_logger(level_no)
+
+    def wrap(name: str) -> Any:
+        inner = getattr(base, name)
+
+        def method(*args: Any, **kw: Any) -> Any:  # args[0] is the logger: kw may hold "self"
+            return inner(*args, **log_fields(name, args[1:], kw))
+
+        method.__name__ = name
+        return method
+
+    def bind(*args: Any, **kw: Any) -> Any:
+        return base.bind(*args, **log_fields("bind", ("",), kw))
+
+    names = [n for n in dir(base) if n in LOG_METHODS]
+    return type(base.__name__, (base,), {"bind": bind} | {n: wrap(n) for n in names})
 
 
 def _route_stdlib_logging(shared: list[Any], last: list[Any], level_no: int) -> None:

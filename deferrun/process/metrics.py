@@ -28,6 +28,7 @@ from prometheus_client import (
 )
 
 from deferrun.exceptions import ConfigError
+from deferrun.store.base import is_connection_error
 
 log = structlog.get_logger("deferrun.metrics")
 
@@ -112,6 +113,48 @@ class Metrics:
         self.db_healthy = Gauge(
             "deferrun_database_healthy", "1 while heartbeats reach the database", registry=r
         )
+        self.event_write_failures = Counter(
+            "deferrun_event_write_failures",
+            "Failed attempts to store trigger outcomes (each retried until stored)",
+            registry=r,
+        )
+        self.event_write_failing = Gauge(
+            "deferrun_event_write_failing_seconds",
+            "How long this triggerer has failed to store pending trigger outcomes (0 when fine)",
+            registry=r,
+        )
+        #: registered from the start (empty) so the family is always exported
+        self._failing_triggers = _FailingTriggersCollector(dict)
+        r.register(self._failing_triggers)
+        #: fleet-wide gauges from the database, refreshed by ``serve`` every FLEET_EVERY s
+        #: (cheap indexed reads, never one per scrape); set once a store is known
+        self.fleet_store: Any = None
+        self.oldest_unclaimed_trigger_age = Gauge(
+            "deferrun_oldest_unclaimed_trigger_age_seconds",
+            "Age of the oldest trigger no live triggerer holds (0: none waits)",
+            registry=r,
+        )
+        self.oldest_trigger_age = Gauge(
+            "deferrun_oldest_trigger_age_seconds",
+            "Age of the oldest waiting trigger, claimed or not (0: no trigger waits)",
+            registry=r,
+        )
+        self.oldest_queued_task_age = Gauge(
+            "deferrun_oldest_queued_task_age_seconds",
+            "Age of the oldest queued task (0: none queued)",
+            registry=r,
+        )
+        self.live_processes = Gauge(
+            "deferrun_live_processes",
+            "Processes whose heartbeat is fresh, by role (from the database)",
+            ["role"],
+            registry=r,
+        )
+        self.dead_after = Gauge(
+            "deferrun_dead_after_seconds",
+            "Heartbeat age after which a process counts as dead (DEFERRUN_DEAD_AFTER)",
+            registry=r,
+        )
 
     def watch_shared_polls(self, source: Callable[[], list[tuple[str, int, int]]]) -> None:
         """Export ``deferrun_shared_poll_members{poll}``: tasks each running shared poll
@@ -121,8 +164,44 @@ class Metrics:
             self.registry.register(self._shared_polls)
         self._shared_polls.source = source
 
+    def watch_failing_triggers(self, source: Callable[[], dict[str, int]]) -> None:
+        """Export ``deferrun_failing_triggers{trigger}``: triggers of each class whose polls
+        have failed one or more times in a row, read from ``source()`` at every scrape."""
+        self._failing_triggers.source = source
+
+    async def refresh_fleet(self) -> None:
+        """Read the fleet-wide gauges from ``fleet_store`` (a few indexed reads)."""
+        store = self.fleet_store
+        if store is None:
+            return
+        dead_after = float(getattr(store, "dead_after", 10.0))
+        state = await store.alert_state(dead_after)
+        self.oldest_unclaimed_trigger_age.set(state["oldest_unclaimed_trigger_age"])
+        self.oldest_queued_task_age.set(state["oldest_queued_task_age"])
+        self.oldest_trigger_age.set(state["oldest_trigger_age"])
+        for role in ("triggerer", "worker"):
+            self.live_processes.labels(role=role).set(state["live"].get(role, 0))
+        self.dead_after.set(dead_after)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _FailingTriggersCollector:
+    def __init__(self, source: Callable[[], dict[str, int]]) -> None:
+        self.source = source
+
+    def collect(self) -> Any:
+        from prometheus_client.core import GaugeMetricFamily
+
+        family = GaugeMetricFamily(
+            "deferrun_failing_triggers",
+            "Triggers in this triggerer whose polls fail (one or more in a row), by class",
+            labels=["trigger"],
+        )
+        for classpath, count in sorted(self.source().items()):
+            family.add_metric([classpath], count)
+        yield family
 
 
 class _SharedPollCollector:
@@ -152,6 +231,7 @@ class CountingStore:
     def __init__(self, store: Any, metrics: Metrics) -> None:
         self._store = store
         self._metrics = metrics
+        metrics.fleet_store = self  # the process's store: serve() reads the fleet gauges
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._store, name)
@@ -244,7 +324,23 @@ async def serve(
             ) from None
         log.info("metrics and health endpoints listening", url=f"http://{host}:{port}/metrics")
         task_status.started()
-        await anyio.sleep_forever()
+        await _refresh_fleet_forever(metrics)
     finally:
         with anyio.CancelScope(shield=True):
             await runner.cleanup()
+
+
+#: seconds between reads of the fleet-wide gauges (alert rules look over minutes)
+FLEET_EVERY = 10.0
+
+
+async def _refresh_fleet_forever(metrics: Metrics) -> None:
+    """Keep the fleet gauges fresh while /metrics is served; quiet while the database is
+    away (the heartbeat's log already says so)."""
+    while True:
+        try:
+            await metrics.refresh_fleet()
+        except Exception as exc:
+            if not is_connection_error(exc):
+                log.warning("reading the fleet gauges failed; retrying", error=repr(exc))
+        await anyio.sleep(FLEET_EVERY)

@@ -54,20 +54,21 @@ def trusted_packages(imports: list[str] | None) -> list[str] | None:
 
 
 def configure_trust(imports: list[str] | None) -> None:
-    """Import the trusted packages and restrict loading to them, or warn once that every
-    module is allowed."""
-    packages = trusted_packages(imports)
-    if packages is None:
-        log.warning(
-            "no --import given: stored classpaths may name any installed module, so whoever can "
-            "write to the database can make this process import it; pass --import PKG (or "
-            "DEFERRUN_IMPORTS=PKG,...) to load only your packages, deferrun and triggers"
-        )
-        serialization.set_trusted_modules(None)
-        return
-    serialization.import_trusted(packages)
+    """Import the trusted packages and load stored classes only from them (plus deferrun and
+    triggers). Without any, only deferrun and triggers load, as Celery's ``-A`` names the one
+    app: a row naming another module fails its task with the flag to add, so whoever can
+    write to the database cannot make this process import any installed module."""
+    packages = trusted_packages(imports) or []
+    if packages:
+        serialization.import_trusted(packages)
     serialization.set_trusted_modules(packages)
-    log.info("loading classes only from trusted packages", packages=list(packages))
+    if packages:
+        log.info("loading classes only from trusted packages", packages=list(packages))
+    else:
+        log.info(
+            "no --import given: stored classes load only from deferrun and triggers; pass "
+            "--import PKG (or DEFERRUN_IMPORTS=PKG,...) to run your own operators and triggers"
+        )
 
 
 # --------------------------------------------------------------------------- process commands

@@ -73,6 +73,24 @@ def is_connection_error(exc: BaseException) -> bool:
     )
 
 
+def is_deadlock(exc: BaseException) -> bool:
+    """True when ``exc`` (or what it wraps) is PostgreSQL choosing this transaction as a
+    deadlock's or a serialization conflict's victim: nothing was written, and the same
+    transaction run again succeeds. Not an outage: a caller that retries it says so."""
+    asyncpg = sys.modules.get("asyncpg")
+    if asyncpg is None:
+        return False
+    victim = (asyncpg.exceptions.DeadlockDetectedError, asyncpg.exceptions.SerializationError)
+    seen: BaseException | None = exc
+    for _ in range(5):  # the connector wraps the driver's error as StoreUnavailable
+        if seen is None:
+            return False
+        if isinstance(seen, victim):
+            return True
+        seen = seen.__cause__
+    return False
+
+
 class ReapReport(msgspec.Struct):
     """What one maintenance pass changed."""
 
@@ -240,6 +258,12 @@ class Runtime(Protocol):
     async def fail_triggers(self, failures: Sequence[tuple[int, str, str]]) -> int:
         """For each (trigger_id, resume method, event JSON), resume the task into a failure."""
 
+    async def record_trigger_health(
+        self, triggerer_id: str, rows: Sequence[tuple[int, int, str | None, float | None]]
+    ) -> None:
+        """Store (trigger_id, consecutive failed polls, last error, last success) of triggers
+        this triggerer holds: one batch, not a write per poll."""
+
     async def release_triggers(self, triggerer_id: str, ids: Sequence[int] | None = None) -> int:
         """Give up triggers (all, or ``ids``) so another triggerer adopts them at once."""
 
@@ -323,6 +347,15 @@ class Observation(Protocol):
     async def oldest_triggers(self) -> dict[str, dict[str, Any] | None]: ...
 
     async def trigger_groups(self) -> list[dict[str, Any]]: ...
+
+    async def failing_triggers(self, limit: int = 100) -> list[dict[str, Any]]:
+        """Triggers whose last polls failed, with their health (oldest first)."""
+
+    async def trigger_health(self, trigger_id: int) -> dict[str, Any] | None:
+        """The poll health of a trigger (None once it is gone)."""
+
+    async def alert_state(self, dead_after: float) -> dict[str, Any]:
+        """Oldest unclaimed trigger and queued task ages, live processes by role."""
 
     async def triggers_of_class(
         self, classpath: str, after: int = 0, limit: int = 100

@@ -28,9 +28,9 @@ from deferrun.core.models import (
     UpstreamWait,
     ts,
 )
-from deferrun.exceptions import TaskNotFound
+from deferrun.exceptions import StoreUnavailable, TaskNotFound
 from deferrun.store import machine, maintenance, pipelines, trigger_claims, xcom
-from deferrun.store.base import ROLE_CHANNEL, Channel, ReapReport, Role, Wakeup
+from deferrun.store.base import ROLE_CHANNEL, Channel, ReapReport, Role, Wakeup, is_deadlock
 from deferrun.store.observe import Observe
 from deferrun.store.rows import TASK_INFO_COLUMNS, load_or_raw, task_info
 from deferrun.store.sql import Program, Query, R, Row
@@ -73,6 +73,8 @@ OWNED_CLAIMS = Query(
     "SELECT id, claim_token FROM deferrun_tasks WHERE state = 'running' AND worker_id = :worker_id",
 )
 OWNED_STEP = 50_000
+#: how often a submit that lost a deadlock is run again before the caller is told
+SUBMIT_TRIES = 5
 OWNED_TRIGGERS = Query(
     "owned_triggers", "SELECT id FROM deferrun_triggers WHERE triggerer_id = :triggerer_id"
 )
@@ -208,8 +210,24 @@ class SqlStore(Observe):
         await self.submit_many([task])
 
     async def submit_many(self, tasks: Sequence[NewTask]) -> None:
-        if tasks:
-            await self.db.transact(machine.submit(tasks))
+        """One transaction; a deadlock it loses (a fan-in's upstreams locked by a writer that
+        does not take them in id order: a reap, a cancel) is rolled back and run again."""
+        if not tasks:
+            return
+        for attempt in range(1, SUBMIT_TRIES + 1):
+            try:
+                await self.db.transact(machine.submit(tasks))
+                return
+            except Exception as exc:
+                if not is_deadlock(exc):
+                    raise
+                if attempt == SUBMIT_TRIES:
+                    raise StoreUnavailable(
+                        f"submit of {len(tasks)} task(s) lost a lock conflict with concurrent "
+                        f"writes {SUBMIT_TRIES} times (deadlock; nothing was stored); submit "
+                        "them again"
+                    ) from exc
+                await anyio.sleep(0.02 * attempt)
 
     async def claim_tasks(
         self, worker_id: str, queues: Sequence[str], limit: int
@@ -294,23 +312,29 @@ class SqlStore(Observe):
         then = None
         if claim is not None and claim[2] > 0 and claim[1]:
             then = machine.claim_tasks(*claim)
-        # plain completions (no XComs) go as one batch of statements: one round trip
-        plain = [i for i, (kind, _, xcoms) in enumerate(writes) if kind == "complete" and not xcoms]
-        if len(plain) < 2:
-            plain = []
-        others = [i for i in range(len(writes)) if i not in plain]
+        # the rows are written in task id order (byte order), the order a fan-in submit locks
+        # its upstreams in (pipelines.MARK_WAITED_ON): the two never deadlock. Runs of plain
+        # completions (no XComs) go as one batch of statements: one round trip each.
+        groups: list[tuple[bool, list[int]]] = []
+        for i in sorted(range(len(writes)), key=lambda i: str(writes[i][1][0])):
+            kind, _, xcoms = writes[i]
+            plain = kind == "complete" and not xcoms
+            if plain and groups and groups[-1][0]:
+                groups[-1][1].append(i)
+            else:
+                groups.append((plain, [i]))
         steps: list[Program[Any]] = []
-        if plain:
-            steps.append(machine.complete_each([writes[i][1] for i in plain]))  # type: ignore[misc]
-        for i in others:
-            kind, args, xcoms = writes[i]
-            steps.append(with_xcoms(args[0], args[1], xcoms, programs[kind](*args)))
+        for _plain, group in groups:
+            if len(group) > 1:
+                steps.append(machine.complete_each([writes[i][1] for i in group]))  # type: ignore[misc]
+            else:
+                kind, args, xcoms = writes[group[0]]
+                steps.append(with_xcoms(args[0], args[1], xcoms, programs[kind](*args)))
         answers, claimed = await self.db.transact(machine.together(steps, then))
         results: list[Any] = [None] * len(writes)
-        for i, answer in zip(
-            plain + others, [*(answers[0] if plain else []), *answers[bool(plain) :]], strict=True
-        ):
-            results[i] = answer
+        for (_, group), answer in zip(groups, answers, strict=True):
+            for i, one in zip(group, answer if len(group) > 1 else [answer], strict=True):
+                results[i] = one
         return results, claimed or []
 
     async def requeue_task(self, task_id: str, claim_token: int) -> bool:
@@ -423,6 +447,12 @@ class SqlStore(Observe):
             # one transaction: its claim lock keeps groups of identical triggers together
             trigger_claims.claim_triggers(triggerer_id, queues, limit, self.dead_after)
         )
+
+    async def record_trigger_health(
+        self, triggerer_id: str, rows: Sequence[tuple[int, int, str | None, float | None]]
+    ) -> None:
+        if rows:
+            await self.db.transact(trigger_claims.record_health(triggerer_id, rows), atomic=False)
 
     async def owned_trigger_sum(self, triggerer_id: str) -> tuple[int, int]:
         rows = await self.db.fetch(OWNED_TRIGGERS_SUM, triggerer_id=triggerer_id)

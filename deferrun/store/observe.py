@@ -74,6 +74,31 @@ TRIGGERS_OF_CLASS = Query(
     f"SELECT {_TRIGGER_COLUMNS}, g.kwargs FROM deferrun_triggers g "
     "WHERE g.classpath = :classpath AND g.id > :after ORDER BY g.id LIMIT :limit",
 )
+_HEALTH_COLUMNS = "g.poll_failures, g.last_error, g.last_ok_at"
+FAILING_TRIGGERS = Query(
+    "web_failing_triggers",
+    f"SELECT {_TRIGGER_COLUMNS}, {_HEALTH_COLUMNS} FROM deferrun_triggers g "
+    "WHERE g.poll_failures > 0 ORDER BY g.id LIMIT :limit",
+)
+TASK_TRIGGER_HEALTH = Query(
+    "task_trigger_health",
+    f"SELECT {_HEALTH_COLUMNS} FROM deferrun_triggers g WHERE g.id = :trigger_id",
+)
+#: the fleet gauges (deferrun.process.metrics): each an index range scan of one row or a
+#: count of the small process table
+ALERT_STATE = Query(
+    "alert_state",
+    """SELECT
+        (SELECT {now} - g.created_at FROM deferrun_triggers g WHERE g.triggerer_id IS NULL
+            ORDER BY g.id LIMIT 1),
+        (SELECT {now} - t.created_at FROM deferrun_tasks t WHERE t.state = 'queued'
+            ORDER BY t.state, t.created_at LIMIT 1),
+        (SELECT count(*) FROM deferrun_processes WHERE role = 'triggerer'
+            AND heartbeat_at >= {now} - :dead_after),
+        (SELECT count(*) FROM deferrun_processes WHERE role = 'worker'
+            AND heartbeat_at >= {now} - :dead_after),
+        (SELECT {now} - g.created_at FROM deferrun_triggers g ORDER BY g.id LIMIT 1)""",
+)
 TASK_DETAIL = Query(
     "web_task_detail",
     """SELECT t.kwargs, t.execution_timeout, t.retry_delay, t.try_started_at, t.trigger_rule,
@@ -232,6 +257,30 @@ class Observe:
             "oldest_unclaimed": _trigger_row(unclaimed[0]) if unclaimed else None,
         }
 
+    async def failing_triggers(self, limit: int = 100) -> list[dict[str, Any]]:
+        """Triggers whose last polls failed (oldest first): the partial index, no scan."""
+        return [
+            {**_trigger_row(r), **_health(r[7:10])}
+            for r in await self.db.fetch(FAILING_TRIGGERS, limit=limit)
+        ]
+
+    async def trigger_health(self, trigger_id: int) -> dict[str, Any] | None:
+        """The poll health of trigger ``trigger_id``; None once it is gone."""
+        rows = await self.db.fetch(TASK_TRIGGER_HEALTH, trigger_id=trigger_id)
+        return _health(rows[0]) if rows else None
+
+    async def alert_state(self, dead_after: float) -> dict[str, Any]:
+        """What the alert rules and the overview's banners look at: the age of the oldest
+        trigger, oldest unclaimed trigger and oldest queued task (0 when none), and live
+        processes by role."""
+        [r] = await self.db.fetch(ALERT_STATE, dead_after=dead_after)
+        return {
+            "oldest_unclaimed_trigger_age": max(float(r[0] or 0.0), 0.0),
+            "oldest_queued_task_age": max(float(r[1] or 0.0), 0.0),
+            "live": {"triggerer": int(r[2]), "worker": int(r[3])},
+            "oldest_trigger_age": max(float(r[4] or 0.0), 0.0),
+        }
+
     async def trigger_groups(self) -> list[dict[str, Any]]:
         return [
             {
@@ -318,3 +367,11 @@ def _trigger_row(r: Sequence[Any]) -> dict[str, Any]:
 
 
 __all__ = ["CleanReport", "Observe"]
+
+
+def _health(r: Sequence[Any]) -> dict[str, Any]:
+    return {
+        "poll_failures": int(r[0] or 0),
+        "last_error": r[1],
+        "last_ok_at": ts(r[2]),
+    }

@@ -15,7 +15,7 @@ from typing import Any
 
 from deferrun.core import serialization
 from deferrun.core.models import FINISHED_STATES, Deferral, NewTask, TaskState
-from deferrun.exceptions import TaskNotFound
+from deferrun.exceptions import RetryRefused, TaskNotFound
 from deferrun.store import machine, xcom
 from deferrun.store.sql import Notify, Program, Query, run, run_many, states_sql
 
@@ -39,10 +39,15 @@ INSERT_DEP = Query(
     many=True,
 )
 # also the existence check: the UPDATE locks each upstream row until the submit commits, so a
-# concurrent `db clean` either skips the row (SKIP LOCKED) or deleted it first (no row: refused)
+# concurrent `db clean` either skips the row (SKIP LOCKED) or deleted it first (no row: refused).
+# The rows are locked in id order (byte order, as Python sorts): a worker that ends several
+# of them in one transaction ends them in that order too (SqlStore.record_outcomes), so a
+# fan-in over 2,000 upstreams and the workers ending them never deadlock.
 MARK_WAITED_ON = Query(
     "mark_waited_on",
-    "UPDATE deferrun_tasks SET has_downstream = true WHERE id IN_TEXTS(:ids) RETURNING id",
+    """UPDATE deferrun_tasks SET has_downstream = true WHERE id IN (
+        SELECT id FROM deferrun_tasks WHERE id IN_TEXTS(:ids) ORDER BY id{binary} {lock})
+    RETURNING id""",
 )
 _WAITER_COUNTS = f"""SELECT d.id, d.trigger_rule, count(*),
         sum(CASE WHEN u.state = 'success' THEN 1 ELSE 0 END),
@@ -59,12 +64,20 @@ _WAITER_COUNTS = f"""SELECT d.id, d.trigger_rule, count(*),
 # ending in another transaction at the same moment then waits for this one to commit, and its
 # own count, taken after, sees this upstream's end. Without it, two last upstreams ending
 # together each counted the other as still running and the waiter was never released.
-_LOCK_WAITERS = f"""SELECT id FROM deferrun_tasks
-    WHERE id IN (SELECT task_id FROM deferrun_deps WHERE {{column}} IN_TEXTS(:ids))
+LOCK_BY_UPSTREAM = Query(
+    "lock_by_upstream",
+    f"""SELECT id, trigger_rule FROM deferrun_tasks
+    WHERE id IN (SELECT task_id FROM deferrun_deps WHERE upstream_id IN_TEXTS(:ids))
       AND {WAITING}
-    ORDER BY id {{lock}}"""
-LOCK_BY_UPSTREAM = Query("lock_by_upstream", _LOCK_WAITERS.replace("{column}", "upstream_id"))
-LOCK_BY_ID = Query("lock_by_id", _LOCK_WAITERS.replace("{column}", "task_id"))
+    ORDER BY id{{binary}} {{lock}}""",
+)
+# waiters named directly, with or without dependency rows: one whose upstreams are all gone
+# (deleted by an older `db clean`) is settled as a task without upstreams, not left waiting
+LOCK_BY_ID = Query(
+    "lock_by_id",
+    f"""SELECT id, trigger_rule FROM deferrun_tasks WHERE id IN_TEXTS(:ids) AND {WAITING}
+    ORDER BY id{{binary}} {{lock}}""",
+)
 WAITERS_BY_UPSTREAM = Query(
     "waiters_by_upstream", _WAITER_COUNTS.replace("{column}", "upstream_id")
 )
@@ -109,9 +122,12 @@ _FRESH_TRY = """result = NULL, error = NULL, next_method = NULL, next_kwargs = N
         event = NULL, finished_at = NULL, worker_id = NULL, updated_at = {now},
         max_tries = try_number + coalesce(retries, 0) + 1,
         hold_until = CASE WHEN worker_id IS NULL THEN NULL ELSE {now} + :stop_delay END"""
+# locks the task (PostgreSQL): of two retries at once the second waits, then reads the state
+# the first left and is refused (SQLite's write lock serializes them the same way)
 RETRY_INFO = Query(
     "retry_info",
-    "SELECT state, trigger_rule, start_trigger, worker_id FROM deferrun_tasks WHERE id = :task_id",
+    "SELECT state, trigger_rule, start_trigger, worker_id FROM deferrun_tasks "
+    "WHERE id = :task_id {lock}",
 )
 RETRY = Query(
     "retry",
@@ -125,7 +141,7 @@ _REARMABLE = f"""(state IN {FINISHED} OR ({WAITING})
 REARMABLE = Query(
     "rearmable",
     f"""SELECT id FROM deferrun_tasks WHERE id IN_TEXTS(:ids) AND trigger_rule IS NOT NULL
-      AND {_REARMABLE} ORDER BY id {{lock}}""",
+      AND {_REARMABLE} ORDER BY id{{binary}} {{lock}}""",
 )
 REARM_STARTED = Query(
     "rearm_started",
@@ -156,7 +172,13 @@ UPSTREAM_WAITS = Query(
 
 
 def verdict(rule: str, total: int, ok: int, bad: int, skipped: int) -> TaskState | None:
-    """What a waiter becomes: QUEUED (run it), an end state, or None (keep waiting)."""
+    """What a waiter becomes: QUEUED (run it), an end state, or None (keep waiting).
+
+    A task with no upstream (left: all deleted by an older clean) runs, whatever its rule, as
+    in Airflow, where a task without upstream tasks always passes its trigger rule.
+    """
+    if total == 0:
+        return TaskState.QUEUED
     done = ok + bad + skipped == total
     if rule == "all_success":
         if bad:
@@ -207,8 +229,11 @@ def settle(ended: Sequence[str], *, by_id: bool = False) -> Program[int]:
     while frontier:
         if not by_id:
             yield from fire_watchers(frontier)
-        yield run(lock, ids=frontier)
-        rows = yield run(query, ids=frontier)
+        locked = yield run(lock, ids=frontier)
+        rows = list((yield run(query, ids=frontier)))
+        counted = {r[0] for r in rows}
+        # a waiter with no upstream row left has no counts: nothing it waits on remains
+        rows += [(w, rule, 0, 0, 0, 0) for w, rule in locked if w not in counted]
         release: list[dict[str, Any]] = []
         end: list[dict[str, Any]] = []
         for task_id, rule, total, ok, bad, skipped in rows:
@@ -331,10 +356,7 @@ def retry(task_id: str, downstream: bool, stop_delay: float) -> Program[list[str
         raise TaskNotFound(f"no task {task_id!r} in this database")
     state, rule, start, _ = rows[0]
     if state not in {str(s) for s in FINISHED_STATES}:
-        raise ValueError(
-            f"task {task_id} is {state}, not finished; only a finished task can be retried "
-            "(cancel it first to stop it)"
-        )
+        raise RetryRefused(not_retryable(task_id, state))
     # its earlier try's XComs go with its result: a downstream task that reads it before the
     # new try ends must not see one try's return value gone and another's pushes kept
     yield run(xcom.CLEAR, task_id=task_id)
@@ -361,10 +383,20 @@ def retry(task_id: str, downstream: bool, stop_delay: float) -> Program[list[str
             if ready:
                 yield run_many(REARM, [{"task_id": t, "stop_delay": stop_delay} for t in ready])
                 touched += ready
-    if rule is not None:
-        yield from settle([task_id], by_id=True)  # its upstreams may all have ended
+    # every task put back waiting is settled now: its upstreams may all have ended (or be gone)
+    waiting = touched if rule is not None else touched[1:]
+    if waiting:
+        yield from settle(waiting, by_id=True)
     yield Notify(("tasks", "triggers"))
     return touched
+
+
+def not_retryable(task_id: str, state: str) -> str:
+    """The one line a refused retry answers (client, CLI and status page alike)."""
+    return (
+        f"task {task_id} is {state}, not finished: already retried, or still running; retry "
+        "it again once it has ended (cancel it first to stop it)"
+    )
 
 
 def upstream_results(rows: Sequence[Any]) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from importlib import resources
 
 #: the version both backends' migrations reach; a database at a higher one is refused
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 
 _NAME = re.compile(r"(\d{4})_(\w+)\.sql")
 

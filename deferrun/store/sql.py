@@ -10,7 +10,8 @@ handling and how they deliver wake-ups; no rule of the state machine lives in a 
 Statements are written in a neutral dialect: ``:name`` parameters, ``{now}`` for the
 database's clock in epoch seconds, ``{skip_locked}`` where PostgreSQL must not wait for rows
 another claimer holds, ``{claim_lock}`` to serialize trigger claims, ``{lock}`` to hold a row
-until the transaction ends, ``IN_TEXTS(:p)``
+until the transaction ends, ``{binary}`` after ``ORDER BY id`` to lock rows in byte order (the
+order Python sorts ids in, whatever the database's collation), ``IN_TEXTS(:p)``
 and ``IN_INTS(:p)`` to match a list parameter, and ``{count}`` after a statement run once per
 item (``many``) whose affected rows are counted.
 """
@@ -99,6 +100,7 @@ class Dialect:
     lock: str
     count: str
     claim_lock: str
+    binary: str
 
     def __init__(self) -> None:
         self._cache: dict[str, Rendered] = {}
@@ -112,6 +114,7 @@ class Dialect:
                 lock=self.lock,
                 count=self.count,
                 claim_lock=self.claim_lock,
+                binary=self.binary,
             )
             text = _IN_LIST.sub(lambda m: self.in_list(m.group(2), m.group(1) == "INTS"), text)
             hit = self._cache[query.name] = self._params(text, query.many)
@@ -136,6 +139,7 @@ class SQLiteDialect(Dialect):
     lock = ""
     count = ""  # executemany reports its rowcount; RETURNING would zero it
     claim_lock = "SELECT 1"  # BEGIN IMMEDIATE already serializes claims
+    binary = ""  # BINARY, byte order, is SQLite's default collation
 
     def _params(self, text: str, many: bool) -> Rendered:
         return Rendered(text, (), many)
@@ -155,6 +159,7 @@ class PostgresDialect(Dialect):
     #: one trigger claim at a time across triggerers, so a group of identical triggers is
     #: never split by two claims racing (held to the end of the claim's transaction)
     claim_lock = "SELECT pg_advisory_xact_lock(7212012)"
+    binary = ' COLLATE "C"'
 
     def in_list(self, param: str, ints: bool) -> str:
         return f"= ANY(:{param}::{'bigint' if ints else 'text'}[])"

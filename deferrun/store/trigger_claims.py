@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from deferrun.core.models import ClaimedTrigger
-from deferrun.store.sql import Notify, Program, Query, Row, run
+from deferrun.store.sql import Notify, Program, Query, Row, run, run_many
 
 #: seconds after which a trigger nobody claimed is taken by any triggerer with room
 STALE_UNCLAIMED = 2.0
@@ -135,3 +135,24 @@ def release_triggers(triggerer_id: str, ids: Sequence[int] | None) -> Program[in
         rows = yield run(RELEASE_TRIGGERS, triggerer_id=triggerer_id, ids=list(ids))
     yield Notify(("triggers",))
     return len(rows)
+
+
+#: a trigger's poll health, written by the triggerer holding it (a batch, not a row per poll)
+RECORD_HEALTH = Query(
+    "record_trigger_health",
+    "UPDATE deferrun_triggers SET poll_failures = :failures, last_error = :error, "
+    "last_ok_at = :ok_at WHERE id = :id AND triggerer_id = :triggerer_id",
+    many=True,
+)
+
+
+def record_health(
+    triggerer_id: str, rows: Sequence[tuple[int, int, str | None, float | None]]
+) -> Program[None]:
+    yield run_many(
+        RECORD_HEALTH,
+        [
+            {"id": tid, "failures": n, "error": error, "ok_at": ok_at, "triggerer_id": triggerer_id}
+            for tid, n, error, ok_at in rows
+        ],
+    )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -19,6 +20,7 @@ import structlog
 
 from deferrun.connections.redaction import format_error
 from deferrun.core import serialization
+from deferrun.process.liveness import outage
 from deferrun.store.base import Store, is_connection_error
 from deferrun.triggerer.trigger_run import ENDED, FAILED, Outcome
 
@@ -48,6 +50,8 @@ class EventWriter:
         self.units: deque[tuple[int, frozenset[int]]] = deque(maxlen=UNITS_KEPT)
         self.unit_seq = 0
         self.open_units: set[int] = set()
+        #: called at each failed write (the triggerer counts them for its metrics)
+        self.on_failed: Callable[[], None] | None = None
 
     def __contains__(self, trigger_id: int) -> bool:
         return trigger_id in self.pending
@@ -220,10 +224,13 @@ class EventWriter:
         self.written += len(ids)
 
     def _failed(self, exc: Exception, pending: int) -> None:
+        if self.on_failed is not None:
+            self.on_failed()
         if self.failing_since is None:
             self.failing_since = time.monotonic()
         self.last_error = repr(exc)
-        log.error("storing trigger outcomes failed; retrying", error=repr(exc), pending=pending)
+        if not outage.failed("storing trigger outcomes", exc):
+            log.error("storing trigger outcomes failed; retrying", error=repr(exc), pending=pending)
 
 
 #: a hook slower than this blocked every other trigger of the process: named in the log

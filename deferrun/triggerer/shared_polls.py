@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import structlog
 
+from deferrun.core.basetrigger import poll_outcome, report_poll
 from deferrun.exceptions import TransientError
 from deferrun.process.watchdog import LoopWatchdog, timed_steps
 
@@ -110,9 +111,12 @@ class SharedPoll:
         self.failures = 0
         self._next_due = 0.0  # monotonic; 0: poll at once
         self._changed = anyio.Event()
-        # a fresh context: the loop's log lines must not carry the first member's task id
+        # a fresh context: the loop's log lines must not carry the first member's task id;
+        # only the triggerer's health sink comes along (each poll reports every member)
+        context = contextvars.Context()
+        context.run(poll_outcome.set, poll_outcome.get())
         self._task = asyncio.get_running_loop().create_task(
-            self._loop(), name=f"shared-poll:{self.name}"[:200], context=contextvars.Context()
+            self._loop(), name=f"shared-poll:{self.name}"[:200], context=context
         )
 
     def tasks(self) -> int:
@@ -191,6 +195,8 @@ class SharedPoll:
             results = list(await self._call_poll_many(batch))
         except TransientError as exc:
             self.failures += 1
+            for trigger in batch:
+                report_poll(trigger, exc)
             retry_after = getattr(exc, "retry_after", None)
             if not isinstance(retry_after, int | float) or isinstance(retry_after, bool):
                 retry_after = None
@@ -256,6 +262,7 @@ class SharedPoll:
             future = self._future_of(trigger)
             if future is None or future.done():
                 continue  # left while the poll was in flight
+            report_poll(trigger, result if isinstance(result, TransientError) else None)
             if isinstance(result, TriggerEvent):
                 del self.members[id(trigger)]  # answered: out of the next batch at once
                 future.set_result(result)

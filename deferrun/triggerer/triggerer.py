@@ -22,17 +22,18 @@ import structlog
 from deferrun.connections.cache import close_loop_clients
 from deferrun.connections.redaction import format_error
 from deferrun.core import config
-from deferrun.core.basetrigger import BaseTrigger
+from deferrun.core.basetrigger import BaseTrigger, poll_outcome
 from deferrun.core.models import ClaimedTrigger
 from deferrun.process import containment
 from deferrun.process.containment import TriggerCode
-from deferrun.process.liveness import heartbeat_loop, new_process_id, register
+from deferrun.process.liveness import heartbeat_loop, new_process_id, outage, register
 from deferrun.process.metrics import Metrics
 from deferrun.process.watchdog import LoopWatchdog
-from deferrun.store.base import Store, Wakeup
+from deferrun.store.base import Store, Wakeup, is_connection_error
 from deferrun.triggerer import reconcile, shared_polls
 from deferrun.triggerer.event_writer import EventWriter
 from deferrun.triggerer.gc_freeze import LoadedFreezer
+from deferrun.triggerer.health import FLUSH_EVERY, PollHealth
 from deferrun.triggerer.hooks import bounded
 from deferrun.triggerer.outcomes import OutcomeLog
 from deferrun.triggerer.reconcile import TASK_CANCELLED, LivenessGaps, Reconciler
@@ -54,6 +55,26 @@ log = structlog.get_logger("deferrun.triggerer")
 #: instead of the first one up taking all of it.
 CLAIM_BATCH = 5000
 WRITER_UNHEALTHY_AFTER = 5.0  # /healthz fails once outcomes have failed to store this long
+
+
+class _Live(dict[int, "_Running | Timer | Member"]):
+    """The live triggers by id; a removal calls ``freed`` so a full triggerer, which has nothing
+    to claim into, sleeps until a slot frees instead of spinning on a claim it cannot make."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.freed: Any = None
+
+    def __delitem__(self, key: int) -> None:
+        super().__delitem__(key)
+        if self.freed is not None:
+            self.freed()
+
+    def pop(self, key: int, *default: Any) -> Any:
+        value = super().pop(key, *default)
+        if self.freed is not None:
+            self.freed()
+        return value
 
 
 class _Running(TriggerCode):
@@ -119,7 +140,9 @@ class Triggerer:
             cleanup_timeout=cleanup_timeout,
         )
         self.id = process_id or new_process_id("triggerer")
-        self.running: dict[int, _Running | Timer | Member] = {}
+        self.running: dict[int, _Running | Timer | Member] = _Live()
+        self.running.freed = self._slot_freed  # type: ignore[attr-defined]
+        self._waiting_full = False  # the claim loop sleeps at capacity (see _slot_freed)
         self.timers = TimerHeap()
         self.writer = EventWriter(store)
         self.shared = SharedRuns(self.running, self._outcome, self.limits, lambda: self.watchdog)
@@ -136,6 +159,11 @@ class Triggerer:
         self.metrics.triggers_running.set_function(lambda: len(self.running))
         self.metrics.capacity_left.set_function(lambda: self.capacity - len(self.running))
         self.metrics.health_checks.append(self.writer_health)
+        self.metrics.event_write_failing.set_function(self.writer.failing_for)
+        self.writer.on_failed = self.metrics.event_write_failures.inc
+        #: each trigger's poll health, stored in batches (``_health_loop``)
+        self.poll_health = PollHealth()
+        self.metrics.watch_failing_triggers(self.poll_health.by_class)
         self.started = anyio.Event()
         self._stopping = anyio.Event()
         self._wakeup: Wakeup | None = None
@@ -174,9 +202,11 @@ class Triggerer:
             db=config.redact_url(self.store.url),
         )
         self.started.set()
+        health_token = poll_outcome.set(self.poll_health)  # every trigger task inherits it
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._heartbeat_loop, name="triggerer-heartbeat")
+                tg.start_soon(self._health_loop, name="trigger-health")
                 watchdog = LoopWatchdog.for_current_loop(self.block_threshold)
                 watchdog.describers.append(self._describe_task)
                 watchdog.describers.append(self.shared.describe)
@@ -197,6 +227,7 @@ class Triggerer:
                         await self._shutdown()
                 tg.cancel_scope.cancel()
         finally:
+            poll_outcome.reset(health_token)
             with anyio.CancelScope(shield=True):
                 await close_loop_clients()
                 try:
@@ -266,6 +297,7 @@ class Triggerer:
                     for claimed in batch:
                         self._start_one(claimed)
                     self._freezer.loaded(len(self.running))
+                    claim = False  # done; the next one is due after the wait below
                 since, every = time.monotonic() - last_reconcile, self._reconcile_every
                 if since >= every and (not full or since >= 6 * every):  # backlog claims first
                     last_reconcile = time.monotonic()
@@ -275,7 +307,8 @@ class Triggerer:
                             self.reconcile_interval, reconcile.RECONCILE_SHARE * took
                         )
             except Exception as exc:
-                log.error("claiming triggers failed; retrying", error=repr(exc))
+                if not outage.failed("claiming triggers", exc):
+                    log.error("claiming triggers failed; retrying", error=repr(exc))
                 full = False
                 last_claim = time.monotonic() - self.poll_interval + 1.0  # again in 1 s
                 # A claim whose COMMIT landed but whose reply was lost left rows assigned here
@@ -288,7 +321,20 @@ class Triggerer:
             now = time.monotonic()
             after = 0.0 if full else min(1.0, self.poll_interval) if got else self.poll_interval
             next_claim = last_claim + after
-            wait = min(next_claim, last_reconcile + self._reconcile_every) - now
+            reconcile_at = last_reconcile + self._reconcile_every
+            if len(self.running) >= self.capacity:
+                # No slot to claim into: a claim that is due cannot happen, so sleep until a
+                # trigger ends (``_slot_freed``), a notification or reconcile is due. A claim
+                # already due (or notified) stays due and runs once a slot frees.
+                self._waiting_full = True
+                try:
+                    woken = await self._wakeup.wait(max(reconcile_at - now, 0.0))
+                finally:
+                    self._waiting_full = False
+                claim = claim or woken or time.monotonic() >= next_claim
+                full = False  # no backlog can be taken at capacity
+                continue
+            wait = min(next_claim, reconcile_at) - now
             woken = await self._wakeup.wait(max(wait, 0.0))
             claim = woken or time.monotonic() >= next_claim
             if woken:
@@ -296,8 +342,28 @@ class Triggerer:
                 # claim instead of one claim per trigger (not on the event->resume path).
                 await anyio.sleep(self.claim_debounce)
 
+    def _slot_freed(self) -> None:
+        """A trigger ended: wake the claim loop if it sleeps at capacity."""
+        if self._waiting_full and self._wakeup is not None:
+            self._waiting_full = False
+            self._wakeup.set()
+
     async def _reconcile(self) -> bool:
         return await self.reconciler.run()
+
+    async def _health_loop(self) -> None:
+        """Store what changed in the triggers' poll health, one batch every FLUSH_EVERY s."""
+        while True:
+            await anyio.sleep(FLUSH_EVERY)
+            rows = self.poll_health.take(self.running)
+            if not rows:
+                continue
+            try:
+                await self.store.record_trigger_health(self.id, rows)
+            except Exception as exc:
+                self.poll_health.put_back(rows)
+                if not is_connection_error(exc):  # an outage is logged once, elsewhere
+                    log.warning("storing trigger health failed; retrying", error=repr(exc))
 
     async def _heartbeat_loop(self) -> None:
         self.gaps.beat_at = time.monotonic()  # registered just now: a beat of sorts

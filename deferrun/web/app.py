@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import json
 import secrets
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlencode, urlsplit
@@ -27,7 +29,7 @@ from deferrun.core.models import FINISHED_STATES
 from deferrun.exceptions import TaskNotFound
 from deferrun.store import Store
 from deferrun.store.base import is_connection_error
-from deferrun.web import data
+from deferrun.web import data, graph
 
 log = structlog.get_logger("deferrun.web")
 
@@ -209,7 +211,16 @@ async def task_page(request: web.Request) -> web.Response:
     if view is None:
         raise web.HTTPNotFound(text=f"no task {task_id!r} in this database")
     done = request.query.get("done", "")
-    return _page(request, "task.html", task=view, message=DONE.get(done))
+    drawn = await graph.walk(request.app[STORE], task_id)
+    pipeline = graph.svg(drawn) if drawn is not None and len(drawn.nodes) > 1 else None
+    return _page(
+        request,
+        "task.html",
+        task=view,
+        message=DONE.get(done),
+        pipeline_svg=pipeline,
+        pipeline_cut=drawn.cut if drawn is not None else [],
+    )
 
 
 async def triggers_page(request: web.Request) -> web.Response:
@@ -349,6 +360,8 @@ async def action_form(request: web.Request) -> web.Response:
         log.warning("web action refused", task_id=task_id, remote=request.remote, why=refusal)
         raise web.HTTPForbidden(text=refusal)
     action = request.match_info["action"]
+    if form.get("confirm") != "yes":  # the first click: say what it does, act on the second
+        return await _confirm_page(request, action, task_id, form.get("downstream") == "1")
     try:
         await _act(request, action, form.get("downstream") == "1")
         done = "cancelled" if action == "cancel" else "retried"
@@ -356,6 +369,17 @@ async def action_form(request: web.Request) -> web.Response:
         log.warning("web action not done", action=action, task_id=task_id, why=str(exc))
         done = "refused"
     raise web.HTTPSeeOther(f"/tasks/{task_id}?{urlencode({'done': done})}")
+
+
+async def _confirm_page(
+    request: web.Request, action: str, task_id: str, downstream: bool
+) -> web.Response:
+    """What a cancel or retry would do, with the form (same CSRF field) that does it: one
+    click on the task page never acts, with or without JavaScript."""
+    view = await data.task(request.app[STORE], task_id)
+    if view is None:
+        raise web.HTTPNotFound(text=f"no task {task_id!r} in this database")
+    return _page(request, "confirm.html", task=view, action=action, downstream=downstream)
 
 
 UNAVAILABLE = "database unavailable, retrying: this page works again once the database answers"
@@ -377,12 +401,78 @@ async def unavailable(request: web.Request, handler: Any) -> web.StreamResponse:
         return web.Response(text=UNAVAILABLE, status=503, headers={"Retry-After": "5"})
 
 
+def _host_name(header: str) -> str:
+    """The name part of a Host header (``[::1]:8780`` -> ``::1``), lower-cased."""
+    name = header.strip().lower()
+    if name.startswith("["):
+        return name[1:].partition("]")[0]
+    if name.count(":") == 1:
+        name = name.partition(":")[0]
+    return name.rstrip(".")
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+WILDCARDS = ("", "0.0.0.0", "::")
+
+
+def allowed_hosts(bind: str, extra: Sequence[str] = ()) -> frozenset[str]:
+    """Host names this server answers to: its bind address (and ``localhost`` for a loopback
+    one), plus ``--allowed-host``. A page of another name that resolves here (DNS
+    rebinding) is refused."""
+    names = {_host_name(bind)} | {_host_name(h) for h in extra if h}
+    if bind in WILDCARDS or (_is_ip(bind) and ipaddress.ip_address(bind).is_loopback):
+        names |= {"localhost", "127.0.0.1", "::1"}
+    return frozenset(names - {""})
+
+
+@web.middleware
+async def host_check(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Refuse a Host header that is not this server's (400): a DNS-rebinding page in a
+    browser would send its own name. Bound to every interface, any IP address is allowed (a
+    rebinding page has a name, not an address)."""
+    config = request.app[CONFIG]
+    name = _host_name(request.headers.get("Host", ""))
+    if name not in config["hosts"] and not (config["bind"] in WILDCARDS and _is_ip(name)):
+        log.warning("web: Host header refused", host=name[:100], remote=request.remote)
+        raise web.HTTPBadRequest(
+            text=f"refused: Host {name[:100]!r} is not this server's address; start deferrun "
+            f"web with --allowed-host {name[:100] or 'NAME'} to serve it under that name"
+        )
+    return await handler(request)  # type: ignore[no-any-return]
+
+
+async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """On every response, errors in plain text included: no MIME sniffing, no framing."""
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers.setdefault("X-Frame-Options", "DENY")
+
+
 def build_app(
-    store: Store, token: str | None, sampler: data.Sampler | None = None
+    store: Store,
+    token: str | None,
+    sampler: data.Sampler | None = None,
+    *,
+    host: str = "127.0.0.1",
+    allowed: Sequence[str] = (),
 ) -> web.Application:
-    app = web.Application(middlewares=[unavailable])
+    """The app, answering to ``host`` (its bind address) and the ``allowed`` host names."""
+    app = web.Application(middlewares=[host_check, unavailable])
+    app.on_response_prepare.append(_security_headers)
     app[STORE] = store
-    app[CONFIG] = {"token": token or "", "failures": {}, "locked": {}}
+    app[CONFIG] = {
+        "token": token or "",
+        "failures": {},
+        "locked": {},
+        "bind": host,
+        "hosts": allowed_hosts(host, allowed),
+    }
     app[SAMPLER] = sampler or data.Sampler(store)
     actions = "{action:cancel|retry}"
     app.router.add_get("/", overview_page)

@@ -16,8 +16,23 @@ log = structlog.get_logger("deferrun.web")
 
 
 def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("web", parents=[common], help="serve a status page (HTML and JSON)")
+    p = sub.add_parser(
+        "web",
+        parents=[common],
+        help="serve a status page (HTML and JSON)",
+        description="Serve a status page (HTML and JSON) of the database: read-only unless "
+        "started with --token.",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also answer requests for this host name (repeat for several), e.g. the name "
+        "of a reverse proxy; any other Host header is refused (DNS rebinding). Default: only "
+        "the --host address (and localhost for a loopback one)",
+    )
     p.add_argument("--port", type=int, default=8780, help="port (default 8780)")
     p.add_argument(
         "--token",
@@ -53,7 +68,7 @@ async def serve_command(args: argparse.Namespace) -> int:
     store = await open_store(args.db, create=False)
     runner: web.AppRunner | None = None
     try:
-        app = build_app(store, token)
+        app = build_app(store, token, host=args.host, allowed=args.allowed_host)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, args.host, args.port)

@@ -190,7 +190,60 @@ async def overview(store: Store, sampler: Sampler) -> dict[str, Any]:
         "history": [{"at": t, **c} for t, c in sampler.history],
         "processes": processes,
         **await store.oldest_triggers(),
+        "alerts": await alerts(store, processes),
     }
+
+
+async def alerts(store: Store, processes: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """What the Prometheus alert rules (deploy/prometheus/alerts.yml) fire on, as the
+    overview's red banners: each a condition and what to do about it."""
+    dead_after = float(getattr(store, "dead_after", 10.0))
+    state = await store.alert_state(dead_after)
+    oldest = await store.oldest_triggers()
+    failing = await store.failing_triggers(limit=1000)
+    out = []
+    if state["live"]["triggerer"] == 0 and oldest["oldest"] is not None:
+        out.append(
+            {
+                "id": "no-triggerer",
+                "text": "No live triggerer while triggers wait: deferred tasks will not "
+                "resume. Start a triggerer (deferrun triggerer, or deferrun standalone).",
+            }
+        )
+    unclaimed = state["oldest_unclaimed_trigger_age"]
+    if unclaimed > 2 * dead_after:
+        out.append(
+            {
+                "id": "unclaimed",
+                "text": f"A trigger has waited {unclaimed:.0f} s unclaimed (over 2x dead-after, "
+                f"{2 * dead_after:g} s): triggerers are full, stuck or serve other queues. "
+                "Add triggerer capacity or one for its queue.",
+            }
+        )
+    if failing:
+        classes = sorted({f["classpath"] for f in failing})
+        out.append(
+            {
+                "id": "failing-triggers",
+                "text": f"{len(failing)}{'+' if len(failing) >= 1000 else ''} trigger(s) fail "
+                f"every poll ({', '.join(classes[:3])}{', ...' if len(classes) > 3 else ''}): "
+                "see the last error on the Triggers page.",
+            }
+        )
+    workers = [p for p in processes if p["role"] == "worker" and p["alive"]]
+    if (
+        workers
+        and all(p["used"] >= p["capacity"] for p in workers)
+        and state["oldest_queued_task_age"] > 60
+    ):
+        out.append(
+            {
+                "id": "workers-saturated",
+                "text": "Every worker slot is busy and a task has been queued for "
+                f"{state['oldest_queued_task_age']:.0f} s: add workers or --slots.",
+            }
+        )
+    return out
 
 
 def task_row(info: TaskInfo) -> dict[str, Any]:
@@ -274,6 +327,11 @@ async def task(store: Store, task_id: str) -> dict[str, Any] | None:
             "timeline": _timeline(info, detail),
         }
     )
+    row["trigger_health"] = (
+        await store.trigger_health(info.trigger_id)
+        if info.trigger_id is not None and not info.finished
+        else None
+    )
     return row
 
 
@@ -321,4 +379,10 @@ async def triggers(store: Store, classpath: str | None = None) -> dict[str, Any]
         listed = [
             {**t, "kwargs": redact(t["kwargs"])} for t in await store.triggers_of_class(classpath)
         ]
-    return {"classes": list(by_class.values()), "classpath": classpath, "triggers": listed}
+    failing = await store.failing_triggers()
+    return {
+        "classes": list(by_class.values()),
+        "classpath": classpath,
+        "triggers": listed,
+        "failing": failing,
+    }

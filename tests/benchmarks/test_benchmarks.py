@@ -30,6 +30,7 @@ BENCHMARKS = [
     "benchmarks.idle",
     "benchmarks.listing",
     "benchmarks.fleet",
+    "benchmarks.full_triggerer",
 ]
 
 
@@ -393,3 +394,16 @@ def test_triggerer_scale_heap_db_smoke(tmp_path: Path, backend: str) -> None:
     assert run["fired_stored"] == 1000 and run["early"] == 0
     assert 0 <= run["stored_lateness_p50_ms"] <= run["stored_lateness_p99_ms"]
     assert run["bytes_per_timer"] > 0 and run["claim_all_s"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_full_triggerer_smoke(tmp_path: Path) -> None:
+    out = run_benchmark(
+        "benchmarks.full_triggerer",
+        *("--out", str(tmp_path), "--triggers", "30", "--window", "1", "--kinds", "timer"),
+    )
+    assert "idle CPU" in out
+    runs = json.loads((tmp_path / "full_triggerer.json").read_text())["runs"]
+    assert {r["full"] for r in runs} == {True, False}  # at capacity, and with room to spare
+    assert all(r["idle_cpu_pct"] >= 0 for r in runs)

@@ -38,6 +38,7 @@ async def _create_database(url: str) -> None:
 @pytest.mark.slow
 def test_demo_runs_to_completion(tmp_path: Path) -> None:
     env = deferrun_env(f"sqlite:///{tmp_path / 'demo.db'}")
+    env.pop("DEFERRUN_IMPORTS")  # the demo needs no --import: its code is deferrun's own
     done = cli("standalone", "--demo", env=env, cwd=tmp_path, timeout=90)
     assert done.returncode == 0, done.stderr
     assert "demo finished" in done.stdout

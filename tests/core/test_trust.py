@@ -250,23 +250,24 @@ def test_processes_with_import_never_load_untrusted_rows(
 
 
 @pytest.mark.slow
-def test_without_import_one_warning_and_system_exit_fails_only_its_task(
+def test_without_import_rows_of_other_modules_fail_with_the_flag_to_add(
     db_url: str, usercode: Path, tmp_path: Path, procs: Callable[..., Proc]
 ) -> None:
     forged = anyio.run(_forge_rows, db_url)
     env = deferrun_env(db_url, usercode, EVIL_MARKER=str(tmp_path / "evil-imported"))
     env.pop("DEFERRUN_IMPORTS", None)
     proc = procs(["standalone"], env)
-    infos = wait_until(
-        lambda: _finished(db_url, [forged["exit"], forged["op"]]), 30, 0.2, "forged tasks end"
-    )
-    exit_info, op_info = infos
-    assert exit_info.state == "failed" and "SystemExit" in (exit_info.error or "")
-    assert op_info.state == "success"  # every module allowed: the warning said so
-    good = anyio.run(_submit_good, db_url)
-    wait_until(lambda: _finished(db_url, good), 30, 0.2, "good tasks after the SystemExit row")
-    assert proc.popen.poll() is None, "SystemExit at import killed the process"
-    assert len(_warnings(proc)) == 1, proc.output()
+    ids = [forged["exit"], forged["op"], forged["trigger"]]
+    infos = wait_until(lambda: _finished(db_url, ids), 30, 0.2, "forged tasks end")
+    for info, module in zip(infos, ("exitmod", "evilmod", "goodpkg"), strict=True):
+        assert info.state == "failed", info
+        assert f"--import {module}" in (info.error or ""), info.error  # the flag to add
+    assert not (tmp_path / "evil-imported").exists(), "an untrusted module was imported"
+    good = anyio.run(_submit_good, db_url)  # goodpkg is not named either: refused too
+    infos = wait_until(lambda: _finished(db_url, good), 30, 0.2, "good tasks end")
+    assert all("--import goodpkg" in (i.error or "") for i in infos), infos
+    assert proc.popen.poll() is None
+    assert len(_warnings(proc)) == 1, proc.output()  # one start line says how to load code
 
 
 def test_import_of_a_missing_package_stops_with_one_line(

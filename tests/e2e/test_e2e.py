@@ -104,7 +104,7 @@ def test_forty_tasks_defer_at_once_on_two_slots(
 ) -> None:
     from e2e_ops import WaitFor
 
-    env = deferrun_env(db_url, user_module)
+    env = deferrun_env(db_url, user_module, DEFERRUN_IMPORTS="tests.support,e2e_ops")
     triggerer, worker = start_both(procs, env, slots=2)
     with Client(db_url) as client:
         ids = [client.submit(WaitFor(index=i, delay=3.0)) for i in range(40)]
@@ -131,7 +131,9 @@ def test_timeout_trigger_error_and_forged_classpath(
     from e2e_ops import WaitFor
 
     marker = tmp_path / "pwned"
-    env = deferrun_env(db_url, user_module)
+    # "os" trusted too: the forged path is refused for what it names (not a BaseTrigger), not
+    # only because its module is not trusted (the default without --import os)
+    env = deferrun_env(db_url, user_module, DEFERRUN_IMPORTS="tests.support,e2e_ops,os")
     start_both(procs, env)
     with Client(db_url) as client:
         timeout_id = client.submit(WaitFor(index=1, delay=60, timeout=1.0))
@@ -159,7 +161,9 @@ def test_sigkill_worker_mid_task_is_retried_by_a_new_worker(
     from e2e_ops import SlowWork
 
     marker = tmp_path / "tries.txt"
-    env = deferrun_env(sqlite_url, user_module, dead_after="2")
+    env = deferrun_env(
+        sqlite_url, user_module, dead_after="2", DEFERRUN_IMPORTS="tests.support,e2e_ops"
+    )
     first = procs(["worker", "--slots", "2"], env)
     with Client(sqlite_url) as client:
         task_id = client.submit(SlowWork(marker=str(marker), retries=1, retry_delay=0))
@@ -188,7 +192,9 @@ def test_sigkill_worker_without_retries_fails_the_task(
     from e2e_ops import SlowWork
 
     marker = tmp_path / "tries.txt"
-    env = deferrun_env(sqlite_url, user_module, dead_after="2")
+    env = deferrun_env(
+        sqlite_url, user_module, dead_after="2", DEFERRUN_IMPORTS="tests.support,e2e_ops"
+    )
     first = procs(["worker"], env)
     with Client(sqlite_url) as client:
         task_id = client.submit(SlowWork(marker=str(marker)))

@@ -77,7 +77,12 @@ def test_sigkill_a_triggerer_every_task_resumes_exactly_once(
     from failover_ops import AtMoment
 
     log = tmp_path / "resumes.log"
-    env = deferrun_env(pg_url, user_module, dead_after=str(DEAD_AFTER))
+    env = deferrun_env(
+        pg_url,
+        user_module,
+        dead_after=str(DEAD_AFTER),
+        DEFERRUN_IMPORTS="tests.support,failover_ops",
+    )
     a = procs(["triggerer"], env)
     b = procs(["triggerer"], env)
     worker = procs(["worker", "--slots", "4"], env)
@@ -150,7 +155,12 @@ def test_database_restart_while_tasks_are_deferred(
     from failover_ops import AtMoment
 
     log = tmp_path / "resumes.log"
-    env = deferrun_env(pg_url, user_module, dead_after=str(DEAD_AFTER))
+    env = deferrun_env(
+        pg_url,
+        user_module,
+        dead_after=str(DEAD_AFTER),
+        DEFERRUN_IMPORTS="tests.support,failover_ops",
+    )
     triggerer = procs(["triggerer"], env)
     worker = procs(["worker", "--slots", "4"], env)
     for p in (triggerer, worker):

@@ -52,6 +52,7 @@ PUBLIC: dict[str, list[str]] = {
         "ConfigError",
         "DeferrunError",
         "FailTask",
+        "RetryRefused",
         "SerializationError",
         "SkipTask",
         "StoreGone",

@@ -112,7 +112,7 @@ def test_metrics_and_health_with_50_deferred(
 ) -> None:
     from ops_ops import WaitUntil
 
-    env = deferrun_env(sqlite_url, user_module)
+    env = deferrun_env(sqlite_url, user_module, DEFERRUN_IMPORTS="tests.support,ops_ops")
     tport, wport = free_port(), free_port()
     triggerer = procs(
         ["triggerer", "--metrics-port", str(tport), "--metrics-host", "127.0.0.1"], env
@@ -192,7 +192,7 @@ def test_sigterm_triggerer_hands_its_triggers_over(
         else request.getfixturevalue("pg_url")
     )
     # A long dead-after proves the hand-over does not wait for the dead-triggerer timeout.
-    env = deferrun_env(url, user_module, dead_after="60")
+    env = deferrun_env(url, user_module, dead_after="60", DEFERRUN_IMPORTS="tests.support,ops_ops")
     first = procs(["triggerer"], env)
     worker = procs(["worker"], env)
     for p in (first, worker):
@@ -227,7 +227,7 @@ def test_task_logs_show_worker_and_trigger_lines(
 ) -> None:
     from ops_ops import WaitUntil
 
-    env = deferrun_env(sqlite_url, user_module)
+    env = deferrun_env(sqlite_url, user_module, DEFERRUN_IMPORTS="tests.support,ops_ops")
     procs(["triggerer"], env)
     procs(["worker"], env)
     with Client(sqlite_url) as client:
@@ -268,7 +268,7 @@ def test_worker_sigterm_finishes_or_requeues(
 ) -> None:
     from ops_ops import Sleepy
 
-    env = deferrun_env(sqlite_url, user_module)
+    env = deferrun_env(sqlite_url, user_module, DEFERRUN_IMPORTS="tests.support,ops_ops")
     marker_short, marker_long = tmp_path / "short", tmp_path / "long"
     worker = procs(["worker", "--grace-period", "2"], env)
     wait_until(lambda: started(worker), 20, message="worker to start")
@@ -300,7 +300,7 @@ def test_second_signal_exits_at_once(
 ) -> None:
     from ops_ops import Sleepy
 
-    env = deferrun_env(sqlite_url, user_module)
+    env = deferrun_env(sqlite_url, user_module, DEFERRUN_IMPORTS="tests.support,ops_ops")
     worker = procs(["worker", "--grace-period", "60"], env)
     wait_until(lambda: started(worker), 20, message="worker to start")
     marker = tmp_path / "m"

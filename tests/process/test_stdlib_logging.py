@@ -74,7 +74,7 @@ def test_stdlib_logging_carries_ids_reaches_task_log_and_renders_json(
     moddir = install_user_module(tmp_path, monkeypatch, "stdlib_ops", USER_MODULE)
     from stdlib_ops import StdlibOperator  # type: ignore[import-not-found]
 
-    env = deferrun_env(db_url, moddir)
+    env = deferrun_env(db_url, moddir, DEFERRUN_IMPORTS="tests.support,stdlib_ops")
     proc = procs(["standalone", "--log-level", "info"], env)
     with Client(db_url) as client:
         task_id = client.submit(StdlibOperator())

@@ -16,9 +16,16 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 
 
+#: what worker/triggerer/standalone subprocesses load user code from (they load only what
+#: --import / DEFERRUN_IMPORTS names, plus deferrun and triggers); a test with its own module
+#: passes DEFERRUN_IMPORTS=f"{TEST_IMPORTS},its_module"
+TEST_IMPORTS = "tests.support"
+
+
 def deferrun_env(db_url: str, pythonpath: Path | None = None, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env["DEFERRUN_DB"] = db_url
+    env["DEFERRUN_IMPORTS"] = TEST_IMPORTS
     env["DEFERRUN_DEAD_AFTER"] = extra.pop("dead_after", "3")
     paths = [str(REPO)]
     if pythonpath is not None:

@@ -55,7 +55,8 @@ BAD: dict[str, tuple[float | None, str]] = {
 }
 # placeholders whose stored row the test rewrites before the triggerer starts
 TAMPERED: dict[str, tuple[dict[str, object], str]] = {
-    "unknown_classpath": ({"classpath": "no_such_module.Trigger"}, "cannot import"),
+    # a module no --import names: refused before anything is imported, with the flag to add
+    "unknown_classpath": ({"classpath": "no_such_module.Trigger"}, "--import no_such_module"),
     "forged_classpath": (
         {"classpath": "os.system", "kwargs": '{"command": "touch pwned"}'},
         "is not a BaseTrigger subclass",
@@ -108,6 +109,9 @@ def test_hostile_triggers_fail_alone_and_good_ones_resume_on_time(
         db_url,
         DEFERRUN_TRIGGER_CLEANUP_TIMEOUT="1",
         DEFERRUN_TRIGGERER_GRACE_PERIOD=str(GRACE),
+        # "os" trusted too: the forged os.system row is refused for what it names (not a
+        # BaseTrigger), not only because its module is not trusted
+        DEFERRUN_IMPORTS="tests.support,os",
     )
     worker = procs(["worker", "--slots", "8"], env)
     with Client(db=db_url) as client:

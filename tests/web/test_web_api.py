@@ -171,5 +171,9 @@ async def test_actions_need_the_token(store: Store) -> None:
         async with http.post(form, data={"csrf": csrf}) as r:  # no Origin, no Referer
             assert r.status == 403
         async with http.post(form, data={"csrf": csrf}, headers=origin) as r:
+            assert r.status == 200 and 'id="confirm"' in await r.text()  # asks first
+        assert (await store.get_task(ids["queued"])).state is TaskState.QUEUED  # type: ignore[union-attr]
+        confirmed = {"csrf": csrf, "confirm": "yes"}
+        async with http.post(form, data=confirmed, headers=origin) as r:
             assert r.status == 200 and "cancelled" in await r.text()
         assert (await store.get_task(ids["queued"])).state is TaskState.CANCELLED  # type: ignore[union-attr]

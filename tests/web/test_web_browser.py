@@ -3,9 +3,10 @@ a real triggerer, worker and `deferrun web` (SQLite).
 
 It loads the overview with a task in every state, follows a task from the tasks page to its
 detail, watches that task's log lines arrive while it waits on its trigger, is refused when it
-acts without the token, signs in with the token and cancels the task. Each page is saved as a
-screenshot (to tmp_path, and to $DEFERRUN_SCREENSHOTS when set: README's images come from
-there) and checked: a non-empty PNG, and the expected text in the DOM.
+acts without the token (the read-only page says how to act), signs in with the token and
+cancels the task through the confirmation page, and follows a pipeline drawn on a task page.
+Each page is saved as a screenshot (to tmp_path, and to $DEFERRUN_SCREENSHOTS when set:
+README's images come from there) and checked: a non-empty PNG, and the expected text in the DOM.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from deferrun.core.models import TaskState
 from deferrun.store import make_store
 from tests.support.pgcluster import free_port
 from tests.support.processes import Proc, deferrun_env, wait_until
+from tests.support.userland import Outcome
 from tests.support.webland import DSN, SECRET_PASSWORD, SECRETS, Sleepy, WaitChatty, every_state
 
 CHROMIUM = "/usr/bin/chromium"
@@ -44,7 +46,10 @@ if not (os.path.exists(CHROMEDRIVER) and os.path.exists(CHROMIUM)):
     )
 
 from selenium import webdriver  # noqa: E402
-from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
+from selenium.common.exceptions import (  # noqa: E402
+    NoSuchElementException,
+    StaleElementReferenceException,
+)
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 
@@ -103,6 +108,8 @@ def wait_text(driver: webdriver.Chrome, selector: str, text: str, timeout: float
             return text in driver.find_element(By.CSS_SELECTOR, selector).text
         except StaleElementReferenceException:  # the page replaced it while updating live
             return False
+        except NoSuchElementException:  # a click's next page has not replaced this one yet
+            return False
 
     return wait_until(shown, timeout, message=f"{text!r} in {selector}")
 
@@ -120,6 +127,13 @@ def test_status_page_in_chromium(
             )
             sleepy = build_task(Sleepy(task_id="long-report"))
             await store.submit_many([sleepy, chatty])
+            # a pipeline on a queue no worker serves: succeeded >> transform >> publish, and
+            # transform + failed-task >> notify (upstream_failed at once)
+            transform = pipeline_task("transform", [ids["success"]])
+            publish = pipeline_task("publish", [transform.id])
+            notify = pipeline_task("notify", [transform.id, ids["failed"]])
+            await store.submit_many([transform, publish, notify])
+            ids.update(transform=transform.id, publish=publish.id, notify=notify.id)
             return ids, chatty.id, sleepy.id
         finally:
             await store.close()
@@ -185,6 +199,8 @@ def test_status_page_in_chromium(
     browser.get(f"{ro_base}/tasks/{chatty}")
     assert browser.find_elements(By.ID, "cancel") == []
     assert "read-only" in browser.find_element(By.TAG_NAME, "header").text
+    how = browser.find_element(By.ID, "how-to-act").text  # says how to act instead
+    assert f"deferrun cancel {chatty}" in how and "--token" in how
     browser.get(f"{base}/login?next=/tasks/{chatty}")
     browser.find_element(By.ID, "token").send_keys("not-the-token")
     browser.find_element(By.ID, "sign-in").click()
@@ -197,6 +213,15 @@ def test_status_page_in_chromium(
     browser.find_element(By.ID, "sign-in").click()
     wait_text(browser, "h1", "wait-for-warehouse")
     browser.find_element(By.ID, "cancel").click()
+    wait_text(browser, "h1", "Cancel wait-for-warehouse?")  # one click never acts
+    assert "deferred" in browser.find_element(By.TAG_NAME, "h1").text
+    shoot(browser, tmp_path, "confirm", ["tasks waiting on it settle at once", "Yes, cancel it"])
+    browser.find_element(By.ID, "back").click()
+    wait_text(browser, "h1", "wait-for-warehouse")
+    assert "deferred" in browser.find_element(By.ID, "state").text
+    browser.find_element(By.ID, "cancel").click()
+    wait_text(browser, "h1", "Cancel wait-for-warehouse?")
+    browser.find_element(By.ID, "confirm").click()
     wait_text(browser, "#message", "cancelled")
     wait_text(browser, "#state", "cancelled")
     wait_text(browser, "#logs", "cancel by 127.0.0.1")
@@ -207,3 +232,24 @@ def test_status_page_in_chromium(
     shoot(browser, tmp_path, "triggers", ["tests.support.userland.NeverTrigger", "owner triggerer"])
     browser.get(base + "/tasks/" + ids["failed"])
     shoot(browser, tmp_path, "task-failed", ["Error", "Traceback", "upstream_failed"])
+
+    # the pipeline, drawn: each task a link, filled by its state
+    browser.get(base + "/tasks/" + ids["transform"])
+    nodes = browser.find_elements(By.CSS_SELECTOR, "#pipeline-graph svg a.node")
+    drawn = {n.get_attribute("data-task-id"): n.get_attribute("data-state") for n in nodes}
+    assert drawn == {
+        ids["success"]: "success",
+        ids["transform"]: "queued",
+        ids["publish"]: "deferred",
+        ids["notify"]: "upstream_failed",
+    }
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#pipeline-graph svg path.edge")) == 3
+    shoot(browser, tmp_path, "pipeline", ["Pipeline", "transform", "publish", "notify"])
+    link = f'#pipeline-graph a.node[data-task-id="{ids["publish"]}"]'
+    browser.find_element(By.CSS_SELECTOR, link).click()
+    wait_text(browser, "h1", "publish")
+    assert browser.current_url == f"{base}/tasks/{ids['publish']}"
+
+
+def pipeline_task(name: str, after: list[str]) -> Any:
+    return build_task(Outcome(what="ok", task_id=name, queue="manual"), after=after)

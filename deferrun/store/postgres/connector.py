@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any, TypeVar
@@ -40,6 +41,35 @@ async def _no_reset(_conn: asyncpg.Connection) -> None:
     Pooled connections hold no session state here: LISTEN lives on its own connection and
     the only advisory lock is transaction-scoped. Measured: 8 % of a deferring worker's CPU.
     """
+
+
+def _broken(exc: BaseException) -> bool:
+    """The operation on a connection ended without its reply: the connection's protocol
+    state is unknown, so it must not be used again."""
+    if isinstance(exc, ValueError):  # asyncpg's DataError: a bad argument, nothing sent
+        return False
+    return isinstance(
+        exc,
+        asyncio.CancelledError
+        | asyncpg.InternalClientError
+        | asyncpg.InterfaceError
+        | asyncpg.PostgresConnectionError
+        | asyncpg.exceptions.OperatorInterventionError
+        | OSError
+        | TimeoutError,
+    )
+
+
+class _QuietPoolLog(logging.Filter):
+    """asyncpg's pool logs a warning with a traceback each time it fails to reopen a
+    connection during an outage; the process says that once itself (liveness.Outage)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return exc is None or not is_connection_error(exc)
+
+
+logging.getLogger("asyncpg.pool").addFilter(_QuietPoolLog())
 
 
 class _OneConnection:
@@ -104,9 +134,28 @@ class PostgresConnector:
             return [(len(await conn.fetchmany(rendered.text, items)),)]
         return list(await conn.fetch(rendered.text, *rendered.args(step.params)))  # type: ignore[arg-type]
 
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection that is never reused after its operation broke off.
+
+        A statement interrupted by a lost server, a timeout or a cancellation can leave the
+        connection's protocol mid-operation (its reply never came) while the socket is still
+        open; back in the pool, the next statement on it failed with asyncpg's
+        ``InternalClientError('cannot switch to state 12; another operation (N) is in
+        progress')`` (12: bind/execute) instead of a clean connection error. Terminated here,
+        the pool opens a fresh one next time.
+        """
+        async with self.pool.acquire() as conn:
+            try:
+                yield conn
+            except BaseException as exc:
+                if _broken(exc):
+                    conn.terminate()
+                raise
+
     async def transact(self, program: Program[R], *, atomic: bool = True) -> R:
         try:
-            async with self.pool.acquire() as conn:
+            async with self._connection() as conn:
                 if not atomic:  # each statement commits on its own: no BEGIN/COMMIT trips
                     return await self._drive(conn, program)
                 async with conn.transaction():
@@ -144,7 +193,7 @@ class PostgresConnector:
 
     async def fetch(self, query: Query, **params: Any) -> list[Row]:
         try:
-            async with self.pool.acquire() as conn:
+            async with self._connection() as conn:
                 return await self._execute(conn, Run(query, params))
         except Exception as exc:
             # one list for the whole runtime of what means "the server or the connection
@@ -187,11 +236,12 @@ class PostgresConnector:
         if alive and await self._ping():
             return
         if not alive:
-            log.warning("LISTEN connection was lost; reconnecting")
+            log.info("LISTEN connection was lost; reconnecting")
         try:
             await self._replace()
         except Exception as exc:  # the next heartbeat tries again; wake-ups fall back to polls
-            log.warning(
+            # unreachable: the heartbeat's outage line says so once (not one per heartbeat)
+            (log.debug if is_connection_error(exc) else log.warning)(
                 "could not re-establish the LISTEN connection; retrying at the next heartbeat",
                 error=repr(exc),
             )
