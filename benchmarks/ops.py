@@ -128,7 +128,7 @@ class WaitOn(BaseOperator):
         self.log_path = log
 
     def execute(self, context: Context) -> Any:
-        from deferrun.core.serialization import instantiate
+        from deferrun.core.classpaths import instantiate
 
         trigger = instantiate(self.trigger, self.trigger_kwargs, BaseTrigger, "trigger")
         self.defer(trigger=trigger, method_name="resume")

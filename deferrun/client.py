@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import anyio
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
-from deferrun.core import serialization
+from deferrun.core import classpaths, serialization
 from deferrun.core.baseoperator import BaseOperator
 from deferrun.core.basetrigger import BaseTrigger
 from deferrun.core.deferral import prepare_deferral
@@ -66,8 +66,8 @@ def build_task(
         signal = TaskDeferred(start_trigger, BaseOperator.START_METHOD, None, None)
         start = prepare_deferral(signal)
     classpath, kwargs = operator.serialize()
-    cls = serialization.load_class(classpath, BaseOperator)
-    serialization.check_kwargs_fit(cls, kwargs, "operator")
+    cls = classpaths.load_class(classpath, BaseOperator)
+    classpaths.check_kwargs_fit(cls, kwargs, "operator")
     kwargs_json = serialization.dumps(kwargs, f"{cls.__qualname__} kwargs")
     return NewTask(
         id=new_task_id(),
@@ -146,9 +146,9 @@ class AsyncClient:
         trigger_rule: str | None = None,
     ) -> str:
         """Submit by name (the CLI's path): the class is loaded and checked here first."""
-        cls = serialization.load_class(classpath, BaseOperator)
+        cls = classpaths.load_class(classpath, BaseOperator)
         kwargs = kwargs or {}
-        serialization.check_kwargs_fit(cls, kwargs, "operator")
+        classpaths.check_kwargs_fit(cls, kwargs, "operator")
         try:
             operator = cls(**kwargs)
         except (TypeError, ValueError) as exc:

@@ -21,7 +21,7 @@ from deferrun.compat._exceptions import (
     AirflowSkipException,
     TaskDeferralError,
 )
-from deferrun.core import baseoperator, basetrigger, serialization
+from deferrun.core import baseoperator, basetrigger, classpaths, serialization
 from deferrun.core.baseoperator import DEFAULT_QUEUE, Context
 from deferrun.exceptions import SkipTask, TaskDeferred
 from deferrun.sensors import BaseSensor
@@ -275,7 +275,7 @@ class BaseOperator(baseoperator.BaseOperator):
         args = self.start_trigger_args
         if not self.start_from_trigger or args is None:
             return None
-        cls = serialization.load_class(args.trigger_cls, basetrigger.BaseTrigger)
+        cls = classpaths.load_class(args.trigger_cls, basetrigger.BaseTrigger)
         return cls(**(args.trigger_kwargs or {}))
 
     def resume_execution(

@@ -15,8 +15,8 @@ from typing import Any, ClassVar
 import structlog
 
 from deferrun.core.basetrigger import BaseTrigger, capture_init_kwargs, replayable_kwargs
+from deferrun.core.classpaths import classpath_of
 from deferrun.core.fieldlog import FieldLogger
-from deferrun.core.serialization import classpath_of
 from deferrun.exceptions import FailTask, TaskDeferred, TaskTimeout, TriggerFailed
 
 Context = dict[str, Any]

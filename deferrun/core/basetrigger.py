@@ -18,8 +18,8 @@ from typing import Any
 import anyio
 import structlog
 
+from deferrun.core.classpaths import classpath_of
 from deferrun.core.fieldlog import FieldLogger
-from deferrun.core.serialization import classpath_of
 from deferrun.exceptions import SerializationError, TransientError
 
 _SIGNATURES: dict[type, inspect.Signature | None] = {}

@@ -4,7 +4,7 @@ trigger), so both refuse exactly the same triggers."""
 
 from __future__ import annotations
 
-from deferrun.core import serialization
+from deferrun.core import classpaths, serialization
 from deferrun.core import trigger_keys as sharing
 from deferrun.core.baseoperator import as_seconds
 from deferrun.core.basetrigger import BaseTrigger
@@ -26,8 +26,8 @@ def prepare_deferral(signal: TaskDeferred) -> Deferral:
     classpath, kwargs = result
     if not isinstance(kwargs, dict):
         raise SerializationError(f"{classpath}: serialize() kwargs must be a dict, got {kwargs!r}")
-    cls, classpath = serialization.stored_classpath(classpath, trigger, BaseTrigger)
-    serialization.check_kwargs_fit(cls, kwargs, "trigger")
+    cls, classpath = classpaths.stored_classpath(classpath, trigger, BaseTrigger)
+    classpaths.check_kwargs_fit(cls, kwargs, "trigger")
     kwargs_json = serialization.dumps(kwargs, f"{cls.__qualname__} kwargs")
     timeout = as_seconds(signal.timeout, "defer timeout")
     watched = trigger.watched_task()

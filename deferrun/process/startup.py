@@ -9,7 +9,7 @@ from typing import Any
 
 import structlog
 
-from deferrun.core import serialization
+from deferrun.core import classpaths
 from deferrun.exceptions import DeferrunError, StoreGone
 
 log = structlog.get_logger("deferrun.cli")
@@ -60,8 +60,8 @@ def configure_trust(imports: list[str] | None) -> None:
     write to the database cannot make this process import any installed module."""
     packages = trusted_packages(imports) or []
     if packages:
-        serialization.import_trusted(packages)
-    serialization.set_trusted_modules(packages)
+        classpaths.import_trusted(packages)
+    classpaths.set_trusted_modules(packages)
     if packages:
         log.info("loading classes only from trusted packages", packages=list(packages))
     else:

@@ -16,7 +16,7 @@ from typing import Any
 import structlog
 
 from deferrun.connections.redaction import redact
-from deferrun.core.serialization import classpath_of
+from deferrun.core.classpaths import classpath_of
 from deferrun.triggerer import shared_polls
 
 log = structlog.get_logger("deferrun.triggerer")

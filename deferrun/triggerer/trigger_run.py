@@ -25,7 +25,7 @@ from typing import Any
 import structlog
 
 from deferrun.connections.redaction import format_error, redact
-from deferrun.core import serialization
+from deferrun.core import classpaths, serialization
 from deferrun.core.baseoperator import BaseOperator
 from deferrun.core.basetrigger import BaseTrigger, TaskEndEvent, TriggerEvent
 from deferrun.core.models import ClaimedTrigger
@@ -145,7 +145,7 @@ def load(row: ClaimedTrigger, limits: Limits) -> Loaded | Outcome:
         )
     try:
         kwargs = serialization.loads(row.kwargs)
-        trigger = serialization.instantiate(classpath, kwargs, BaseTrigger, "trigger")
+        trigger = classpaths.instantiate(classpath, kwargs, BaseTrigger, "trigger")
     except BaseException as exc:  # a constructor may raise anything, even SystemExit
         return failure(row.id, f"cannot load trigger {classpath}: {_describe(exc)}", exc=exc)
     try:

@@ -28,7 +28,7 @@ import anyio
 import structlog
 
 from deferrun.connections.redaction import format_error
-from deferrun.core import serialization
+from deferrun.core import classpaths, serialization
 from deferrun.core.baseoperator import BaseOperator
 from deferrun.core.models import ClaimedTask
 from deferrun.exceptions import (
@@ -177,7 +177,7 @@ def _prepare(attempt: Attempt) -> Failed | tuple[Callable[..., Any], Any, dict[s
     if damage:
         return Failed(f"task {task.id} has a stored row this worker cannot run: {damage}", False)
     try:
-        op = serialization.instantiate(
+        op = classpaths.instantiate(
             task.classpath, serialization.loads(task.kwargs), BaseOperator, "operator"
         )
     except (ClassLoadError, SerializationError) as exc:

@@ -15,7 +15,7 @@ import pytest
 
 from deferrun.cli.commands import build_parser, main
 from deferrun.client import AsyncClient
-from deferrun.core import serialization
+from deferrun.core import classpaths
 from deferrun.core.baseoperator import BaseOperator
 from deferrun.core.models import TaskInfo
 from deferrun.exceptions import ClassLoadError
@@ -43,9 +43,9 @@ SUBCOMMANDS = [
 
 @pytest.fixture
 def restore_trust() -> Iterator[None]:
-    before = serialization.trusted_modules()
+    before = classpaths.trusted_modules()
     yield
-    serialization.set_trusted_modules(None if before is None else list(before))
+    classpaths.set_trusted_modules(None if before is None else list(before))
 
 
 def test_without_import_only_deferrun_and_triggers_load(
@@ -53,16 +53,16 @@ def test_without_import_only_deferrun_and_triggers_load(
 ) -> None:
     monkeypatch.delenv("DEFERRUN_IMPORTS", raising=False)
     configure_trust([])
-    assert serialization.trusted_modules() == ("deferrun", "triggers")
-    assert serialization.load_class("deferrun.sensors.TimeDeltaSensor", BaseOperator)
+    assert classpaths.trusted_modules() == ("deferrun", "triggers")
+    assert classpaths.load_class("deferrun.sensors.TimeDeltaSensor", BaseOperator)
     with pytest.raises(ClassLoadError) as info:
-        serialization.load_class("tests.support.userland.Outcome", BaseOperator)
+        classpaths.load_class("tests.support.userland.Outcome", BaseOperator)
     message = str(info.value)
     assert "\n" not in message
     assert "--import tests.support.userland (or its package: --import tests)" in message
     monkeypatch.setenv("DEFERRUN_IMPORTS", "tests.support")
     configure_trust([])
-    assert serialization.load_class("tests.support.userland.Outcome", BaseOperator)
+    assert classpaths.load_class("tests.support.userland.Outcome", BaseOperator)
 
 
 async def _submit(db_url: str) -> list[str]:

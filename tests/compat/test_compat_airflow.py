@@ -13,8 +13,9 @@ import pytest
 from deferrun import FailTask, SkipTask
 from deferrun.client import build_task
 from deferrun.connections.redaction import redact
+from deferrun.core.classpaths import instantiate
 from deferrun.core.deferral import prepare_deferral
-from deferrun.core.serialization import dumps, instantiate, loads
+from deferrun.core.serialization import dumps, loads
 from deferrun.exceptions import TaskDeferred
 from deferrun.worker.attempt import _classify, _Raised
 from tests.support.airflow_style import (

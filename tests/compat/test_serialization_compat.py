@@ -10,7 +10,8 @@ from zoneinfo import ZoneInfo
 import pendulum
 import pytest
 
-from deferrun.core.serialization import dumps, loads, set_trusted_modules
+from deferrun.core.classpaths import set_trusted_modules
+from deferrun.core.serialization import dumps, loads
 from deferrun.exceptions import ClassLoadError, SerializationError
 from tests.support.airflow_style import JobStatus, Priority
 

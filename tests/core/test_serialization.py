@@ -12,8 +12,9 @@ import pytest
 
 from deferrun import BaseOperator, BaseTrigger, SerializationError
 from deferrun.client import build_task
+from deferrun.core.classpaths import instantiate, load_class
 from deferrun.core.deferral import prepare_deferral
-from deferrun.core.serialization import dumps, instantiate, load_class, loads
+from deferrun.core.serialization import dumps, loads
 from deferrun.exceptions import ClassLoadError
 from tests.support.userland import AirflowStyleTrigger, DeferOnce, EchoTrigger, ForgedTrigger
 from triggers.time import DateTimeTrigger, TimeDeltaTrigger

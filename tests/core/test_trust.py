@@ -19,7 +19,7 @@ import pytest
 
 from deferrun import TaskDeferred
 from deferrun.client import new_task_id
-from deferrun.core import serialization
+from deferrun.core import classpaths
 from deferrun.core.baseoperator import BaseOperator
 from deferrun.core.basetrigger import BaseTrigger
 from deferrun.core.deferral import prepare_deferral
@@ -109,34 +109,34 @@ def usercode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     for name in ("goodpkg", "goodpkg.core", "goodpkg.alias", "evilmod", "exitmod"):
         monkeypatch.delitem(sys.modules, name, raising=False)
     yield root
-    serialization.set_trusted_modules(None)
+    classpaths.set_trusted_modules(None)
 
 
 # --------------------------------------------------------------------------- in-process
 
 
 def test_untrusted_module_is_refused_before_import(usercode: Path, tmp_path: Path) -> None:
-    serialization.set_trusted_modules(["goodpkg"])
+    classpaths.set_trusted_modules(["goodpkg"])
     for classpath in ("evilmod.Op", "deferrun.__main__.X", "antigravity.X", "unittest.__main__.Y"):
         with pytest.raises(ClassLoadError, match="not trusted"):
-            serialization.load_class(classpath, BaseOperator)
+            classpaths.load_class(classpath, BaseOperator)
     assert not (tmp_path / "evil-imported").exists()
     assert "evilmod" not in sys.modules
-    assert serialization.load_class("goodpkg.core.Hello", BaseOperator).__name__ == "Hello"
-    assert serialization.load_class("triggers.time.DateTimeTrigger", BaseTrigger)
+    assert classpaths.load_class("goodpkg.core.Hello", BaseOperator).__name__ == "Hello"
+    assert classpaths.load_class("triggers.time.DateTimeTrigger", BaseTrigger)
 
 
 def test_system_exit_at_import_is_a_class_load_error(usercode: Path) -> None:
     with pytest.raises(ClassLoadError, match="SystemExit"):
-        serialization.load_class("exitmod.Op", BaseOperator)
+        classpaths.load_class("exitmod.Op", BaseOperator)
 
 
 def test_import_trusted_fails_with_one_line(usercode: Path) -> None:
     with pytest.raises(ConfigError, match="--import no_such_pkg_xyz") as info:
-        serialization.import_trusted(["no_such_pkg_xyz"])
+        classpaths.import_trusted(["no_such_pkg_xyz"])
     assert "\n" not in str(info.value)
     with pytest.raises(ConfigError, match="SystemExit"):
-        serialization.import_trusted(["exitmod"])
+        classpaths.import_trusted(["exitmod"])
 
 
 def _deferral_of(trigger: BaseTrigger) -> Deferral:

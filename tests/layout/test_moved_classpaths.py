@@ -14,7 +14,7 @@ import pytest
 
 from deferrun import BaseOperator, BaseTrigger, TaskState, TriggerEvent
 from deferrun.client import AsyncClient
-from deferrun.core.serialization import MOVED_MODULES, load_class
+from deferrun.core.classpaths import MOVED_MODULES, load_class
 from deferrun.store import Store
 from deferrun.store.sql import Program, Query, run
 from tests.support.runtime import runtime_for
