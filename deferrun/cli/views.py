@@ -74,10 +74,18 @@ def _stamp(at: Any) -> str:
         return str(at)
 
 
+#: a table cell longer than this is cut: every row is padded to its column's widest cell, so
+#: one 20,000-character task name made a 2,000-row listing print 40 MB
+MAX_CELL = 200
+
+
+def _cell(value: Any) -> str:
+    text = terminal_safe(str(value)).replace("\n", " ")
+    return text if len(text) <= MAX_CELL else text[: MAX_CELL - 1] + "…"
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    cells = [[str(c) for c in headers]] + [
-        [terminal_safe(str(c)).replace("\n", " ") for c in row] for row in rows
-    ]
+    cells = [[str(c) for c in headers]] + [[_cell(c) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     lines = [
         "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells

@@ -9,6 +9,8 @@ import traceback
 from typing import Any
 from urllib.parse import quote, unquote
 
+from deferrun.core.config import redact_url
+
 _SECRETS: set[str] = set()
 _SECRETS_LOCK = threading.Lock()
 _SECRET_RE: re.Pattern[str] | None = None
@@ -98,3 +100,31 @@ def register_unparsed_uri(uri: str) -> None:
         return
     for candidate in (password, unquote(password), *re.split(r"[/#?:]", password)):
         register_secret(candidate)
+
+
+# a secret-looking key, quoted or not (JSON, Python repr, YAML-ish, key=value), then its value:
+# quoted (kept quoted, escapes allowed, also JSON escaped inside a string) or a bare word
+_KEY = r"(?:password|passwd|pwd|secret|token|api_?key|access_?key|private_?key|credentials?)"
+_SECRET_TEXT = re.compile(
+    r"(?i)\b((?:bearer|token|basic)\s+)[A-Za-z0-9._~+/=-]{6,}"
+    r"|((?:\\?[\"'])?\b[\w-]*" + _KEY + r"[\w-]*(?:\\?[\"'])?\s*[=:]\s*)"
+    r"(\\\"(?:[^\\]|\\[^\"])*\\\"|\"(?:[^\"\\]|\\.)*\"|'(?:[^'\\]|\\.)*'|[^\s&,;'\"}\]\\]+)"
+)
+
+
+def _hide(match: re.Match[str]) -> str:
+    if match.group(1):
+        return match.group(1) + "***"
+    value = match.group(3)
+    quote = value[:2] if value.startswith("\\") else value[0] if value[0] in "\"'" else ""
+    return match.group(2) + quote + "***" + quote
+
+
+def redact_text(text: str) -> str:
+    """Secrets in free text: URL passwords, ``password=..``, bearer/basic tokens, and every
+    connection secret this process has seen. For text that a page, a JSON view or a stored
+    column shows, which may quote an external API's error or a URL with its password."""
+    if "://" in text:
+        text = redact_url(text)
+    text = _SECRET_TEXT.sub(_hide, text)
+    return redact(text)

@@ -125,19 +125,21 @@ class BaseOperator:
         """Free this worker slot and wait for ``trigger`` in the triggerer."""
         if not isinstance(trigger, BaseTrigger):
             raise TypeError(f"defer(trigger=...) needs a BaseTrigger, got {trigger!r}")
-        self._check_resume_method(method_name)
+        self._check_resume_method(method_name, kwargs)
         raise TaskDeferred(trigger=trigger, method_name=method_name, kwargs=kwargs, timeout=timeout)
 
-    def _check_resume_method(self, method_name: Any) -> None:
+    def _check_resume_method(self, method_name: Any, kwargs: Any = None) -> None:
         """Refuse a ``method_name`` the worker could not resume with, in the attempt that
         defers (FailTask: a typo is not worth a retry), rather than when the trigger fires,
-        possibly hours later."""
+        possibly hours later: one that does not exist, is not callable, or cannot be called
+        as the worker calls it, ``method(context, event=payload, **kwargs)``."""
         if not isinstance(method_name, str) or not method_name:
             raise FailTask(f"defer(method_name=...) must be a method's name, got {method_name!r}")
         cls = type(self)
         if method_name.startswith("_"):
             why = "names starting with '_' are not resumed with; use a public method"
-        elif callable(getattr(self, method_name, None)):
+        elif callable(method := getattr(self, method_name, None)):
+            _check_resume_signature(cls, method_name, method, kwargs)
             return
         elif hasattr(self, method_name):
             why = f"{cls.__qualname__}.{method_name} is not callable"
@@ -179,3 +181,23 @@ class BaseOperator:
 
     def __repr__(self) -> str:
         return f"<{type(self).__qualname__} task_id={self.task_id!r}>"
+
+
+def _check_resume_signature(cls: type, name: str, method: Any, kwargs: Any) -> None:
+    """FailTask when ``method`` cannot take ``(context, event=..., **kwargs)``: ``execute``
+    or ``defer`` named by mistake failed with a TypeError only once the trigger fired."""
+    try:
+        signature = inspect.signature(method)
+    except (TypeError, ValueError):  # a builtin or an odd callable: nothing to check
+        return
+    extra = kwargs if isinstance(kwargs, dict) else {}
+    try:
+        signature.bind({}, event=None, **{str(k): v for k, v in extra.items()})
+    except TypeError as exc:
+        raise FailTask(
+            f"defer(method_name={name!r}): the worker resumes with "
+            f"{cls.__qualname__}.{name}(context, event=payload"
+            f"{', ' + ', '.join(map(str, extra)) if extra else ''}), which its signature "
+            f"{signature} does not take ({exc}); give the resume method an event=None "
+            "parameter"
+        ) from None

@@ -87,6 +87,11 @@ def import_trusted(packages: Sequence[str]) -> None:
     for name in packages:
         if not _CLASSPATH_RE.match(name + ".x"):
             raise ConfigError(f"--import {name!r} is not a dotted package name like 'mypkg.ops'")
+        if "__main__" in name.split("."):  # importing it would run that program
+            raise ConfigError(
+                f"--import {name}: a __main__ module runs its program when imported; name "
+                "the package that holds your operators and triggers"
+            )
         try:
             importlib.import_module(name)
         except BaseException as exc:

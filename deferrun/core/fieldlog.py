@@ -18,13 +18,23 @@ LOG_METHODS = frozenset(
 ) | {"msg", "amsg", "log", "alog"}
 
 
-def log_fields(method: str, args: tuple[Any, ...], kw: dict[str, Any]) -> dict[str, Any]:
+#: fields the runtime sets on every line of a task's code: which task's stored log a line
+#: goes to, and its level and time. User code passing one gets it renamed (``task_id_``), so
+#: it can neither move its line into another task's log nor overwrite the level or time.
+RESERVED = ("task_id", "trigger_id", "level", "log_level", "timestamp", "logger")
+
+
+def log_fields(
+    method: str, args: tuple[Any, ...], kw: dict[str, Any], reserved: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """``kw`` with keywords that collide with a logger method's own parameters (``event``,
     ``self``) renamed ``event_``/``self_``, so they are stored as fields instead of raising
-    TypeError (``got multiple values for argument 'event'``). ``event=`` with no positional
-    message stays structlog's keyword form of the message."""
+    TypeError (``got multiple values for argument 'event'``), and so are the ``reserved``
+    ones. ``event=`` with no positional message stays structlog's keyword form of the
+    message."""
     positional = 2 if method in ("log", "alog") else 1
     clashes = [k for k in ("event", "self") if k in kw and (k == "self" or len(args) >= positional)]
+    clashes += [k for k in reserved if k in kw]
     if not clashes:
         return kw
     out = dict(kw)
@@ -46,10 +56,10 @@ class FieldLogger:
         self._logger = logger
 
     def bind(self, **kw: Any) -> FieldLogger:
-        return FieldLogger(self._logger.bind(**log_fields("bind", ("",), kw)))
+        return FieldLogger(self._logger.bind(**log_fields("bind", ("",), kw, RESERVED)))
 
     def new(self, **kw: Any) -> FieldLogger:
-        return FieldLogger(self._logger.new(**log_fields("new", ("",), kw)))
+        return FieldLogger(self._logger.new(**log_fields("new", ("",), kw, RESERVED)))
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._logger, name)
@@ -57,6 +67,6 @@ class FieldLogger:
             return attr
 
         def method(*args: Any, **kw: Any) -> Any:
-            return attr(*args, **log_fields(name, args, kw))
+            return attr(*args, **log_fields(name, args, kw, RESERVED))
 
         return method

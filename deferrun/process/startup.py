@@ -10,7 +10,7 @@ from typing import Any
 import structlog
 
 from deferrun.core import classpaths
-from deferrun.exceptions import DeferrunError, StoreGone
+from deferrun.exceptions import ConfigError, DeferrunError, StoreGone
 
 log = structlog.get_logger("deferrun.cli")
 
@@ -47,7 +47,12 @@ class FatalGuard:
 def trusted_packages(imports: list[str] | None) -> list[str] | None:
     """``--import`` packages, else ``DEFERRUN_IMPORTS``; None when neither is given."""
     if imports:
-        return [p for p in imports if p]
+        if not all(p.strip() for p in imports):
+            raise ConfigError(
+                "--import '' names no module: pass a package name (--import myflows), or leave "
+                "the flag out to use DEFERRUN_IMPORTS"
+            )
+        return [p.strip() for p in imports]
     env = os.environ.get("DEFERRUN_IMPORTS", "")
     packages = [p.strip() for p in env.split(",") if p.strip()]
     return packages or None

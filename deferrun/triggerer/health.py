@@ -15,7 +15,7 @@ from typing import Any
 
 import structlog
 
-from deferrun.connections.redaction import redact
+from deferrun.connections.redaction import redact_text
 from deferrun.core.classpaths import classpath_of
 from deferrun.triggerer import shared_polls
 
@@ -61,7 +61,7 @@ class PollHealth:
             entry = self.failing[tid] = _Failing(classpath_of(type(trigger)))
         entry.failures += 1
         text = str(error) or repr(error)
-        entry.error = redact(f"{type(error).__name__}: {text}")[:MAX_ERROR_CHARS]
+        entry.error = redact_text(f"{type(error).__name__}: {text}")[:MAX_ERROR_CHARS]
         self.dirty.add(tid)
 
     def by_class(self) -> dict[str, int]:

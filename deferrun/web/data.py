@@ -15,7 +15,7 @@ import msgspec
 import structlog
 
 from deferrun.connections import redaction
-from deferrun.core import config
+from deferrun.connections.redaction import redact_text
 from deferrun.core.models import FINISHED_STATES, TaskInfo, TaskState
 from deferrun.store import Store
 
@@ -27,31 +27,6 @@ FINISHED = {str(s) for s in FINISHED_STATES}
 _SECRET_KEY = re.compile(
     r"pass|secret|token|api_?key|auth|credential|private|cookie|session|signature", re.I
 )
-# a secret-looking key, quoted or not (JSON, Python repr, YAML-ish, key=value), then its value:
-# quoted (kept quoted, escapes allowed, also JSON escaped inside a string) or a bare word
-_KEY = r"(?:password|passwd|pwd|secret|token|api_?key|access_?key|private_?key|credentials?)"
-_SECRET_TEXT = re.compile(
-    r"(?i)\b((?:bearer|token|basic)\s+)[A-Za-z0-9._~+/=-]{6,}"
-    r"|((?:\\?[\"'])?\b[\w-]*" + _KEY + r"[\w-]*(?:\\?[\"'])?\s*[=:]\s*)"
-    r"(\\\"(?:[^\\]|\\[^\"])*\\\"|\"(?:[^\"\\]|\\.)*\"|'(?:[^'\\]|\\.)*'|[^\s&,;'\"}\]\\]+)"
-)
-
-
-def _hide(match: re.Match[str]) -> str:
-    if match.group(1):
-        return match.group(1) + "***"
-    value = match.group(3)
-    quote = value[:2] if value.startswith("\\") else value[0] if value[0] in "\"'" else ""
-    return match.group(2) + quote + "***" + quote
-
-
-def redact_text(text: str) -> str:
-    """Secrets in free text: URL passwords, ``password=..``, bearer/basic tokens, and every
-    connection secret this process has seen."""
-    if "://" in text:
-        text = config.redact_url(text)
-    text = _SECRET_TEXT.sub(_hide, text)
-    return redaction.redact(text)
 
 
 def redact(value: Any) -> Any:

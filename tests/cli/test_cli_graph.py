@@ -80,3 +80,16 @@ def test_task_graph_says_what_it_cut(db_url: str, capsys: pytest.CaptureFixture[
     assert "step-1" not in out and "step-2" in out
     out = _run(capsys, "task", ids[-1], "--graph", "--db", db_url)
     assert "cut: 6 more neighbouring tasks not drawn (at most 40 tasks)" in out
+
+
+def test_a_huge_task_name_does_not_blow_up_the_output(
+    db_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Found by an attack: one 20,000-character upstream name padded every row of a wide
+    fan-in's table to 20 KB (40 MB for 2,000 upstreams). Cells are cut."""
+    huge = "x" * 20_000
+    names = [(huge, [])] + [(f"up-{i}", []) for i in range(50)]
+    ids = anyio.run(_pipeline, db_url, [*names, ("sink", list(range(51)))])
+    out = _run(capsys, "task", ids[-1], "--db", db_url)
+    assert len(out) < 60_000, len(out)
+    assert "x" * 150 in out and huge not in out and "…" in out

@@ -137,3 +137,20 @@ def test_help_shows_defaults() -> None:
     assert "(default 500)" in _help(["db", "clean"])  # said by the option itself: not twice
     assert "(default: 500)" not in _help(["db", "clean"])
     assert "else only deferrun and triggers" in " ".join(_help(["worker"]).split())
+
+
+@pytest.mark.parametrize(
+    ("imports", "error"),
+    [
+        ([""], "--import '' names no module"),  # found by an attack: DEFERRUN_IMPORTS then
+        (["  "], "--import '' names no module"),  # was ignored without a word
+        (["deferrun.__main__"], "a __main__ module runs its program when imported"),
+    ],
+)
+def test_import_values_that_name_nothing_or_a_program_are_refused(
+    imports: list[str], error: str, restore_trust: None
+) -> None:
+    from deferrun.exceptions import ConfigError
+
+    with pytest.raises(ConfigError, match=error.replace("(", r"\(")):
+        configure_trust(imports)

@@ -131,3 +131,35 @@ async def test_health_writes_are_batched_not_one_per_poll(store: Store, tmp_path
         t.stop()
     polls = sum(r["poll_failures"] for r in rows)
     assert polls >= 20 and calls <= 10, (polls, calls)
+
+
+UNREGISTERED = [  # secrets no connection registered, as an external API's error quotes them
+    ("https://admin:Hunter2SuperSecretXYZ@api.example.com/x", "Hunter2SuperSecretXYZ"),
+    ("Authorization: Bearer eyJhbGciOiJIUzI1NiJ9.payload.sig", "eyJhbGciOiJIUzI1NiJ9"),
+    ("password=s3cr3t-Pa55word", "s3cr3t-Pa55word"),
+    ('{"api_key": "AKIA-unregistered-key-123"}', "AKIA-unregistered-key-123"),
+]
+
+
+class QuotesSecrets(PollingTrigger):
+    """Fails every poll with an error that quotes secrets in the shapes APIs print them."""
+
+    poll_interval = 0.05
+    max_backoff = 0.1
+
+    async def poll(self) -> TriggerEvent | None:
+        raise TransientError("GET failed: " + " | ".join(text for text, _ in UNREGISTERED))
+
+
+async def test_secrets_quoted_in_a_poll_error_are_stored_redacted(store: Store) -> None:
+    """Found by an attack: only registered connection secrets were hidden, so a URL password,
+    a bearer token, password= and a JSON api_key reached the row, the pages and the CLI."""
+    async with runtime_for(store, worker=False) as rt:
+        task_id = await rt.client.submit(Returns(what="ok"), start_trigger=QuotesSecrets())
+        [row] = await _failing(store, 2)
+        shown = await _cli(store.url, "task", task_id) + await _cli(store.url, "triggers")
+        await rt.client.cancel(task_id)
+    for _, secret in UNREGISTERED:
+        assert secret not in row["last_error"], row["last_error"]
+        assert secret not in shown
+    assert row["last_error"].count("***") >= len(UNREGISTERED)

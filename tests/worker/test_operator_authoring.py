@@ -84,6 +84,10 @@ def test_event_keyword_is_logged_as_a_field() -> None:
         ("resume_with_row", "Typo has no method 'resume_with_row'; did you mean resume_with_rows"),
         ("limit", "Typo.limit is not callable"),
         ("_private", "names starting with '_' are not resumed with"),
+        # found by an attack: these exist but cannot take the event; they failed with a
+        # TypeError only once the trigger fired
+        ("execute", "which its signature (context: 'Context') -> 'Any' does not take"),
+        ("defer", "give the resume method an event=None parameter"),
     ],
 )
 async def test_defer_refuses_a_method_name_at_once(store: Store, method: str, error: str) -> None:
@@ -92,3 +96,18 @@ async def test_defer_refuses_a_method_name_at_once(store: Store, method: str, er
     assert info.state is TaskState.FAILED
     assert f"defer(method_name={method!r})" in (info.error or "") and error in (info.error or "")
     assert info.try_number == 1 and info.trigger_id is None  # no retry, never deferred
+
+
+def test_self_log_cannot_move_its_line_to_another_task_or_forge_its_level() -> None:
+    """Found by an attack: ``self.log.info(..., task_id=X)`` stored the line in task X's log
+    (any task's code could write into any task's log); ``level=`` and ``timestamp=`` were
+    silently replaced. The runtime's own fields are renamed with a trailing underscore."""
+    op = LogsTheEvent(task_id="mine")
+    with structlog.testing.capture_logs() as logs:
+        op.log.info("checked", task_id="victim", level="critical", timestamp=0, trigger_id=7)
+        op.log.bind(task_id="victim").info("bound")
+    checked, bound = logs
+    assert "task_id" not in checked and checked["task_id_"] == "victim"
+    assert checked["log_level"] == "info" and checked["level_"] == "critical"
+    assert checked["timestamp_"] == 0 and checked["trigger_id_"] == 7
+    assert "task_id" not in bound and bound["task_id_"] == "victim"
