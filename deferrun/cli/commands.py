@@ -416,7 +416,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(_logging_loop(commands[args.command]), loops.choose())
         return _run(commands[args.command])
     except (DeferrunError, ValueError) as exc:
-        if isinstance(exc.__cause__, TimeoutError) and args.command not in SERVING:
+        if (
+            isinstance(exc, StoreUnavailable)
+            and isinstance(exc.__cause__, TimeoutError)
+            and args.command not in SERVING
+        ):
             return _unreachable(args, exc)  # a query the server never answered
         print(f"error: {exc}", file=sys.stderr)
         return 2
