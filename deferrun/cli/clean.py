@@ -13,6 +13,7 @@ import anyio
 import structlog
 
 from deferrun.core.models import FINISHED_STATES
+from deferrun.process.liveness import outage
 from deferrun.store import Store, open_store
 
 log = structlog.get_logger("deferrun.retention")
@@ -55,8 +56,10 @@ async def clean_periodically(store: Store, retention: float, batch_size: int = 5
         try:
             report = await store.clean_finished(retention, batch_size=batch_size)
         except Exception as exc:
-            log.error("retention clean failed; trying again later", error=repr(exc))
+            if not outage.failed("retention clean", exc):  # an outage is said once, there
+                log.error("retention clean failed; trying again later", error=repr(exc))
         else:
+            outage.ok()
             if report.deleted:
                 log.info(
                     "retention clean",

@@ -19,6 +19,7 @@ import anyio
 import msgspec
 import structlog
 
+from deferrun.process.liveness import outage
 from deferrun.store.base import Store
 
 log = structlog.get_logger("deferrun.tasklogs")
@@ -148,8 +149,10 @@ class TaskLogSink:
         except Exception as exc:
             # Put them back (oldest first) and retry on the next flush.
             self._buffer.extendleft(reversed(rows))
-            log.warning(
-                "storing task log lines failed; will retry",
-                error=repr(exc),
-                pending=len(self._buffer),
-            )
+            # an outage is said once for the process (liveness.Outage), not every 250 ms
+            if not outage.failed("storing task log lines", exc):
+                log.warning(
+                    "storing task log lines failed; will retry",
+                    error=repr(exc),
+                    pending=len(self._buffer),
+                )

@@ -25,6 +25,7 @@ import structlog
 
 from deferrun.core.models import ClaimedTask, Deferral
 from deferrun.exceptions import StoreGone
+from deferrun.process.liveness import outage
 from deferrun.process.metrics import Metrics
 from deferrun.store.base import Store, is_connection_error
 from deferrun.store.xcom import XComWrite
@@ -182,7 +183,8 @@ class Recorder:
                 if self.closing.is_set() or time.monotonic() + delay > deadline:
                     self._keep(w, exc)
                     return
-                log.warning("recording the outcome failed; retrying", error=repr(exc))
+                if not outage.failed("recording an outcome", exc):
+                    log.warning("recording the outcome failed; retrying", error=repr(exc))
                 with anyio.move_on_after(delay):
                     await self.closing.wait()
                 delay = min(delay * 2, 5.0)
@@ -212,7 +214,8 @@ class Recorder:
                 try:
                     await self._write(w)
                 except Exception as exc:
-                    log.warning("still cannot record a kept outcome", error=repr(exc))
+                    if not outage.failed("recording a kept outcome", exc):
+                        log.warning("still cannot record a kept outcome", error=repr(exc))
                     delay = min(delay * 2, 10.0)
                     break
                 self.pending.pop(key, None)

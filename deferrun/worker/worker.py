@@ -31,10 +31,10 @@ from deferrun.core.deferral import prepare_deferral
 from deferrun.core.models import ClaimedTask
 from deferrun.exceptions import SerializationError, SkipTask, TaskDeferred, TaskReschedule
 from deferrun.process import containment
-from deferrun.process.liveness import heartbeat_loop, new_process_id, register
+from deferrun.process.liveness import heartbeat_loop, new_process_id, outage, register
 from deferrun.process.metrics import Metrics
 from deferrun.process.watchdog import LoopWatchdog
-from deferrun.store.base import Store, Wakeup, is_connection_error
+from deferrun.store.base import Store, Wakeup
 from deferrun.worker.attempt import Attempt, Failed, Outcome, Succeeded, run_attempt
 from deferrun.worker.attempt_threads import AttemptThreads
 from deferrun.worker.context import kill_if_cancelled, load_xcoms, xcom_write
@@ -154,7 +154,8 @@ class Worker:
                     else self.poll_interval
                 )  # slots full: a finishing task wakes us
             except Exception as exc:
-                log.error("claiming tasks failed; retrying", error=repr(exc))
+                if not outage.failed("claiming tasks", exc):  # an outage is said once
+                    log.error("claiming tasks failed; retrying", error=repr(exc))
                 wait = self.poll_interval
             if await self._wakeup.wait(wait):
                 await anyio.sleep(self.claim_debounce)  # one claim for a burst of arrivals
@@ -274,7 +275,8 @@ class Worker:
                 await self.store.requeue_task(*key)
             except Exception as exc:
                 self._orphans[key] = waited_on
-                log.warning("could not re-queue the task; retrying", error=repr(exc))
+                if not outage.failed("re-queueing an orphaned claim", exc):
+                    log.warning("could not re-queue the task; retrying", error=repr(exc))
 
     # -- one slot -----------------------------------------------------------------------------
 
@@ -302,8 +304,8 @@ class Worker:
                             timed_out = True
                             await self._timed_out_code_stopped(attempt)
                     except Exception as exc:  # nothing a row holds may stop the worker
-                        if is_connection_error(exc):  # could not read its upstreams: later
-                            log.warning("database unavailable; re-queueing", error=repr(exc))
+                        # could not read its upstreams: later
+                        if outage.failed("reading a task's inputs", exc):
                             outcome = None
                         else:
                             log.error("could not run the attempt", error=format_error(exc))

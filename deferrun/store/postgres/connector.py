@@ -60,6 +60,26 @@ def _broken(exc: BaseException) -> bool:
     )
 
 
+_ENDED_WHILE_IDLE = (
+    "PostgreSQL ended the connection while it was idle (the server is shutting down, or the "
+    "session was terminated); a new connection is used next time"
+)
+
+
+def _discard(conn: Any) -> None:
+    """Close a pooled connection now, whatever its protocol state; the pool opens a fresh one.
+
+    A connection the server dropped mid-statement has already been closed by asyncpg and its
+    proxy released back to the pool (``Connection._cleanup``): calling ``terminate()`` on that
+    proxy raised ``InterfaceError('cannot call Connection.terminate(): connection has been
+    released back to the pool')``, which replaced the statement's own error. Nothing is left to
+    close then; otherwise the underlying connection is aborted.
+    """
+    raw = conn._con if isinstance(conn, asyncpg.pool.PoolConnectionProxy) else conn
+    if raw is not None:
+        raw.terminate()
+
+
 class _QuietPoolLog(logging.Filter):
     """asyncpg's pool logs a warning with a traceback each time it fails to reopen a
     connection during an outage; the process says that once itself (liveness.Outage)."""
@@ -144,13 +164,25 @@ class PostgresConnector:
         ``InternalClientError('cannot switch to state 12; another operation (N) is in
         progress')`` (12: bind/execute) instead of a clean connection error. Terminated here,
         the pool opens a fresh one next time.
+
+        That error had a second source, outside this process: a server shutting down (``pg_ctl
+        stop -m fast``, or a terminated session) sends each idle connection a FATAL error and
+        closes it. asyncpg takes an error that no statement asked for as its own protocol error
+        (state 2, "error consume") and only sees the connection closed once its end of file is
+        read, an event-loop pass or two later; a statement started in between (a claim woken
+        at that moment) failed with ``another operation (2) is in progress``, nothing sent. The
+        connection is dead, so that is an unreachable server (``StoreUnavailable``, one quiet
+        outage line), and the connection is discarded.
         """
         async with self.pool.acquire() as conn:
             try:
                 yield conn
+            except asyncpg.InternalClientError as exc:
+                _discard(conn)
+                raise StoreUnavailable(_ENDED_WHILE_IDLE) from exc
             except BaseException as exc:
                 if _broken(exc):
-                    conn.terminate()
+                    _discard(conn)
                 raise
 
     async def transact(self, program: Program[R], *, atomic: bool = True) -> R:
