@@ -89,6 +89,10 @@ def timer_for(claimed: ClaimedTrigger, fire_at: float, payload: str) -> Timer:
     return Timer(claimed.id, claimed.task_id, fire_at, False, payload)
 
 
+#: timers fired in one pass before the loop lets other tasks run
+POP_LIMIT = 10_000
+
+
 async def fire_timers(
     timers: TimerHeap,
     running: MutableMapping[int, Any],
@@ -98,7 +102,8 @@ async def fire_timers(
     """Fire due timers into ``emit``; one task for every time trigger in the process."""
     while True:
         now = time.time()
-        for timer in timers.pop_due(now):
+        popped = timers.pop_due(now, POP_LIMIT)
+        for timer in popped:
             running.pop(timer.id, None)
             if timer.timed_out:
                 message = (
@@ -110,8 +115,10 @@ async def fire_timers(
                 lateness.observe(max(now - timer.due, 0.0))
                 emit(Outcome(timer.id, FIRED, timer.payload), timer.task_id, True)
         due = timers.next_due()
-        if due is not None and due <= time.time():
-            await anyio.sleep(0)  # more due than one pass takes: let others run first
+        if len(popped) == POP_LIMIT and due is not None and due <= now:
+            await anyio.sleep(0)  # more were due than one pass takes: let others run first
             continue
+        # Timers that came due while these fired wait MIN_WAIT at most and go together: a
+        # pass per timer 0.05 ms apart woke the loop about once a millisecond.
         wait = min(due - time.time(), 1.0) if due is not None else 1.0
         await timers.wakeup.wait(max(wait, MIN_WAIT))
